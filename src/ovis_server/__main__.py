@@ -1,0 +1,3 @@
+from ovis_server.cli import main
+
+main()
