@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ovis_server.engine.pipeline import Engine
 
-
-def run_cli(
-    *args: str, check: bool = True, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """Run ``ovis-server ARGS`` as a user would, in a child process."""
-    return subprocess.run(
-        [sys.executable, "-m", "ovis_server", *args],
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=timeout,
-    )
+from .helpers import run_cli
 
 
 @pytest.fixture(scope="session")

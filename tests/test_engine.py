@@ -17,7 +17,7 @@ from ovis_server.engine.pipeline import Engine, GenerationCancelled
 from ovis_server.engine.request import GenerationRequest
 from ovis_server.engine.weights import WeightsNotFoundError, resolve_weights
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 
 def request(**overrides: Any) -> GenerationRequest:

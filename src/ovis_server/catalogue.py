@@ -68,18 +68,26 @@ EXAMPLE_PROMPT = (
 
 
 class ImageDimensions(BaseModel):
-    """A custom size, as fal accepts it: both sides multiples of 16."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, title="Image Dimensions")
+    # A custom size, as fal accepts it.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        title="Image Dimensions",
+        json_schema_extra={"description": "A custom size: both sides multiples of 16."},
+    )
 
     width: int = Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
     height: int = Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
 
 
 class OvisImageInput(BaseModel):
-    """Input of ``aidc-ai/ovis-image``: the seed page's schema, field for field."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, title="Ovis-Image input")
+    # The seed page's schema, field for field; the description below is what clients see.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        title="Ovis-Image input",
+        json_schema_extra={"description": "Text to image with Ovis-Image-7B."},
+    )
 
     prompt: str = Field(
         min_length=1,
@@ -144,7 +152,7 @@ class OvisImageInput(BaseModel):
             if value not in IMAGE_SIZE_PRESETS:
                 raise PydanticCustomError(
                     "image_size",
-                    "must be one of {presets}, or an object {{width, height}}",
+                    "must be one of {presets}, or an object with width and height",
                     {"presets": ", ".join(IMAGE_SIZE_PRESETS)},
                 )
             return handler(value)  # type: ignore[no-any-return]
@@ -160,7 +168,7 @@ class OvisImageInput(BaseModel):
                     "image_size", "{problems}", {"problems": problems}
                 ) from None
         raise PydanticCustomError(
-            "image_size", "must be a preset name or an object {{width, height}}"
+            "image_size", "must be a preset name or an object with width and height"
         )
 
     def dimensions(self) -> tuple[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from pydantic import ValidationError
 
 from ovis_server import __version__
 from ovis_server.catalogue import IMAGE_SIZE_PRESETS, OVIS_IMAGE, OvisImageInput
-from ovis_server.config import ENV_PREFIX, default_data_dir
+from ovis_server.config import DAY, ENV_PREFIX, Settings, default_data_dir
 from ovis_server.engine.images import encode_image
 
 RANDOM_SEED_BOUND = 2**32
@@ -198,3 +199,251 @@ def generate(
         f"seed {used_seed}: wrote {image.width}x{image.height} {chosen_format} to {output}",
         err=True,
     )
+
+
+def worker_options(func: Any) -> Any:
+    func = click.option(
+        "--max-attempts",
+        type=click.IntRange(min=1),
+        default=3,
+        envvar=_env("MAX_ATTEMPTS"),
+        show_envvar=True,
+        show_default=True,
+        help="Workers a job may lose (crash, kill) before it fails instead of rerunning.",
+    )(func)
+    return click.option(
+        "--lease-seconds",
+        type=click.FloatRange(min=0.5),
+        default=30.0,
+        envvar=_env("LEASE_SECONDS"),
+        show_envvar=True,
+        show_default=True,
+        help="A running job whose worker is silent this long goes back to the queue.",
+    )(func)
+
+
+@main.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    envvar=_env("HOST"),
+    show_envvar=True,
+    show_default=True,
+    help="Interface to listen on; 0.0.0.0 for every one.",
+)
+@click.option(
+    "--port", type=int, default=8000, envvar=_env("PORT"), show_envvar=True, show_default=True
+)
+@click.option(
+    "--public-url",
+    default=None,
+    envvar=_env("PUBLIC_URL"),
+    show_envvar=True,
+    help="The URL clients reach this server at (behind a proxy); result, status and "
+    "file URLs start with it. Default: the URL each request came in on.",
+)
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    envvar=_env("NO_AUTH"),
+    show_envvar=True,
+    help="Serve /v1 without tokens. Only on a machine nobody else can reach.",
+)
+@click.option(
+    "--no-worker",
+    is_flag=True,
+    envvar=_env("NO_WORKER"),
+    show_envvar=True,
+    help="Run the API alone; workers run elsewhere ('ovis-server worker').",
+)
+@click.option(
+    "--url-ttl",
+    type=click.IntRange(min=1),
+    default=7 * DAY,
+    envvar=_env("URL_TTL"),
+    show_envvar=True,
+    show_default=True,
+    help="Seconds an output file URL stays valid after it is handed out.",
+)
+@click.option(
+    "--base-price-usd",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    envvar=_env("BASE_PRICE_USD"),
+    show_envvar=True,
+    show_default=True,
+    help="Price per output image shown in the catalogue and as each result's cost.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    envvar=_env("LOG_LEVEL"),
+    show_envvar=True,
+    show_default=True,
+)
+@model_options
+@worker_options
+@data_dir_option
+def serve(
+    host: str,
+    port: int,
+    public_url: str | None,
+    no_auth: bool,
+    no_worker: bool,
+    url_ttl: int,
+    base_price_usd: float,
+    log_level: str,
+    model: str,
+    device: str,
+    dtype: str,
+    lease_seconds: float,
+    max_attempts: int,
+    data_dir: Path,
+) -> None:
+    """Serve the Model API, with a worker process beside it that runs the model."""
+    import uvicorn
+
+    from ovis_server.api.app import create_app
+    from ovis_server.worker.supervisor import WorkerSupervisor, worker_command
+
+    configure_logging(log_level)
+    logger = logging.getLogger("ovis_server.serve")
+    settings = Settings(
+        data_dir=data_dir.expanduser().resolve(),
+        public_url=public_url.rstrip("/") if public_url else None,
+        auth=not no_auth,
+        url_ttl_seconds=url_ttl,
+        base_price_usd=base_price_usd,
+        model=model,
+        device=device,
+        dtype=dtype,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+    )
+    app = create_app(settings)
+    if no_auth:
+        logger.warning("--no-auth: anyone who can reach %s:%d can use this server", host, port)
+    elif app.state.tokens.count() == 0:
+        info, secret = app.state.tokens.create("default")
+        click.echo(
+            f"No API token existed in {settings.data_dir}, so one was created ({info.id}).\n"
+            "It is shown only this once; send it as 'Authorization: Bearer <token>':\n"
+            f"{secret}"
+        )
+    supervisor = None if no_worker else WorkerSupervisor(worker_command(settings))
+    # uvicorn shuts down on SIGINT/SIGTERM, then restores the handlers it found and raises
+    # the signal again. Finding these, the signal ends here and the worker is stopped in
+    # order below instead of being orphaned by an abrupt exit.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda _signum, _frame: None)
+    if supervisor is not None:
+        supervisor.start()
+    try:
+        uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level=log_level, proxy_headers=True)
+        ).run()
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+
+
+@main.command()
+@model_options
+@worker_options
+@data_dir_option
+@click.option("--parent-pid", type=int, default=None, hidden=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    envvar=_env("LOG_LEVEL"),
+    show_default=True,
+)
+def worker(
+    model: str,
+    device: str,
+    dtype: str,
+    lease_seconds: float,
+    max_attempts: int,
+    data_dir: Path,
+    parent_pid: int | None,
+    log_level: str,
+) -> None:
+    """Run a worker: load the model on one device and take jobs from the queue."""
+    from ovis_server.engine.pipeline import EngineLoadError
+    from ovis_server.engine.weights import WeightsNotFoundError
+    from ovis_server.worker.process import run_worker
+
+    configure_logging(log_level)
+    settings = Settings(
+        data_dir=data_dir.expanduser().resolve(),
+        model=model,
+        device=device,
+        dtype=dtype,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+    )
+    try:
+        run_worker(settings, parent_pid=parent_pid)
+    except (EngineLoadError, WeightsNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def token() -> None:
+    """Create, list and revoke API tokens."""
+
+
+def _token_store(data_dir: Path) -> Any:
+    from ovis_server.db.connect import connect, migrate
+    from ovis_server.tokens import TokenStore
+
+    settings = Settings(data_dir=data_dir.expanduser().resolve())
+    db = connect(settings.db_url)
+    migrate(db)
+    return TokenStore(db)
+
+
+@token.command("create")
+@click.option("--name", required=True, help="Who or what the token is for.")
+@data_dir_option
+def token_create(name: str, data_dir: Path) -> None:
+    """Create a token; its secret is printed alone on the last line, once."""
+    from ovis_server.tokens import TokenError
+
+    try:
+        info, secret = _token_store(data_dir).create(name)
+    except TokenError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"created token {info.id} ({info.name}); it is shown only now:")
+    click.echo(secret)
+
+
+@token.command("list")
+@data_dir_option
+def token_list(data_dir: Path) -> None:
+    """List tokens (never their secrets)."""
+    rows = _token_store(data_dir).list()
+    if not rows:
+        click.echo("no tokens; create one with 'ovis-server token create --name NAME'")
+        return
+    click.echo(f"{'ID':<21}  {'NAME':<20}  {'STARTS WITH':<12}  {'CREATED':<20}  STATE")
+    for info in rows:
+        created = info.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        state = "active" if info.active else "revoked"
+        click.echo(f"{info.id:<21}  {info.name:<20}  {info.hint + '…':<12}  {created:<20}  {state}")
+
+
+@token.command("revoke")
+@click.argument("id_or_name")
+@data_dir_option
+def token_revoke(id_or_name: str, data_dir: Path) -> None:
+    """Revoke a token by id, or by name when one active token has it."""
+    from ovis_server.tokens import TokenError
+
+    try:
+        info = _token_store(data_dir).revoke(id_or_name)
+    except TokenError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"revoked token {info.id} ({info.name})")

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
 
 ENV_PREFIX = "OVIS_SERVER_"
+DAY = 24 * 3600
 
 
 def default_data_dir() -> Path:
     """ovis-server's folder under the user's data home (``~/.local/share/ovis-server``)."""
     return Path(platformdirs.user_data_dir("ovis-server", appauthor=False))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``serve`` and ``worker`` are configured with (CLI flags or env)."""
+
+    data_dir: Path
+    database_url: str | None = None
+    public_url: str | None = None
+    auth: bool = True
+    url_ttl_seconds: int = 7 * DAY
+    base_price_usd: float = 0.0
+    model: str = "AIDC-AI/Ovis-Image-7B"
+    device: str = "auto"
+    dtype: str = "auto"
+    lease_seconds: float = 30.0
+    max_attempts: int = 3
+    cancel_wait_seconds: float = 2.0
+
+    @property
+    def db_url(self) -> str:
+        from ovis_server.db.connect import sqlite_url
+
+        return self.database_url or sqlite_url(self.data_dir)
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"

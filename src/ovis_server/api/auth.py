@@ -1,0 +1,35 @@
+"""Bearer tokens: every /v1 endpoint knows which token calls it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from ovis_server.api.errors import unauthorized
+from ovis_server.tokens import TokenStore
+
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Caller:
+    token_id: str
+
+
+def authenticate(request: Request) -> Caller:
+    """The calling token, or a 401 that says what to send (a FastAPI dependency)."""
+    if not request.app.state.settings.auth:
+        return Caller(token_id=ANONYMOUS)
+    header = request.headers.get("authorization")
+    if not header:
+        raise unauthorized("missing Authorization header: send 'Authorization: Bearer <token>'")
+    scheme, _, secret = header.partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
+        raise unauthorized("malformed Authorization header: send 'Authorization: Bearer <token>'")
+    tokens: TokenStore = request.app.state.tokens
+    token = tokens.authenticate(secret)
+    if token is None:
+        raise unauthorized("unknown or revoked token: create one with 'ovis-server token create'")
+    return Caller(token_id=token.id)

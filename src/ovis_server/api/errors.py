@@ -1,0 +1,107 @@
+"""The error table: every failure a client can cause is a JSON body with an error_code."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ovis_server.api.protocol import ErrorBody
+
+logger = logging.getLogger(__name__)
+
+UNAUTHORIZED = 400004
+FORBIDDEN = 403001
+LINK_REFUSED = 403002
+REQUEST_NOT_FOUND = 404001
+MODEL_NOT_FOUND = 400001
+INVALID_INPUT = 422001
+TOO_MANY = 429001
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status_code: int,
+        error_code: int,
+        message: str,
+        *,
+        detail: list[dict[str, Any]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_code = error_code
+        self.message = message
+        self.detail = detail
+        self.headers = headers
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def request_not_found(request_id: str) -> ApiError:
+    return ApiError(
+        404,
+        REQUEST_NOT_FOUND,
+        f"no request {request_id!r}: it never existed, or it has been deleted or has expired",
+    )
+
+
+def validation_failed(errors: Sequence[Mapping[str, Any]]) -> ApiError:
+    """422 naming each offending field, with pydantic's errors as ``detail``."""
+    detail = []
+    problems = []
+    for error in errors:
+        location = [str(part) for part in error.get("loc", ())]
+        field = ".".join(location) or "body"
+        problems.append(f"{field}: {error['msg']}")
+        detail.append({"loc": location, "msg": error["msg"], "type": error["type"]})
+    return ApiError(
+        422,
+        INVALID_INPUT,
+        "the input does not match the model's schema: " + "; ".join(problems),
+        detail=detail,
+    )
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    body = ErrorBody(error_code=exc.error_code, error_message=exc.message, detail=exc.detail)
+    return JSONResponse(
+        body.model_dump(exclude_none=True),
+        status_code=exc.status_code,
+        headers=dict(exc.headers) if exc.headers else None,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        return error_response(exc)
+
+    async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(validation_failed(list(exc.errors())))
+
+    async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = exc.status_code * 1000
+        message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(
+            exc.status_code, str(exc.detail)
+        )
+        return error_response(ApiError(exc.status_code, code, message, headers=exc.headers))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(ApiError(500, 500000, "internal server error; see the server log"))
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

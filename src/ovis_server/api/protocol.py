@@ -1,0 +1,104 @@
+"""The wire contract as Pydantic models: every body the API sends is one of these.
+
+Field names and status words are what RunComfy's clients parse; see the README.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from ovis_server.jobs.job import JobStatus
+
+StatusWord = Literal["in_queue", "in_progress", "completed", "cancelled", "failed"]
+ResultWord = Literal["in_queue", "in_progress", "succeeded", "cancelled", "failed"]
+OutcomeWord = Literal["cancelled", "cancellation_requested", "not_cancellable"]
+
+# /status says "completed" where /result says "succeeded": both are what clients expect.
+STATUS_WORDS: dict[JobStatus, StatusWord] = {
+    JobStatus.QUEUED: "in_queue",
+    JobStatus.RUNNING: "in_progress",
+    JobStatus.SUCCEEDED: "completed",
+    JobStatus.CANCELLED: "cancelled",
+    JobStatus.FAILED: "failed",
+}
+RESULT_WORDS: dict[JobStatus, ResultWord] = {
+    JobStatus.QUEUED: "in_queue",
+    JobStatus.RUNNING: "in_progress",
+    JobStatus.SUCCEEDED: "succeeded",
+    JobStatus.CANCELLED: "cancelled",
+    JobStatus.FAILED: "failed",
+}
+
+
+class ErrorBody(BaseModel):
+    error_code: int
+    error_message: str
+    detail: list[dict[str, Any]] | None = None
+
+
+class SubmitResponse(BaseModel):
+    request_id: str
+    status_url: str
+    result_url: str
+    cancel_url: str
+
+
+class StatusResponse(BaseModel):
+    request_id: str
+    status: StatusWord
+    status_url: str
+    result_url: str
+    queue_position: int | None = Field(
+        default=None, description="Present while in_queue: 0 means the job runs next."
+    )
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class ResultResponse(BaseModel):
+    request_id: str
+    status: ResultWord
+    model_id: str
+    output: dict[str, str | list[str]] | None = Field(
+        default=None, description="Present when succeeded: {'image': <url>}."
+    )
+    error: JobError | None = Field(default=None, description="Present when failed.")
+    seed: int = Field(description="The seed used: send it back to get the same image.")
+    cost: float
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class CancelResponse(BaseModel):
+    request_id: str
+    status: StatusWord
+    outcome: OutcomeWord
+
+
+class ModelSummary(BaseModel):
+    model_id: str
+    display_name: str
+    description: str
+    price_unit: Literal["output"] = "output"
+    base_price_usd: float
+    tags: list[str]
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+    total: int
+
+
+class ModelDetail(ModelSummary):
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"

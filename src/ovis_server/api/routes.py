@@ -1,0 +1,114 @@
+"""The /v1 endpoints: thin handlers over RequestService."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+
+from ovis_server.api.auth import Caller, authenticate
+from ovis_server.api.protocol import (
+    CancelResponse,
+    ErrorBody,
+    ModelDetail,
+    ModelList,
+    ResultResponse,
+    StatusResponse,
+    SubmitResponse,
+)
+from ovis_server.api.serving import RequestService
+from ovis_server.catalogue import OvisImageInput
+
+CallerDep = Annotated[Caller, Depends(authenticate)]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing, malformed, unknown or revoked token"},
+}
+_REQUEST_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    403: {"model": ErrorBody, "description": "The request belongs to another token"},
+    404: {"model": ErrorBody, "description": "Unknown, deleted or expired request_id"},
+}
+
+router = APIRouter(prefix="/v1", tags=["Model API"])
+# Every route leaves optional fields out rather than sending null: queue_position only
+# while queued, output only when succeeded, error only when failed.
+
+
+def service(request: Request) -> RequestService:
+    svc: RequestService = request.app.state.service
+    return svc
+
+
+def base_url(request: Request) -> str:
+    """Absolute URLs start here: --public-url behind a proxy, else what the client called."""
+    configured: str | None = request.app.state.settings.public_url
+    return (configured or str(request.base_url)).rstrip("/")
+
+
+@router.get("/models", responses=_ERRORS, response_model_exclude_none=True)
+def list_models(request: Request, _caller: CallerDep) -> ModelList:
+    return service(request).list_models()
+
+
+@router.get(
+    "/models/{model_id:path}",
+    responses={**_ERRORS, 404: {"model": ErrorBody, "description": "Unknown model_id"}},
+    response_model_exclude_none=True,
+)
+def get_model(model_id: str, request: Request, _caller: CallerDep) -> ModelDetail:
+    return service(request).model(model_id)
+
+
+@router.post(
+    "/models/{model_id:path}",
+    responses={
+        **_ERRORS,
+        404: {"model": ErrorBody, "description": "Unknown model_id"},
+        422: {"model": ErrorBody, "description": "The input does not match the schema"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/OvisImageInput"}}
+            },
+        }
+    },
+    response_model_exclude_none=True,
+)
+async def submit(model_id: str, request: Request, caller: CallerDep) -> SubmitResponse:
+    # The body is read here rather than declared, so that an unknown model answers 404
+    # before its body is judged against a schema it does not have.
+    body = await request.body()
+    return await run_in_threadpool(
+        service(request).submit, caller.token_id, model_id, body, base_url(request)
+    )
+
+
+@router.get(
+    "/requests/{request_id}/status", responses=_REQUEST_ERRORS, response_model_exclude_none=True
+)
+def get_status(request_id: str, request: Request, caller: CallerDep) -> StatusResponse:
+    return service(request).status(caller.token_id, request_id, base_url(request))
+
+
+@router.get(
+    "/requests/{request_id}/result", responses=_REQUEST_ERRORS, response_model_exclude_none=True
+)
+def get_result(request_id: str, request: Request, caller: CallerDep) -> ResultResponse:
+    return service(request).result(caller.token_id, request_id, base_url(request))
+
+
+@router.post(
+    "/requests/{request_id}/cancel",
+    status_code=202,
+    responses=_REQUEST_ERRORS,
+    response_model_exclude_none=True,
+)
+def cancel(request_id: str, request: Request, caller: CallerDep) -> CancelResponse:
+    return service(request).cancel(caller.token_id, request_id)
+
+
+INPUT_SCHEMAS = {"OvisImageInput": OvisImageInput}

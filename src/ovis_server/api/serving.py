@@ -1,0 +1,211 @@
+"""What the endpoints do, apart from HTTP: submit, status, result, cancel, the catalogue."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from ovis_server.api.errors import (
+    FORBIDDEN,
+    MODEL_NOT_FOUND,
+    ApiError,
+    request_not_found,
+    validation_failed,
+)
+from ovis_server.api.protocol import (
+    RESULT_WORDS,
+    STATUS_WORDS,
+    CancelResponse,
+    JobError,
+    ModelDetail,
+    ModelList,
+    ModelSummary,
+    ResultResponse,
+    StatusResponse,
+    SubmitResponse,
+)
+from ovis_server.catalogue import CATALOGUE, OUTPUT_SCHEMA, ModelSpec, find_model
+from ovis_server.config import Settings
+from ovis_server.jobs.job import CancelOutcome, Job, JobStatus
+from ovis_server.jobs.store import JobStore
+from ovis_server.storage.base import REQUEST_ID_PATTERN, FileStore
+
+RANDOM_SEED_BOUND = 2**32
+
+
+def iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with its ``$defs`` written in place, for clients that do not follow $ref."""
+    definitions = schema.get("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items() if key != "$defs"}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+class RequestService:
+    def __init__(self, store: JobStore, files: FileStore, settings: Settings) -> None:
+        self.store = store
+        self.files = files
+        self.settings = settings
+
+    # --- the catalogue ----------------------------------------------------------------
+
+    def _summary(self, spec: ModelSpec) -> dict[str, Any]:
+        return {
+            "model_id": spec.model_id,
+            "display_name": spec.display_name,
+            "description": spec.description,
+            "base_price_usd": self.settings.base_price_usd,
+            "tags": list(spec.tags),
+        }
+
+    def list_models(self) -> ModelList:
+        models = [ModelSummary(**self._summary(spec)) for spec in CATALOGUE.values()]
+        return ModelList(models=models, total=len(models))
+
+    def model(self, model_id: str) -> ModelDetail:
+        spec = self._spec(model_id)
+        return ModelDetail(
+            **self._summary(spec),
+            input_schema=inline_refs(spec.input_schema()),
+            output_schema=OUTPUT_SCHEMA,
+        )
+
+    @staticmethod
+    def _spec(model_id: str) -> ModelSpec:
+        spec = find_model(model_id)
+        if spec is None:
+            known = ", ".join(CATALOGUE)
+            raise ApiError(
+                404, MODEL_NOT_FOUND, f"unknown model {model_id!r}; this server offers: {known}"
+            )
+        return spec
+
+    # --- requests ---------------------------------------------------------------------
+
+    def submit(self, token_id: str, model_id: str, body: bytes, base_url: str) -> SubmitResponse:
+        spec = self._spec(model_id)
+        try:
+            validated = spec.input_model.model_validate_json(body or b"{}")
+        except ValidationError as exc:
+            raise validation_failed(exc.errors(include_url=False)) from None
+        seed = (
+            validated.seed if validated.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
+        )
+        request_id = str(uuid.uuid4())
+        self.store.submit(
+            request_id=request_id,
+            token_id=token_id,
+            model_id=spec.model_id,
+            input=json.loads(validated.model_dump_json()),
+            seed=seed,
+            total_steps=validated.num_inference_steps,
+        )
+        urls = self._urls(base_url, request_id)
+        return SubmitResponse(request_id=request_id, **urls)
+
+    def _owned_job(self, token_id: str, request_id: str) -> Job:
+        job = self.store.get(request_id) if REQUEST_ID_PATTERN.fullmatch(request_id) else None
+        if job is None:
+            raise request_not_found(request_id)
+        if job.token_id != token_id:
+            raise ApiError(403, FORBIDDEN, f"request {request_id!r} belongs to another token")
+        return job
+
+    @staticmethod
+    def _urls(base_url: str, request_id: str) -> dict[str, str]:
+        prefix = f"{base_url}/v1/requests/{request_id}"
+        return {
+            "status_url": f"{prefix}/status",
+            "result_url": f"{prefix}/result",
+            "cancel_url": f"{prefix}/cancel",
+        }
+
+    def status(self, token_id: str, request_id: str, base_url: str) -> StatusResponse:
+        job = self._owned_job(token_id, request_id)
+        urls = self._urls(base_url, request_id)
+        return StatusResponse(
+            request_id=job.id,
+            status=STATUS_WORDS[job.status],
+            status_url=urls["status_url"],
+            result_url=urls["result_url"],
+            queue_position=(
+                self.store.queue_position(job) if job.status == JobStatus.QUEUED else None
+            ),
+        )
+
+    def result(self, token_id: str, request_id: str, base_url: str) -> ResultResponse:
+        job = self._owned_job(token_id, request_id)
+        output: dict[str, str | list[str]] | None = None
+        error: JobError | None = None
+        if job.status == JobStatus.SUCCEEDED:
+            urls = [
+                self.files.url(
+                    item.key, base_url=base_url, expires_in=self.settings.url_ttl_seconds
+                )
+                for item in job.outputs
+            ]
+            output = {"image": urls[0]} if len(urls) == 1 else {"images": urls}
+        elif job.status == JobStatus.FAILED:
+            error = JobError(
+                type=job.error_type or "generation_error",
+                message=job.error_message or "the job failed",
+            )
+        return ResultResponse(
+            request_id=job.id,
+            status=RESULT_WORDS[job.status],
+            model_id=job.model_id,
+            output=output,
+            error=error,
+            seed=job.seed,
+            cost=self.settings.base_price_usd * len(job.outputs),
+            created_at=iso(job.created_at) or "",
+            started_at=iso(job.started_at),
+            finished_at=iso(job.finished_at),
+        )
+
+    def cancel(self, token_id: str, request_id: str) -> CancelResponse:
+        self._owned_job(token_id, request_id)
+        answer = self.store.request_cancel(request_id)
+        if answer is None:
+            raise request_not_found(request_id)
+        job, outcome = answer
+        if outcome is CancelOutcome.REQUESTED:
+            job, outcome = self._await_worker_stop(job)
+        return CancelResponse(request_id=job.id, status=STATUS_WORDS[job.status], outcome=outcome)
+
+    def _await_worker_stop(self, job: Job) -> tuple[Job, CancelOutcome]:
+        """Give the worker a moment to stop at its next step, so the answer can be final."""
+        deadline = time.monotonic() + self.settings.cancel_wait_seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            current = self.store.get(job.id)
+            if current is None:
+                break
+            job = current
+            if job.status == JobStatus.CANCELLED:
+                return job, CancelOutcome.CANCELLED
+            if job.status.is_final:
+                return job, CancelOutcome.NOT_CANCELLABLE
+        return job, CancelOutcome.REQUESTED

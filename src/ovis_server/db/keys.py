@@ -1,0 +1,26 @@
+"""Secrets shared by every process of a deployment, kept in the database."""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy import Engine, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from ovis_server.db.schema import server_keys
+
+
+def shared_secret(engine: Engine, name: str) -> str:
+    """The secret called ``name``, created at random by whichever process asks first."""
+    query = select(server_keys.c.value).where(server_keys.c.name == name)
+    with engine.connect() as conn:
+        value = conn.execute(query).scalar_one_or_none()
+    if value is not None:
+        return str(value)
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(server_keys).values(name=name, value=secrets.token_urlsafe(48)))
+    except IntegrityError:
+        pass  # another process created it first; use theirs
+    with engine.connect() as conn:
+        return str(conn.execute(query).scalar_one())

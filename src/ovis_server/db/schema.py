@@ -1,0 +1,105 @@
+"""Tables, written once for SQLite and PostgreSQL through SQLAlchemy Core."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, whatever the database keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use datetime.now(UTC)")
+        value = value.astimezone(UTC)
+        # SQLite keeps text; without the offset the text sorts in time order.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# SQLite only gives an auto-incrementing rowid to a column declared INTEGER.
+SequenceId = BigInteger().with_variant(Integer(), "sqlite")
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    # sha256 of the secret: tokens are long random strings, so a plain hash is enough.
+    Column("secret_hash", String(64), nullable=False, unique=True),
+    # The first characters of the secret, to tell tokens apart in `token list`.
+    Column("hint", String(16), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("revoked_at", UtcDateTime),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    # Queue order: a job's position is the number of queued jobs with a smaller seq.
+    Column("seq", SequenceId, primary_key=True, autoincrement=True),
+    Column("id", String(128), nullable=False, unique=True),
+    Column("token_id", String(32), nullable=False, index=True),
+    Column("model_id", String(200), nullable=False),
+    Column("input", JSON, nullable=False),
+    Column("seed", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("progress_step", Integer, nullable=False, default=0),
+    Column("progress_total", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("worker_id", String(200)),
+    Column("lease_expires_at", UtcDateTime),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("started_at", UtcDateTime),
+    Column("finished_at", UtcDateTime),
+    Column("error_type", String(100)),
+    Column("error_message", Text),
+    Column("outputs", JSON),
+    Index("ix_jobs_status_seq", "status", "seq"),
+    sqlite_autoincrement=True,
+)
+
+# Secrets the whole deployment shares (the URL signing key), so that every API replica
+# signs and checks file URLs alike.
+server_keys = Table(
+    "server_keys",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+)

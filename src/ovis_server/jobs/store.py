@@ -1,0 +1,296 @@
+"""The job store, which is also the queue: one interface over SQLite and PostgreSQL.
+
+Every state change is one SQL statement whose WHERE clause states what must still hold
+(the job is queued; the job is running under this worker), so that concurrent API
+processes and workers never overwrite each other: the loser of a race changes no row
+and finds out from the row count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, Row, func, insert, select, update
+
+from ovis_server.db.schema import jobs
+from ovis_server.jobs.job import CancelOutcome, Job, JobStatus, StoredOutput
+
+
+class LeaseLostError(Exception):
+    """The job is no longer this worker's: its lease ran out and another took it over."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _job(row: Row[Any]) -> Job:
+    data = row._mapping
+    return Job(
+        id=data["id"],
+        seq=data["seq"],
+        token_id=data["token_id"],
+        model_id=data["model_id"],
+        input=dict(data["input"]),
+        seed=data["seed"],
+        status=JobStatus(data["status"]),
+        cancel_requested=bool(data["cancel_requested"]),
+        progress_step=data["progress_step"],
+        progress_total=data["progress_total"],
+        attempts=data["attempts"],
+        worker_id=data["worker_id"],
+        lease_expires_at=data["lease_expires_at"],
+        created_at=data["created_at"],
+        started_at=data["started_at"],
+        finished_at=data["finished_at"],
+        error_type=data["error_type"],
+        error_message=data["error_message"],
+        outputs=tuple(StoredOutput.from_json(item) for item in data["outputs"] or ()),
+    )
+
+
+class JobStore:
+    """Submit, observe, claim, run and finish jobs."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # --- the API's side -------------------------------------------------------------
+
+    def submit(
+        self,
+        *,
+        request_id: str,
+        token_id: str,
+        model_id: str,
+        input: dict[str, Any],
+        seed: int,
+        total_steps: int,
+    ) -> Job:
+        """Queue a job at the back of the queue."""
+        stmt = (
+            insert(jobs)
+            .values(
+                id=request_id,
+                token_id=token_id,
+                model_id=model_id,
+                input=input,
+                seed=seed,
+                status=JobStatus.QUEUED,
+                cancel_requested=False,
+                progress_step=0,
+                progress_total=total_steps,
+                attempts=0,
+                created_at=utcnow(),
+            )
+            .returning(*jobs.c)
+        )
+        with self.engine.begin() as conn:
+            return _job(conn.execute(stmt).one())
+
+    def get(self, request_id: str) -> Job | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == request_id)).first()
+        return None if row is None else _job(row)
+
+    def queue_position(self, job: Job) -> int:
+        """How many queued jobs run before this one: 0 means it is next."""
+        stmt = (
+            select(func.count())
+            .select_from(jobs)
+            .where(jobs.c.status == JobStatus.QUEUED, jobs.c.seq < job.seq)
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def request_cancel(self, request_id: str) -> tuple[Job, CancelOutcome] | None:
+        """Cancel a queued job at once, or flag a running one for its worker; None if unknown."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == request_id, jobs.c.status == JobStatus.QUEUED)
+                .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now)
+                .returning(*jobs.c)
+            ).first()
+            if row is not None:
+                return _job(row), CancelOutcome.CANCELLED
+            row = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == request_id, jobs.c.status == JobStatus.RUNNING)
+                .values(cancel_requested=True)
+                .returning(*jobs.c)
+            ).first()
+            if row is not None:
+                return _job(row), CancelOutcome.REQUESTED
+            row = conn.execute(select(jobs).where(jobs.c.id == request_id)).first()
+        if row is None:
+            return None
+        job = _job(row)
+        if job.status == JobStatus.CANCELLED:
+            return job, CancelOutcome.CANCELLED
+        return job, CancelOutcome.NOT_CANCELLABLE
+
+    # --- the worker's side ----------------------------------------------------------
+
+    def claim_next(self, worker_id: str, lease_seconds: float) -> Job | None:
+        """Take the oldest queued job under a lease, or None when the queue is empty."""
+        now = utcnow()
+        oldest = (
+            select(jobs.c.seq)
+            .where(jobs.c.status == JobStatus.QUEUED)
+            .order_by(jobs.c.seq)
+            .limit(1)
+            # PostgreSQL: concurrent workers skip a row another is claiming. SQLite has
+            # one writer at a time and ignores this.
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        stmt = (
+            update(jobs)
+            .where(jobs.c.seq == oldest, jobs.c.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.RUNNING,
+                worker_id=worker_id,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                started_at=now,
+                progress_step=0,
+                attempts=jobs.c.attempts + 1,
+            )
+            .returning(*jobs.c)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else _job(row)
+
+    def _update_owned(self, request_id: str, owner: str, **values: Any) -> Row[Any]:
+        """Change a running job that ``owner`` still holds, or raise LeaseLostError."""
+        stmt = (
+            update(jobs)
+            .where(
+                jobs.c.id == request_id,
+                jobs.c.worker_id == owner,
+                jobs.c.status == JobStatus.RUNNING,
+            )
+            .values(**values)
+            .returning(*jobs.c)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).first()
+        if row is None:
+            raise LeaseLostError(f"job {request_id} is no longer held by worker {owner}")
+        return row
+
+    def report_progress(
+        self, request_id: str, worker_id: str, step: int, lease_seconds: float
+    ) -> bool:
+        """Record a finished step and renew the lease; True if the job should be cancelled."""
+        row = self._update_owned(
+            request_id,
+            worker_id,
+            progress_step=step,
+            lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
+        )
+        return bool(row._mapping["cancel_requested"])
+
+    def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float) -> None:
+        self._update_owned(
+            request_id, worker_id, lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)
+        )
+
+    def complete(self, request_id: str, worker_id: str, outputs: Sequence[StoredOutput]) -> Job:
+        return _job(
+            self._update_owned(
+                request_id,
+                worker_id,
+                status=JobStatus.SUCCEEDED,
+                outputs=[output.to_json() for output in outputs],
+                finished_at=utcnow(),
+                lease_expires_at=None,
+            )
+        )
+
+    def fail(self, request_id: str, worker_id: str, error_type: str, message: str) -> Job:
+        return _job(
+            self._update_owned(
+                request_id,
+                worker_id,
+                status=JobStatus.FAILED,
+                error_type=error_type,
+                error_message=message,
+                finished_at=utcnow(),
+                lease_expires_at=None,
+            )
+        )
+
+    def mark_cancelled(self, request_id: str, worker_id: str) -> Job:
+        return _job(
+            self._update_owned(
+                request_id,
+                worker_id,
+                status=JobStatus.CANCELLED,
+                finished_at=utcnow(),
+                lease_expires_at=None,
+            )
+        )
+
+    def release(self, request_id: str, worker_id: str) -> Job:
+        """Put a job this worker stops early back at its place in the queue.
+
+        The interrupted run does not count as an attempt: the job did nothing wrong.
+        """
+        return _job(
+            self._update_owned(
+                request_id,
+                worker_id,
+                status=JobStatus.QUEUED,
+                worker_id=None,
+                lease_expires_at=None,
+                started_at=None,
+                progress_step=0,
+                attempts=jobs.c.attempts - 1,
+            )
+        )
+
+    def recover_expired(self, max_attempts: int) -> int:
+        """Handle jobs whose worker died: requeue them, or end them; returns how many.
+
+        A job cancelled while its worker was dead ends cancelled; one that has already
+        cost ``max_attempts`` workers fails instead of looping for ever.
+        """
+        now = utcnow()
+        expired = (jobs.c.status == JobStatus.RUNNING) & (jobs.c.lease_expires_at < now)
+        with self.engine.begin() as conn:
+            cancelled = conn.execute(
+                update(jobs)
+                .where(expired, jobs.c.cancel_requested.is_(True))
+                .values(status=JobStatus.CANCELLED, finished_at=now, lease_expires_at=None)
+            ).rowcount
+            failed = conn.execute(
+                update(jobs)
+                .where(expired, jobs.c.attempts >= max_attempts)
+                .values(
+                    status=JobStatus.FAILED,
+                    error_type="worker_lost",
+                    error_message=(
+                        f"the worker running this job stopped {max_attempts} times before "
+                        "finishing it; it was not retried again"
+                    ),
+                    finished_at=now,
+                    lease_expires_at=None,
+                )
+            ).rowcount
+            requeued = conn.execute(
+                update(jobs)
+                .where(expired)
+                .values(
+                    status=JobStatus.QUEUED,
+                    worker_id=None,
+                    lease_expires_at=None,
+                    started_at=None,
+                    progress_step=0,
+                )
+            ).rowcount
+        return int(cancelled + failed + requeued)

@@ -1,0 +1,50 @@
+"""Output files in a local directory, served by the API under signed URLs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ovis_server.storage.base import check_key, check_request_id
+from ovis_server.storage.signing import UrlSigner
+
+FILE_ROUTE = "/files"
+
+
+class LocalFileStore:
+    def __init__(self, root: Path, signer: UrlSigner) -> None:
+        self.root = root
+        self.signer = signer
+
+    def path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put(self, key: str, data: bytes, media_type: str) -> None:
+        """Write the file durably: a job is marked done only after its file is on disk."""
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            Path(staging).replace(target)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
+
+    def url(self, key: str, *, base_url: str, expires_in: int) -> str:
+        check_key(key)
+        return f"{base_url}{FILE_ROUTE}/{key}?{self.signer.query(key, expires_in)}"
+
+    def delete_request(self, request_id: str) -> int:
+        """Remove every file of one request; returns how many there were."""
+        folder = self.root / check_request_id(request_id)
+        if not folder.is_dir():
+            return 0
+        count = sum(1 for _ in folder.iterdir())
+        shutil.rmtree(folder, ignore_errors=True)
+        return count

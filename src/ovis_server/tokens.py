@@ -1,0 +1,127 @@
+"""API tokens: created by the operator, stored hashed, presented as ``Bearer`` secrets."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, RowMapping, func, insert, or_, select, update
+
+from ovis_server.db.schema import tokens
+
+SECRET_PREFIX = "ovis_"
+HINT_LENGTH = len(SECRET_PREFIX) + 4
+MAX_NAME_LENGTH = 200
+
+
+class TokenError(ValueError):
+    """A token operation could not be done as asked."""
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A token as the store describes it: never its secret."""
+
+    id: str
+    name: str
+    hint: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+def hash_secret(secret: str) -> str:
+    # A token is 256 random bits, so a fast hash cannot be brute-forced back to it.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _info(row: RowMapping) -> TokenInfo:
+    return TokenInfo(
+        id=row["id"],
+        name=row["name"],
+        hint=row["hint"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+_COLUMNS = (tokens.c.id, tokens.c.name, tokens.c.hint, tokens.c.created_at, tokens.c.revoked_at)
+
+
+class TokenStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def create(self, name: str) -> tuple[TokenInfo, str]:
+        """A new token and its secret; the secret is shown now and never again."""
+        name = name.strip()
+        if not name or len(name) > MAX_NAME_LENGTH:
+            raise TokenError(f"a token name must have 1 to {MAX_NAME_LENGTH} characters")
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        token_id = "tok_" + secrets.token_hex(8)
+        stmt = (
+            insert(tokens)
+            .values(
+                id=token_id,
+                name=name,
+                secret_hash=hash_secret(secret),
+                hint=secret[:HINT_LENGTH],
+                created_at=datetime.now(UTC),
+            )
+            .returning(*_COLUMNS)
+        )
+        with self.engine.begin() as conn:
+            return _info(conn.execute(stmt).mappings().one()), secret
+
+    def list(self) -> list[TokenInfo]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(*_COLUMNS).order_by(tokens.c.created_at)).mappings().all()
+        return [_info(row) for row in rows]
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(tokens)).scalar_one())
+
+    def revoke(self, id_or_name: str) -> TokenInfo:
+        """Revoke the token with this id, or the one active token with this name."""
+        lookup = select(*_COLUMNS).where(
+            or_(tokens.c.id == id_or_name, tokens.c.name == id_or_name)
+        )
+        with self.engine.begin() as conn:
+            matches = [_info(row) for row in conn.execute(lookup).mappings()]
+            by_id = [info for info in matches if info.id == id_or_name]
+            active = [info for info in matches if info.active]
+            if by_id:
+                target = by_id[0]
+            elif len(active) == 1:
+                target = active[0]
+            elif len(active) > 1:
+                ids = ", ".join(info.id for info in active)
+                raise TokenError(f"{len(active)} active tokens are named {id_or_name!r}: {ids}")
+            elif matches:
+                return matches[0]  # already revoked: nothing to do
+            else:
+                raise TokenError(f"no token has the id or name {id_or_name!r}")
+            if not target.active:
+                return target
+            revoke = (
+                update(tokens)
+                .where(tokens.c.id == target.id)
+                .values(revoked_at=datetime.now(UTC))
+                .returning(*_COLUMNS)
+            )
+            return _info(conn.execute(revoke).mappings().one())
+
+    def authenticate(self, secret: str) -> TokenInfo | None:
+        """The active token whose secret this is, or None."""
+        stmt = select(*_COLUMNS).where(
+            tokens.c.secret_hash == hash_secret(secret), tokens.c.revoked_at.is_(None)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt).mappings().first()
+        return None if row is None else _info(row)

@@ -1,0 +1,105 @@
+"""The command line: tokens, first start, and the serve options users set."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+
+from .helpers import create_token, run_cli, start_server, submit, wait_result
+
+
+def test_token_create_list_revoke(tmp_path: Path) -> None:
+    created = run_cli("token", "create", "--name", "ci bot", "--data-dir", str(tmp_path))
+    secret = created.stdout.strip().splitlines()[-1]
+    assert secret.startswith("ovis_")
+    assert len(secret) > 40
+    assert secret == created.stdout.splitlines()[-1]  # alone on its line
+
+    listing = run_cli("token", "list", "--data-dir", str(tmp_path)).stdout
+    assert "ci bot" in listing
+    assert "active" in listing
+    assert secret not in listing
+    assert secret[:9] in listing  # a hint to tell tokens apart
+
+    create_token(tmp_path, "twin")
+    create_token(tmp_path, "twin")
+    ambiguous = run_cli("token", "revoke", "twin", "--data-dir", str(tmp_path), check=False)
+    assert ambiguous.returncode == 2
+    assert "2 active tokens" in ambiguous.stderr
+
+    revoked = run_cli("token", "revoke", "ci bot", "--data-dir", str(tmp_path))
+    assert "revoked" in revoked.stdout
+    assert "revoked" in run_cli("token", "list", "--data-dir", str(tmp_path)).stdout
+    missing = run_cli("token", "revoke", "nobody", "--data-dir", str(tmp_path), check=False)
+    assert missing.returncode == 2
+    assert "no token" in missing.stderr
+    blank = run_cli("token", "create", "--name", " ", "--data-dir", str(tmp_path), check=False)
+    assert blank.returncode == 2
+
+
+def test_data_dir_from_the_environment(tmp_path: Path) -> None:
+    result = run_cli(
+        "token", "create", "--name", "env", env={"OVIS_SERVER_DATA_DIR": str(tmp_path)}
+    )
+    assert result.stdout.strip().splitlines()[-1].startswith("ovis_")
+    assert (tmp_path / "ovis-server.db").is_file()
+
+
+def test_first_start_creates_a_token_and_prints_it_once(tmp_path: Path, tiny_weights: Path) -> None:
+    first = start_server(tmp_path, tiny_weights, "--no-worker")
+    first.stop()
+    printed = [line for line in first.log().splitlines() if line.startswith("ovis_")]
+    assert len(printed) == 1
+    second = start_server(tmp_path, tiny_weights, "--no-worker")
+    try:
+        assert not [line for line in second.log().splitlines() if line.startswith("ovis_")]
+        with second.client(printed[0]) as client:
+            assert client.get("/v1/models").status_code == 200
+    finally:
+        second.stop()
+
+
+def test_no_auth_serves_without_tokens_and_warns(tmp_path: Path, tiny_weights: Path) -> None:
+    server = start_server(tmp_path, tiny_weights, "--no-worker", "--no-auth")
+    try:
+        assert httpx.get(server.base_url + "/v1/models").status_code == 200
+        assert "--no-auth" in server.log()
+        assert not [line for line in server.log().splitlines() if line.startswith("ovis_")]
+    finally:
+        server.stop()
+
+
+def test_public_url_and_url_expiry(tmp_path: Path, tiny_weights: Path) -> None:
+    public = "https://images.example.com/api"
+    server = start_server(tmp_path, tiny_weights, "--public-url", public + "/", "--url-ttl", "2")
+    try:
+        with server.client(create_token(tmp_path, "p")) as client:
+            answer = client.post(
+                "/v1/models/aidc-ai/ovis-image", json={"prompt": "x", "num_inference_steps": 1}
+            ).json()
+            assert answer["status_url"].startswith(public + "/v1/requests/")
+            result = wait_result(client, answer["request_id"])
+            url = result["output"]["image"]
+            assert url.startswith(public + "/files/")
+            local = url.replace(public, server.base_url)
+            assert httpx.get(local).status_code == 200
+            time.sleep(3)
+            expired = httpx.get(local)
+            assert expired.status_code == 403
+            assert expired.json()["error_code"] == 403002
+            fresh = client.get(f"/v1/requests/{answer['request_id']}/result").json()
+            assert (
+                httpx.get(fresh["output"]["image"].replace(public, server.base_url)).status_code
+                == 200
+            )
+            assert submit(client, num_inference_steps=1)
+    finally:
+        server.stop()
+
+
+def test_serve_refuses_a_model_it_cannot_find(tmp_path: Path) -> None:
+    result = run_cli("worker", "--model", "no such model", "--data-dir", str(tmp_path), check=False)
+    assert result.returncode == 1
+    assert "neither 'tiny'" in result.stderr

@@ -1,0 +1,97 @@
+"""The queue across processes: positions, cancel before running, surviving a restart."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import create_token, start_server, status_of, submit, wait_for, wait_result
+
+
+@pytest.fixture
+def standalone_worker(tiny_weights: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+
+
+def test_queue_positions_count_down_and_a_cancelled_job_never_runs(
+    tmp_path: Path, tiny_weights: Path, standalone_worker: list[subprocess.Popen[bytes]]
+) -> None:
+    server = start_server(tmp_path, tiny_weights, "--no-worker")
+    try:
+        with server.client(create_token(tmp_path, "q")) as client:
+            jobs = [submit(client, image_size="square_hd", num_inference_steps=6) for _ in range(5)]
+            positions = [status_of(client, rid)["queue_position"] for rid in jobs]
+            assert positions == [0, 1, 2, 3, 4]
+
+            cancelled = client.post(f"/v1/requests/{jobs[1]}/cancel").json()
+            assert cancelled == {
+                "request_id": jobs[1],
+                "status": "cancelled",
+                "outcome": "cancelled",
+            }
+            remaining = [jobs[0], *jobs[2:]]
+            assert [status_of(client, rid)["queue_position"] for rid in remaining] == [0, 1, 2, 3]
+            assert "queue_position" not in status_of(client, jobs[1])
+
+            worker_argv = [sys.executable, "-m", "ovis_server", "worker"]
+            worker_argv += ["--model", str(tiny_weights), "--data-dir", str(tmp_path)]
+            standalone_worker.append(
+                subprocess.Popen(worker_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+            seen: list[int] = []
+
+            def last_job_done() -> bool:
+                status = status_of(client, jobs[-1])
+                if status["status"] == "in_queue":
+                    seen.append(status["queue_position"])
+                return bool(status["status"] == "completed")
+
+            wait_for(last_job_done, timeout=240, interval=0.05)
+            assert seen == sorted(seen, reverse=True), "positions only ever go down"
+            assert seen[0] == 3
+            assert len(set(seen)) >= 3, f"saw the countdown: {sorted(set(seen), reverse=True)}"
+
+            never_ran = client.get(f"/v1/requests/{jobs[1]}/result").json()
+            assert never_ran["status"] == "cancelled"
+            assert "started_at" not in never_ran
+            assert "output" not in never_ran
+            for rid in remaining:
+                assert wait_result(client, rid)["status"] == "succeeded"
+    finally:
+        server.stop()
+
+
+def test_jobs_queued_at_a_restart_all_complete(tmp_path: Path, tiny_weights: Path) -> None:
+    server = start_server(tmp_path, tiny_weights)
+    token = create_token(tmp_path, "restart")
+    with server.client(token) as client:
+        jobs = [submit(client, image_size="square_hd", num_inference_steps=8) for _ in range(6)]
+        states = [status_of(client, rid)["status"] for rid in jobs]
+    assert states.count("in_queue") >= 4
+    assert server.stop() == 0
+
+    # Nothing is left in progress by the stop: the running job went back to the queue.
+    paused = start_server(tmp_path, tiny_weights, "--no-worker")
+    with paused.client(token) as client:
+        states = [status_of(client, rid)["status"] for rid in jobs]
+    paused.stop()
+    assert "in_progress" not in states
+    assert "in_queue" in states
+
+    restarted = start_server(tmp_path, tiny_weights)
+    try:
+        with restarted.client(token) as client:
+            results = [wait_result(client, rid) for rid in jobs]
+        assert [r["status"] for r in results] == ["succeeded"] * len(jobs)
+    finally:
+        restarted.stop()

@@ -1,0 +1,165 @@
+"""The job store on a real SQLite file: ordering, leases, recovery, concurrent claims."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from ovis_server.db.connect import connect, migrate, sqlite_url
+from ovis_server.db.schema import metadata
+from ovis_server.jobs.job import CancelOutcome, JobStatus, StoredOutput
+from ovis_server.jobs.store import JobStore, LeaseLostError
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    db = connect(sqlite_url(tmp_path))
+    migrate(db)
+    return JobStore(db)
+
+
+def add(store: JobStore, request_id: str, token: str = "tok_a") -> None:
+    store.submit(
+        request_id=request_id,
+        token_id=token,
+        model_id="aidc-ai/ovis-image",
+        input={"prompt": request_id},
+        seed=1,
+        total_steps=4,
+    )
+
+
+def test_migrations_build_exactly_the_declared_schema(store: JobStore) -> None:
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+
+def test_claims_oldest_first_and_none_when_empty(store: JobStore) -> None:
+    for name in ("a", "b", "c"):
+        add(store, name)
+    claimed = [store.claim_next("w", 30) for _ in range(4)]
+    assert [job.id if job else None for job in claimed] == ["a", "b", "c", None]
+    first = claimed[0]
+    assert first is not None
+    assert first.status == JobStatus.RUNNING
+    assert first.attempts == 1
+    assert first.worker_id == "w"
+
+
+def test_queue_position_is_a_count_of_jobs_ahead(store: JobStore) -> None:
+    for name in ("a", "b", "c"):
+        add(store, name)
+    jobs = [store.get(name) for name in ("a", "b", "c")]
+    assert [store.queue_position(job) for job in jobs if job] == [0, 1, 2]
+    store.claim_next("w", 30)
+    job_c = store.get("c")
+    assert job_c is not None
+    assert store.queue_position(job_c) == 1
+
+
+def test_only_the_lease_holder_may_change_a_running_job(store: JobStore) -> None:
+    add(store, "a")
+    store.claim_next("w1", 30)
+    with pytest.raises(LeaseLostError):
+        store.report_progress("a", "w2", 1, 30)
+    with pytest.raises(LeaseLostError):
+        store.complete("a", "w2", [])
+    assert store.report_progress("a", "w1", 1, 30) is False
+    done = store.complete("a", "w1", [StoredOutput("a/0.png", "image/png", 64, 64)])
+    assert done.status == JobStatus.SUCCEEDED
+    assert done.outputs[0].width == 64
+    with pytest.raises(LeaseLostError):
+        store.fail("a", "w1", "x", "finished jobs stay finished")
+
+
+def test_expired_lease_goes_back_to_the_front_then_fails_after_max_attempts(
+    store: JobStore,
+) -> None:
+    add(store, "a")
+    add(store, "b")
+    for attempt in (1, 2):
+        job = store.claim_next(f"dead-{attempt}", 0.05)
+        assert job is not None
+        assert (job.id, job.attempts) == ("a", attempt)
+        time.sleep(0.1)
+        assert store.recover_expired(max_attempts=2) == 1
+    failed = store.get("a")
+    assert failed is not None
+    assert failed.status == JobStatus.FAILED
+    assert failed.error_type == "worker_lost"
+    next_job = store.claim_next("w", 30)
+    assert next_job is not None
+    assert next_job.id == "b"
+
+
+def test_released_job_keeps_its_place_and_its_attempt(store: JobStore) -> None:
+    add(store, "a")
+    add(store, "b")
+    store.claim_next("w", 30)
+    released = store.release("a", "w")
+    assert released.status == JobStatus.QUEUED
+    assert released.attempts == 0
+    again = store.claim_next("w2", 30)
+    assert again is not None
+    assert again.id == "a"
+
+
+def test_cancel_queued_running_and_finished(store: JobStore) -> None:
+    for name in ("queued", "running", "finished"):
+        add(store, name)
+    assert store.request_cancel("missing") is None
+    store.claim_next("w", 30)  # "queued" is oldest: claim it, then requeue to shape the case
+    store.release("queued", "w")
+    job = store.claim_next("w", 30)
+    assert job is not None
+    assert job.id == "queued"
+    store.release("queued", "w")
+
+    answer = store.request_cancel("queued")
+    assert answer is not None
+    assert answer[1] is CancelOutcome.CANCELLED
+    assert answer[0].status == JobStatus.CANCELLED
+
+    running = store.claim_next("w", 30)
+    assert running is not None
+    assert running.id == "running"
+    answer = store.request_cancel("running")
+    assert answer is not None
+    assert answer[1] is CancelOutcome.REQUESTED
+    assert store.report_progress("running", "w", 1, 30) is True
+    assert store.mark_cancelled("running", "w").status == JobStatus.CANCELLED
+
+    finishing = store.claim_next("w", 30)
+    assert finishing is not None
+    store.complete("finished", "w", [])
+    answer = store.request_cancel("finished")
+    assert answer is not None
+    assert answer[1] is CancelOutcome.NOT_CANCELLABLE
+    again = store.request_cancel("queued")
+    assert again is not None
+    assert again[1] is CancelOutcome.CANCELLED  # cancelling twice is harmless
+
+
+def test_concurrent_claims_take_each_job_once(store: JobStore) -> None:
+    for index in range(60):
+        add(store, f"job-{index}")
+    taken: list[str] = []
+    lock = threading.Lock()
+
+    def work(worker: str) -> None:
+        while (job := store.claim_next(worker, 30)) is not None:
+            with lock:
+                taken.append(job.id)
+            store.complete(job.id, worker, [])
+
+    threads = [threading.Thread(target=work, args=(f"w{n}",)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(taken) == sorted(f"job-{index}" for index in range(60))
