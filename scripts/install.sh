@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install ovis-server into ./.venv (or into the virtual environment already active).
+# Install ovis-server into ./.venv (made if missing).
 #   scripts/install.sh          the server
 #   scripts/install.sh --dev    the server and what its tests need
 # Where there is no NVIDIA GPU, the CPU build of PyTorch goes in first, so that pip does
@@ -14,11 +14,9 @@ case "${1:-}" in
   *) echo "usage: $0 [--dev]" >&2; exit 2 ;;
 esac
 
-if [ -z "${VIRTUAL_ENV:-}" ]; then
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  # shellcheck disable=SC1091
-  . .venv/bin/activate
-fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
 
 if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
