@@ -64,6 +64,32 @@ def model_options(func: Any) -> Any:
     )(func)
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """Seconds, or a number with a unit: 90s, 30m, 12h, 7d."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        factor = _DURATION_UNITS.get(text[-1:])
+        number = text[:-1] if factor else text
+        try:
+            seconds = float(number) * (factor or 1)
+        except ValueError:
+            self.fail(f"{value!r} is not a duration such as 3600, 90s, 30m, 12h or 7d", param, ctx)
+        if seconds <= 0:
+            self.fail("a duration must be positive", param, ctx)
+        return int(seconds)
+
+
+DURATION = Duration()
+
+
 def configure_logging(level: str = "info") -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -203,6 +229,15 @@ def generate(
 
 def worker_options(func: Any) -> Any:
     func = click.option(
+        "--stall-timeout",
+        type=DURATION,
+        default=600,
+        envvar=_env("STALL_TIMEOUT"),
+        show_envvar=True,
+        show_default=True,
+        help="A worker whose job makes no step this long is ended and replaced (a hang).",
+    )(func)
+    func = click.option(
         "--max-attempts",
         type=click.IntRange(min=1),
         default=3,
@@ -275,6 +310,51 @@ def worker_options(func: Any) -> Any:
     help="Price per output image shown in the catalogue and as each result's cost.",
 )
 @click.option(
+    "--max-queued",
+    type=click.IntRange(min=0),
+    default=10_000,
+    envvar=_env("MAX_QUEUED"),
+    show_envvar=True,
+    show_default=True,
+    help="Queued requests in all before submits get 429 (0: no limit).",
+)
+@click.option(
+    "--max-queued-per-token",
+    type=click.IntRange(min=0),
+    default=1_000,
+    envvar=_env("MAX_QUEUED_PER_TOKEN"),
+    show_envvar=True,
+    show_default=True,
+    help="Queued requests per token before its submits get 429 (0: no limit).",
+)
+@click.option(
+    "--rate-limit",
+    type=click.IntRange(min=0),
+    default=600,
+    envvar=_env("RATE_LIMIT"),
+    show_envvar=True,
+    show_default=True,
+    help="Submits per minute per token before 429 (0: no limit).",
+)
+@click.option(
+    "--retention",
+    type=DURATION,
+    default="7d",
+    envvar=_env("RETENTION"),
+    show_envvar=True,
+    show_default=True,
+    help="How long finished requests and their files are kept (90s, 12h, 7d...).",
+)
+@click.option(
+    "--cleanup-interval",
+    type=DURATION,
+    default="10m",
+    envvar=_env("CLEANUP_INTERVAL"),
+    show_envvar=True,
+    show_default=True,
+    help="How often expired requests are looked for.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -293,12 +373,18 @@ def serve(
     no_worker: bool,
     url_ttl: int,
     base_price_usd: float,
+    max_queued: int,
+    max_queued_per_token: int,
+    rate_limit: int,
+    retention: int,
+    cleanup_interval: int,
     log_level: str,
     model: str,
     device: str,
     dtype: str,
     lease_seconds: float,
     max_attempts: int,
+    stall_timeout: int,
     data_dir: Path,
 ) -> None:
     """Serve the Model API, with a worker process beside it that runs the model."""
@@ -320,6 +406,12 @@ def serve(
         dtype=dtype,
         lease_seconds=lease_seconds,
         max_attempts=max_attempts,
+        stall_timeout_seconds=stall_timeout,
+        max_queued=max_queued,
+        max_queued_per_token=max_queued_per_token,
+        rate_limit_per_minute=rate_limit,
+        retention_seconds=retention,
+        cleanup_interval_seconds=cleanup_interval,
     )
     app = create_app(settings)
     if no_auth:
@@ -366,6 +458,7 @@ def worker(
     dtype: str,
     lease_seconds: float,
     max_attempts: int,
+    stall_timeout: int,
     data_dir: Path,
     parent_pid: int | None,
     log_level: str,
@@ -383,6 +476,7 @@ def worker(
         dtype=dtype,
         lease_seconds=lease_seconds,
         max_attempts=max_attempts,
+        stall_timeout_seconds=stall_timeout,
     )
     try:
         run_worker(settings, parent_pid=parent_pid)

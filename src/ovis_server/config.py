@@ -32,6 +32,13 @@ class Settings:
     lease_seconds: float = 30.0
     max_attempts: int = 3
     cancel_wait_seconds: float = 2.0
+    max_queued: int = 10_000
+    max_queued_per_token: int = 1_000
+    rate_limit_per_minute: int = 600
+    retention_seconds: int = 7 * DAY
+    cleanup_interval_seconds: float = 600.0
+    heartbeat_seconds: float = 5.0
+    stall_timeout_seconds: float = 600.0
 
     @property
     def db_url(self) -> str:

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.openapi.utils import get_openapi
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server import __version__
 from ovis_server.api import files, routes
 from ovis_server.api.errors import install_error_handlers
-from ovis_server.api.protocol import Health
+from ovis_server.api.protocol import Health, Readiness
 from ovis_server.api.serving import RequestService
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
+from ovis_server.jobs.retention import RetentionSweeper
 from ovis_server.jobs.store import JobStore
+from ovis_server.jobs.workers import WorkerRegistry
 from ovis_server.storage.local import LocalFileStore
 from ovis_server.storage.signing import signer_for
 from ovis_server.tokens import TokenStore
@@ -26,8 +32,25 @@ def create_app(settings: Settings) -> FastAPI:
     migrate(db)
     store = JobStore(db)
     file_store = LocalFileStore(settings.files_dir, signer_for(db))
+    registry = WorkerRegistry(db)
+    sweeper = RetentionSweeper(
+        store,
+        file_store,
+        registry,
+        retention_seconds=settings.retention_seconds,
+        interval_seconds=settings.cleanup_interval_seconds,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        sweeper.start()
+        try:
+            yield
+        finally:
+            sweeper.stop()
 
     app = FastAPI(
+        lifespan=lifespan,
         title="ovis-server",
         version=__version__,
         summary="RunComfy-compatible Model API for Ovis-Image-7B, self-hosted.",
@@ -39,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.db = db
     app.state.store = store
     app.state.tokens = TokenStore(db)
+    app.state.workers = registry
     app.state.files = file_store
     app.state.service = RequestService(store, file_store, settings)
     install_error_handlers(app)
@@ -49,6 +73,38 @@ def create_app(settings: Settings) -> FastAPI:
     def healthz() -> Health:
         """The API process is up."""
         return Health()
+
+    @app.get(
+        "/readyz",
+        tags=["Operations"],
+        response_model_exclude_none=True,
+        responses={503: {"model": Readiness, "description": "Not ready"}},
+    )
+    def readyz(response: Response) -> Readiness:
+        """Ready when the database answers and a worker with a loaded model is alive."""
+        try:
+            with db.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            alive = registry.alive(within_seconds=3 * settings.heartbeat_seconds + 5)
+        except SQLAlchemyError:
+            response.status_code = 503
+            return Readiness(
+                status="not_ready",
+                database="unreachable",
+                workers_ready=0,
+                workers_loading=0,
+                reason="the database does not answer",
+            )
+        ready = sum(1 for worker in alive if worker.ready)
+        if not ready:
+            response.status_code = 503
+        return Readiness(
+            status="ready" if ready else "not_ready",
+            database="ok",
+            workers_ready=ready,
+            workers_loading=len(alive) - ready,
+            reason=None if ready else "no worker with a loaded model is alive",
+        )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

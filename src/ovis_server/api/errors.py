@@ -46,6 +46,10 @@ def unauthorized(message: str) -> ApiError:
     return ApiError(401, UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"})
 
 
+def too_many(message: str, retry_after: int) -> ApiError:
+    return ApiError(429, TOO_MANY, message, headers={"Retry-After": str(max(1, retry_after))})
+
+
 def request_not_found(request_id: str) -> ApiError:
     return ApiError(
         404,

@@ -102,3 +102,11 @@ class ModelDetail(ModelSummary):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    database: Literal["ok", "unreachable"]
+    workers_ready: int = Field(description="Workers alive with a loaded model.")
+    workers_loading: int = Field(description="Workers alive, still loading the model.")
+    reason: str | None = None

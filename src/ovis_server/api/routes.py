@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 
 from ovis_server.api.auth import Caller, authenticate
@@ -67,6 +67,7 @@ def get_model(model_id: str, request: Request, _caller: CallerDep) -> ModelDetai
         **_ERRORS,
         404: {"model": ErrorBody, "description": "Unknown model_id"},
         422: {"model": ErrorBody, "description": "The input does not match the schema"},
+        429: {"model": ErrorBody, "description": "Queue full or rate limited (Retry-After)"},
     },
     openapi_extra={
         "requestBody": {
@@ -78,12 +79,25 @@ def get_model(model_id: str, request: Request, _caller: CallerDep) -> ModelDetai
     },
     response_model_exclude_none=True,
 )
-async def submit(model_id: str, request: Request, caller: CallerDep) -> SubmitResponse:
+async def submit(
+    model_id: str,
+    request: Request,
+    caller: CallerDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="Repeat a submit with the same key to get the same request_id."),
+    ] = None,
+) -> SubmitResponse:
     # The body is read here rather than declared, so that an unknown model answers 404
     # before its body is judged against a schema it does not have.
     body = await request.body()
     return await run_in_threadpool(
-        service(request).submit, caller.token_id, model_id, body, base_url(request)
+        service(request).submit,
+        token_id=caller.token_id,
+        model_id=model_id,
+        body=body,
+        base_url=base_url(request),
+        idempotency_key=idempotency_key,
     )
 
 

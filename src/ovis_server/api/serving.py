@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import re
 import secrets
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
 from ovis_server.api.errors import (
     FORBIDDEN,
+    INVALID_INPUT,
     MODEL_NOT_FOUND,
     ApiError,
     request_not_found,
+    too_many,
     validation_failed,
 )
 from ovis_server.api.protocol import (
@@ -33,10 +38,13 @@ from ovis_server.api.protocol import (
 from ovis_server.catalogue import CATALOGUE, OUTPUT_SCHEMA, ModelSpec, find_model
 from ovis_server.config import Settings
 from ovis_server.jobs.job import CancelOutcome, Job, JobStatus
-from ovis_server.jobs.store import JobStore
+from ovis_server.jobs.store import IdempotencyConflictError, JobStore, utcnow
 from ovis_server.storage.base import REQUEST_ID_PATTERN, FileStore
 
 RANDOM_SEED_BOUND = 2**32
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
+# A full queue clears at the pace of the GPU; clients come back after this long.
+QUEUE_FULL_RETRY_SECONDS = 10
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -104,26 +112,83 @@ class RequestService:
 
     # --- requests ---------------------------------------------------------------------
 
-    def submit(self, token_id: str, model_id: str, body: bytes, base_url: str) -> SubmitResponse:
+    def submit(
+        self,
+        token_id: str,
+        model_id: str,
+        body: bytes,
+        base_url: str,
+        idempotency_key: str | None = None,
+    ) -> SubmitResponse:
         spec = self._spec(model_id)
         try:
             validated = spec.input_model.model_validate_json(body or b"{}")
         except ValidationError as exc:
             raise validation_failed(exc.errors(include_url=False)) from None
-        seed = (
-            validated.seed if validated.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
-        )
-        request_id = str(uuid.uuid4())
-        self.store.submit(
-            request_id=request_id,
-            token_id=token_id,
-            model_id=spec.model_id,
-            input=json.loads(validated.model_dump_json()),
-            seed=seed,
-            total_steps=validated.num_inference_steps,
-        )
-        urls = self._urls(base_url, request_id)
-        return SubmitResponse(request_id=request_id, **urls)
+        canonical = validated.model_dump_json()
+        request_hash = hashlib.sha256(f"{spec.model_id}\n{canonical}".encode()).hexdigest()
+        try:
+            if idempotency_key is not None:
+                if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+                    raise ApiError(
+                        422,
+                        INVALID_INPUT,
+                        "Idempotency-Key must be 1 to 200 printable ASCII characters",
+                    )
+                twin = self.store.idempotent_twin(token_id, idempotency_key, request_hash)
+                if twin is not None:
+                    return SubmitResponse(request_id=twin.id, **self._urls(base_url, twin.id))
+            self._check_limits(token_id)
+            seed = validated.seed
+            if seed is None:
+                seed = secrets.randbelow(RANDOM_SEED_BOUND)
+            job = self.store.submit(
+                request_id=str(uuid.uuid4()),
+                token_id=token_id,
+                model_id=spec.model_id,
+                input=json.loads(canonical),
+                seed=seed,
+                total_steps=validated.num_inference_steps,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+            )
+        except IdempotencyConflictError as exc:
+            raise ApiError(
+                422,
+                INVALID_INPUT,
+                f"Idempotency-Key was used in the last 24 hours for request {exc.job.id} with "
+                "a different body; use a new key for a new request",
+            ) from None
+        return SubmitResponse(request_id=job.id, **self._urls(base_url, job.id))
+
+    def _check_limits(self, token_id: str) -> None:
+        """Backpressure: 429 with Retry-After when the queue or this token is over its limit."""
+        settings = self.settings
+        if settings.rate_limit_per_minute > 0:
+            window = timedelta(minutes=1)
+            count, first = self.store.submissions_since(token_id, utcnow() - window)
+            if count >= settings.rate_limit_per_minute and first is not None:
+                wait = (first + window - utcnow()).total_seconds()
+                raise too_many(
+                    f"rate limit: this token may submit {settings.rate_limit_per_minute} "
+                    "requests a minute; retry after the Retry-After seconds",
+                    math.ceil(wait),
+                )
+        if settings.max_queued_per_token > 0:
+            mine = self.store.count_queued(token_id)
+            if mine >= settings.max_queued_per_token:
+                raise too_many(
+                    f"this token has {mine} requests waiting, the most allowed; "
+                    "retry when some have run",
+                    QUEUE_FULL_RETRY_SECONDS,
+                )
+        if settings.max_queued > 0:
+            queued = self.store.count_queued()
+            if queued >= settings.max_queued:
+                raise too_many(
+                    f"the queue is full ({queued} requests waiting); retry later",
+                    QUEUE_FULL_RETRY_SECONDS,
+                )
 
     def _owned_job(self, token_id: str, request_id: str) -> Job:
         job = self.store.get(request_id) if REQUEST_ID_PATTERN.fullmatch(request_id) else None

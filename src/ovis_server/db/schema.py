@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -74,7 +75,7 @@ jobs = Table(
     # Queue order: a job's position is the number of queued jobs with a smaller seq.
     Column("seq", SequenceId, primary_key=True, autoincrement=True),
     Column("id", String(128), nullable=False, unique=True),
-    Column("token_id", String(32), nullable=False, index=True),
+    Column("token_id", String(32), nullable=False),
     Column("model_id", String(200), nullable=False),
     Column("input", JSON, nullable=False),
     Column("seed", BigInteger, nullable=False),
@@ -91,8 +92,28 @@ jobs = Table(
     Column("error_type", String(100)),
     Column("error_message", Text),
     Column("outputs", JSON),
+    # Idempotent submits: a repeat of (token, key) within a day returns the same job;
+    # the hash tells a true repeat from a different body sent under the same key.
+    Column("idempotency_key", String(200)),
+    Column("request_hash", String(64)),
     Index("ix_jobs_status_seq", "status", "seq"),
+    Index("ix_jobs_token_id_created_at", "token_id", "created_at"),
+    UniqueConstraint("token_id", "idempotency_key"),
     sqlite_autoincrement=True,
+)
+
+# Workers announce themselves and beat while alive: /readyz counts the living.
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("host", String(200), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("model", String(500), nullable=False),
+    Column("device", String(50), nullable=False),
+    Column("ready", Boolean, nullable=False, default=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("heartbeat_at", UtcDateTime, nullable=False),
 )
 
 # Secrets the whole deployment shares (the URL signing key), so that every API replica

@@ -79,3 +79,5 @@ class Job:
     error_type: str | None
     error_message: str | None
     outputs: tuple[StoredOutput, ...] = field(default=())
+    idempotency_key: str | None = None
+    request_hash: str | None = None

@@ -12,14 +12,25 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, func, insert, select, update
+from sqlalchemy import Engine, Row, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from ovis_server.db.schema import jobs
 from ovis_server.jobs.job import CancelOutcome, Job, JobStatus, StoredOutput
 
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+
 
 class LeaseLostError(Exception):
     """The job is no longer this worker's: its lease ran out and another took it over."""
+
+
+class IdempotencyConflictError(Exception):
+    """The idempotency key was used in the last 24 hours for a different request."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(f"idempotency key already used by request {job.id}")
+        self.job = job
 
 
 def utcnow() -> datetime:
@@ -48,6 +59,8 @@ def _job(row: Row[Any]) -> Job:
         error_type=data["error_type"],
         error_message=data["error_message"],
         outputs=tuple(StoredOutput.from_json(item) for item in data["outputs"] or ()),
+        idempotency_key=data["idempotency_key"],
+        request_hash=data["request_hash"],
     )
 
 
@@ -68,8 +81,19 @@ class JobStore:
         input: dict[str, Any],
         seed: int,
         total_steps: int,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
     ) -> Job:
-        """Queue a job at the back of the queue."""
+        """Queue a job at the back of the queue.
+
+        With an idempotency key, a repeat of the same request (same ``request_hash``) by
+        the same token within 24 hours returns the job the first one made; a different
+        request under that key raises IdempotencyConflictError.
+        """
+        if idempotency_key is not None:
+            earlier = self.idempotent_twin(token_id, idempotency_key, request_hash)
+            if earlier is not None:
+                return earlier
         stmt = (
             insert(jobs)
             .values(
@@ -84,11 +108,39 @@ class JobStore:
                 progress_total=total_steps,
                 attempts=0,
                 created_at=utcnow(),
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
             )
             .returning(*jobs.c)
         )
+        try:
+            with self.engine.begin() as conn:
+                return _job(conn.execute(stmt).one())
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            # A concurrent twin with the same key was inserted first: answer with it.
+            twin = self.idempotent_twin(token_id, idempotency_key, request_hash)
+            if twin is None:
+                raise
+            return twin
+
+    def idempotent_twin(self, token_id: str, key: str, request_hash: str | None) -> Job | None:
+        """The job this token submitted under ``key`` in the last 24 hours, if the request
+        is the same (else IdempotencyConflictError); frees a key whose day has passed."""
         with self.engine.begin() as conn:
-            return _job(conn.execute(stmt).one())
+            row = conn.execute(
+                select(jobs).where(jobs.c.token_id == token_id, jobs.c.idempotency_key == key)
+            ).first()
+            if row is None:
+                return None
+            job = _job(row)
+            if job.created_at < utcnow() - IDEMPOTENCY_WINDOW:
+                conn.execute(update(jobs).where(jobs.c.seq == job.seq).values(idempotency_key=None))
+                return None
+        if job.request_hash != request_hash:
+            raise IdempotencyConflictError(job)
+        return job
 
     def get(self, request_id: str) -> Job | None:
         with self.engine.connect() as conn:
@@ -104,6 +156,45 @@ class JobStore:
         )
         with self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
+
+    def count_queued(self, token_id: str | None = None) -> int:
+        """Jobs waiting to run, in all or for one token."""
+        stmt = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
+        if token_id is not None:
+            stmt = stmt.where(jobs.c.token_id == token_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def submissions_since(self, token_id: str, since: datetime) -> tuple[int, datetime | None]:
+        """How many jobs ``token_id`` submitted since ``since``, and when the first was."""
+        stmt = select(func.count(), func.min(jobs.c.created_at)).where(
+            jobs.c.token_id == token_id, jobs.c.created_at > since
+        )
+        with self.engine.connect() as conn:
+            count, first = conn.execute(stmt).one()
+        if isinstance(first, str):  # SQLite's min() hands back the stored text
+            first = datetime.fromisoformat(first).replace(tzinfo=UTC)
+        return int(count), first
+
+    def finished_before(self, cutoff: datetime, limit: int = 500) -> list[Job]:
+        """Jobs that reached a final state before ``cutoff``, oldest first."""
+        stmt = (
+            select(jobs)
+            .where(
+                jobs.c.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]),
+                jobs.c.finished_at < cutoff,
+            )
+            .order_by(jobs.c.seq)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [_job(row) for row in conn.execute(stmt)]
+
+    def delete(self, request_ids: Sequence[str]) -> int:
+        if not request_ids:
+            return 0
+        with self.engine.begin() as conn:
+            return int(conn.execute(delete(jobs).where(jobs.c.id.in_(request_ids))).rowcount)
 
     def request_cancel(self, request_id: str) -> tuple[Job, CancelOutcome] | None:
         """Cancel a queued job at once, or flag a running one for its worker; None if unknown."""

@@ -17,8 +17,10 @@ from types import FrameType
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.store import JobStore
+from ovis_server.jobs.workers import WorkerRegistry
 from ovis_server.storage.local import LocalFileStore
 from ovis_server.storage.signing import signer_for
+from ovis_server.worker.runner import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +37,40 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
             stop.set()
 
 
+STALLED_EXIT_CODE = 70
+
+
+def _beat(
+    registry: WorkerRegistry,
+    worker_id: str,
+    interval: float,
+    stop: threading.Event,
+    runner: list[Worker],
+    stall_timeout: float,
+) -> None:
+    """Keep the worker's row fresh; end the process if its job stops making progress."""
+    while not stop.wait(interval):
+        try:
+            registry.heartbeat(worker_id)
+        except Exception:
+            logger.exception("heartbeat failed")
+        if runner and runner[0].stalled_for() > stall_timeout:
+            # The model code is stuck (a hang, a deadlock): nothing but the end of the
+            # process frees the device. The lease lapses, the job goes back to the queue
+            # (or fails after --max-attempts), and serve starts a fresh worker.
+            logger.critical(
+                "no denoising step in %.0fs (--stall-timeout); ending the worker",
+                runner[0].stalled_for(),
+            )
+            logging.shutdown()
+            os._exit(STALLED_EXIT_CODE)
+
+
 def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     """Load the model, then take jobs until SIGTERM or SIGINT; the job in hand is put back."""
     from ovis_server.engine.pipeline import Engine
     from ovis_server.engine.weights import resolve_weights
-    from ovis_server.worker.runner import Worker
+    from ovis_server.worker.faults import FaultPlan
 
     stop = threading.Event()
 
@@ -56,22 +87,48 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
             target=_watch_parent, args=(parent_pid, stop), name="parent-watch", daemon=True
         ).start()
 
+    faults = FaultPlan.from_env()
     db = connect(settings.db_url)
     migrate(db)
     store = JobStore(db)
     files = LocalFileStore(settings.files_dir, signer_for(db))
-    engine = Engine.load(
-        resolve_weights(settings.model, settings.data_dir),
-        device=settings.device,
-        dtype=settings.dtype,
-    )
-    if stop.is_set():
-        return
-    Worker(
-        store=store,
-        files=files,
-        engine=engine,
-        worker_id=new_worker_id(),
-        lease_seconds=settings.lease_seconds,
-        max_attempts=settings.max_attempts,
-    ).run(stop)
+    registry = WorkerRegistry(db)
+    worker_id = new_worker_id()
+    registry.register(worker_id, socket.gethostname(), os.getpid(), settings.model, settings.device)
+    runner: list[Worker] = []
+    threading.Thread(
+        target=_beat,
+        args=(
+            registry,
+            worker_id,
+            settings.heartbeat_seconds,
+            stop,
+            runner,
+            settings.stall_timeout_seconds,
+        ),
+        name="heartbeat",
+        daemon=True,
+    ).start()
+    try:
+        engine = Engine.load(
+            resolve_weights(settings.model, settings.data_dir),
+            device=settings.device,
+            dtype=settings.dtype,
+        )
+        if stop.is_set():
+            return
+        runner.append(
+            Worker(
+                store=store,
+                files=files,
+                engine=engine,
+                worker_id=worker_id,
+                lease_seconds=settings.lease_seconds,
+                max_attempts=settings.max_attempts,
+                faults=faults,
+            )
+        )
+        registry.heartbeat(worker_id, ready=True)
+        runner[0].run(stop)
+    finally:
+        registry.deregister(worker_id)

@@ -18,6 +18,7 @@ from ovis_server.engine.request import GenerationRequest
 from ovis_server.jobs.job import Job, StoredOutput
 from ovis_server.jobs.store import JobStore, LeaseLostError
 from ovis_server.storage.base import FileStore, output_key
+from ovis_server.worker.faults import FaultPlan
 
 if TYPE_CHECKING:
     from ovis_server.engine.pipeline import Engine
@@ -61,6 +62,7 @@ class Worker:
         lease_seconds: float = 30.0,
         poll_seconds: float = 0.2,
         max_attempts: int = 3,
+        faults: FaultPlan | None = None,
     ) -> None:
         self.store = store
         self.files = files
@@ -69,14 +71,25 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.max_attempts = max_attempts
+        self.faults = faults or FaultPlan({})
+        # When the job in hand last moved (claimed, or a step done); None when idle.
+        self._last_progress: float | None = None
+
+    def stalled_for(self) -> float:
+        """Seconds the job in hand has gone without progress (0 when idle)."""
+        last = self._last_progress
+        return 0.0 if last is None else time.monotonic() - last
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; a job in hand when it is set goes back to the queue."""
         logger.info("worker %s ready", self.worker_id)
+        next_recovery = 0.0
         while not stop.is_set():
-            recovered = self.store.recover_expired(self.max_attempts)
-            if recovered:
-                logger.warning("recovered %d job(s) whose worker stopped", recovered)
+            if time.monotonic() >= next_recovery:
+                recovered = self.store.recover_expired(self.max_attempts)
+                if recovered:
+                    logger.warning("recovered %d job(s) whose worker stopped", recovered)
+                next_recovery = time.monotonic() + max(self.lease_seconds / 3, 0.5)
             job = self.store.claim_next(self.worker_id, self.lease_seconds)
             if job is None:
                 stop.wait(self.poll_seconds)
@@ -96,9 +109,20 @@ class Worker:
 
     def run_job(self, job: Job, stop: threading.Event) -> None:
         started = time.perf_counter()
+        self._last_progress = time.monotonic()
+        try:
+            self._run_job(job, stop, started)
+        finally:
+            self._last_progress = None
+
+    def _run_job(self, job: Job, stop: threading.Event, started: float) -> None:
         reason: list[_Stop] = []
+        prompt = str(job.input.get("prompt", ""))
 
         def on_step(step: int, total: int) -> bool:
+            self._last_progress = time.monotonic()
+            if step == 1:
+                self.faults.strike(prompt)
             if self.store.report_progress(job.id, self.worker_id, step, self.lease_seconds):
                 reason.append(_Stop.CANCEL)
                 return False

@@ -39,6 +39,8 @@ def worker_command(settings: Settings) -> list[str]:
         str(settings.lease_seconds),
         "--max-attempts",
         str(settings.max_attempts),
+        "--stall-timeout",
+        str(int(settings.stall_timeout_seconds)),
     ]
     if settings.database_url:
         argv += ["--database-url", settings.database_url]

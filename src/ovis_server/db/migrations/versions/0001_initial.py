@@ -1,4 +1,4 @@
-"""Jobs (the queue), API tokens and server keys.
+"""Jobs (the queue), API tokens, workers and server keys.
 
 Revision ID: 0001
 Revises:
@@ -41,12 +41,27 @@ def upgrade() -> None:
         sa.Column("error_type", sa.String(length=100), nullable=True),
         sa.Column("error_message", sa.Text(), nullable=True),
         sa.Column("outputs", sa.JSON(), nullable=True),
+        sa.Column("idempotency_key", sa.String(length=200), nullable=True),
+        sa.Column("request_hash", sa.String(length=64), nullable=True),
         sa.PrimaryKeyConstraint("seq", name="pk_jobs"),
         sa.UniqueConstraint("id", name="uq_jobs_id"),
+        sa.UniqueConstraint("token_id", "idempotency_key", name="uq_jobs_token_id_idempotency_key"),
         sqlite_autoincrement=True,
     )
     op.create_index("ix_jobs_status_seq", "jobs", ["status", "seq"])
-    op.create_index("ix_jobs_token_id", "jobs", ["token_id"])
+    op.create_index("ix_jobs_token_id_created_at", "jobs", ["token_id", "created_at"])
+    op.create_table(
+        "workers",
+        sa.Column("id", sa.String(length=200), nullable=False),
+        sa.Column("host", sa.String(length=200), nullable=False),
+        sa.Column("pid", sa.Integer(), nullable=False),
+        sa.Column("model", sa.String(length=500), nullable=False),
+        sa.Column("device", sa.String(length=50), nullable=False),
+        sa.Column("ready", sa.Boolean(), nullable=False),
+        sa.Column("started_at", _TIME, nullable=False),
+        sa.Column("heartbeat_at", _TIME, nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_workers"),
+    )
     op.create_table(
         "tokens",
         sa.Column("id", sa.String(length=32), nullable=False),
@@ -69,6 +84,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("server_keys")
     op.drop_table("tokens")
-    op.drop_index("ix_jobs_token_id", table_name="jobs")
+    op.drop_table("workers")
+    op.drop_index("ix_jobs_token_id_created_at", table_name="jobs")
     op.drop_index("ix_jobs_status_seq", table_name="jobs")
     op.drop_table("jobs")

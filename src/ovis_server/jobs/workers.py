@@ -1,0 +1,69 @@
+"""Which workers are alive: each one registers, beats while alive, and leaves on exit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, delete, insert, select, update
+
+from ovis_server.db.schema import workers
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    model: str
+    device: str
+    ready: bool
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+class WorkerRegistry:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def register(self, worker_id: str, host: str, pid: int, model: str, device: str) -> None:
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(workers).values(
+                    id=worker_id,
+                    host=host,
+                    pid=pid,
+                    model=model,
+                    device=device,
+                    ready=False,
+                    started_at=now,
+                    heartbeat_at=now,
+                )
+            )
+
+    def heartbeat(self, worker_id: str, *, ready: bool | None = None) -> None:
+        values: dict[str, object] = {"heartbeat_at": datetime.now(UTC)}
+        if ready is not None:
+            values["ready"] = ready
+        with self.engine.begin() as conn:
+            conn.execute(update(workers).where(workers.c.id == worker_id).values(**values))
+
+    def deregister(self, worker_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(workers).where(workers.c.id == worker_id))
+
+    def alive(self, within_seconds: float) -> list[WorkerInfo]:
+        """Workers that beat in the last ``within_seconds``, loading or ready."""
+        since = datetime.now(UTC) - timedelta(seconds=within_seconds)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(workers).where(workers.c.heartbeat_at >= since).order_by(workers.c.id)
+            ).mappings()
+            return [WorkerInfo(**row) for row in rows]
+
+    def forget_silent(self, silent_seconds: float) -> int:
+        """Drop rows of workers silent this long (killed without a chance to deregister)."""
+        since = datetime.now(UTC) - timedelta(seconds=silent_seconds)
+        with self.engine.begin() as conn:
+            return int(conn.execute(delete(workers).where(workers.c.heartbeat_at < since)).rowcount)
