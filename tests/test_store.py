@@ -23,7 +23,7 @@ def store(tmp_path: Path) -> JobStore:
     return JobStore(db)
 
 
-def add(store: JobStore, request_id: str, token: str = "tok_a") -> None:
+def add(store: JobStore, request_id: str, token: str = "tok_a", batch_key: str = "k") -> None:
     store.submit(
         request_id=request_id,
         token_id=token,
@@ -31,6 +31,7 @@ def add(store: JobStore, request_id: str, token: str = "tok_a") -> None:
         input={"prompt": request_id},
         seed=1,
         total_steps=4,
+        batch_key=batch_key,
     )
 
 
@@ -163,3 +164,22 @@ def test_concurrent_claims_take_each_job_once(store: JobStore) -> None:
     for thread in threads:
         thread.join()
     assert sorted(taken) == sorted(f"job-{index}" for index in range(60))
+
+
+def test_claim_batch_takes_the_head_and_its_compatible_followers(store: JobStore) -> None:
+    for name, key in [("a", "x"), ("b", "y"), ("c", "x"), ("d", "x"), ("e", "x")]:
+        add(store, name, batch_key=key)
+    first = store.claim_batch("w", 30, max_batch=3)
+    assert [job.id for job in first] == ["a", "c", "d"]
+    assert all(job.worker_id == "w" for job in first)
+    second = store.claim_batch("w", 30, max_batch=3)
+    assert [job.id for job in second] == ["b"]  # the head decides the batch
+    cancel, lost = store.report_batch_progress(["a", "c", "b"], "w", 1, 30)
+    assert (cancel, lost) == (set(), set())
+    store.request_cancel("c")
+    cancel, lost = store.report_batch_progress(["a", "c"], "w", 2, 30)
+    assert cancel == {"c"}
+    cancel, lost = store.report_batch_progress(["a"], "other-worker", 3, 30)
+    assert lost == {"a"}
+    assert [job.id for job in store.claim_batch("w", 30, max_batch=1)] == ["e"]
+    assert store.claim_batch("w", 30, max_batch=4) == []

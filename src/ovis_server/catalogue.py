@@ -177,6 +177,11 @@ class OvisImageInput(BaseModel):
             return self.image_size.width, self.image_size.height
         return IMAGE_SIZE_PRESETS[self.image_size]
 
+    def batch_key(self, model_id: str) -> str:
+        """Jobs with equal keys share size, steps and guidance: one batched call runs them."""
+        width, height = self.dimensions()
+        return f"{model_id}:{width}x{height}:{self.num_inference_steps}:{self.guidance_scale!r}"
+
     def to_generation_request(self, seed: int) -> GenerationRequest:
         """The engine's view of this input, with the seed resolved."""
         width, height = self.dimensions()

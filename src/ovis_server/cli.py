@@ -38,6 +38,23 @@ def data_dir_option(func: Any) -> Any:
 
 def model_options(func: Any) -> Any:
     func = click.option(
+        "--fp8",
+        is_flag=True,
+        envvar=_env("FP8"),
+        show_envvar=True,
+        help="FP8 matmuls in the transformer (torchao, Hopper-class GPUs). Changes numerics.",
+    )(func)
+    func = click.option(
+        "--compile",
+        "compile_mode",
+        type=click.Choice(["auto", "on", "off"]),
+        default="auto",
+        envvar=_env("COMPILE"),
+        show_envvar=True,
+        show_default=True,
+        help="torch.compile the repeated transformer blocks; auto: on CUDA only.",
+    )(func)
+    func = click.option(
         "--dtype",
         type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
         default="auto",
@@ -88,6 +105,21 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 
 
 DURATION = Duration()
+
+
+class BatchLimit(click.ParamType):  # type: ignore[type-arg]
+    """``auto`` or a whole number from 1."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip().lower()
+        if text != "auto" and not (text.isdigit() and int(text) >= 1):
+            self.fail(f"{value!r} is neither 'auto' nor a whole number from 1", param, ctx)
+        return text
+
+
+BATCH_LIMIT = BatchLimit()
 
 
 def configure_logging(level: str = "info") -> None:
@@ -176,6 +208,8 @@ def generate(
     model: str,
     device: str,
     dtype: str,
+    compile_mode: str,
+    fp8: bool,
     data_dir: Path,
 ) -> None:
     """Generate one image locally, with a progress bar, and write it to OUTPUT."""
@@ -207,7 +241,13 @@ def generate(
 
     configure_logging("warning")
     try:
-        engine = Engine.load(resolve_weights(model, data_dir), device=device, dtype=dtype)
+        engine = Engine.load(
+            resolve_weights(model, data_dir),
+            device=device,
+            dtype=dtype,
+            compile=None if compile_mode == "auto" else compile_mode == "on",
+            fp8=fp8,
+        )
     except (EngineLoadError, WeightsNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -228,6 +268,16 @@ def generate(
 
 
 def worker_options(func: Any) -> Any:
+    func = click.option(
+        "--max-batch",
+        type=BATCH_LIMIT,
+        default="auto",
+        envvar=_env("MAX_BATCH"),
+        show_envvar=True,
+        show_default=True,
+        help="Queued jobs of one size, steps and guidance that a worker runs in one call; "
+        "auto: 4 on CUDA, 1 elsewhere.",
+    )(func)
     func = click.option(
         "--stall-timeout",
         type=DURATION,
@@ -382,9 +432,12 @@ def serve(
     model: str,
     device: str,
     dtype: str,
+    compile_mode: str,
+    fp8: bool,
     lease_seconds: float,
     max_attempts: int,
     stall_timeout: int,
+    max_batch: str,
     data_dir: Path,
 ) -> None:
     """Serve the Model API, with a worker process beside it that runs the model."""
@@ -412,6 +465,9 @@ def serve(
         rate_limit_per_minute=rate_limit,
         retention_seconds=retention,
         cleanup_interval_seconds=cleanup_interval,
+        max_batch=max_batch,
+        compile=compile_mode,
+        fp8=fp8,
     )
     app = create_app(settings)
     if no_auth:
@@ -456,9 +512,12 @@ def worker(
     model: str,
     device: str,
     dtype: str,
+    compile_mode: str,
+    fp8: bool,
     lease_seconds: float,
     max_attempts: int,
     stall_timeout: int,
+    max_batch: str,
     data_dir: Path,
     parent_pid: int | None,
     log_level: str,
@@ -477,6 +536,9 @@ def worker(
         lease_seconds=lease_seconds,
         max_attempts=max_attempts,
         stall_timeout_seconds=stall_timeout,
+        max_batch=max_batch,
+        compile=compile_mode,
+        fp8=fp8,
     )
     try:
         run_worker(settings, parent_pid=parent_pid)

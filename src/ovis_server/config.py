@@ -39,6 +39,21 @@ class Settings:
     cleanup_interval_seconds: float = 600.0
     heartbeat_seconds: float = 5.0
     stall_timeout_seconds: float = 600.0
+    max_batch: str = "auto"
+    compile: str = "auto"
+    fp8: bool = False
+
+    def batch_limit(self, device_type: str) -> int:
+        """``--max-batch``: auto batches up to 4 on CUDA, where it pays, and 1 elsewhere,
+        where a batch of 1 keeps the same seed giving bit-identical pixels."""
+        if self.max_batch == "auto":
+            return 4 if device_type == "cuda" else 1
+        return int(self.max_batch)
+
+    @property
+    def compile_flag(self) -> bool | None:
+        """None lets the engine decide (compile on CUDA); else what was asked."""
+        return None if self.compile == "auto" else self.compile == "on"
 
     @property
     def db_url(self) -> str:

@@ -149,6 +149,7 @@ class RequestService:
                 input=json.loads(canonical),
                 seed=seed,
                 total_steps=validated.num_inference_steps,
+                batch_key=validated.batch_key(spec.model_id),
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
             )

@@ -79,6 +79,8 @@ jobs = Table(
     Column("model_id", String(200), nullable=False),
     Column("input", JSON, nullable=False),
     Column("seed", BigInteger, nullable=False),
+    # Jobs with the same batch key (model, size, steps, guidance) can run in one call.
+    Column("batch_key", String(200), nullable=False),
     Column("status", String(16), nullable=False),
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("progress_step", Integer, nullable=False, default=0),

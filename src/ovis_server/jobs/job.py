@@ -66,6 +66,7 @@ class Job:
     model_id: str
     input: dict[str, Any]
     seed: int
+    batch_key: str
     status: JobStatus
     cancel_requested: bool
     progress_step: int

@@ -46,6 +46,7 @@ def _job(row: Row[Any]) -> Job:
         model_id=data["model_id"],
         input=dict(data["input"]),
         seed=data["seed"],
+        batch_key=data["batch_key"],
         status=JobStatus(data["status"]),
         cancel_requested=bool(data["cancel_requested"]),
         progress_step=data["progress_step"],
@@ -81,6 +82,7 @@ class JobStore:
         input: dict[str, Any],
         seed: int,
         total_steps: int,
+        batch_key: str,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
     ) -> Job:
@@ -102,6 +104,7 @@ class JobStore:
                 model_id=model_id,
                 input=input,
                 seed=seed,
+                batch_key=batch_key,
                 status=JobStatus.QUEUED,
                 cancel_requested=False,
                 progress_step=0,
@@ -255,6 +258,78 @@ class JobStore:
         with self.engine.begin() as conn:
             row = conn.execute(stmt).first()
         return None if row is None else _job(row)
+
+    def claim_batch(self, worker_id: str, lease_seconds: float, max_batch: int) -> list[Job]:
+        """The oldest queued job and up to ``max_batch - 1`` more that share its batch key,
+        all under one lease; an empty list when the queue is empty."""
+        head = self.claim_next(worker_id, lease_seconds)
+        if head is None:
+            return []
+        if max_batch <= 1:
+            return [head]
+        now = utcnow()
+        twins = (
+            select(jobs.c.seq)
+            .where(jobs.c.status == JobStatus.QUEUED, jobs.c.batch_key == head.batch_key)
+            .order_by(jobs.c.seq)
+            .limit(max_batch - 1)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            update(jobs)
+            .where(jobs.c.seq.in_(twins), jobs.c.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.RUNNING,
+                worker_id=worker_id,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                started_at=now,
+                progress_step=0,
+                attempts=jobs.c.attempts + 1,
+            )
+            .returning(*jobs.c)
+        )
+        with self.engine.begin() as conn:
+            more = sorted((_job(row) for row in conn.execute(stmt)), key=lambda job: job.seq)
+        return [head, *more]
+
+    def report_batch_progress(
+        self, request_ids: Sequence[str], worker_id: str, step: int, lease_seconds: float
+    ) -> tuple[set[str], set[str]]:
+        """Record a step for several jobs at once and renew their leases.
+
+        Returns (the jobs to cancel, the jobs no longer this worker's).
+        """
+        stmt = (
+            update(jobs)
+            .where(
+                jobs.c.id.in_(request_ids),
+                jobs.c.worker_id == worker_id,
+                jobs.c.status == JobStatus.RUNNING,
+            )
+            .values(
+                progress_step=step,
+                lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
+            )
+            .returning(jobs.c.id, jobs.c.cancel_requested)
+        )
+        with self.engine.begin() as conn:
+            rows = conn.execute(stmt).all()
+        held = {row.id for row in rows}
+        cancel = {row.id for row in rows if row.cancel_requested}
+        return cancel, set(request_ids) - held
+
+    def renew_leases(self, request_ids: Sequence[str], worker_id: str, lease_seconds: float) -> int:
+        stmt = (
+            update(jobs)
+            .where(
+                jobs.c.id.in_(request_ids),
+                jobs.c.worker_id == worker_id,
+                jobs.c.status == JobStatus.RUNNING,
+            )
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        )
+        with self.engine.begin() as conn:
+            return int(conn.execute(stmt).rowcount)
 
     def _update_owned(self, request_id: str, owner: str, **values: Any) -> Row[Any]:
         """Change a running job that ``owner`` still holds, or raise LeaseLostError."""

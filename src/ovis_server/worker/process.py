@@ -114,6 +114,8 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
             resolve_weights(settings.model, settings.data_dir),
             device=settings.device,
             dtype=settings.dtype,
+            compile=settings.compile_flag,
+            fp8=settings.fp8,
         )
         if stop.is_set():
             return
@@ -125,6 +127,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
                 worker_id=worker_id,
                 lease_seconds=settings.lease_seconds,
                 max_attempts=settings.max_attempts,
+                max_batch=settings.batch_limit(engine.device.type),
                 faults=faults,
             )
         )

@@ -1,11 +1,18 @@
-"""The worker loop: claim a job, run it on the engine, store its image, finish it."""
+"""The worker loop: claim jobs, run them on the engine, store their images, finish them.
+
+The worker claims the oldest queued job together with up to ``max_batch - 1`` queued jobs
+that share its size, steps and guidance, and runs them in one batched engine call. Each
+job keeps its own progress, cancel and outcome: a cancelled job leaves the batch at the
+next step and the others go on; if a batch fails, its jobs run again one by one, so that
+only the job that causes a failure fails.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -21,6 +28,8 @@ from ovis_server.storage.base import FileStore, output_key
 from ovis_server.worker.faults import FaultPlan
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ovis_server.engine.pipeline import Engine
 
 logger = logging.getLogger(__name__)
@@ -29,6 +38,7 @@ logger = logging.getLogger(__name__)
 class _Stop(Enum):
     CANCEL = "cancel"
     SHUTDOWN = "shutdown"
+    LEASE_LOST = "lease_lost"
 
 
 class InvalidJobError(ValueError):
@@ -50,7 +60,7 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
 
 
 class Worker:
-    """Runs jobs from the store on one engine, one at a time, oldest first."""
+    """Runs jobs from the store on one engine, oldest first, in batches of compatible jobs."""
 
     def __init__(
         self,
@@ -62,6 +72,7 @@ class Worker:
         lease_seconds: float = 30.0,
         poll_seconds: float = 0.2,
         max_attempts: int = 3,
+        max_batch: int = 1,
         faults: FaultPlan | None = None,
     ) -> None:
         self.store = store
@@ -71,18 +82,19 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.max_attempts = max_attempts
+        self.max_batch = max(1, max_batch)
         self.faults = faults or FaultPlan({})
-        # When the job in hand last moved (claimed, or a step done); None when idle.
+        # When the jobs in hand last moved (claimed, or a step done); None when idle.
         self._last_progress: float | None = None
 
     def stalled_for(self) -> float:
-        """Seconds the job in hand has gone without progress (0 when idle)."""
+        """Seconds the jobs in hand have gone without progress (0 when idle)."""
         last = self._last_progress
         return 0.0 if last is None else time.monotonic() - last
 
     def run(self, stop: threading.Event) -> None:
-        """Work until ``stop`` is set; a job in hand when it is set goes back to the queue."""
-        logger.info("worker %s ready", self.worker_id)
+        """Work until ``stop`` is set; jobs in hand when it is set go back to the queue."""
+        logger.info("worker %s ready (batches of up to %d)", self.worker_id, self.max_batch)
         next_recovery = 0.0
         while not stop.is_set():
             if time.monotonic() >= next_recovery:
@@ -90,11 +102,11 @@ class Worker:
                 if recovered:
                     logger.warning("recovered %d job(s) whose worker stopped", recovered)
                 next_recovery = time.monotonic() + max(self.lease_seconds / 3, 0.5)
-            job = self.store.claim_next(self.worker_id, self.lease_seconds)
-            if job is None:
+            batch = self.store.claim_batch(self.worker_id, self.lease_seconds, self.max_batch)
+            if not batch:
                 stop.wait(self.poll_seconds)
                 continue
-            self.run_job(job, stop)
+            self.run_jobs(batch, stop)
         logger.info("worker %s stopped", self.worker_id)
 
     def generation_request(self, job: Job) -> GenerationRequest:
@@ -107,88 +119,126 @@ class Worker:
             raise InvalidJobError(f"stored input no longer validates: {exc}") from exc
         return validated.to_generation_request(job.seed)
 
-    def run_job(self, job: Job, stop: threading.Event) -> None:
-        started = time.perf_counter()
+    def run_jobs(self, jobs: Sequence[Job], stop: threading.Event) -> None:
+        """Run claimed jobs to their final state (or back to the queue on shutdown)."""
         self._last_progress = time.monotonic()
         try:
-            self._run_job(job, stop, started)
+            runnable: list[tuple[Job, GenerationRequest]] = []
+            for job in jobs:
+                try:
+                    runnable.append((job, self.generation_request(job)))
+                except InvalidJobError as exc:
+                    self._fail(job, exc)
+            if runnable:
+                self._run_batch(runnable, stop)
         finally:
             self._last_progress = None
 
-    def _run_job(self, job: Job, stop: threading.Event, started: float) -> None:
-        reason: list[_Stop] = []
-        prompt = str(job.input.get("prompt", ""))
-
-        def on_step(step: int, total: int) -> bool:
-            self._last_progress = time.monotonic()
-            if step == 1:
-                self.faults.strike(prompt)
-            if self.store.report_progress(job.id, self.worker_id, step, self.lease_seconds):
-                reason.append(_Stop.CANCEL)
-                return False
-            if stop.is_set():
-                reason.append(_Stop.SHUTDOWN)
-                return False
-            return True
-
+    def _run_batch(self, batch: list[tuple[Job, GenerationRequest]], stop: threading.Event) -> None:
         from ovis_server.engine.pipeline import GenerationCancelled
 
+        started = time.perf_counter()
+        jobs = [job for job, _ in batch]
+        why: dict[int, _Stop] = {}
+
+        def on_step(step: int, total: int, active: Sequence[int]) -> Collection[int]:
+            self._last_progress = time.monotonic()
+            if step == 1:
+                for index in active:
+                    self.faults.strike(str(jobs[index].input.get("prompt", "")))
+            ids = [jobs[index].id for index in active]
+            cancel, lost = self.store.report_batch_progress(
+                ids, self.worker_id, step, self.lease_seconds
+            )
+            for index in active:
+                if jobs[index].id in lost:
+                    why[index] = _Stop.LEASE_LOST
+                elif jobs[index].id in cancel:
+                    why[index] = _Stop.CANCEL
+                elif stop.is_set():
+                    why[index] = _Stop.SHUTDOWN
+            return [index for index in active if index in why]
+
+        images: list[Image.Image | None]
         try:
-            with self._lease_kept(job):
-                request = self.generation_request(job)
-                image = self.engine.generate(request, on_step=on_step)
-                output_format = job.input.get("output_format", "png")
-                data = encode_image(image, output_format)
-                key = output_key(job.id, 0, FILE_EXTENSIONS[output_format])
-                self.files.put(key, data, MEDIA_TYPES[output_format])
-            self.store.complete(
-                job.id,
-                self.worker_id,
-                [StoredOutput(key, MEDIA_TYPES[output_format], image.width, image.height)],
-            )
-            logger.info(
-                "job %s succeeded in %.2fs (%d steps, %dx%d)",
-                job.id,
-                time.perf_counter() - started,
-                request.num_inference_steps,
-                image.width,
-                image.height,
-            )
+            with self._leases_kept(jobs):
+                images = self.engine.generate_batch([request for _, request in batch], on_step)
         except GenerationCancelled:
-            if reason and reason[0] is _Stop.SHUTDOWN:
-                self.store.release(job.id, self.worker_id)
-                logger.info("job %s put back in the queue: the worker is stopping", job.id)
-            else:
-                self.store.mark_cancelled(job.id, self.worker_id)
-                logger.info("job %s cancelled", job.id)
-        except LeaseLostError:
-            logger.warning("job %s: lease lost to another worker; dropping it", job.id)
+            images = [None] * len(batch)
         except Exception as exc:
-            error_type, message = describe_failure(exc)
-            logger.exception("job %s failed: %s", job.id, message)
+            if len(batch) > 1:
+                logger.warning(
+                    "a batch of %d failed (%s); running its jobs one by one", len(batch), exc
+                )
+                self._release_device_memory()
+                for job, request in batch:
+                    self._run_batch([(job, request)], stop)
+                return
             self._release_device_memory()
+            self._fail(jobs[0], exc)
+            return
+
+        for index, (job, request) in enumerate(batch):
+            image = images[index]
             try:
-                self.store.fail(job.id, self.worker_id, error_type, message)
+                if image is not None:
+                    self._store_image(job, image)
+                    logger.info(
+                        "job %s succeeded in %.2fs (%d steps, %dx%d, batch of %d)",
+                        job.id,
+                        time.perf_counter() - started,
+                        request.num_inference_steps,
+                        image.width,
+                        image.height,
+                        len(batch),
+                    )
+                elif why.get(index) is _Stop.SHUTDOWN:
+                    self.store.release(job.id, self.worker_id)
+                    logger.info("job %s put back in the queue: the worker is stopping", job.id)
+                elif why.get(index) is _Stop.CANCEL:
+                    self.store.mark_cancelled(job.id, self.worker_id)
+                    logger.info("job %s cancelled", job.id)
+                else:
+                    logger.warning("job %s: lease lost to another worker; dropping it", job.id)
             except LeaseLostError:
-                logger.warning("job %s: lease lost before its failure was recorded", job.id)
+                logger.warning("job %s: lease lost before its end was recorded", job.id)
+            except Exception as exc:
+                self._fail(job, exc)
+
+    def _store_image(self, job: Job, image: Image.Image) -> None:
+        output_format = job.input.get("output_format", "png")
+        data = encode_image(image, output_format)
+        key = output_key(job.id, 0, FILE_EXTENSIONS[output_format])
+        self.files.put(key, data, MEDIA_TYPES[output_format])
+        media_type = MEDIA_TYPES[output_format]
+        self.store.complete(
+            job.id, self.worker_id, [StoredOutput(key, media_type, image.width, image.height)]
+        )
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        error_type, message = describe_failure(exc)
+        logger.error("job %s failed: %s", job.id, message, exc_info=exc)
+        try:
+            self.store.fail(job.id, self.worker_id, error_type, message)
+        except LeaseLostError:
+            logger.warning("job %s: lease lost before its failure was recorded", job.id)
 
     @contextmanager
-    def _lease_kept(self, job: Job) -> Iterator[None]:
-        """Renew the lease from a side thread while the job runs, between steps too
+    def _leases_kept(self, jobs: Sequence[Job]) -> Iterator[None]:
+        """Renew the leases from a side thread while the jobs run, between steps too
         (prompt encoding, the VAE decode, a first compile can outlast a step)."""
         done = threading.Event()
         interval = max(self.lease_seconds / 3, 0.05)
+        ids = [job.id for job in jobs]
 
         def renew() -> None:
             while not done.wait(interval):
                 try:
-                    self.store.renew_lease(job.id, self.worker_id, self.lease_seconds)
-                except LeaseLostError:
-                    return
+                    self.store.renew_leases(ids, self.worker_id, self.lease_seconds)
                 except Exception:
-                    logger.exception("job %s: could not renew the lease", job.id)
+                    logger.exception("could not renew the leases of %s", ", ".join(ids))
 
-        keeper = threading.Thread(target=renew, name=f"lease-{job.id}", daemon=True)
+        keeper = threading.Thread(target=renew, name="lease-keeper", daemon=True)
         keeper.start()
         try:
             yield

@@ -41,7 +41,13 @@ def worker_command(settings: Settings) -> list[str]:
         str(settings.max_attempts),
         "--stall-timeout",
         str(int(settings.stall_timeout_seconds)),
+        "--max-batch",
+        settings.max_batch,
+        "--compile",
+        settings.compile,
     ]
+    if settings.fp8:
+        argv.append("--fp8")
     if settings.database_url:
         argv += ["--database-url", settings.database_url]
     return argv

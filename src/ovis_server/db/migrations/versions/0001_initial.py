@@ -28,6 +28,7 @@ def upgrade() -> None:
         sa.Column("model_id", sa.String(length=200), nullable=False),
         sa.Column("input", sa.JSON(), nullable=False),
         sa.Column("seed", sa.BigInteger(), nullable=False),
+        sa.Column("batch_key", sa.String(length=200), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("progress_step", sa.Integer(), nullable=False),
