@@ -32,7 +32,10 @@ MODEL_PATH = "/v1/models/aidc-ai/ovis-image"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, module_database_url: str | None
+) -> Iterator[Server]:
+    """One server per backend: every test here runs on SQLite and on PostgreSQL."""
     running = start_server(
         tmp_path_factory.mktemp("contract"), tiny_weights, "--base-price-usd", "0.01"
     )

@@ -49,3 +49,13 @@ def test_flop_count_matches_the_design_document() -> None:
     transformer = build_full_size_pipeline("meta", torch.bfloat16).transformer
     assert abs(transformer_forward_flops(transformer, 4096, 256) / 1e12 - 51) < 0.5
     assert abs(image_flops(transformer, 1024, 1024, 28, guidance=True) / 1e15 - 2.86) < 0.02
+
+
+def test_queue_benchmark_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/queue.py", "--jobs", "40", "--workers", "4",
+         "--requests", "40", "--clients", "8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    assert "| store | claims / s | submits / s | status p50 | status p99 |" in result.stdout
+    assert "| SQLite (WAL) |" in result.stdout

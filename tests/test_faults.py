@@ -29,6 +29,9 @@ from .helpers import (
     wait_result,
 )
 
+# Every test here runs on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.usefixtures("database_url")
+
 FAST = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 1, "guidance_scale": 1}
 
 

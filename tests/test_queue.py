@@ -12,6 +12,9 @@ import pytest
 
 from .helpers import create_token, start_server, status_of, submit, wait_for, wait_result
 
+# Every test here runs on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.usefixtures("database_url")
+
 
 @pytest.fixture
 def standalone_worker(tiny_weights: Path) -> Iterator[list[subprocess.Popen[bytes]]]:

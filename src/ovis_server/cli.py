@@ -24,6 +24,35 @@ def _env(name: str) -> str:
     return ENV_PREFIX + name
 
 
+def database_option(func: Any) -> Any:
+    return click.option(
+        "--database-url",
+        default=None,
+        envvar=_env("DATABASE_URL"),
+        show_envvar=True,
+        help="postgresql://user:password@host/db for a shared job store; default: SQLite "
+        "in the data directory.",
+    )(func)
+
+
+def storage_options(func: Any) -> Any:
+    func = click.option(
+        "--s3-endpoint-url",
+        default=None,
+        envvar=_env("S3_ENDPOINT_URL"),
+        show_envvar=True,
+        help="S3 endpoint for MinIO, Ceph, R2…; default: AWS_ENDPOINT_URL or AWS itself.",
+    )(func)
+    return click.option(
+        "--storage",
+        default=None,
+        envvar=_env("STORAGE"),
+        show_envvar=True,
+        help="s3://BUCKET/PREFIX to keep outputs in a bucket (presigned URLs); default: "
+        "the data directory.",
+    )(func)
+
+
 def data_dir_option(func: Any) -> Any:
     return click.option(
         "--data-dir",
@@ -414,6 +443,8 @@ def worker_options(func: Any) -> Any:
 )
 @model_options
 @worker_options
+@storage_options
+@database_option
 @data_dir_option
 def serve(
     host: str,
@@ -438,18 +469,28 @@ def serve(
     max_attempts: int,
     stall_timeout: int,
     max_batch: str,
+    storage: str | None,
+    s3_endpoint_url: str | None,
+    database_url: str | None,
     data_dir: Path,
 ) -> None:
     """Serve the Model API, with a worker process beside it that runs the model."""
     import uvicorn
 
     from ovis_server.api.app import create_app
-    from ovis_server.worker.supervisor import WorkerSupervisor, worker_command
+    from ovis_server.worker.supervisor import (
+        WorkerSupervisor,
+        worker_command,
+        worker_environment,
+    )
 
     configure_logging(log_level)
     logger = logging.getLogger("ovis_server.serve")
     settings = Settings(
         data_dir=data_dir.expanduser().resolve(),
+        database_url=database_url,
+        storage=storage,
+        s3_endpoint_url=s3_endpoint_url,
         public_url=public_url.rstrip("/") if public_url else None,
         auth=not no_auth,
         url_ttl_seconds=url_ttl,
@@ -469,7 +510,10 @@ def serve(
         compile=compile_mode,
         fp8=fp8,
     )
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # a --storage or --database-url it cannot use
+        raise click.ClickException(str(exc)) from None
     if no_auth:
         logger.warning("--no-auth: anyone who can reach %s:%d can use this server", host, port)
     elif app.state.tokens.count() == 0:
@@ -479,7 +523,11 @@ def serve(
             "It is shown only this once; send it as 'Authorization: Bearer <token>':\n"
             f"{secret}"
         )
-    supervisor = None if no_worker else WorkerSupervisor(worker_command(settings))
+    supervisor = (
+        None
+        if no_worker
+        else WorkerSupervisor(worker_command(settings), worker_environment(settings))
+    )
     # uvicorn shuts down on SIGINT/SIGTERM, then restores the handlers it found and raises
     # the signal again. Finding these, the signal ends here and the worker is stopped in
     # order below instead of being orphaned by an abrupt exit.
@@ -499,6 +547,8 @@ def serve(
 @main.command()
 @model_options
 @worker_options
+@storage_options
+@database_option
 @data_dir_option
 @click.option("--parent-pid", type=int, default=None, hidden=True)
 @click.option(
@@ -518,11 +568,18 @@ def worker(
     max_attempts: int,
     stall_timeout: int,
     max_batch: str,
+    storage: str | None,
+    s3_endpoint_url: str | None,
+    database_url: str | None,
     data_dir: Path,
     parent_pid: int | None,
     log_level: str,
 ) -> None:
-    """Run a worker: load the model on one device and take jobs from the queue."""
+    """Run a worker: load the model on one device and take jobs from the queue.
+
+    Run one per GPU (--device cuda:N) on any number of hosts, pointed at the same
+    --database-url and --storage as the API replicas.
+    """
     from ovis_server.engine.pipeline import EngineLoadError
     from ovis_server.engine.weights import WeightsNotFoundError
     from ovis_server.worker.process import run_worker
@@ -530,6 +587,9 @@ def worker(
     configure_logging(log_level)
     settings = Settings(
         data_dir=data_dir.expanduser().resolve(),
+        database_url=database_url,
+        storage=storage,
+        s3_endpoint_url=s3_endpoint_url,
         model=model,
         device=device,
         dtype=dtype,
@@ -542,7 +602,7 @@ def worker(
     )
     try:
         run_worker(settings, parent_pid=parent_pid)
-    except (EngineLoadError, WeightsNotFoundError) as exc:
+    except (EngineLoadError, WeightsNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -551,11 +611,11 @@ def token() -> None:
     """Create, list and revoke API tokens."""
 
 
-def _token_store(data_dir: Path) -> Any:
+def _token_store(data_dir: Path, database_url: str | None) -> Any:
     from ovis_server.db.connect import connect, migrate
     from ovis_server.tokens import TokenStore
 
-    settings = Settings(data_dir=data_dir.expanduser().resolve())
+    settings = Settings(data_dir=data_dir.expanduser().resolve(), database_url=database_url)
     db = connect(settings.db_url)
     migrate(db)
     return TokenStore(db)
@@ -563,13 +623,14 @@ def _token_store(data_dir: Path) -> Any:
 
 @token.command("create")
 @click.option("--name", required=True, help="Who or what the token is for.")
+@database_option
 @data_dir_option
-def token_create(name: str, data_dir: Path) -> None:
+def token_create(name: str, database_url: str | None, data_dir: Path) -> None:
     """Create a token; its secret is printed alone on the last line, once."""
     from ovis_server.tokens import TokenError
 
     try:
-        info, secret = _token_store(data_dir).create(name)
+        info, secret = _token_store(data_dir, database_url).create(name)
     except TokenError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"created token {info.id} ({info.name}); it is shown only now:")
@@ -577,10 +638,11 @@ def token_create(name: str, data_dir: Path) -> None:
 
 
 @token.command("list")
+@database_option
 @data_dir_option
-def token_list(data_dir: Path) -> None:
+def token_list(database_url: str | None, data_dir: Path) -> None:
     """List tokens (never their secrets)."""
-    rows = _token_store(data_dir).list()
+    rows = _token_store(data_dir, database_url).list()
     if not rows:
         click.echo("no tokens; create one with 'ovis-server token create --name NAME'")
         return
@@ -593,13 +655,36 @@ def token_list(data_dir: Path) -> None:
 
 @token.command("revoke")
 @click.argument("id_or_name")
+@database_option
 @data_dir_option
-def token_revoke(id_or_name: str, data_dir: Path) -> None:
+def token_revoke(id_or_name: str, database_url: str | None, data_dir: Path) -> None:
     """Revoke a token by id, or by name when one active token has it."""
     from ovis_server.tokens import TokenError
 
     try:
-        info = _token_store(data_dir).revoke(id_or_name)
+        info = _token_store(data_dir, database_url).revoke(id_or_name)
     except TokenError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"revoked token {info.id} ({info.name})")
+
+
+@main.group()
+def db() -> None:
+    """The job database."""
+
+
+@db.command("upgrade")
+@database_option
+@data_dir_option
+def db_upgrade(database_url: str | None, data_dir: Path) -> None:
+    """Apply the schema migrations the database lacks (serve and worker also do on start)."""
+    from alembic.runtime.migration import MigrationContext
+
+    from ovis_server.db.connect import connect, migrate
+
+    settings = Settings(data_dir=data_dir.expanduser().resolve(), database_url=database_url)
+    engine = connect(settings.db_url)
+    migrate(engine)
+    with engine.connect() as conn:
+        revision = MigrationContext.configure(conn).get_current_revision()
+    click.echo(f"{engine.url.render_as_string(hide_password=True)} is at revision {revision}")

@@ -22,6 +22,8 @@ class Settings:
 
     data_dir: Path
     database_url: str | None = None
+    storage: str | None = None
+    s3_endpoint_url: str | None = None
     public_url: str | None = None
     auth: bool = True
     url_ttl_seconds: int = 7 * DAY

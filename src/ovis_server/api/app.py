@@ -21,8 +21,7 @@ from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.retention import RetentionSweeper
 from ovis_server.jobs.store import JobStore
 from ovis_server.jobs.workers import WorkerRegistry
-from ovis_server.storage.local import LocalFileStore
-from ovis_server.storage.signing import signer_for
+from ovis_server.storage import open_file_store
 from ovis_server.tokens import TokenStore
 
 
@@ -31,7 +30,7 @@ def create_app(settings: Settings) -> FastAPI:
     db = connect(settings.db_url)
     migrate(db)
     store = JobStore(db)
-    file_store = LocalFileStore(settings.files_dir, signer_for(db))
+    file_store = open_file_store(settings, db)
     registry = WorkerRegistry(db)
     sweeper = RetentionSweeper(
         store,

@@ -42,9 +42,17 @@ def connect(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30}, pool_size=20, max_overflow=20)
         event.listen(engine, "connect", _tune_sqlite)
         return engine
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("postgresql"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "--database-url postgresql://… needs psycopg: pip install 'ovis-server[postgresql]'"
+            ) from None
+        return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    raise ValueError(f"--database-url must be sqlite:///PATH or postgresql://…, not {url!r}")
 
 
 @contextmanager

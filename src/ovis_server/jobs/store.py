@@ -229,22 +229,28 @@ class JobStore:
 
     # --- the worker's side ----------------------------------------------------------
 
-    def claim_next(self, worker_id: str, lease_seconds: float) -> Job | None:
-        """Take the oldest queued job under a lease, or None when the queue is empty."""
+    def _claim(
+        self, worker_id: str, lease_seconds: float, limit: int, batch_key: str | None = None
+    ) -> list[Job]:
+        """Move up to ``limit`` of the oldest queued jobs (of one batch key, if given) to
+        this worker under a lease, in one statement."""
         now = utcnow()
-        oldest = (
-            select(jobs.c.seq)
-            .where(jobs.c.status == JobStatus.QUEUED)
-            .order_by(jobs.c.seq)
-            .limit(1)
-            # PostgreSQL: concurrent workers skip a row another is claiming. SQLite has
-            # one writer at a time and ignores this.
+        candidates = select(jobs.c.seq).where(jobs.c.status == JobStatus.QUEUED)
+        if batch_key is not None:
+            candidates = candidates.where(jobs.c.batch_key == batch_key)
+        # PostgreSQL: concurrent workers skip rows another is claiming, and the picked rows
+        # are materialised once (a plain IN (subquery) may be evaluated more than once and
+        # claim more than the limit). SQLite has one writer at a time and ignores both.
+        picked = (
+            candidates.order_by(jobs.c.seq)
+            .limit(limit)
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
+            .cte("picked")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
         )
         stmt = (
             update(jobs)
-            .where(jobs.c.seq == oldest, jobs.c.status == JobStatus.QUEUED)
+            .where(jobs.c.seq == picked.c.seq, jobs.c.status == JobStatus.QUEUED)
             .values(
                 status=JobStatus.RUNNING,
                 worker_id=worker_id,
@@ -256,8 +262,13 @@ class JobStore:
             .returning(*jobs.c)
         )
         with self.engine.begin() as conn:
-            row = conn.execute(stmt).first()
-        return None if row is None else _job(row)
+            claimed = [_job(row) for row in conn.execute(stmt)]
+        return sorted(claimed, key=lambda job: job.seq)
+
+    def claim_next(self, worker_id: str, lease_seconds: float) -> Job | None:
+        """Take the oldest queued job under a lease, or None when the queue is empty."""
+        claimed = self._claim(worker_id, lease_seconds, 1)
+        return claimed[0] if claimed else None
 
     def claim_batch(self, worker_id: str, lease_seconds: float, max_batch: int) -> list[Job]:
         """The oldest queued job and up to ``max_batch - 1`` more that share its batch key,
@@ -267,30 +278,7 @@ class JobStore:
             return []
         if max_batch <= 1:
             return [head]
-        now = utcnow()
-        twins = (
-            select(jobs.c.seq)
-            .where(jobs.c.status == JobStatus.QUEUED, jobs.c.batch_key == head.batch_key)
-            .order_by(jobs.c.seq)
-            .limit(max_batch - 1)
-            .with_for_update(skip_locked=True)
-        )
-        stmt = (
-            update(jobs)
-            .where(jobs.c.seq.in_(twins), jobs.c.status == JobStatus.QUEUED)
-            .values(
-                status=JobStatus.RUNNING,
-                worker_id=worker_id,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                started_at=now,
-                progress_step=0,
-                attempts=jobs.c.attempts + 1,
-            )
-            .returning(*jobs.c)
-        )
-        with self.engine.begin() as conn:
-            more = sorted((_job(row) for row in conn.execute(stmt)), key=lambda job: job.seq)
-        return [head, *more]
+        return [head, *self._claim(worker_id, lease_seconds, max_batch - 1, head.batch_key)]
 
     def report_batch_progress(
         self, request_ids: Sequence[str], worker_id: str, step: int, lease_seconds: float

@@ -18,8 +18,7 @@ from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.store import JobStore
 from ovis_server.jobs.workers import WorkerRegistry
-from ovis_server.storage.local import LocalFileStore
-from ovis_server.storage.signing import signer_for
+from ovis_server.storage import open_file_store
 from ovis_server.worker.runner import Worker
 
 logger = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     db = connect(settings.db_url)
     migrate(db)
     store = JobStore(db)
-    files = LocalFileStore(settings.files_dir, signer_for(db))
+    files = open_file_store(settings, db)
     registry = WorkerRegistry(db)
     worker_id = new_worker_id()
     registry.register(worker_id, socket.gethostname(), os.getpid(), settings.model, settings.device)

@@ -18,6 +18,15 @@ RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_SECONDS = 60.0
 
 
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """The worker's environment: the database URL travels here, not in argv, so that its
+    password does not show in ``ps``."""
+    env = dict(os.environ)
+    if settings.database_url:
+        env["OVIS_SERVER_DATABASE_URL"] = settings.database_url
+    return env
+
+
 def worker_command(settings: Settings) -> list[str]:
     """The ``ovis-server worker`` command line that serves ``settings``."""
     argv = [
@@ -48,8 +57,10 @@ def worker_command(settings: Settings) -> list[str]:
     ]
     if settings.fp8:
         argv.append("--fp8")
-    if settings.database_url:
-        argv += ["--database-url", settings.database_url]
+    if settings.storage:
+        argv += ["--storage", settings.storage]
+    if settings.s3_endpoint_url:
+        argv += ["--s3-endpoint-url", settings.s3_endpoint_url]
     return argv
 
 
@@ -57,10 +68,12 @@ class WorkerSupervisor:
     def __init__(
         self,
         command: list[str],
+        env: dict[str, str] | None = None,
         restart_delays: tuple[float, ...] = RESTART_DELAYS,
         stop_timeout: float = 30.0,
     ) -> None:
         self.command = command
+        self.env = env
         self.restart_delays = restart_delays
         self.stop_timeout = stop_timeout
         self.restarts = 0
@@ -102,7 +115,7 @@ class WorkerSupervisor:
                     return
                 # A session of its own: a Ctrl-C in the terminal reaches serve alone, which
                 # then stops the worker in order instead of racing it.
-                self._process = subprocess.Popen(self.command, start_new_session=True)
+                self._process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
                 process = self._process
             logger.info("started worker process %d", process.pid)
             code = process.wait()

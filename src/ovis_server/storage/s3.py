@@ -1,0 +1,60 @@
+"""Output files in an S3-compatible bucket, handed out as presigned GET URLs.
+
+Endpoint, region and credentials come from the usual AWS settings (``AWS_ENDPOINT_URL``,
+``AWS_REGION``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles),
+or ``--s3-endpoint-url`` for MinIO, Ceph, R2 and the like.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+from ovis_server.storage.base import check_key, check_request_id
+
+
+class S3FileStore:
+    def __init__(self, bucket: str, prefix: str, client: Any) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = client
+
+    @classmethod
+    def from_url(cls, url: str, endpoint_url: str | None = None) -> S3FileStore:
+        """``s3://bucket`` or ``s3://bucket/prefix``."""
+        parts = urlparse(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"--storage {url!r}: expected s3://BUCKET or s3://BUCKET/PREFIX")
+        try:
+            import boto3
+        except ImportError as exc:
+            raise ValueError("--storage s3://… needs boto3: pip install 'ovis-server[s3]'") from exc
+        client = boto3.client("s3", endpoint_url=endpoint_url or None)
+        return cls(parts.netloc, parts.path, client)
+
+    def _object(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes, media_type: str) -> None:
+        self.client.put_object(
+            Bucket=self.bucket, Key=self._object(key), Body=data, ContentType=media_type
+        )
+
+    def url(self, key: str, *, base_url: str, expires_in: int) -> str:
+        # S3 presigned URLs live at most 7 days (SigV4).
+        url: str = self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._object(key)},
+            ExpiresIn=min(expires_in, 7 * 24 * 3600),
+        )
+        return url
+
+    def delete_request(self, request_id: str) -> int:
+        folder = check_request_id(request_id) + "/"
+        prefix = f"{self.prefix}/{folder}" if self.prefix else folder
+        listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        objects = [{"Key": item["Key"]} for item in listing.get("Contents", [])]
+        if objects:
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects})
+        return len(objects)

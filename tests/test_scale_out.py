@@ -1,0 +1,225 @@
+"""Many machines: API replicas and standalone workers on one PostgreSQL, and S3 storage.
+
+"Another host" here is another process with a data directory of its own: all they share
+is the database (and, for files, the bucket or the shared directory).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+
+from .conftest import fresh_postgres_database
+from .helpers import (
+    Server,
+    create_token,
+    download,
+    free_port,
+    start_server,
+    status_of,
+    submit,
+    wait_for,
+    wait_result,
+)
+
+FAST = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 2, "guidance_scale": 1}
+
+
+@dataclass
+class Cluster:
+    """Processes a test starts, all stopped at its end whatever happened."""
+
+    servers: list[Server] = field(default_factory=list)
+    workers: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
+    logs: list[IO[bytes]] = field(default_factory=list)
+
+    def worker(self, data_dir: Path, model: Path, *extra: str) -> subprocess.Popen[bytes]:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        log_path = data_dir / f"worker-{len(self.workers)}.log"
+        log = log_path.open("wb")
+        self.logs.append(log)
+        command = [sys.executable, "-m", "ovis_server", "worker"]
+        command += ["--model", str(model), "--data-dir", str(data_dir), *extra]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.workers.append((process, log_path))
+        return process
+
+    def worker_logs(self) -> str:
+        return "".join(path.read_text(errors="replace") for _, path in self.workers)
+
+    def close(self) -> None:
+        for process, _ in self.workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process, _ in self.workers:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for server in self.servers:
+            server.kill()
+        for log in self.logs:
+            log.close()
+
+
+@pytest.fixture
+def postgres(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh PostgreSQL database, which every process started here uses."""
+    url, drop = fresh_postgres_database()
+    monkeypatch.setenv("OVIS_SERVER_DATABASE_URL", url)
+    yield url
+    drop()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    started = Cluster()
+    yield started
+    started.close()
+
+
+def test_two_apis_three_workers_200_jobs_one_worker_killed(
+    tmp_path: Path, tiny_weights: Path, postgres: str, cluster: Cluster
+) -> None:
+    shared = tmp_path / "shared"  # the files directory the hosts share
+    apis = [start_server(shared, tiny_weights, "--no-worker") for _ in range(2)]
+    cluster.servers += apis
+    token = create_token(shared, "scale")
+    workers = [cluster.worker(shared, tiny_weights, "--lease-seconds", "2") for _ in range(3)]
+
+    clients = [api.client(token) for api in apis]
+    try:
+        jobs = [submit(clients[n % 2], prompt=f"job {n}", **FAST) for n in range(200)]
+
+        def done() -> int:
+            return cluster.worker_logs().count(" succeeded in ")
+
+        wait_for(lambda: done() >= 20, timeout=180)
+        victim = workers[0]
+        victim.kill()  # kill -9, most likely in the middle of a job
+        victim.wait()
+
+        results = [wait_result(clients[n % 2], rid, timeout=600) for n, rid in enumerate(jobs)]
+        assert [r["status"] for r in results] == ["succeeded"] * 200
+        logs = cluster.worker_logs()
+        runs = {rid: logs.count(f"job {rid} succeeded") for rid in jobs}
+        assert set(runs.values()) == {1}, "every job ran to completion exactly once"
+        per_worker = [path.read_text().count(" succeeded in ") for _, path in cluster.workers]
+        assert all(count > 0 for count in per_worker), per_worker
+        # The replicas agree on every result.
+        other = wait_result(clients[1], jobs[0])
+        assert other["output"].keys() == results[0]["output"].keys()
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_queue_positions_agree_across_replicas(
+    tmp_path: Path, tiny_weights: Path, postgres: str, cluster: Cluster
+) -> None:
+    apis = [start_server(tmp_path / f"api-{n}", tiny_weights, "--no-worker") for n in range(2)]
+    cluster.servers += apis
+    token = create_token(tmp_path / "api-0", "positions")
+    first, second = (api.client(token) for api in apis)
+    with first, second:
+        jobs = [submit((first, second)[n % 2], **FAST) for n in range(6)]
+        for index, rid in enumerate(jobs):
+            assert status_of(first, rid)["queue_position"] == index
+            assert status_of(second, rid)["queue_position"] == index
+        assert second.post(f"/v1/requests/{jobs[2]}/cancel").json()["outcome"] == "cancelled"
+        later = [rid for index, rid in enumerate(jobs) if index != 2]
+        assert [status_of(first, rid)["queue_position"] for rid in later] == [0, 1, 2, 3, 4]
+
+
+def test_cancel_sent_to_one_replica_stops_a_job_running_on_another_host(
+    tmp_path: Path, tiny_weights: Path, postgres: str, cluster: Cluster
+) -> None:
+    apis = [start_server(tmp_path / f"api-{n}", tiny_weights, "--no-worker") for n in range(2)]
+    cluster.servers += apis
+    cluster.worker(tmp_path / "gpu-host", tiny_weights)
+    token = create_token(tmp_path / "api-0", "cancel")
+    first, second = (api.client(token) for api in apis)
+    with first, second:
+        request_id = submit(first, image_size="square_hd", num_inference_steps=50)
+        wait_for(lambda: status_of(second, request_id)["status"] == "in_progress", timeout=120)
+        answer = second.post(f"/v1/requests/{request_id}/cancel").json()
+        assert answer["outcome"] == "cancelled"
+        assert status_of(first, request_id)["status"] == "cancelled"
+        assert re.search(rf"job {request_id} cancelled", cluster.worker_logs())
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """moto's S3 server on loopback, with a bucket; credentials in the environment."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ovis-outputs")
+    yield endpoint
+    server.stop()
+
+
+def objects(endpoint: str) -> list[str]:
+    import boto3
+
+    listing: dict[str, Any] = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(
+        Bucket="ovis-outputs"
+    )
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
+@pytest.mark.usefixtures("database_url")
+def test_s3_storage_serves_presigned_urls_and_expires_objects(
+    tmp_path: Path, tiny_weights: Path, s3_endpoint: str, cluster: Cluster
+) -> None:
+    server = start_server(
+        tmp_path,
+        tiny_weights,
+        *("--storage", "s3://ovis-outputs/results", "--s3-endpoint-url", s3_endpoint),
+        *("--retention", "4s", "--cleanup-interval", "1s"),
+    )
+    cluster.servers.append(server)
+    with server.client(create_token(tmp_path, "s3")) as client:
+        request_id = submit(client, output_format="webp", **FAST)
+        result = wait_result(client, request_id)
+        url = result["output"]["image"]
+        assert url.startswith(f"{s3_endpoint}/ovis-outputs/results/{request_id}/0.webp?")
+        assert "Signature" in url
+        image = download(url)  # no Authorization header: the URL itself carries the right
+        assert (image.size, image.format) == ((64, 64), "WEBP")
+        assert objects(s3_endpoint) == [f"results/{request_id}/0.webp"]
+        assert not (tmp_path / "files").exists()
+
+        wait_for(lambda: objects(s3_endpoint) == [], timeout=60)
+        assert client.get(f"/v1/requests/{request_id}/result").status_code == 404
+    assert httpx.get(url).status_code == 404
+
+
+def test_bad_storage_url_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ovis_server", "serve", "--storage", "gs://nope",
+         "--data-dir", str(tmp_path), "--no-worker"],
+        capture_output=True, text=True, timeout=120, env={**os.environ}, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "s3://BUCKET" in result.stderr
