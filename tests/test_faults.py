@@ -347,7 +347,7 @@ def test_sigterm_puts_the_running_job_back(
     servers.append(server)
     token = create_token(tmp_path, "g")
     with server.client(token) as client:
-        request_id = submit(client, image_size="square_hd", num_inference_steps=50)
+        request_id = submit(client, image_size="square_hd", num_inference_steps=30)
         wait_for(lambda: status_of(client, request_id)["status"] == "in_progress", interval=0.05)
     assert server.stop() == 0
     assert f"job {request_id} put back in the queue" in server.log()

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Response
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server import __version__
 from ovis_server.api import files, routes
 from ovis_server.api.errors import install_error_handlers
+from ovis_server.api.metrics import CONTENT_TYPE, render_metrics
 from ovis_server.api.protocol import Health, Readiness
 from ovis_server.api.serving import RequestService
 from ovis_server.config import Settings
@@ -23,6 +27,8 @@ from ovis_server.jobs.store import JobStore
 from ovis_server.jobs.workers import WorkerRegistry
 from ovis_server.storage import open_file_store
 from ovis_server.tokens import TokenStore
+
+STATIC = Path(__file__).parent / "static"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -84,7 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             with db.connect() as conn:
                 conn.execute(text("SELECT 1"))
-            alive = registry.alive(within_seconds=3 * settings.heartbeat_seconds + 5)
+            alive = registry.alive(within_seconds=alive_within)
         except SQLAlchemyError:
             response.status_code = 503
             return Readiness(
@@ -104,6 +110,21 @@ def create_app(settings: Settings) -> FastAPI:
             workers_loading=len(alive) - ready,
             reason=None if ready else "no worker with a loaded model is alive",
         )
+
+    alive_within = 3 * settings.heartbeat_seconds + 5
+
+    @app.get("/metrics", tags=["Operations"], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        """Queue, job, timing and worker metrics in Prometheus' text format."""
+        return PlainTextResponse(
+            render_metrics(store, registry, alive_within), media_type=CONTENT_TYPE
+        )
+
+    @app.get("/", include_in_schema=False)
+    def playground() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

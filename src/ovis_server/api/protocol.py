@@ -45,6 +45,11 @@ class SubmitResponse(BaseModel):
     cancel_url: str
 
 
+class Progress(BaseModel):
+    step: int = Field(description="Denoising steps done.")
+    total: int = Field(description="Denoising steps in all.")
+
+
 class StatusResponse(BaseModel):
     request_id: str
     status: StatusWord
@@ -53,6 +58,7 @@ class StatusResponse(BaseModel):
     queue_position: int | None = Field(
         default=None, description="Present while in_queue: 0 means the job runs next."
     )
+    progress: Progress | None = Field(default=None, description="Present while in_progress.")
 
 
 class JobError(BaseModel):
@@ -73,6 +79,13 @@ class ResultResponse(BaseModel):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
+
+
+class RequestList(BaseModel):
+    requests: list[ResultResponse] = Field(description="This token's requests, newest first.")
+    next_cursor: str | None = Field(
+        default=None, description="Pass as ?cursor= for the next page; absent on the last."
+    )
 
 
 class CancelResponse(BaseModel):

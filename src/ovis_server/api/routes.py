@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from ovis_server.api.auth import Caller, authenticate
@@ -13,6 +13,7 @@ from ovis_server.api.protocol import (
     ErrorBody,
     ModelDetail,
     ModelList,
+    RequestList,
     ResultResponse,
     StatusResponse,
     SubmitResponse,
@@ -99,6 +100,17 @@ async def submit(
         base_url=base_url(request),
         idempotency_key=idempotency_key,
     )
+
+
+@router.get("/requests", responses=_ERRORS, response_model_exclude_none=True)
+def list_requests(
+    request: Request,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Requests per page.")] = 20,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+) -> RequestList:
+    """The calling token's requests, newest first (the playground's gallery)."""
+    return service(request).list_requests(caller.token_id, limit, cursor, base_url(request))
 
 
 @router.get(

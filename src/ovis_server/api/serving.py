@@ -31,6 +31,8 @@ from ovis_server.api.protocol import (
     ModelDetail,
     ModelList,
     ModelSummary,
+    Progress,
+    RequestList,
     ResultResponse,
     StatusResponse,
     SubmitResponse,
@@ -219,10 +221,33 @@ class RequestService:
             queue_position=(
                 self.store.queue_position(job) if job.status == JobStatus.QUEUED else None
             ),
+            progress=(
+                Progress(step=job.progress_step, total=job.progress_total)
+                if job.status == JobStatus.RUNNING
+                else None
+            ),
         )
 
     def result(self, token_id: str, request_id: str, base_url: str) -> ResultResponse:
-        job = self._owned_job(token_id, request_id)
+        return self._result(self._owned_job(token_id, request_id), base_url)
+
+    def list_requests(
+        self, token_id: str, limit: int, cursor: str | None, base_url: str
+    ) -> RequestList:
+        before = None
+        if cursor is not None:
+            if not cursor.isdigit():
+                raise ApiError(422, INVALID_INPUT, "cursor: not a cursor this API handed out")
+            before = int(cursor)
+        page = self.store.list_for_token(token_id, limit + 1, before)
+        more = len(page) > limit
+        page = page[:limit]
+        return RequestList(
+            requests=[self._result(job, base_url) for job in page],
+            next_cursor=str(page[-1].seq) if more else None,
+        )
+
+    def _result(self, job: Job, base_url: str) -> ResultResponse:
         output: dict[str, str | list[str]] | None = None
         error: JobError | None = None
         if job.status == JobStatus.SUCCEEDED:

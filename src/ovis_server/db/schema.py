@@ -114,6 +114,8 @@ workers = Table(
     Column("model", String(500), nullable=False),
     Column("device", String(50), nullable=False),
     Column("ready", Boolean, nullable=False, default=False),
+    # Device memory in use: CUDA allocations on a GPU, the process's resident set on a CPU.
+    Column("memory_bytes", BigInteger),
     Column("started_at", UtcDateTime, nullable=False),
     Column("heartbeat_at", UtcDateTime, nullable=False),
 )

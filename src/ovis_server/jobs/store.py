@@ -160,6 +160,37 @@ class JobStore:
         with self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
 
+    def list_for_token(self, token_id: str, limit: int, before_seq: int | None) -> list[Job]:
+        """The token's jobs, newest first, older than ``before_seq`` when given."""
+        stmt = select(jobs).where(jobs.c.token_id == token_id)
+        if before_seq is not None:
+            stmt = stmt.where(jobs.c.seq < before_seq)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt.order_by(jobs.c.seq.desc()).limit(limit))
+            return [_job(row) for row in rows]
+
+    def status_counts(self) -> dict[JobStatus, int]:
+        stmt = select(jobs.c.status, func.count()).group_by(jobs.c.status)
+        with self.engine.connect() as conn:
+            counts = {JobStatus(status): int(count) for status, count in conn.execute(stmt)}
+        return {status: counts.get(status, 0) for status in JobStatus}
+
+    def timings(self) -> list[tuple[JobStatus, datetime, datetime | None, datetime | None, int]]:
+        """(status, created, started, finished, steps) of every job that has started."""
+        stmt = select(
+            jobs.c.status,
+            jobs.c.created_at,
+            jobs.c.started_at,
+            jobs.c.finished_at,
+            jobs.c.progress_total,
+        ).where(jobs.c.started_at.is_not(None))
+        with self.engine.connect() as conn:
+            return [
+                (JobStatus(row.status), row.created_at, row.started_at, row.finished_at,
+                 row.progress_total)
+                for row in conn.execute(stmt)
+            ]  # fmt: skip
+
     def count_queued(self, token_id: str | None = None) -> int:
         """Jobs waiting to run, in all or for one token."""
         stmt = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)

@@ -18,6 +18,7 @@ class WorkerInfo:
     model: str
     device: str
     ready: bool
+    memory_bytes: int | None
     started_at: datetime
     heartbeat_at: datetime
 
@@ -42,10 +43,14 @@ class WorkerRegistry:
                 )
             )
 
-    def heartbeat(self, worker_id: str, *, ready: bool | None = None) -> None:
+    def heartbeat(
+        self, worker_id: str, *, ready: bool | None = None, memory_bytes: int | None = None
+    ) -> None:
         values: dict[str, object] = {"heartbeat_at": datetime.now(UTC)}
         if ready is not None:
             values["ready"] = ready
+        if memory_bytes is not None:
+            values["memory_bytes"] = memory_bytes
         with self.engine.begin() as conn:
             conn.execute(update(workers).where(workers.c.id == worker_id).values(**values))
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import uuid
+from pathlib import Path
 from types import FrameType
 
 from ovis_server.config import Settings
@@ -39,6 +40,19 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
 STALLED_EXIT_CODE = 70
 
 
+def memory_in_use() -> int:
+    """CUDA memory allocated by this process, or its resident set size without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated())
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def _beat(
     registry: WorkerRegistry,
     worker_id: str,
@@ -50,7 +64,7 @@ def _beat(
     """Keep the worker's row fresh; end the process if its job stops making progress."""
     while not stop.wait(interval):
         try:
-            registry.heartbeat(worker_id)
+            registry.heartbeat(worker_id, memory_bytes=memory_in_use())
         except Exception:
             logger.exception("heartbeat failed")
         if runner and runner[0].stalled_for() > stall_timeout:
@@ -130,7 +144,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
                 faults=faults,
             )
         )
-        registry.heartbeat(worker_id, ready=True)
+        registry.heartbeat(worker_id, ready=True, memory_bytes=memory_in_use())
         runner[0].run(stop)
     finally:
         registry.deregister(worker_id)

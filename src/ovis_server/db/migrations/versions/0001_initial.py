@@ -59,6 +59,7 @@ def upgrade() -> None:
         sa.Column("model", sa.String(length=500), nullable=False),
         sa.Column("device", sa.String(length=50), nullable=False),
         sa.Column("ready", sa.Boolean(), nullable=False),
+        sa.Column("memory_bytes", sa.BigInteger(), nullable=True),
         sa.Column("started_at", _TIME, nullable=False),
         sa.Column("heartbeat_at", _TIME, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_workers"),

@@ -1,0 +1,482 @@
+'use strict';
+// Ovis-Image playground: builds the form from the model's input schema, submits jobs,
+// follows the newest one and lists this token's recent requests.
+
+const MODEL_ID = 'aidc-ai/ovis-image';
+const TOKEN_KEY = 'ovis-server-token';
+const POLL_MS = 400;
+const RETRY_MS = 2000;
+const PAGE_SIZE = 12;
+const FINAL = new Set(['completed', 'succeeded', 'cancelled', 'failed']);
+const CREATE_HINT = 'create one with `ovis-server token create --name NAME`';
+const OUTCOMES = {
+  cancelled: 'The job was cancelled.',
+  cancellation_requested: 'Cancellation requested: the job stops at its next step.',
+  not_cancellable: 'The job could not be cancelled: it had already finished.',
+};
+
+const $ = (id) => document.getElementById(id);
+// fields: [{name, read}] in schema order; job: {id, prompt, cancelling}. The *Gen counters
+// let a late answer see that a newer load or job has replaced the one it was for.
+const state = { fields: [], ready: false, job: null, cursor: null, modelGen: 0, jobGen: 0, galleryGen: 0 };
+
+function apiError(status, message) {
+  return Object.assign(new Error(message), { status });
+}
+
+function el(tag, className = '', text = '') {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text) node.textContent = text;
+  return node;
+}
+
+function setAttr(node, name, value) {
+  if (value !== undefined && value !== null) node.setAttribute(name, String(value));
+}
+
+// Only http(s) URLs from the API become links or image sources.
+function safeUrl(url) {
+  const value = Array.isArray(url) ? url[0] : url;
+  return typeof value === 'string' && /^https?:\/\//i.test(value) ? value : '';
+}
+
+const token = () => $('token').value.trim();
+
+// localStorage can be disabled (private modes): the token then lives in the field only.
+function storeToken(value) {
+  try {
+    if (value) localStorage.setItem(TOKEN_KEY, value);
+    else localStorage.removeItem(TOKEN_KEY);
+  } catch { /* not stored */ }
+}
+
+function storedToken() {
+  try { return localStorage.getItem(TOKEN_KEY) || ''; } catch { return ''; }
+}
+
+// Text between backticks is shown as <code>; every part goes in as text, never as HTML.
+function setMessage(text, kind = 'info') {
+  const box = $('message');
+  box.replaceChildren();
+  box.className = text ? `message ${kind}` : 'message';
+  String(text || '').split('`').forEach((part, i) => {
+    if (part) box.append(i % 2 ? el('code', '', part) : document.createTextNode(part));
+  });
+}
+
+function showError(err, what) {
+  if (err.status === 401) {
+    setMessage(`The token was refused (401): check it, or ${CREATE_HINT}. Server: ${err.message}`, 'error');
+  } else {
+    setMessage(`${what} failed (${err.status || 'no response'}): ${err.message}`, 'error');
+  }
+}
+
+// User seeds may exceed 2^53: long ones are kept as strings so they print exactly.
+function parseJson(text) {
+  return JSON.parse(text.replace(/("seed"\s*:\s*)(\d{16,})/g, '$1"$2"'));
+}
+
+// JSON.stringify refuses BigInt: such seeds are spliced in as bare digits.
+function toJson(value) {
+  return JSON.stringify(value, (_key, v) => (typeof v === 'bigint' ? `#big${v}#` : v))
+    .replace(/"#big(\d+)#"/g, '$1');
+}
+
+async function api(method, path, body) {
+  const headers = { Authorization: `Bearer ${token()}` };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  let res;
+  try {
+    res = await fetch(path, { method, headers, body: body === undefined ? undefined : toJson(body) });
+  } catch (err) {
+    throw apiError(0, `the server could not be reached (${err.message})`);
+  }
+  const text = await res.text();
+  let data = null;
+  try { data = text ? parseJson(text) : null; } catch { /* not JSON: the text is the message */ }
+  if (!res.ok) throw apiError(res.status, (data && data.error_message) || text.slice(0, 300) || res.statusText);
+  return data;
+}
+
+function resolveRef(root, node) {
+  if (!node || typeof node.$ref !== 'string' || !node.$ref.startsWith('#/')) return node || {};
+  const target = node.$ref.slice(2).split('/').reduce((at, key) => (at ? at[key] : undefined), root);
+  return target || {};
+}
+
+const typeOf = (s) => (Array.isArray(s.type) ? s.type.find((t) => t !== 'null') : s.type);
+const variants = (root, prop) => (prop.anyOf || prop.oneOf || [prop]).map((v) => resolveRef(root, v));
+// Bounds past 2^53 (the seed's 2^63 - 1) would print wrong: they are left out.
+const safeNumber = (n) => (typeof n === 'number' && Math.abs(n) <= Number.MAX_SAFE_INTEGER ? n : undefined);
+
+function boundsText(s) {
+  const lo = safeNumber(s.minimum);
+  const hi = safeNumber(s.maximum);
+  const parts = [];
+  if (lo !== undefined && hi !== undefined) parts.push(`Range ${lo} to ${hi}`);
+  else if (lo !== undefined) parts.push(`At least ${lo}`);
+  else if (hi !== undefined) parts.push(`At most ${hi}`);
+  if (s.multipleOf) parts.push(`multiples of ${s.multipleOf}`);
+  if (s.maxLength) parts.push(`up to ${s.maxLength} characters`);
+  const text = parts.join(', ');
+  return text ? `${text[0].toUpperCase()}${text.slice(1)}.` : '';
+}
+
+// A labelled block: title as label, description and bounds as help text.
+function wrap(id, name, prop, control, bounds) {
+  const block = el('div', 'field');
+  const label = el('label', '', prop.title || name);
+  label.htmlFor = id;
+  control.id = id;
+  block.append(label, control);
+  const help = el('p', 'help', [prop.description, bounds].filter(Boolean).join(' '));
+  help.id = `${id}-help`;
+  control.setAttribute('aria-describedby', help.id);
+  block.append(help);
+  return block;
+}
+
+function readNumber(raw, integer) {
+  const text = raw.trim();
+  if (text === '') return undefined;
+  if (integer && /^\d{16,}$/.test(text)) return BigInt(text); // Number would round it
+  return Number(text);
+}
+
+function numberField(name, prop, s) {
+  const input = el('input');
+  const integer = typeOf(s) === 'integer';
+  input.type = 'number';
+  input.inputMode = integer ? 'numeric' : 'decimal';
+  setAttr(input, 'min', safeNumber(s.minimum));
+  setAttr(input, 'max', safeNumber(s.maximum));
+  input.step = String(s.multipleOf || (integer ? 1 : 0.5));
+  if (typeof prop.default === 'number') input.value = String(prop.default);
+  if (name === 'seed') input.placeholder = 'random';
+  const element = wrap(`field-${name}`, name, prop, input, boundsText(s));
+  return { element, input, read: () => readNumber(input.value, integer) };
+}
+
+function textField(name, prop, s, required) {
+  const area = el('textarea');
+  area.rows = required ? 6 : 2;
+  area.required = required;
+  setAttr(area, 'minlength', s.minLength);
+  setAttr(area, 'maxlength', s.maxLength);
+  if (typeof prop.default === 'string') area.value = prop.default;
+  const element = wrap(`field-${name}`, name, prop, area, boundsText(s));
+  return { element, read: () => (area.value === '' ? undefined : area.value) };
+}
+
+// Without a default, a custom side starts at half the maximum, on the step grid.
+function startSide(s) {
+  if (typeof s.default === 'number') return s.default;
+  const step = s.multipleOf || 1;
+  const side = Math.round((safeNumber(s.maximum) || 1024) / 2 / step) * step;
+  return Math.max(side, safeNumber(s.minimum) || 0);
+}
+
+function customBox(root, object) {
+  const box = el('div', 'custom-size');
+  const parts = Object.entries(object.properties).map(([key, sub]) => {
+    const s = resolveRef(root, sub);
+    const field = numberField(key, s, s);
+    if (field.input.value === '') field.input.value = String(startSide(s));
+    field.input.required = true;
+    box.append(field.element);
+    return [key, field];
+  });
+  return {
+    element: box,
+    inputs: parts.map(([, field]) => field.input),
+    read: () => Object.fromEntries(parts.map(([key, field]) => [key, field.read()])),
+  };
+}
+
+// "landscape_16_9" reads as "landscape 16:9".
+const prettify = (value) => String(value).replace(/_(\d+)_(\d+)$/, ' $1:$2').replace(/_/g, ' ');
+
+function selectField(root, name, prop, choice, object) {
+  const select = el('select');
+  choice.enum.forEach((value) => select.append(new Option(prettify(value), String(value))));
+  const custom = object ? customBox(root, object) : null;
+  if (custom) select.append(new Option('custom size', 'custom'));
+  if (choice.enum.includes(prop.default)) select.value = String(prop.default);
+  const element = wrap(`field-${name}`, name, prop, select, '');
+  if (custom) {
+    // Hidden inputs are disabled too, so the browser does not validate them.
+    const sync = () => {
+      custom.element.hidden = select.value !== 'custom';
+      custom.inputs.forEach((input) => { input.disabled = custom.element.hidden; });
+    };
+    select.addEventListener('change', sync);
+    sync();
+    element.append(custom.element);
+  }
+  const read = () => (select.value === 'custom' && custom ? custom.read() : choice.enum[select.selectedIndex]);
+  return { element, read };
+}
+
+function makeField(root, name, prop, required) {
+  const kinds = variants(root, prop);
+  const choice = kinds.find((v) => Array.isArray(v.enum));
+  const object = kinds.find((v) => typeOf(v) === 'object' && v.properties);
+  const scalar = kinds.find((v) => typeOf(v) && typeOf(v) !== 'null') || {};
+  const type = typeOf(scalar);
+  if (choice) return selectField(root, name, prop, choice, object);
+  if (type === 'integer' || type === 'number') return numberField(name, prop, scalar);
+  return textField(name, prop, scalar, required);
+}
+
+function buildForm(schema) {
+  const required = schema.required || [];
+  const box = $('fields');
+  box.replaceChildren();
+  state.fields = Object.entries(schema.properties || {}).map(([name, prop]) => {
+    const field = makeField(schema, name, prop || {}, required.includes(name));
+    box.append(field.element);
+    return { name, read: field.read };
+  });
+}
+
+// Only fields with a value are sent: the server applies its defaults to the rest.
+function readInput() {
+  const input = {};
+  for (const { name, read } of state.fields) {
+    const value = read();
+    if (value !== undefined && !Number.isNaN(value)) input[name] = value;
+  }
+  return input;
+}
+
+function showModel(model) {
+  $('model-name').textContent = model.display_name || model.model_id || MODEL_ID;
+  const price = typeof model.base_price_usd === 'number'
+    ? `US$${model.base_price_usd} per ${model.price_unit || 'output'}` : '';
+  $('model-description').textContent = [model.description, price].filter(Boolean).join(' · ');
+}
+
+async function loadModel() {
+  const gen = ++state.modelGen;
+  state.ready = false;
+  $('submit').disabled = true;
+  if (!token()) {
+    setMessage(`No token set: paste an API token above, or ${CREATE_HINT}.`);
+    return;
+  }
+  setMessage('Loading the model…');
+  try {
+    const model = await api('GET', `/v1/models/${MODEL_ID}`);
+    if (gen !== state.modelGen) return;
+    showModel(model);
+    if (!state.fields.length) buildForm(model.input_schema || {}); // keep edits on token change
+    state.ready = true;
+    $('submit').disabled = false;
+    setMessage('');
+    loadGallery(true);
+  } catch (err) {
+    if (gen === state.modelGen) showError(err, 'Loading the model');
+  }
+}
+
+const requestPath = (id, action) => `/v1/requests/${encodeURIComponent(id)}/${action}`;
+
+function setCancelable(active) {
+  if (state.job) state.job.active = active;
+  $('cancel').disabled = !(active && state.job && !state.job.cancelling);
+}
+
+function resetResult() {
+  $('result-image').hidden = true;
+  $('result-image').removeAttribute('src');
+  $('result-link').removeAttribute('href');
+  $('result-seed').textContent = '—';
+  $('result-timings').textContent = '—';
+  $('progress').value = 0;
+}
+
+const STATUS_TEXT = { in_progress: 'Running', completed: 'Done', succeeded: 'Done', cancelled: 'Cancelled', failed: 'Failed' };
+
+function showStatus(s) {
+  const bar = $('progress');
+  let text = STATUS_TEXT[s.status] || s.status;
+  if (s.status === 'in_queue') {
+    text = s.queue_position == null ? 'In queue' : `In queue, position ${s.queue_position} (0 = next)`;
+    bar.value = 0;
+  } else if (s.status === 'in_progress' && s.progress) {
+    text = `Running step ${s.progress.step} of ${s.progress.total}`;
+    bar.max = s.progress.total;
+    bar.value = s.progress.step;
+  } else if (text === 'Done') {
+    bar.value = bar.max;
+  }
+  $('status').textContent = text;
+  setCancelable(!FINAL.has(s.status));
+}
+
+const seconds = (from, to) => ((Date.parse(to) - Date.parse(from)) / 1000).toFixed(1);
+
+function timings(r) {
+  const parts = [];
+  if (r.created_at && r.started_at) parts.push(`queue wait ${seconds(r.created_at, r.started_at)} s`);
+  if (r.started_at && r.finished_at) parts.push(`run time ${seconds(r.started_at, r.finished_at)} s`);
+  const text = parts.join(', ');
+  return text ? `${text[0].toUpperCase()}${text.slice(1)}` : '—';
+}
+
+function showResult(r) {
+  if (r.status === 'failed') {
+    const message = (r.error && r.error.message) || 'unknown error';
+    $('status').textContent = `Failed: ${message}`;
+    setMessage(`The job failed${r.error ? ` (${r.error.type})` : ''}: ${message}`, 'error');
+  }
+  const url = safeUrl(r.output && r.output.image);
+  if (url) {
+    const img = $('result-image');
+    img.src = url;
+    img.alt = state.job && state.job.prompt ? state.job.prompt.slice(0, 300) : 'Generated image';
+    img.hidden = false;
+    $('result-link').href = url;
+  }
+  $('result-seed').textContent = r.seed == null ? '—' : String(r.seed);
+  $('result-timings').textContent = timings(r);
+}
+
+async function finish(gen, id, status) {
+  loadGallery(true);
+  if (status === 'cancelled') return;
+  try {
+    const result = await api('GET', requestPath(id, 'result'));
+    if (gen === state.jobGen) showResult(result);
+  } catch (err) {
+    if (gen === state.jobGen) showError(err, 'Fetching the result');
+  }
+}
+
+async function poll(gen, id) {
+  if (gen !== state.jobGen) return;
+  let status;
+  try {
+    status = await api('GET', requestPath(id, 'status'));
+  } catch (err) {
+    if (gen !== state.jobGen) return;
+    showError(err, 'Checking the status');
+    // Network trouble, overload and server errors may pass: keep following, slower.
+    if (err.status === 0 || err.status === 429 || err.status >= 500) setTimeout(() => poll(gen, id), RETRY_MS);
+    else setCancelable(false);
+    return;
+  }
+  if (gen !== state.jobGen) return;
+  showStatus(status);
+  if (FINAL.has(status.status)) finish(gen, id, status.status);
+  else setTimeout(() => poll(gen, id), POLL_MS);
+}
+
+function follow(id, prompt) {
+  const gen = ++state.jobGen; // an older job's poll loop sees the change and stops
+  state.job = { id, prompt, cancelling: false };
+  resetResult();
+  $('status').textContent = 'Submitted';
+  setCancelable(true);
+  poll(gen, id);
+}
+
+async function submit(event) {
+  event.preventDefault();
+  if (!state.ready) return;
+  const input = readInput();
+  $('submit').disabled = true;
+  try {
+    const job = await api('POST', `/v1/models/${MODEL_ID}`, input);
+    setMessage('');
+    follow(job.request_id, typeof input.prompt === 'string' ? input.prompt : '');
+    loadGallery(true);
+  } catch (err) {
+    showError(err, 'Submitting');
+  } finally {
+    $('submit').disabled = !state.ready;
+  }
+}
+
+async function cancelJob() {
+  const job = state.job;
+  if (!job) return;
+  job.cancelling = true;
+  setCancelable(false);
+  try {
+    const answer = await api('POST', requestPath(job.id, 'cancel'));
+    if (job === state.job) setMessage(OUTCOMES[answer.outcome] || `Cancel: ${answer.outcome}`);
+  } catch (err) {
+    job.cancelling = false;
+    if (job === state.job) showError(err, 'Cancelling');
+  }
+}
+
+function when(iso) {
+  const date = new Date(iso);
+  return Number.isNaN(date.getTime()) ? '' : date.toLocaleString(undefined, { dateStyle: 'short', timeStyle: 'short' });
+}
+
+function card(r) {
+  const item = el('li', `card status-${r.status}`);
+  const url = r.status === 'succeeded' ? safeUrl(r.output && r.output.image) : '';
+  if (url) {
+    const link = Object.assign(el('a'), { href: url, target: '_blank', rel: 'noopener' });
+    const img = Object.assign(el('img'), { loading: 'lazy', src: url, alt: `Generated image, seed ${r.seed}` });
+    item.append(link);
+    link.append(img);
+  } else {
+    item.append(el('div', 'placeholder', prettify(r.status)));
+  }
+  const meta = [r.seed == null ? '' : `seed ${r.seed}`, prettify(r.status), when(r.created_at)];
+  item.append(el('p', 'meta', meta.filter(Boolean).join(' · ')));
+  if (r.error && r.error.message) item.append(el('p', 'meta error', r.error.message));
+  return item;
+}
+
+async function loadGallery(reset) {
+  if (!reset && !state.cursor) return;
+  const gen = reset ? ++state.galleryGen : state.galleryGen;
+  const more = $('gallery-more');
+  const query = `limit=${PAGE_SIZE}${reset ? '' : `&cursor=${encodeURIComponent(state.cursor)}`}`;
+  more.disabled = true;
+  try {
+    const page = await api('GET', `/v1/requests?${query}`);
+    if (gen !== state.galleryGen) return;
+    const list = $('gallery');
+    if (reset) list.replaceChildren();
+    list.append(...(page.requests || []).map(card));
+    if (!list.children.length) list.append(el('li', 'empty muted', 'No requests yet.'));
+    state.cursor = page.next_cursor || null;
+    more.hidden = !state.cursor;
+  } catch (err) {
+    if (gen === state.galleryGen) showError(err, 'Loading recent requests');
+  } finally {
+    if (gen === state.galleryGen) more.disabled = false;
+  }
+}
+
+function onTokenChange() {
+  storeToken(token());
+  if (state.job && state.job.active) $('status').textContent = 'Stopped following the job: the token changed.';
+  state.jobGen += 1; // the old token cannot see its jobs
+  setCancelable(false);
+  state.galleryGen += 1;
+  state.cursor = null;
+  $('gallery').replaceChildren();
+  $('gallery-more').hidden = true;
+  loadModel();
+}
+
+function start() {
+  $('token').value = storedToken();
+  $('token').addEventListener('change', onTokenChange);
+  $('form').addEventListener('submit', submit);
+  $('cancel').addEventListener('click', cancelJob);
+  $('gallery-more').addEventListener('click', () => loadGallery(false));
+  loadModel();
+}
+
+start();

@@ -1,0 +1,102 @@
+"""Operations: /metrics, the request listing the gallery uses, progress in status."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .helpers import Server, create_token, start_server, status_of, submit, wait_for, wait_result
+
+FAST = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
+    running = start_server(tmp_path_factory.mktemp("ops"), tiny_weights)
+    yield running
+    running.stop()
+
+
+def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = httpx.get(server.base_url + "/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_parse_and_move_with_jobs(server: Server) -> None:
+    with server.client(create_token(server.data_dir, "metrics")) as client:
+        wait_for(lambda: httpx.get(server.base_url + "/readyz").status_code == 200)
+        before = scrape(server)
+        done = wait_result(client, submit(client, **FAST))
+        assert done["status"] == "succeeded"
+        cancelled = submit(client, image_size="square_hd", num_inference_steps=50)
+        client.post(f"/v1/requests/{cancelled}/cancel")
+        wait_for(lambda: status_of(client, cancelled)["status"] == "cancelled")
+        after = scrape(server)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert delta("ovis_jobs_finished_total", status="succeeded") == 1
+    assert delta("ovis_jobs_finished_total", status="cancelled") == 1
+    assert delta("ovis_queue_wait_seconds_count") >= 1
+    assert delta("ovis_run_seconds_count") == 1
+    assert delta("ovis_step_seconds_count") == 1
+    assert after[("ovis_run_seconds_bucket", (("le", "+Inf"),))] >= 1
+    assert after[("ovis_images_per_minute", ())] >= 1
+    assert after[("ovis_workers", (("state", "ready"),))] == 1
+    assert after[("ovis_queue_depth", ())] == 0
+    memory = [value for (name, _), value in after.items() if name == "ovis_device_memory_bytes"]
+    assert memory
+    assert memory[0] > 0
+
+
+def test_list_my_requests_newest_first_with_a_cursor(server: Server) -> None:
+    mine = create_token(server.data_dir, "lister")
+    with (
+        server.client(mine) as client,
+        server.client(create_token(server.data_dir, "someone-else")) as other,
+    ):
+        submit(other, **FAST)
+        ids = [submit(client, seed=n, **FAST) for n in range(5)]
+        for rid in ids:
+            wait_result(client, rid)
+        first = client.get("/v1/requests", params={"limit": 3}).json()
+        assert [r["request_id"] for r in first["requests"]] == ids[::-1][:3]
+        assert first["requests"][0]["output"]["image"].startswith("http")
+        second = client.get("/v1/requests", params={"limit": 3, "cursor": first["next_cursor"]})
+        rest = second.json()
+        assert [r["request_id"] for r in rest["requests"]] == ids[::-1][3:]
+        assert "next_cursor" not in rest
+        assert client.get("/v1/requests", params={"cursor": "nope"}).status_code == 422
+        assert client.get("/v1/requests", params={"limit": 0}).status_code == 422
+        assert httpx.get(server.base_url + "/v1/requests").status_code == 401
+
+
+def test_status_reports_progress_while_running(server: Server) -> None:
+    with server.client(create_token(server.data_dir, "progress")) as client:
+        request_id = submit(client, image_size="square_hd", num_inference_steps=30)
+        seen: list[int] = []
+
+        def finished() -> bool:
+            status = status_of(client, request_id)
+            if status["status"] == "in_progress":
+                assert status["progress"]["total"] == 30
+                seen.append(status["progress"]["step"])
+            else:
+                assert "progress" not in status
+            return bool(status["status"] == "completed")
+
+        wait_for(finished, interval=0.05)
+        assert len(set(seen)) >= 3
+        assert seen == sorted(seen)

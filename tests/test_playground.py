@@ -1,0 +1,126 @@
+"""The playground in a real browser: headless Chromium (Debian's) driven by Playwright."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import Server, create_token, start_server
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "playground.png"
+# As the machine's notes advise: no background traffic that a closed network refuses.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium_path() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        message = "no Chromium to test the playground in: apt-get install chromium (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
+    running = start_server(tmp_path_factory.mktemp("playground"), tiny_weights)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def test_generate_watch_progress_cancel_and_screenshot(server: Server, browser: Any) -> None:
+    token = create_token(server.data_dir, "browser")
+    page = browser.new_page(viewport={"width": 390, "height": 900})  # a phone-sized screen
+    page.goto(server.base_url + "/")
+    page.fill("#token", token)
+    page.dispatch_event("#token", "change")
+    page.wait_for_selector("#field-prompt")
+    # The form comes from the schema: every field, with its bounds and default.
+    steps = page.locator("#field-num_inference_steps")
+    assert steps.get_attribute("min") == "1"
+    assert steps.get_attribute("max") == "50"
+    assert steps.input_value() == "28"
+    assert page.locator("#field-output_format").input_value() == "png"
+    for field in ("negative_prompt", "guidance_scale", "seed", "image_size"):
+        assert page.locator(f"#field-{field}").count() == 1
+
+    page.fill("#field-prompt", 'A neon sign that reads "OVIS"')
+    page.select_option("#field-image_size", "portrait_4_3")
+    page.fill("#field-num_inference_steps", "40")
+    page.fill("#field-seed", "7")
+    page.click("#submit")
+
+    progress_values: set[str] = set()
+    for _ in range(600):
+        value = page.get_attribute("#progress", "value")
+        if value:
+            progress_values.add(value)
+        if page.locator("#result-image").count() and page.evaluate(
+            "() => { const i = document.querySelector('#result-image');"
+            " return !!(i && i.complete && i.naturalWidth); }"
+        ):
+            break
+        page.wait_for_timeout(50)
+    numeric = sorted(float(v) for v in progress_values)
+    assert len([v for v in numeric if 0 < v < 40]) >= 2, f"the bar moved: {numeric}"
+    size = page.evaluate(
+        "() => { const i = document.querySelector('#result-image');"
+        " return [i.naturalWidth, i.naturalHeight]; }"
+    )
+    assert size == [768, 1024]
+    assert "7" in page.text_content("#result-seed")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    # A second job, cancelled from the page while it runs.
+    page.select_option("#field-image_size", "square_hd")
+    page.fill("#field-num_inference_steps", "50")
+    page.click("#submit")
+    page.wait_for_function(
+        "() => document.querySelector('#status').textContent.toLowerCase().includes('step')",
+        timeout=120_000,
+    )
+    page.click("#cancel")
+    page.wait_for_function(
+        "() => document.querySelector('#status').textContent.toLowerCase().includes('cancel')",
+        timeout=60_000,
+    )
+    page.close()
+
+
+def test_a_bad_token_gets_a_clear_message(server: Server, browser: Any) -> None:
+    page = browser.new_page()
+    page.goto(server.base_url + "/")
+    page.fill("#token", "ovis_this-token-does-not-exist")
+    page.dispatch_event("#token", "change")
+    page.wait_for_function(
+        "() => document.querySelector('#message').textContent.includes('401')", timeout=30_000
+    )
+    assert "token" in page.text_content("#message").lower()
+    page.close()
