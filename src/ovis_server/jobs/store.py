@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Engine, Row, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ovis_server.db.schema import jobs
@@ -320,11 +320,7 @@ class JobStore:
         """
         stmt = (
             update(jobs)
-            .where(
-                jobs.c.id.in_(request_ids),
-                jobs.c.worker_id == worker_id,
-                jobs.c.status == JobStatus.RUNNING,
-            )
+            .where(self._held_by(worker_id, request_ids))
             .values(
                 progress_step=step,
                 lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
@@ -340,25 +336,26 @@ class JobStore:
     def renew_leases(self, request_ids: Sequence[str], worker_id: str, lease_seconds: float) -> int:
         stmt = (
             update(jobs)
-            .where(
-                jobs.c.id.in_(request_ids),
-                jobs.c.worker_id == worker_id,
-                jobs.c.status == JobStatus.RUNNING,
-            )
+            .where(self._held_by(worker_id, request_ids))
             .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
         )
         with self.engine.begin() as conn:
             return int(conn.execute(stmt).rowcount)
 
+    @staticmethod
+    def _held_by(worker_id: str, request_ids: Sequence[str]) -> ColumnElement[bool]:
+        """The jobs among ``request_ids`` that run under ``worker_id``'s lease still."""
+        return and_(
+            jobs.c.id.in_(request_ids),
+            jobs.c.worker_id == worker_id,
+            jobs.c.status == JobStatus.RUNNING,
+        )
+
     def _update_owned(self, request_id: str, owner: str, **values: Any) -> Row[Any]:
         """Change a running job that ``owner`` still holds, or raise LeaseLostError."""
         stmt = (
             update(jobs)
-            .where(
-                jobs.c.id == request_id,
-                jobs.c.worker_id == owner,
-                jobs.c.status == JobStatus.RUNNING,
-            )
+            .where(self._held_by(owner, [request_id]))
             .values(**values)
             .returning(*jobs.c)
         )
