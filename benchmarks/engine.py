@@ -14,12 +14,18 @@ weights: no download), or a local diffusers directory or hub id (real weights).
 
 from __future__ import annotations
 
+import sys
+
+# Run as a script, this folder comes first on sys.path, and its queue.py would hide the
+# standard library's queue module from torch and everything else imported below.
+if sys.path and sys.path[0] == __file__.rsplit("/", 1)[0]:
+    del sys.path[0]
+
 import argparse
 import datetime as dt
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ovis_server.engine.tiny import WEIGHT_SEED, _build_tokenizer
+from ovis_server.engine.tiny import WEIGHT_SEED, assemble_pipeline, build_tokenizer
 
 QWEN3_2B = {
     "hidden_size": 2048,
@@ -44,12 +44,7 @@ FLUX_VAE = {
 
 def build_full_size_pipeline(device: torch.device | str, dtype: torch.dtype) -> Any:
     """An OvisImagePipeline of the real sizes with random weights, built on ``device``."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        OvisImagePipeline,
-        OvisImageTransformer2DModel,
-    )
+    from diffusers import AutoencoderKL, OvisImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(WEIGHT_SEED)
@@ -62,18 +57,4 @@ def build_full_size_pipeline(device: torch.device | str, dtype: torch.dtype) -> 
             vae = AutoencoderKL(**FLUX_VAE)
     finally:
         torch.set_default_dtype(previous)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-    return OvisImagePipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=_build_tokenizer(),
-        transformer=transformer,
-    )
+    return assemble_pipeline(transformer, text_encoder, vae, build_tokenizer())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 # The chat template follows Qwen3's: the pipeline applies it with enable_thinking=False.
 CHAT_TEMPLATE = (
@@ -32,7 +33,7 @@ LATENT_CHANNELS = 16  # as FLUX.1's VAE; the transformer sees 2x2 patches of it:
 WEIGHT_SEED = 0
 
 
-def _build_tokenizer() -> object:
+def build_tokenizer() -> Any:
     """A byte-level BPE tokenizer built offline: every byte is a token, so any text encodes."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import Qwen2TokenizerFast
@@ -54,18 +55,13 @@ def _build_tokenizer() -> object:
     )
 
 
-def build_tiny_pipeline() -> object:
+def build_tiny_pipeline() -> Any:
     """The tiny OvisImagePipeline in memory, with weights drawn from a fixed seed."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        OvisImagePipeline,
-        OvisImageTransformer2DModel,
-    )
+    from diffusers import AutoencoderKL, OvisImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tokenizer()
     torch.manual_seed(WEIGHT_SEED)
     text_encoder = Qwen3Model(
         Qwen3Config(
@@ -75,7 +71,7 @@ def build_tiny_pipeline() -> object:
             num_attention_heads=2,
             num_key_value_heads=1,
             head_dim=16,
-            vocab_size=len(tokenizer),  # type: ignore[arg-type]
+            vocab_size=len(tokenizer),
             max_position_embeddings=512,
         )
     )
@@ -107,6 +103,14 @@ def build_tiny_pipeline() -> object:
         scaling_factor=0.3611,
         shift_factor=0.1159,
     )
+    return assemble_pipeline(transformer, text_encoder, vae, tokenizer)
+
+
+def assemble_pipeline(transformer: Any, text_encoder: Any, vae: Any, tokenizer: Any) -> Any:
+    """An OvisImagePipeline of these components and the real model's scheduler: flow
+    matching with dynamic shifting from 0.5 (256 image tokens) to 1.15 (4096)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline
+
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
@@ -139,7 +143,7 @@ def write_tiny_checkpoint(directory: Path) -> Path:
     pipeline = build_tiny_pipeline()
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
     try:
-        pipeline.save_pretrained(staging)  # type: ignore[attr-defined]
+        pipeline.save_pretrained(staging)
         try:
             staging.rename(directory)
         except OSError:
