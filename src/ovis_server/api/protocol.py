@@ -50,6 +50,11 @@ class Progress(BaseModel):
     total: int = Field(description="Denoising steps in all.")
 
 
+class LogLine(BaseModel):
+    timestamp: str
+    message: str
+
+
 class StatusResponse(BaseModel):
     request_id: str
     status: StatusWord
@@ -59,6 +64,10 @@ class StatusResponse(BaseModel):
         default=None, description="Present while in_queue: 0 means the job runs next."
     )
     progress: Progress | None = Field(default=None, description="Present while in_progress.")
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    logs: list[LogLine] | None = Field(default=None, description="With ?logs=1.")
 
 
 class JobError(BaseModel):

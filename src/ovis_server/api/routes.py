@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from ovis_server.api.auth import Caller, authenticate
@@ -83,16 +83,24 @@ def get_model(model_id: str, request: Request, _caller: CallerDep) -> ModelDetai
 async def submit(
     model_id: str,
     request: Request,
+    response: Response,
     caller: CallerDep,
     idempotency_key: Annotated[
         str | None,
         Header(description="Repeat a submit with the same key to get the same request_id."),
     ] = None,
-) -> SubmitResponse:
+    prefer: Annotated[
+        str | None,
+        Header(
+            description="wait=N (N <= 60): answer with the result body if the job finishes "
+            "within N seconds, else with the usual submit answer."
+        ),
+    ] = None,
+) -> SubmitResponse | ResultResponse:
     # The body is read here rather than declared, so that an unknown model answers 404
     # before its body is judged against a schema it does not have.
     body = await request.body()
-    return await run_in_threadpool(
+    submitted = await run_in_threadpool(
         service(request).submit,
         token_id=caller.token_id,
         model_id=model_id,
@@ -100,6 +108,27 @@ async def submit(
         base_url=base_url(request),
         idempotency_key=idempotency_key,
     )
+    wait = wait_preference(prefer)
+    if wait:
+        finished = await service(request).wait_for_result(
+            caller.token_id, submitted.request_id, base_url(request), wait
+        )
+        if finished is not None:
+            response.headers["Preference-Applied"] = f"wait={wait}"
+            return finished
+    return submitted
+
+
+MAX_WAIT_SECONDS = 60
+
+
+def wait_preference(prefer: str | None) -> int:
+    """The seconds ``Prefer: wait=N`` asks for (capped at 60); 0 without it (RFC 7240)."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "wait" and value.strip().isdigit():
+            return min(int(value.strip()), MAX_WAIT_SECONDS)
+    return 0
 
 
 @router.get("/requests", responses=_ERRORS, response_model_exclude_none=True)
@@ -116,8 +145,13 @@ def list_requests(
 @router.get(
     "/requests/{request_id}/status", responses=_REQUEST_ERRORS, response_model_exclude_none=True
 )
-def get_status(request_id: str, request: Request, caller: CallerDep) -> StatusResponse:
-    return service(request).status(caller.token_id, request_id, base_url(request))
+def get_status(
+    request_id: str,
+    request: Request,
+    caller: CallerDep,
+    logs: Annotated[bool, Query(description="Add the job's timestamped log lines.")] = False,
+) -> StatusResponse:
+    return service(request).status(caller.token_id, request_id, base_url(request), logs)
 
 
 @router.get(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -12,6 +13,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
+from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from ovis_server.api.errors import (
@@ -28,6 +30,7 @@ from ovis_server.api.protocol import (
     STATUS_WORDS,
     CancelResponse,
     JobError,
+    LogLine,
     ModelDetail,
     ModelList,
     ModelSummary,
@@ -47,6 +50,7 @@ RANDOM_SEED_BOUND = 2**32
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 # A full queue clears at the pace of the GPU; clients come back after this long.
 QUEUE_FULL_RETRY_SECONDS = 10
+WAIT_POLL_SECONDS = 0.1
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -71,6 +75,27 @@ def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
 
     resolved: dict[str, Any] = resolve(schema)
     return resolved
+
+
+def job_log(job: Job) -> list[LogLine]:
+    """A job's story in a few timestamped lines, told from what the store records."""
+    lines = [LogLine(timestamp=iso(job.created_at) or "", message="queued")]
+    if job.started_at is not None:
+        attempt = f" (attempt {job.attempts})" if job.attempts > 1 else ""
+        lines.append(LogLine(timestamp=iso(job.started_at) or "", message=f"started{attempt}"))
+        if job.status == JobStatus.RUNNING:
+            lines.append(
+                LogLine(
+                    timestamp=iso(utcnow()) or "",
+                    message=f"step {job.progress_step} of {job.progress_total}",
+                )
+            )
+    if job.finished_at is not None:
+        ending = str(job.status.value)
+        if job.status == JobStatus.FAILED:
+            ending += f": {job.error_type}: {job.error_message}"
+        lines.append(LogLine(timestamp=iso(job.finished_at) or "", message=ending))
+    return lines
 
 
 class RequestService:
@@ -210,7 +235,9 @@ class RequestService:
             "cancel_url": f"{prefix}/cancel",
         }
 
-    def status(self, token_id: str, request_id: str, base_url: str) -> StatusResponse:
+    def status(
+        self, token_id: str, request_id: str, base_url: str, logs: bool = False
+    ) -> StatusResponse:
         job = self._owned_job(token_id, request_id)
         urls = self._urls(base_url, request_id)
         return StatusResponse(
@@ -226,6 +253,10 @@ class RequestService:
                 if job.status == JobStatus.RUNNING
                 else None
             ),
+            created_at=iso(job.created_at) or "",
+            started_at=iso(job.started_at),
+            finished_at=iso(job.finished_at),
+            logs=job_log(job) if logs else None,
         )
 
     def result(self, token_id: str, request_id: str, base_url: str) -> ResultResponse:
@@ -275,6 +306,19 @@ class RequestService:
             started_at=iso(job.started_at),
             finished_at=iso(job.finished_at),
         )
+
+    async def wait_for_result(
+        self, token_id: str, request_id: str, base_url: str, seconds: float
+    ) -> ResultResponse | None:
+        """The result body once the job is final, or None if it is not within ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while True:
+            job = await run_in_threadpool(self._owned_job, token_id, request_id)
+            if job.status.is_final:
+                return self._result(job, base_url)
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(min(WAIT_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
 
     def cancel(self, token_id: str, request_id: str) -> CancelResponse:
         self._owned_job(token_id, request_id)

@@ -1,0 +1,81 @@
+"""What the synchronous and asynchronous clients share: settings, retries, parsing."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from ovis_server.client.errors import error_for
+
+DEFAULT_MODEL = "aidc-ai/ovis-image"
+DEFAULT_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_DELAY = 30.0
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    base_url: str
+    token: str | None
+    timeout: float
+    max_retries: int
+    backoff: float
+
+    @classmethod
+    def resolve(
+        cls,
+        base_url: str | None,
+        token: str | None,
+        timeout: float,
+        max_retries: int,
+        backoff: float,
+    ) -> ClientSettings:
+        """Arguments first, then OVIS_SERVER_URL / RUNCOMFY_MODEL_API_BASE and
+        OVIS_SERVER_TOKEN from the environment."""
+        url = (
+            base_url
+            or os.environ.get("OVIS_SERVER_URL")
+            or os.environ.get("RUNCOMFY_MODEL_API_BASE")
+            or DEFAULT_URL
+        ).rstrip("/")
+        # RunComfy's base includes /v1; paths here start with it.
+        url = url.removesuffix("/v1")
+        return cls(url, token or os.environ.get("OVIS_SERVER_TOKEN"), timeout, max_retries, backoff)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def submit_request(model_id: str) -> tuple[str, dict[str, str]]:
+    """Path and headers of a submit: a fresh Idempotency-Key makes its retries safe."""
+    return f"/v1/models/{model_id}", {"Idempotency-Key": uuid.uuid4().hex}
+
+
+def should_retry(response: httpx.Response | None, attempt: int, settings: ClientSettings) -> bool:
+    if attempt >= settings.max_retries:
+        return False
+    return response is None or response.status_code in RETRY_STATUSES
+
+
+def retry_delay(response: httpx.Response | None, attempt: int, settings: ClientSettings) -> float:
+    """Retry-After when the server gives one, else exponential backoff."""
+    if response is not None and "retry-after" in response.headers:
+        try:
+            return min(float(response.headers["retry-after"]), MAX_DELAY)
+        except ValueError:
+            pass
+    return float(min(settings.backoff * 2**attempt, MAX_DELAY))
+
+
+def parse(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code >= 400:
+        raise error_for(response.status_code, body)
+    return body

@@ -1,0 +1,257 @@
+"""The Python SDK, the CLI client, wait mode and status logs, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+from PIL import Image
+
+from ovis_server.client import (
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    InvalidInputError,
+    JobFailedError,
+    NotFoundError,
+    PermissionDeniedError,
+    Status,
+    WaitTimeoutError,
+)
+
+from .helpers import Server, create_token, free_port, run_cli, start_server, wait_for
+
+FAST = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
+    running = start_server(tmp_path_factory.mktemp("client"), tiny_weights)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def token(server: Server) -> str:
+    return create_token(server.data_dir, "sdk")
+
+
+def test_run_reports_progress_and_downloads(server: Server, token: str, tmp_path: Path) -> None:
+    seen: list[Status] = []
+    with Client(server.base_url, token) as client:
+        result = client.run(
+            {"prompt": "a sign", "image_size": "square", "num_inference_steps": 12, "seed": 3},
+            on_progress=seen.append,
+            poll_interval=0.05,
+        )
+        assert result.status == "succeeded"
+        assert result.seed == 3
+        assert result.image_url is not None
+        saved = client.download(result.image_url, tmp_path / "out.png")
+    with Image.open(saved) as image:
+        assert image.size == (512, 512)
+    assert seen[-1].status == "completed"
+    steps = [s.progress.step for s in seen if s.progress is not None]
+    assert steps == sorted(steps)
+    assert steps, "saw the job in progress"
+
+
+def test_typed_errors_carry_error_codes(server: Server, token: str) -> None:
+    with (
+        Client(server.base_url, "ovis_wrong") as stranger,
+        pytest.raises(AuthenticationError) as bad,
+    ):
+        stranger.status("x")
+    assert bad.value.error_code == 400004
+    with Client(server.base_url, token) as client:
+        with pytest.raises(NotFoundError) as missing:
+            client.result("no-such-request")
+        assert missing.value.error_code == 404001
+        with pytest.raises(InvalidInputError) as invalid:
+            client.submit({"prompt": "x", "num_inference_steps": 99})
+        assert invalid.value.error_code == 422001
+        assert "num_inference_steps" in invalid.value.message
+        mine = client.submit({"prompt": "mine", **FAST}).request_id
+    with Client(server.base_url, create_token(server.data_dir, "other")) as other:
+        with pytest.raises(PermissionDeniedError) as foreign:
+            other.cancel(mine)
+        assert foreign.value.error_code == 403001
+
+
+def test_a_cancelled_run_raises_and_a_slow_wait_times_out(server: Server, token: str) -> None:
+    slow = {"prompt": "slow", "image_size": "square_hd", "num_inference_steps": 50}
+    with Client(server.base_url, token) as client:
+
+        def cancel_when_running() -> None:
+            def running() -> str | None:
+                newest = client._call("GET", "/v1/requests", params={"limit": 1})["requests"]
+                return (
+                    str(newest[0]["request_id"]) if newest[0]["status"] == "in_progress" else None
+                )
+
+            client.cancel(wait_for(running, timeout=120))
+
+        canceller = threading.Thread(target=cancel_when_running)
+        canceller.start()
+        with pytest.raises(JobFailedError) as failed:
+            client.run(slow, poll_interval=0.05)
+        canceller.join()
+        assert failed.value.status == "cancelled"
+
+        submission = client.submit(slow)
+        with pytest.raises(WaitTimeoutError):
+            client.wait(submission.request_id, timeout=0.2, poll_interval=0.05)
+        client.cancel(submission.request_id)
+
+
+def test_async_client(server: Server, token: str, tmp_path: Path) -> None:
+    async def scenario() -> tuple[str, tuple[int, int]]:
+        async with AsyncClient(server.base_url, token) as client:
+            seen: list[str] = []
+
+            async def record(status: Status) -> None:
+                seen.append(status.status)
+
+            result = await client.run(
+                {"prompt": "async", **FAST}, on_progress=record, poll_interval=0.05
+            )
+            assert result.image_url is not None
+            path = await client.download(result.image_url, tmp_path / "async.png")
+            with Image.open(path) as image:
+                return seen[-1], image.size
+
+    assert asyncio.run(scenario()) == ("completed", (64, 64))
+
+
+class FlakyHandler(BaseHTTPRequestHandler):
+    """Answers 503, then 429 with Retry-After, then a status body."""
+
+    calls: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        FlakyHandler.calls.append(self.path)
+        attempt = len(FlakyHandler.calls)
+        if attempt == 1:
+            self._send(503, {"error_code": 500000, "error_message": "busy"})
+        elif attempt == 2:
+            self._send(
+                429, {"error_code": 429001, "error_message": "slow down"}, {"Retry-After": "0"}
+            )
+        else:
+            self._send(200, {"request_id": "r1", "status": "in_queue", "queue_position": 2})
+
+    def _send(self, code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_retries_on_5xx_429_and_connection_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    flaky = ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)
+    threading.Thread(target=flaky.serve_forever, daemon=True).start()
+    try:
+        # RunComfy-style base URL (with /v1) from the environment.
+        monkeypatch.setenv("RUNCOMFY_MODEL_API_BASE", f"http://127.0.0.1:{flaky.server_port}/v1")
+        with Client(token="t", backoff=0.01) as client:
+            status = client.status("r1")
+        assert (status.status, status.queue_position) == ("in_queue", 2)
+        assert FlakyHandler.calls == ["/v1/requests/r1/status"] * 3
+    finally:
+        flaky.shutdown()
+        flaky.server_close()
+    dead = Client(f"http://127.0.0.1:{free_port()}", "t", backoff=0.01, max_retries=2)
+    with dead, pytest.raises(httpx.ConnectError):
+        dead.status("r1")
+
+
+def test_cli_run_status_result_cancel(server: Server, token: str, tmp_path: Path) -> None:
+    env = {"OVIS_SERVER_URL": server.base_url, "OVIS_SERVER_TOKEN": token}
+    out = tmp_path / "cli.webp"
+    done = run_cli("run", "a red door", "-o", str(out), "--image-size", "128x64", "--steps", "3",
+                   "--seed", "5", env=env)  # fmt: skip
+    assert "seed 5" in done.stderr
+    with Image.open(out) as image:
+        assert (image.size, image.format) == ((128, 64), "WEBP")
+    request_id = done.stderr.split("request ")[1].split()[0]
+    status = json.loads(run_cli("status", request_id, env=env).stdout)
+    assert status["status"] == "completed"
+    result = json.loads(run_cli("result", request_id, env=env).stdout)
+    assert result["seed"] == 5
+    cancel = json.loads(run_cli("cancel", request_id, env=env).stdout)
+    assert cancel["outcome"] == "not_cancellable"
+    missing = run_cli("status", "nope", env=env, check=False)
+    assert missing.returncode == 1
+    assert "404001" in missing.stderr
+
+
+def test_ctrl_c_cancels_the_remote_job(server: Server, token: str, tmp_path: Path) -> None:
+    env = {"OVIS_SERVER_URL": server.base_url, "OVIS_SERVER_TOKEN": token}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ovis_server", "run", "slow", "-o", str(tmp_path / "x.png"),
+         "--image-size", "square_hd", "--steps", "50"],
+        env={**os.environ, **env}, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    with Client(server.base_url, token) as client:
+
+        def running() -> str | None:
+            for item in client._call("GET", "/v1/requests", params={"limit": 1})["requests"]:
+                if item["status"] == "in_progress":
+                    return str(item["request_id"])
+            return None
+
+        request_id = wait_for(running, timeout=120)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 130
+        assert "cancel: cancelled" in stderr or "cancel: cancellation_requested" in stderr
+        assert client.wait(request_id).status == "cancelled"
+
+
+def test_wait_mode(server: Server, token: str) -> None:
+    path = "/v1/models/aidc-ai/ovis-image"
+    with server.client(token) as client:
+        fast = client.post(path, json={"prompt": "quick", **FAST}, headers={"Prefer": "wait=30"})
+        assert fast.status_code == 200
+        assert fast.headers["preference-applied"] == "wait=30"
+        assert fast.json()["status"] == "succeeded"
+        assert fast.json()["output"]["image"].startswith("http")
+        slow = client.post(
+            path,
+            json={"prompt": "slow", "image_size": "square_hd", "num_inference_steps": 50},
+            headers={"Prefer": "wait=1"},
+        )
+        assert set(slow.json()) == {"request_id", "status_url", "result_url", "cancel_url"}
+        assert "preference-applied" not in slow.headers
+        client.post(f"/v1/requests/{slow.json()['request_id']}/cancel")
+
+
+def test_status_timestamps_and_logs(server: Server, token: str) -> None:
+    with Client(server.base_url, token) as client:
+        result = client.run({"prompt": "logged", **FAST}, poll_interval=0.05)
+    with server.client(token) as http:
+        plain = http.get(f"/v1/requests/{result.request_id}/status").json()
+        assert plain["created_at"].endswith("Z")
+        assert plain["finished_at"] >= plain["started_at"] >= plain["created_at"]
+        assert "logs" not in plain
+        logged = http.get(f"/v1/requests/{result.request_id}/status", params={"logs": 1}).json()
+    assert [line["message"] for line in logged["logs"]] == ["queued", "started", "succeeded"]
+    assert all(line["timestamp"].endswith("Z") for line in logged["logs"])
