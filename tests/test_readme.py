@@ -35,7 +35,7 @@ def test_curl_session_runs_as_written(tmp_path: Path, server: Server) -> None:
     env = {
         **os.environ,
         "OVIS_SERVER_URL": server.base_url,
-        "OVIS_TOKEN": create_token(server.data_dir, "readme"),
+        "OVIS_SERVER_TOKEN": create_token(server.data_dir, "readme"),
     }
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", readme_block("curl-session")],
