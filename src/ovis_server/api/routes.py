@@ -136,7 +136,10 @@ def list_requests(
     request: Request,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=100, description="Requests per page.")] = 20,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+    cursor: Annotated[
+        str | None,
+        Query(pattern=r"^[0-9]{1,18}$", description="next_cursor of the previous page."),
+    ] = None,
 ) -> RequestList:
     """The calling token's requests, newest first (the playground's gallery)."""
     return service(request).list_requests(caller.token_id, limit, cursor, base_url(request))
