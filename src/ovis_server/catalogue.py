@@ -7,6 +7,8 @@ entry point (HTTP API, ``ovis-server generate``) validates through them.
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,6 +47,17 @@ MIN_SIDE = 64
 MAX_SIDE = 2048
 MAX_PROMPT_CHARS = 20_000
 MAX_SEED = 2**63 - 1
+# A seed drawn for a request that gave none: 32 bits, exact in any JSON client.
+RANDOM_SEED_BOUND = 2**32
+
+
+def field_problems(errors: Iterable[Mapping[str, Any]], empty: str = "body") -> list[str]:
+    """Pydantic's errors as "field.path: message" lines (``empty`` names a field-less one)."""
+    return [
+        f"{'.'.join(str(part) for part in error.get('loc', ())) or empty}: {error['msg']}"
+        for error in errors
+    ]
+
 
 EXAMPLE_PROMPT = (
     "A casually captured spontaneous iPhone photograph featuring an individual standing relaxed "
@@ -160,10 +173,7 @@ class OvisImageInput(BaseModel):
             try:
                 return ImageDimensions.model_validate(value)
             except ValidationError as exc:
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"
-                    for err in exc.errors()
-                )
+                problems = "; ".join(field_problems(exc.errors(), empty="value"))
                 raise PydanticCustomError(
                     "image_size", "{problems}", {"problems": problems}
                 ) from None
@@ -176,6 +186,10 @@ class OvisImageInput(BaseModel):
         if isinstance(self.image_size, ImageDimensions):
             return self.image_size.width, self.image_size.height
         return IMAGE_SIZE_PRESETS[self.image_size]
+
+    def resolved_seed(self) -> int:
+        """The seed asked for, or a random one to use and report back."""
+        return self.seed if self.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
 
     def batch_key(self, model_id: str) -> str:
         """Jobs with equal keys share size, steps and guidance: one batched call runs them."""

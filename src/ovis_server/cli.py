@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import signal
 import sys
 from pathlib import Path
@@ -13,11 +12,9 @@ import click
 from pydantic import ValidationError
 
 from ovis_server import __version__
-from ovis_server.catalogue import IMAGE_SIZE_PRESETS, OVIS_IMAGE, OvisImageInput
-from ovis_server.config import DAY, ENV_PREFIX, Settings, default_data_dir
+from ovis_server.catalogue import IMAGE_SIZE_PRESETS, OVIS_IMAGE, OvisImageInput, field_problems
+from ovis_server.config import DAY, ENV_PREFIX, Settings, compile_choice, default_data_dir
 from ovis_server.engine.images import encode_image
-
-RANDOM_SEED_BOUND = 2**32
 
 
 def _env(name: str) -> str:
@@ -191,15 +188,6 @@ def parse_image_size(value: str) -> str | dict[str, int]:
     return value  # let the schema say what is wrong with it
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem, each naming the field."""
-    lines = []
-    for error in exc.errors(include_url=False):
-        field = ".".join(str(part) for part in error["loc"]) or "body"
-        lines.append(f"{field}: {error['msg']}")
-    return "; ".join(lines)
-
-
 _SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
@@ -266,7 +254,7 @@ def generate(
             }
         )
     except ValidationError as exc:
-        raise click.UsageError(format_validation_error(exc)) from None
+        raise click.UsageError("; ".join(field_problems(exc.errors()))) from None
 
     configure_logging("warning")
     try:
@@ -274,13 +262,13 @@ def generate(
             resolve_weights(model, data_dir),
             device=device,
             dtype=dtype,
-            compile=None if compile_mode == "auto" else compile_mode == "on",
+            compile=compile_choice(compile_mode),
             fp8=fp8,
         )
     except (EngineLoadError, WeightsNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
 
-    used_seed = request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
+    used_seed = request.resolved_seed()
     with tqdm(total=request.num_inference_steps, unit="step", desc="denoising") as bar:
 
         def on_step(step: int, total: int) -> bool:

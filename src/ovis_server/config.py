@@ -11,6 +11,11 @@ ENV_PREFIX = "OVIS_SERVER_"
 DAY = 24 * 3600
 
 
+def compile_choice(mode: str) -> bool | None:
+    """``--compile auto|on|off``: None lets the engine decide (compile on CUDA)."""
+    return None if mode == "auto" else mode == "on"
+
+
 def default_data_dir() -> Path:
     """ovis-server's folder under the user's data home (``~/.local/share/ovis-server``)."""
     return Path(platformdirs.user_data_dir("ovis-server", appauthor=False))
@@ -54,8 +59,7 @@ class Settings:
 
     @property
     def compile_flag(self) -> bool | None:
-        """None lets the engine decide (compile on CUDA); else what was asked."""
-        return None if self.compile == "auto" else self.compile == "on"
+        return compile_choice(self.compile)
 
     @property
     def db_url(self) -> str:

@@ -74,6 +74,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(files.router)
 
+    # A worker counts as alive while its last heartbeat is this recent.
+    alive_within = 3 * settings.heartbeat_seconds + 5
+
     @app.get("/healthz", tags=["Operations"])
     def healthz() -> Health:
         """The API process is up."""
@@ -110,8 +113,6 @@ def create_app(settings: Settings) -> FastAPI:
             workers_loading=len(alive) - ready,
             reason=None if ready else "no worker with a loaded model is alive",
         )
-
-    alive_within = 3 * settings.heartbeat_seconds + 5
 
     @app.get("/metrics", tags=["Operations"], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ovis_server.api.protocol import ErrorBody
+from ovis_server.catalogue import field_problems
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +61,18 @@ def request_not_found(request_id: str) -> ApiError:
 
 def validation_failed(errors: Sequence[Mapping[str, Any]]) -> ApiError:
     """422 naming each offending field, with pydantic's errors as ``detail``."""
-    detail = []
-    problems = []
-    for error in errors:
-        location = [str(part) for part in error.get("loc", ())]
-        field = ".".join(location) or "body"
-        problems.append(f"{field}: {error['msg']}")
-        detail.append({"loc": location, "msg": error["msg"], "type": error["type"]})
+    detail = [
+        {
+            "loc": [str(part) for part in error.get("loc", ())],
+            "msg": error["msg"],
+            "type": error["type"],
+        }
+        for error in errors
+    ]
     return ApiError(
         422,
         INVALID_INPUT,
-        "the input does not match the model's schema: " + "; ".join(problems),
+        "the input does not match the model's schema: " + "; ".join(field_problems(errors)),
         detail=detail,
     )
 

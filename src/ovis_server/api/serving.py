@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import re
-import secrets
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -46,7 +45,6 @@ from ovis_server.jobs.job import CancelOutcome, Job, JobStatus
 from ovis_server.jobs.store import IdempotencyConflictError, JobStore, utcnow
 from ovis_server.storage.base import REQUEST_ID_PATTERN, FileStore
 
-RANDOM_SEED_BOUND = 2**32
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 # A full queue clears at the pace of the GPU; clients come back after this long.
 QUEUE_FULL_RETRY_SECONDS = 10
@@ -166,15 +164,12 @@ class RequestService:
                 if twin is not None:
                     return SubmitResponse(request_id=twin.id, **self._urls(base_url, twin.id))
             self._check_limits(token_id)
-            seed = validated.seed
-            if seed is None:
-                seed = secrets.randbelow(RANDOM_SEED_BOUND)
             job = self.store.submit(
                 request_id=str(uuid.uuid4()),
                 token_id=token_id,
                 model_id=spec.model_id,
                 input=json.loads(canonical),
-                seed=seed,
+                seed=validated.resolved_seed(),
                 total_steps=validated.num_inference_steps,
                 batch_key=validated.batch_key(spec.model_id),
                 idempotency_key=idempotency_key,

@@ -207,10 +207,9 @@ class Worker:
 
     def _store_image(self, job: Job, image: Image.Image) -> None:
         output_format = job.input.get("output_format", "png")
-        data = encode_image(image, output_format)
-        key = output_key(job.id, 0, FILE_EXTENSIONS[output_format])
-        self.files.put(key, data, MEDIA_TYPES[output_format])
         media_type = MEDIA_TYPES[output_format]
+        key = output_key(job.id, 0, FILE_EXTENSIONS[output_format])
+        self.files.put(key, encode_image(image, output_format), media_type)
         self.store.complete(
             job.id, self.worker_id, [StoredOutput(key, media_type, image.width, image.height)]
         )
