@@ -20,6 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.expression import false
 from sqlalchemy.types import TypeDecorator
 
 metadata = MetaData(
@@ -98,10 +99,56 @@ jobs = Table(
     # the hash tells a true repeat from a different body sent under the same key.
     Column("idempotency_key", String(200)),
     Column("request_hash", String(64)),
+    # Where the final result (and, if asked, every status change) is POSTed, and the base
+    # of the absolute URLs in those bodies (what the submitting client called).
+    Column("webhook_url", Text),
+    Column("webhook_intermediate", Boolean, nullable=False, server_default=false()),
+    Column("base_url", String(2000)),
     Index("ix_jobs_status_seq", "status", "seq"),
     Index("ix_jobs_token_id_created_at", "token_id", "created_at"),
     UniqueConstraint("token_id", "idempotency_key"),
     sqlite_autoincrement=True,
+)
+
+# Every state change of every job, appended in the transaction that makes it: status
+# streams tail this log (one query per API process, however many streams are open).
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("seq", SequenceId, primary_key=True, autoincrement=True),
+    Column("request_id", String(128), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Index("ix_job_events_request_id_seq", "request_id", "seq"),
+    sqlite_autoincrement=True,
+)
+
+# Webhook messages owed to clients, written with the state change they announce, so that a
+# crash or restart loses none; delivered at least once, retried on a schedule.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    # The webhook-id header: receivers deduplicate on it.
+    Column("id", String(40), primary_key=True),
+    Column("request_id", String(128), nullable=False),
+    Column("token_id", String(32), nullable=False),
+    Column("url", Text, nullable=False),
+    # The job's state when the message was made: a final one sends the result body.
+    Column("status", String(16), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # pending, delivered or failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UtcDateTime, nullable=False),
+    # A dispatcher holds a message while it sends it; a dead one's hold runs out.
+    Column("claimed_until", UtcDateTime),
+    Column("last_error", Text),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime),
+    Index("ix_webhook_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+    Index("ix_webhook_deliveries_request_id", "request_id"),
 )
 
 # Workers announce themselves and beat while alive: /readyz counts the living.

@@ -82,3 +82,18 @@ class Job:
     outputs: tuple[StoredOutput, ...] = field(default=())
     idempotency_key: str | None = None
     request_hash: str | None = None
+    webhook_url: str | None = None
+    webhook_intermediate: bool = False
+    base_url: str | None = None
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One state change of one job, as the event log keeps it (``seq`` orders them all)."""
+
+    seq: int
+    request_id: str
+    status: JobStatus
+    step: int
+    total: int
+    at: datetime

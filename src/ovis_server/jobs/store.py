@@ -8,15 +8,27 @@ and finds out from the row count.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Row, and_, delete, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Row,
+    and_,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
-from ovis_server.db.schema import jobs
-from ovis_server.jobs.job import CancelOutcome, Job, JobStatus, StoredOutput
+from ovis_server.db.schema import job_events, jobs, webhook_deliveries
+from ovis_server.jobs.job import CancelOutcome, Job, JobEvent, JobStatus, StoredOutput
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
@@ -62,7 +74,60 @@ def _job(row: Row[Any]) -> Job:
         outputs=tuple(StoredOutput.from_json(item) for item in data["outputs"] or ()),
         idempotency_key=data["idempotency_key"],
         request_hash=data["request_hash"],
+        webhook_url=data["webhook_url"],
+        webhook_intermediate=bool(data["webhook_intermediate"]),
+        base_url=data["base_url"],
     )
+
+
+def _event(row: Row[Any]) -> JobEvent:
+    data = row._mapping
+    return JobEvent(
+        seq=data["seq"],
+        request_id=data["request_id"],
+        status=JobStatus(data["status"]),
+        step=data["step"],
+        total=data["total"],
+        at=data["at"],
+    )
+
+
+def _record(conn: Connection, rows: Iterable[Row[Any]], at: datetime, notify: bool = True) -> None:
+    """Append the new state of each changed job to the event log and, where its submitter
+    asked for webhooks, queue the message it is owed, in the caller's transaction.
+
+    A final state owes a message to every webhook; any other change only to webhooks that
+    asked for intermediate status. ``notify=False`` (the submit itself) owes none.
+    """
+    events: list[dict[str, Any]] = []
+    messages: list[dict[str, Any]] = []
+    for row in rows:
+        data = row._mapping
+        state = {
+            "request_id": data["id"],
+            "status": data["status"],
+            "step": data["progress_step"],
+            "total": data["progress_total"],
+        }
+        events.append({**state, "at": at})
+        final = JobStatus(data["status"]).is_final
+        if notify and data["webhook_url"] and (final or data["webhook_intermediate"]):
+            messages.append(
+                {
+                    **state,
+                    "id": "msg_" + uuid.uuid4().hex,
+                    "token_id": data["token_id"],
+                    "url": data["webhook_url"],
+                    "state": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": at,
+                    "created_at": at,
+                }
+            )
+    if events:
+        conn.execute(insert(job_events), events)
+    if messages:
+        conn.execute(insert(webhook_deliveries), messages)
 
 
 class JobStore:
@@ -85,6 +150,9 @@ class JobStore:
         batch_key: str,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        webhook_url: str | None = None,
+        webhook_intermediate: bool = False,
+        base_url: str | None = None,
     ) -> Job:
         """Queue a job at the back of the queue.
 
@@ -96,6 +164,7 @@ class JobStore:
             earlier = self.idempotent_twin(token_id, idempotency_key, request_hash)
             if earlier is not None:
                 return earlier
+        now = utcnow()
         stmt = (
             insert(jobs)
             .values(
@@ -110,15 +179,20 @@ class JobStore:
                 progress_step=0,
                 progress_total=total_steps,
                 attempts=0,
-                created_at=utcnow(),
+                created_at=now,
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
+                webhook_url=webhook_url,
+                webhook_intermediate=webhook_intermediate,
+                base_url=base_url,
             )
             .returning(*jobs.c)
         )
         try:
             with self.engine.begin() as conn:
-                return _job(conn.execute(stmt).one())
+                row = conn.execute(stmt).one()
+                _record(conn, [row], now, notify=False)
+                return _job(row)
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -157,6 +231,46 @@ class JobStore:
             .select_from(jobs)
             .where(jobs.c.status == JobStatus.QUEUED, jobs.c.seq < job.seq)
         )
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def queue_positions(self, request_ids: Sequence[str]) -> dict[str, int]:
+        """The queue position of each of these jobs that is queued, in one query."""
+        if not request_ids:
+            return {}
+        ranked = (
+            select(
+                jobs.c.id,
+                (func.row_number().over(order_by=jobs.c.seq) - 1).label("position"),
+            )
+            .where(jobs.c.status == JobStatus.QUEUED)
+            .subquery()
+        )
+        stmt = select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(request_ids))
+        with self.engine.connect() as conn:
+            return {row.id: int(row.position) for row in conn.execute(stmt)}
+
+    def snapshot(self, request_id: str) -> tuple[Job, int] | None:
+        """The job and the seq of its latest event, read together."""
+        latest = (
+            select(func.coalesce(func.max(job_events.c.seq), 0))
+            .where(job_events.c.request_id == request_id)
+            .scalar_subquery()
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(jobs, latest.label("latest_event")).where(jobs.c.id == request_id)
+            ).first()
+        return None if row is None else (_job(row), int(row._mapping["latest_event"]))
+
+    def events_after(self, seq: int, limit: int = 1000) -> list[JobEvent]:
+        """Events of all jobs with a larger seq than ``seq``, oldest first."""
+        stmt = select(job_events).where(job_events.c.seq > seq).order_by(job_events.c.seq)
+        with self.engine.connect() as conn:
+            return [_event(row) for row in conn.execute(stmt.limit(limit))]
+
+    def last_event_seq(self) -> int:
+        stmt = select(func.coalesce(func.max(job_events.c.seq), 0))
         with self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
 
@@ -228,6 +342,10 @@ class JobStore:
         if not request_ids:
             return 0
         with self.engine.begin() as conn:
+            conn.execute(delete(job_events).where(job_events.c.request_id.in_(request_ids)))
+            conn.execute(
+                delete(webhook_deliveries).where(webhook_deliveries.c.request_id.in_(request_ids))
+            )
             return int(conn.execute(delete(jobs).where(jobs.c.id.in_(request_ids))).rowcount)
 
     def request_cancel(self, request_id: str) -> tuple[Job, CancelOutcome] | None:
@@ -241,6 +359,7 @@ class JobStore:
                 .returning(*jobs.c)
             ).first()
             if row is not None:
+                _record(conn, [row], now)
                 return _job(row), CancelOutcome.CANCELLED
             row = conn.execute(
                 update(jobs)
@@ -293,7 +412,9 @@ class JobStore:
             .returning(*jobs.c)
         )
         with self.engine.begin() as conn:
-            claimed = [_job(row) for row in conn.execute(stmt)]
+            rows = conn.execute(stmt).all()
+            _record(conn, rows, now)
+            claimed = [_job(row) for row in rows]
         return sorted(claimed, key=lambda job: job.seq)
 
     def claim_next(self, worker_id: str, lease_seconds: float) -> Job | None:
@@ -318,17 +439,16 @@ class JobStore:
 
         Returns (the jobs to cancel, the jobs no longer this worker's).
         """
+        now = utcnow()
         stmt = (
             update(jobs)
             .where(self._held_by(worker_id, request_ids))
-            .values(
-                progress_step=step,
-                lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
-            )
-            .returning(jobs.c.id, jobs.c.cancel_requested)
+            .values(progress_step=step, lease_expires_at=now + timedelta(seconds=lease_seconds))
+            .returning(*jobs.c)
         )
         with self.engine.begin() as conn:
             rows = conn.execute(stmt).all()
+            _record(conn, rows, now)
         held = {row.id for row in rows}
         cancel = {row.id for row in rows if row.cancel_requested}
         return cancel, set(request_ids) - held
@@ -351,8 +471,11 @@ class JobStore:
             jobs.c.status == JobStatus.RUNNING,
         )
 
-    def _update_owned(self, request_id: str, owner: str, **values: Any) -> Row[Any]:
-        """Change a running job that ``owner`` still holds, or raise LeaseLostError."""
+    def _update_owned(
+        self, request_id: str, owner: str, record: bool = True, **values: Any
+    ) -> Row[Any]:
+        """Change a running job that ``owner`` still holds (logging the change unless
+        ``record`` is false), or raise LeaseLostError."""
         stmt = (
             update(jobs)
             .where(self._held_by(owner, [request_id]))
@@ -361,6 +484,8 @@ class JobStore:
         )
         with self.engine.begin() as conn:
             row = conn.execute(stmt).first()
+            if row is not None and record:
+                _record(conn, [row], utcnow())
         if row is None:
             raise LeaseLostError(f"job {request_id} is no longer held by worker {owner}")
         return row
@@ -379,7 +504,10 @@ class JobStore:
 
     def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float) -> None:
         self._update_owned(
-            request_id, worker_id, lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)
+            request_id,
+            worker_id,
+            record=False,
+            lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
         )
 
     def complete(self, request_id: str, worker_id: str, outputs: Sequence[StoredOutput]) -> Job:
@@ -449,7 +577,8 @@ class JobStore:
                 update(jobs)
                 .where(expired, jobs.c.cancel_requested.is_(True))
                 .values(status=JobStatus.CANCELLED, finished_at=now, lease_expires_at=None)
-            ).rowcount
+                .returning(*jobs.c)
+            ).all()
             failed = conn.execute(
                 update(jobs)
                 .where(expired, jobs.c.attempts >= max_attempts)
@@ -463,7 +592,8 @@ class JobStore:
                     finished_at=now,
                     lease_expires_at=None,
                 )
-            ).rowcount
+                .returning(*jobs.c)
+            ).all()
             requeued = conn.execute(
                 update(jobs)
                 .where(expired)
@@ -474,5 +604,8 @@ class JobStore:
                     started_at=None,
                     progress_step=0,
                 )
-            ).rowcount
-        return int(cancelled + failed + requeued)
+                .returning(*jobs.c)
+            ).all()
+            changed = [*cancelled, *failed, *requeued]
+            _record(conn, changed, now)
+        return len(changed)
