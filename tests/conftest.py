@@ -13,7 +13,7 @@ import pytest
 
 from ovis_server.engine.pipeline import Engine
 
-from .helpers import run_cli
+from .helpers import Cluster, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +85,11 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
 def module_database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
     with backend_environment(request.param) as url:
         yield url
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """Servers and workers the test starts, all stopped at its end."""
+    started = Cluster()
+    yield started
+    started.close()

@@ -11,9 +11,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import httpx
 import numpy as np
@@ -90,10 +90,12 @@ class Server:
         self.process.wait(30)
 
 
-def start_server(data_dir: Path, model: str | Path, *extra: str, timeout: float = 60) -> Server:
-    """``ovis-server serve`` on a free port; returns once /healthz answers."""
+def start_server(
+    data_dir: Path, model: str | Path, *extra: str, timeout: float = 60, port: int | None = None
+) -> Server:
+    """``ovis-server serve`` on a free port (or ``port``); returns once /healthz answers."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log_path = data_dir / f"serve-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -121,6 +123,43 @@ def start_server(data_dir: Path, model: str | Path, *extra: str, timeout: float 
         server.kill()
         raise
     return server
+
+
+@dataclass
+class Cluster:
+    """Processes a test starts, all stopped at its end whatever happened."""
+
+    servers: list[Server] = field(default_factory=list)
+    workers: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
+    logs: list[IO[bytes]] = field(default_factory=list)
+
+    def worker(self, data_dir: Path, model: Path, *extra: str) -> subprocess.Popen[bytes]:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        log_path = data_dir / f"worker-{len(self.workers)}.log"
+        log = log_path.open("wb")
+        self.logs.append(log)
+        command = [sys.executable, "-m", "ovis_server", "worker"]
+        command += ["--model", str(model), "--data-dir", str(data_dir), *extra]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.workers.append((process, log_path))
+        return process
+
+    def worker_logs(self) -> str:
+        return "".join(path.read_text(errors="replace") for _, path in self.workers)
+
+    def close(self) -> None:
+        for process, _ in self.workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process, _ in self.workers:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for server in self.servers:
+            server.kill()
+        for log in self.logs:
+            log.close()
 
 
 def submit(client: httpx.Client, **fields: Any) -> str:

@@ -63,8 +63,9 @@ def test_run_reports_progress_and_downloads(server: Server, token: str, tmp_path
         assert image.size == (512, 512)
     assert seen[-1].status == "completed"
     steps = [s.progress.step for s in seen if s.progress is not None]
-    assert steps == sorted(steps)
     assert steps, "saw the job in progress"
+    # run follows the status stream, which tells every step from the first it sees.
+    assert steps == list(range(steps[0], 13))
 
 
 def test_typed_errors_carry_error_codes(server: Server, token: str) -> None:
@@ -181,6 +182,43 @@ def test_retries_on_5xx_429_and_connection_errors(monkeypatch: pytest.MonkeyPatc
     dead = Client(f"http://127.0.0.1:{free_port()}", "t", backoff=0.01, max_retries=2)
     with dead, pytest.raises(httpx.ConnectError):
         dead.status("r1")
+
+
+class NoStreamHandler(BaseHTTPRequestHandler):
+    """A server without status streams, as RunComfy's hosted API: 404 on /stream."""
+
+    def do_GET(self) -> None:
+        if self.path.endswith("/stream"):
+            body: dict[str, Any] = {"detail": "Not Found"}
+            code = 404
+        elif self.path.endswith("/status"):
+            body, code = {"request_id": "r1", "status": "completed"}, 200
+        else:
+            body = {"request_id": "r1", "status": "succeeded", "output": {"image": "u"}}
+            code = 200
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_wait_polls_where_the_server_has_no_stream() -> None:
+    plain = ThreadingHTTPServer(("127.0.0.1", 0), NoStreamHandler)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    try:
+        with Client(f"http://127.0.0.1:{plain.server_port}/v1", "t") as client:
+            seen: list[Status] = []
+            result = client.wait("r1", on_progress=seen.append, poll_interval=0.01)
+        assert result.image_url == "u"
+        assert [status.status for status in seen] == ["completed"]
+    finally:
+        plain.shutdown()
+        plain.server_close()
 
 
 def test_cli_run_status_result_cancel(server: Server, token: str, tmp_path: Path) -> None:

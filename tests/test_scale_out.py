@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import pytest
 
 from .conftest import fresh_postgres_database
 from .helpers import (
-    Server,
+    Cluster,
     create_token,
     download,
     free_port,
@@ -35,43 +33,6 @@ from .helpers import (
 FAST = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 2, "guidance_scale": 1}
 
 
-@dataclass
-class Cluster:
-    """Processes a test starts, all stopped at its end whatever happened."""
-
-    servers: list[Server] = field(default_factory=list)
-    workers: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
-    logs: list[IO[bytes]] = field(default_factory=list)
-
-    def worker(self, data_dir: Path, model: Path, *extra: str) -> subprocess.Popen[bytes]:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        log_path = data_dir / f"worker-{len(self.workers)}.log"
-        log = log_path.open("wb")
-        self.logs.append(log)
-        command = [sys.executable, "-m", "ovis_server", "worker"]
-        command += ["--model", str(model), "--data-dir", str(data_dir), *extra]
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        self.workers.append((process, log_path))
-        return process
-
-    def worker_logs(self) -> str:
-        return "".join(path.read_text(errors="replace") for _, path in self.workers)
-
-    def close(self) -> None:
-        for process, _ in self.workers:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process, _ in self.workers:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        for server in self.servers:
-            server.kill()
-        for log in self.logs:
-            log.close()
-
-
 @pytest.fixture
 def postgres(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh PostgreSQL database, which every process started here uses."""
@@ -79,13 +40,6 @@ def postgres(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("OVIS_SERVER_DATABASE_URL", url)
     yield url
     drop()
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    started = Cluster()
-    yield started
-    started.close()
 
 
 def test_two_apis_three_workers_200_jobs_one_worker_killed(

@@ -8,11 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import text
 
-from ovis_server.db.connect import connect, migrate, sqlite_url
+from ovis_server.db.connect import alembic_config, connect, migrate, sqlite_url
 from ovis_server.db.schema import metadata
+from ovis_server.jobs.deliveries import DeliveryStore
 from ovis_server.jobs.job import CancelOutcome, JobStatus, StoredOutput
 from ovis_server.jobs.store import JobStore, LeaseLostError
 
@@ -198,3 +201,83 @@ def test_claim_batch_takes_the_head_and_its_compatible_followers(store: JobStore
     assert lost == {"a"}
     assert [job.id for job in store.claim_batch("w", 30, max_batch=1)] == ["e"]
     assert store.claim_batch("w", 30, max_batch=4) == []
+
+
+def test_every_state_change_is_logged_and_owes_its_webhooks(store: JobStore) -> None:
+    store.submit(
+        request_id="hooked", token_id="tok_a", model_id="m", input={}, seed=1, total_steps=2,
+        batch_key="k", webhook_url="http://127.0.0.1:9/h", webhook_intermediate=True,
+    )  # fmt: skip
+    add(store, "plain")
+    add(store, "dropped")
+    assert store.queue_positions(["plain", "dropped", "unknown"]) == {"plain": 1, "dropped": 2}
+    store.request_cancel("dropped")
+    assert store.queue_positions(["plain"]) == {"plain": 1}
+    claimed = store.claim_next("w", 30)
+    assert claimed is not None
+    assert claimed.id == "hooked"
+    for step in (1, 2):
+        store.report_batch_progress(["hooked"], "w", step, 30)
+    store.complete("hooked", "w", [])
+    store.claim_next("dead", 0.01)
+    time.sleep(0.05)
+    store.recover_expired(max_attempts=3)
+
+    events = store.events_after(0)
+    assert [event.seq for event in events] == sorted(event.seq for event in events)
+    story = [(e.request_id, e.status.value, e.step) for e in events]
+    assert story == [
+        ("hooked", "queued", 0),
+        ("plain", "queued", 0),
+        ("dropped", "queued", 0),
+        ("dropped", "cancelled", 0),
+        ("hooked", "running", 0),
+        ("hooked", "running", 1),
+        ("hooked", "running", 2),
+        ("hooked", "succeeded", 2),
+        ("plain", "running", 0),
+        ("plain", "queued", 0),  # its worker died: back in the queue
+    ]
+    assert store.last_event_seq() == events[-1].seq
+    snapshot = store.snapshot("hooked")
+    assert snapshot is not None
+    assert snapshot[1] == max(e.seq for e in events if e.request_id == "hooked")
+
+    # The submit owes no message; every later change of the hooked job owes one.
+    deliveries = DeliveryStore(store.engine)
+    owed = deliveries.claim_due(100, 60)
+    assert sorted((m.status.value, m.step) for m in owed) == [
+        ("running", 0), ("running", 1), ("running", 2), ("succeeded", 2)
+    ]  # fmt: skip
+    assert {m.request_id for m in owed} == {"hooked"}
+    assert deliveries.claim_due(100, 60) == [], "held messages are not handed out twice"
+    schedule = (0.0, 0.0)
+    final = next(m for m in owed if m.status == JobStatus.SUCCEEDED)
+    assert deliveries.record_attempt(final.id, "HTTP 500", schedule) == "pending"
+    assert [m.id for m in deliveries.claim_due(100, 60)] == [final.id]
+    assert deliveries.record_attempt(final.id, "HTTP 500", schedule) == "failed"
+    assert deliveries.record_attempt(owed[0].id, None, schedule) == "delivered"
+    assert deliveries.counts() == {"pending": 3 - 1, "delivered": 1, "failed": 1}
+    store.delete(["hooked"])
+    assert deliveries.counts() == {"pending": 0, "delivered": 0, "failed": 0}
+    assert all(event.request_id != "hooked" for event in store.events_after(0))
+
+
+def test_upgrading_a_0001_database_keeps_its_jobs(tmp_path: Path) -> None:
+    db = connect(sqlite_url(tmp_path))
+    command.upgrade(alembic_config(db), "0001")
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, token_id, model_id, input, seed, batch_key, status, "
+                "cancel_requested, progress_step, progress_total, attempts, created_at) VALUES "
+                "('old', 'tok_a', 'm', '{}', 1, 'k', 'queued', 0, 0, 4, 0, '2026-11-01 10:00:00')"
+            )
+        )
+    migrate(db)
+    store = JobStore(db)
+    old = store.get("old")
+    assert old is not None
+    assert (old.webhook_url, old.webhook_intermediate) == (None, False)
+    assert store.queue_positions(["old"]) == {"old": 0}
+    db.dispose()

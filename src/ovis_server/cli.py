@@ -13,7 +13,16 @@ from pydantic import ValidationError
 
 from ovis_server import __version__
 from ovis_server.catalogue import IMAGE_SIZE_PRESETS, OVIS_IMAGE, OvisImageInput, field_problems
-from ovis_server.config import DAY, ENV_PREFIX, Settings, compile_choice, default_data_dir
+from ovis_server.config import (
+    DAY,
+    DEFAULT_WEBHOOK_SCHEDULE,
+    ENV_PREFIX,
+    Settings,
+    compile_choice,
+    default_data_dir,
+    parse_duration,
+    parse_schedule,
+)
 from ovis_server.engine.images import encode_image
 
 
@@ -107,9 +116,6 @@ def model_options(func: Any) -> Any:
     )(func)
 
 
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 class Duration(click.ParamType):  # type: ignore[type-arg]
     """Seconds, or a number with a unit: 90s, 30m, 12h, 7d."""
 
@@ -118,19 +124,24 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
-        text = str(value).strip().lower()
-        factor = _DURATION_UNITS.get(text[-1:])
-        number = text[:-1] if factor else text
         try:
-            seconds = float(number) * (factor or 1)
-        except ValueError:
-            self.fail(f"{value!r} is not a duration such as 3600, 90s, 30m, 12h or 7d", param, ctx)
+            seconds = parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
         if seconds <= 0:
             self.fail("a duration must be positive", param, ctx)
         return int(seconds)
 
 
 DURATION = Duration()
+
+
+def _check_schedule(_ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        parse_schedule(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+    return value
 
 
 class BatchLimit(click.ParamType):  # type: ignore[type-arg]
@@ -422,6 +433,16 @@ def worker_options(func: Any) -> Any:
     help="How often expired requests are looked for.",
 )
 @click.option(
+    "--webhook-retry-schedule",
+    callback=_check_schedule,
+    default=DEFAULT_WEBHOOK_SCHEDULE,
+    envvar=_env("WEBHOOK_RETRY_SCHEDULE"),
+    show_envvar=True,
+    show_default=True,
+    help="Delays of a webhook's attempts, each after the one before (0 first: at once); "
+    "a message the receiver does not take (2xx within 10 s) by the last is given up.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -447,6 +468,7 @@ def serve(
     rate_limit: int,
     retention: int,
     cleanup_interval: int,
+    webhook_retry_schedule: str,
     log_level: str,
     model: str,
     device: str,
@@ -497,6 +519,7 @@ def serve(
         max_batch=max_batch,
         compile=compile_mode,
         fp8=fp8,
+        webhook_retry_schedule=webhook_retry_schedule,
     )
     try:
         app = create_app(settings)
@@ -508,7 +531,9 @@ def serve(
         info, secret = app.state.tokens.create("default")
         click.echo(
             f"No API token existed in {settings.data_dir}, so one was created ({info.id}).\n"
-            "It is shown only this once; send it as 'Authorization: Bearer <token>':\n"
+            "Its webhooks are signed with "
+            f"{app.state.tokens.webhook_secret(info.id)} ('ovis-server token webhook-secret').\n"
+            "The token is shown only this once; send it as 'Authorization: Bearer <token>':\n"
             f"{secret}"
         )
     supervisor = (
@@ -617,10 +642,12 @@ def token_create(name: str, database_url: str | None, data_dir: Path) -> None:
     """Create a token; its secret is printed alone on the last line, once."""
     from ovis_server.tokens import TokenError
 
+    store = _token_store(data_dir, database_url)
     try:
-        info, secret = _token_store(data_dir, database_url).create(name)
+        info, secret = store.create(name)
     except TokenError as exc:
         raise click.UsageError(str(exc)) from None
+    click.echo(f"webhook signing secret: {store.webhook_secret(info.id)}")
     click.echo(f"created token {info.id} ({info.name}); it is shown only now:")
     click.echo(secret)
 
@@ -654,6 +681,24 @@ def token_revoke(id_or_name: str, database_url: str | None, data_dir: Path) -> N
     except TokenError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"revoked token {info.id} ({info.name})")
+
+
+@token.command("webhook-secret")
+@click.argument("id_or_name")
+@database_option
+@data_dir_option
+def token_webhook_secret(id_or_name: str, database_url: str | None, data_dir: Path) -> None:
+    """Print the secret that signs the webhooks of a token's requests ('anonymous': those
+    of a --no-auth server)."""
+    from ovis_server.api.auth import ANONYMOUS
+    from ovis_server.tokens import TokenError
+
+    store = _token_store(data_dir, database_url)
+    try:
+        token_id = ANONYMOUS if id_or_name == ANONYMOUS else store.find(id_or_name).id
+    except TokenError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(store.webhook_secret(token_id))
 
 
 @main.group()

@@ -16,6 +16,33 @@ def compile_choice(mode: str) -> bool | None:
     return None if mode == "auto" else mode == "on"
 
 
+# Standard Webhooks' suggestion: at once, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+DEFAULT_WEBHOOK_SCHEDULE = "0,5s,5m,30m,2h,5h,10h,10h"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": DAY}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds, or a number with a unit: ``90s``, ``30m``, ``12h``, ``7d``."""
+    text = text.strip().lower()
+    factor = _UNITS.get(text[-1:])
+    try:
+        seconds = float(text[:-1] if factor else text) * (factor or 1)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration such as 3600, 90s, 30m, 12h or 7d") from None
+    if not seconds >= 0:
+        raise ValueError(f"{text!r}: a duration cannot be negative")
+    return seconds
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """``--webhook-retry-schedule``: each attempt's delay after the one before, as
+    durations (``0,5s,5m,2h``); the first attempt is sent at once, so the first is 0."""
+    delays = tuple(parse_duration(item) for item in text.split(","))
+    if delays[0] != 0:
+        raise ValueError("the first attempt is sent at once: start the schedule with 0")
+    return delays
+
+
 def default_data_dir() -> Path:
     """ovis-server's folder under the user's data home (``~/.local/share/ovis-server``)."""
     return Path(platformdirs.user_data_dir("ovis-server", appauthor=False))
@@ -49,6 +76,7 @@ class Settings:
     max_batch: str = "auto"
     compile: str = "auto"
     fp8: bool = False
+    webhook_retry_schedule: str = DEFAULT_WEBHOOK_SCHEDULE
 
     def batch_limit(self, device_type: str) -> int:
         """``--max-batch``: auto batches up to 4 on CUDA, where it pays, and 1 elsewhere,
@@ -56,6 +84,10 @@ class Settings:
         if self.max_batch == "auto":
             return 4 if device_type == "cuda" else 1
         return int(self.max_batch)
+
+    @property
+    def webhook_schedule(self) -> tuple[float, ...]:
+        return parse_schedule(self.webhook_retry_schedule)
 
     @property
     def compile_flag(self) -> bool | None:

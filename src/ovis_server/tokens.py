@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, RowMapping, func, insert, or_, select, update
 
+from ovis_server.client.webhooks import SECRET_PREFIX as WEBHOOK_SECRET_PREFIX
+from ovis_server.db.keys import shared_secret
 from ovis_server.db.schema import tokens
 
 SECRET_PREFIX = "ovis_"
@@ -33,6 +36,11 @@ class TokenInfo:
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks signing secret: ``whsec_`` and 24 random bytes in base64."""
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 def hash_secret(secret: str) -> str:
@@ -87,28 +95,33 @@ class TokenStore:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(tokens)).scalar_one())
 
-    def revoke(self, id_or_name: str) -> TokenInfo:
-        """Revoke the token with this id, or the one active token with this name."""
+    def find(self, id_or_name: str) -> TokenInfo:
+        """The token with this id, or the one active token with this name (or, if none is
+        active, a revoked one); TokenError if there is none or the name is ambiguous."""
         lookup = select(*_COLUMNS).where(
             or_(tokens.c.id == id_or_name, tokens.c.name == id_or_name)
         )
-        with self.engine.begin() as conn:
+        with self.engine.connect() as conn:
             matches = [_info(row) for row in conn.execute(lookup).mappings()]
-            by_id = [info for info in matches if info.id == id_or_name]
-            active = [info for info in matches if info.active]
-            if by_id:
-                target = by_id[0]
-            elif len(active) == 1:
-                target = active[0]
-            elif len(active) > 1:
-                ids = ", ".join(info.id for info in active)
-                raise TokenError(f"{len(active)} active tokens are named {id_or_name!r}: {ids}")
-            elif matches:
-                return matches[0]  # already revoked: nothing to do
-            else:
-                raise TokenError(f"no token has the id or name {id_or_name!r}")
-            if not target.active:
-                return target
+        by_id = [info for info in matches if info.id == id_or_name]
+        active = [info for info in matches if info.active]
+        if by_id:
+            return by_id[0]
+        if len(active) == 1:
+            return active[0]
+        if len(active) > 1:
+            ids = ", ".join(info.id for info in active)
+            raise TokenError(f"{len(active)} active tokens are named {id_or_name!r}: {ids}")
+        if matches:
+            return matches[0]
+        raise TokenError(f"no token has the id or name {id_or_name!r}")
+
+    def revoke(self, id_or_name: str) -> TokenInfo:
+        """Revoke the token with this id, or the one active token with this name."""
+        target = self.find(id_or_name)
+        if not target.active:
+            return target  # already revoked: nothing to do
+        with self.engine.begin() as conn:
             revoke = (
                 update(tokens)
                 .where(tokens.c.id == target.id)
@@ -116,6 +129,11 @@ class TokenStore:
                 .returning(*_COLUMNS)
             )
             return _info(conn.execute(revoke).mappings().one())
+
+    def webhook_secret(self, token_id: str) -> str:
+        """The secret that signs the webhooks of this token's requests (made on first use,
+        so tokens older than webhooks have one too)."""
+        return shared_secret(self.engine, f"webhook:{token_id}", new_webhook_secret)
 
     def authenticate(self, secret: str) -> TokenInfo | None:
         """The active token whose secret this is, or None."""

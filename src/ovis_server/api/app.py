@@ -20,8 +20,11 @@ from ovis_server.api.errors import install_error_handlers
 from ovis_server.api.metrics import CONTENT_TYPE, render_metrics
 from ovis_server.api.protocol import Health, Readiness
 from ovis_server.api.serving import RequestService
+from ovis_server.api.stream import StatusHub
+from ovis_server.api.webhooks import WebhookDispatcher
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
+from ovis_server.jobs.deliveries import DeliveryStore
 from ovis_server.jobs.retention import RetentionSweeper
 from ovis_server.jobs.store import JobStore
 from ovis_server.jobs.workers import WorkerRegistry
@@ -46,12 +49,22 @@ def create_app(settings: Settings) -> FastAPI:
         interval_seconds=settings.cleanup_interval_seconds,
     )
 
+    hub = StatusHub(store)
+    tokens = TokenStore(db)
+    service = RequestService(store, file_store, settings)
+    deliveries = DeliveryStore(db)
+    dispatcher = WebhookDispatcher(deliveries, service, tokens, settings.webhook_schedule)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         sweeper.start()
+        await hub.start()
+        await dispatcher.start()
         try:
             yield
         finally:
+            await dispatcher.stop()
+            await hub.stop()
             sweeper.stop()
 
     app = FastAPI(
@@ -66,10 +79,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.db = db
     app.state.store = store
-    app.state.tokens = TokenStore(db)
+    app.state.tokens = tokens
     app.state.workers = registry
     app.state.files = file_store
-    app.state.service = RequestService(store, file_store, settings)
+    app.state.service = service
+    app.state.hub = hub
     install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(files.router)
@@ -118,7 +132,8 @@ def create_app(settings: Settings) -> FastAPI:
     def metrics() -> PlainTextResponse:
         """Queue, job, timing and worker metrics in Prometheus' text format."""
         return PlainTextResponse(
-            render_metrics(store, registry, alive_within), media_type=CONTENT_TYPE
+            render_metrics(store, registry, alive_within, deliveries.counts(), hub.open_streams),
+            media_type=CONTENT_TYPE,
         )
 
     @app.get("/", include_in_schema=False)

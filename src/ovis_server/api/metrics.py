@@ -37,7 +37,15 @@ def _histogram(
     return lines
 
 
-def render_metrics(store: JobStore, workers: WorkerRegistry, alive_within: float) -> str:
+def render_metrics(
+    store: JobStore,
+    workers: WorkerRegistry,
+    alive_within: float,
+    webhooks: dict[str, int],
+    open_streams: int,
+) -> str:
+    """The metrics; ``webhooks`` counts messages by state, ``open_streams`` is this
+    process's own."""
     counts = store.status_counts()
     timings = store.timings()
     now = datetime.now(UTC)
@@ -97,4 +105,13 @@ def render_metrics(store: JobStore, workers: WorkerRegistry, alive_within: float
         if worker.memory_bytes is not None:
             labels = f'worker="{_label(worker.id)}",device="{_label(worker.device)}"'
             lines.append(f"ovis_device_memory_bytes{{{labels}}} {worker.memory_bytes}")
+    lines += [
+        "# HELP ovis_webhook_messages Webhook messages kept, by state (pending: not yet "
+        "taken by the receiver, failed: out of retries).",
+        "# TYPE ovis_webhook_messages gauge",
+        *(f'ovis_webhook_messages{{state="{state}"}} {n}' for state, n in webhooks.items()),
+        "# HELP ovis_status_streams_open Status streams open on this API process.",
+        "# TYPE ovis_status_streams_open gauge",
+        f"ovis_status_streams_open {open_streams}",
+    ]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
 from ovis_server.api.auth import Caller, authenticate
 from ovis_server.api.protocol import (
@@ -18,7 +19,8 @@ from ovis_server.api.protocol import (
     StatusResponse,
     SubmitResponse,
 )
-from ovis_server.api.serving import RequestService
+from ovis_server.api.serving import RequestService, Webhook
+from ovis_server.api.stream import StatusHub, status_events
 from ovis_server.catalogue import OvisImageInput
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
@@ -96,6 +98,18 @@ async def submit(
             "within N seconds, else with the usual submit answer."
         ),
     ] = None,
+    webhook: Annotated[
+        str | None,
+        Query(
+            max_length=2000,
+            description="An http(s) URL that gets the result body, signed, when the job "
+            "ends (or send a `webhook` field in the body).",
+        ),
+    ] = None,
+    webhook_intermediate_status: Annotated[
+        bool | None,
+        Query(description="Also POST the status body on every status change."),
+    ] = None,
 ) -> SubmitResponse | ResultResponse:
     # The body is read here rather than declared, so that an unknown model answers 404
     # before its body is judged against a schema it does not have.
@@ -107,6 +121,7 @@ async def submit(
         body=body,
         base_url=base_url(request),
         idempotency_key=idempotency_key,
+        webhook=Webhook(webhook, webhook_intermediate_status),
     )
     wait = wait_preference(prefer)
     if wait:
@@ -162,6 +177,31 @@ def get_status(
 )
 def get_result(request_id: str, request: Request, caller: CallerDep) -> ResultResponse:
     return service(request).result(caller.token_id, request_id, base_url(request))
+
+
+@router.get(
+    "/requests/{request_id}/stream",
+    response_class=StreamingResponse,
+    responses={
+        **_REQUEST_ERRORS,
+        200: {
+            "description": "Server-sent events: `status` (the status body) on every change, "
+            "then `result` (the result body) once final, then the stream ends; a "
+            "`: keep-alive` comment every 15 s of quiet.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
+)
+async def stream_status(request_id: str, request: Request, caller: CallerDep) -> StreamingResponse:
+    svc = service(request)
+    await run_in_threadpool(svc.owned_job, caller.token_id, request_id)
+    hub: StatusHub = request.app.state.hub
+    return StreamingResponse(
+        status_events(svc, hub, request_id, base_url(request)),
+        media_type="text/event-stream",
+        # Proxies must pass each event on as it comes (nginx buffers unless told not to).
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.post(

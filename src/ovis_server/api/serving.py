@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import httpx
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
@@ -49,6 +52,8 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spa
 # A full queue clears at the pace of the GPU; clients come back after this long.
 QUEUE_FULL_RETRY_SECONDS = 10
 WAIT_POLL_SECONDS = 0.1
+MAX_WEBHOOK_URL = 2000
+WEBHOOK_FIELDS = frozenset({"webhook", "webhook_intermediate_status"})
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -94,6 +99,53 @@ def job_log(job: Job) -> list[LogLine]:
             ending += f": {job.error_type}: {job.error_message}"
         lines.append(LogLine(timestamp=iso(job.finished_at) or "", message=ending))
     return lines
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where a job's webhooks go: from the submit's query, or else from its body."""
+
+    url: str | None = None
+    intermediate: bool | None = None
+
+    def merged(self, body: dict[str, Any]) -> Webhook:
+        """Take the webhook fields out of ``body`` and settle what the submit asks for."""
+        url = body.pop("webhook", None)
+        intermediate = body.pop("webhook_intermediate_status", None)
+        if url is not None and not isinstance(url, str):
+            raise ApiError(422, INVALID_INPUT, "webhook: must be a URL string")
+        if intermediate is not None and not isinstance(intermediate, bool):
+            raise ApiError(422, INVALID_INPUT, "webhook_intermediate_status: must be a boolean")
+        merged = Webhook(
+            self.url if self.url is not None else url,
+            self.intermediate if self.intermediate is not None else intermediate,
+        )
+        if merged.url is not None:
+            check_webhook_url(merged.url)
+        elif merged.intermediate:
+            raise ApiError(
+                422, INVALID_INPUT, "webhook_intermediate_status: needs a webhook URL too"
+            )
+        return merged
+
+
+def check_webhook_url(url: str) -> None:
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError):
+        parsed = None
+    if (
+        parsed is None
+        or parsed.scheme not in ("http", "https")
+        or not parsed.host
+        or len(url) > MAX_WEBHOOK_URL
+    ):
+        raise ApiError(
+            422,
+            INVALID_INPUT,
+            f"webhook: {url[:100]!r} is not an absolute http(s) URL of at most "
+            f"{MAX_WEBHOOK_URL} characters",
+        )
 
 
 class RequestService:
@@ -144,14 +196,29 @@ class RequestService:
         body: bytes,
         base_url: str,
         idempotency_key: str | None = None,
+        webhook: Webhook | None = None,
     ) -> SubmitResponse:
         spec = self._spec(model_id)
+        webhook = webhook or Webhook()
+        fields: Any = None
+        if b'"webhook' in body:
+            with contextlib.suppress(ValueError):
+                fields = json.loads(body)
+        if isinstance(fields, dict) and WEBHOOK_FIELDS & fields.keys():
+            webhook = webhook.merged(fields)  # takes them out: they are not model input
+            body = json.dumps(fields).encode()
+        else:
+            webhook = webhook.merged({})
         try:
             validated = spec.input_model.model_validate_json(body or b"{}")
         except ValidationError as exc:
             raise validation_failed(exc.errors(include_url=False)) from None
         canonical = validated.model_dump_json()
-        request_hash = hashlib.sha256(f"{spec.model_id}\n{canonical}".encode()).hexdigest()
+        asked = f"{spec.model_id}\n{canonical}"
+        if webhook.url is not None:
+            # Part of what is asked: a retry that changes the webhook is a new request.
+            asked += f"\n{webhook.url}\n{bool(webhook.intermediate)}"
+        request_hash = hashlib.sha256(asked.encode()).hexdigest()
         try:
             if idempotency_key is not None:
                 if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
@@ -174,6 +241,9 @@ class RequestService:
                 batch_key=validated.batch_key(spec.model_id),
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
+                webhook_url=webhook.url,
+                webhook_intermediate=bool(webhook.intermediate),
+                base_url=base_url,
             )
         except IdempotencyConflictError as exc:
             raise ApiError(
@@ -213,7 +283,7 @@ class RequestService:
                     QUEUE_FULL_RETRY_SECONDS,
                 )
 
-    def _owned_job(self, token_id: str, request_id: str) -> Job:
+    def owned_job(self, token_id: str, request_id: str) -> Job:
         job = self.store.get(request_id) if REQUEST_ID_PATTERN.fullmatch(request_id) else None
         if job is None:
             raise request_not_found(request_id)
@@ -233,16 +303,20 @@ class RequestService:
     def status(
         self, token_id: str, request_id: str, base_url: str, logs: bool = False
     ) -> StatusResponse:
-        job = self._owned_job(token_id, request_id)
-        urls = self._urls(base_url, request_id)
+        job = self.owned_job(token_id, request_id)
+        position = self.store.queue_position(job) if job.status == JobStatus.QUEUED else None
+        return self.status_body(job, base_url, position, logs)
+
+    def status_body(
+        self, job: Job, base_url: str, queue_position: int | None, logs: bool = False
+    ) -> StatusResponse:
+        urls = self._urls(base_url, job.id)
         return StatusResponse(
             request_id=job.id,
             status=STATUS_WORDS[job.status],
             status_url=urls["status_url"],
             result_url=urls["result_url"],
-            queue_position=(
-                self.store.queue_position(job) if job.status == JobStatus.QUEUED else None
-            ),
+            queue_position=queue_position if job.status == JobStatus.QUEUED else None,
             progress=(
                 Progress(step=job.progress_step, total=job.progress_total)
                 if job.status == JobStatus.RUNNING
@@ -255,7 +329,7 @@ class RequestService:
         )
 
     def result(self, token_id: str, request_id: str, base_url: str) -> ResultResponse:
-        return self._result(self._owned_job(token_id, request_id), base_url)
+        return self.result_body(self.owned_job(token_id, request_id), base_url)
 
     def list_requests(
         self, token_id: str, limit: int, cursor: str | None, base_url: str
@@ -269,11 +343,11 @@ class RequestService:
         more = len(page) > limit
         page = page[:limit]
         return RequestList(
-            requests=[self._result(job, base_url) for job in page],
+            requests=[self.result_body(job, base_url) for job in page],
             next_cursor=str(page[-1].seq) if more else None,
         )
 
-    def _result(self, job: Job, base_url: str) -> ResultResponse:
+    def result_body(self, job: Job, base_url: str) -> ResultResponse:
         output: dict[str, str | list[str]] | None = None
         error: JobError | None = None
         if job.status == JobStatus.SUCCEEDED:
@@ -308,15 +382,15 @@ class RequestService:
         """The result body once the job is final, or None if it is not within ``seconds``."""
         deadline = time.monotonic() + seconds
         while True:
-            job = await run_in_threadpool(self._owned_job, token_id, request_id)
+            job = await run_in_threadpool(self.owned_job, token_id, request_id)
             if job.status.is_final:
-                return self._result(job, base_url)
+                return self.result_body(job, base_url)
             if time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(min(WAIT_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
 
     def cancel(self, token_id: str, request_id: str) -> CancelResponse:
-        self._owned_job(token_id, request_id)
+        self.owned_job(token_id, request_id)
         answer = self.store.request_cancel(request_id)
         if answer is None:
             raise request_not_found(request_id)

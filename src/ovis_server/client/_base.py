@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -69,6 +70,40 @@ def retry_delay(response: httpx.Response | None, attempt: int, settings: ClientS
         except ValueError:
             pass
     return float(min(settings.backoff * 2**attempt, MAX_DELAY))
+
+
+# A server without status streams (RunComfy's hosted API) answers the stream route so; the
+# client then polls instead.
+NO_STREAM = frozenset({404, 405, 501})
+# Longer than the server's 15 s keep-alive, whatever the client's own timeout.
+STREAM_READ_TIMEOUT = 45.0
+
+
+def stream_timeout(settings: ClientSettings) -> httpx.Timeout:
+    return httpx.Timeout(settings.timeout, read=max(settings.timeout, STREAM_READ_TIMEOUT))
+
+
+class ServerSentEvents:
+    """Reads ``text/event-stream`` a line at a time: (event name, JSON data) per event."""
+
+    def __init__(self) -> None:
+        self._name = "message"
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, Any] | None:
+        if not line:  # a blank line ends an event
+            name, data = self._name, self._data
+            self._name, self._data = "message", []
+            return (name, json.loads("\n".join(data))) if data else None
+        if line.startswith(":"):  # a comment: the keep-alive
+            return None
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            self._name = value
+        elif field == "data":
+            self._data.append(value)
+        return None
 
 
 def parse(response: httpx.Response) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -13,13 +13,16 @@ import httpx
 
 from ovis_server.client._base import (
     DEFAULT_MODEL,
+    NO_STREAM,
     ClientSettings,
+    ServerSentEvents,
     parse,
     retry_delay,
     should_retry,
+    stream_timeout,
     submit_request,
 )
-from ovis_server.client.errors import JobFailedError, WaitTimeoutError
+from ovis_server.client.errors import ApiError, JobFailedError, WaitTimeoutError
 from ovis_server.client.models import Cancellation, Result, Status, Submission
 
 ProgressCallback = Callable[[Status], Awaitable[None] | None]
@@ -82,6 +85,27 @@ class AsyncClient:
         body = await self._call("POST", f"/v1/requests/{request_id}/cancel")
         return Cancellation.model_validate(body)
 
+    async def stream(self, request_id: str) -> AsyncIterator[Status | Result]:
+        """The request's status stream: a Status on every change, then the Result."""
+        path = f"/v1/requests/{request_id}/stream"
+        async with self._http.stream(
+            "GET", path, headers=self.settings.headers(), timeout=stream_timeout(self.settings)
+        ) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                parse(response)
+            events = ServerSentEvents()
+            async for line in response.aiter_lines():
+                event = events.feed(line)
+                if event is None:
+                    continue
+                name, data = event
+                if name == "status":
+                    yield Status.model_validate(data)
+                elif name == "result":
+                    yield Result.model_validate(data)
+                    return
+
     async def wait(
         self,
         request_id: str,
@@ -89,9 +113,30 @@ class AsyncClient:
         on_progress: ProgressCallback | None = None,
         poll_interval: float = 0.5,
         timeout: float | None = None,
+        stream: bool = True,
     ) -> Result:
+        """Follow the status stream (or poll where there is none) until the request is final."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last: Status | None = None
+        if stream:
+            try:
+                async for item in self.stream(request_id):
+                    if isinstance(item, Result):
+                        return item
+                    if on_progress is not None:
+                        outcome = on_progress(item)
+                        if outcome is not None:
+                            await outcome
+                    last = item
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise WaitTimeoutError(
+                            f"request {request_id} not finished after {timeout}s"
+                        )
+            except ApiError as exc:
+                if exc.status_code not in NO_STREAM:
+                    raise
+            except httpx.TransportError:
+                pass  # the stream broke off: polling takes over
         while True:
             current = await self.status(request_id)
             if on_progress is not None and current != last:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -12,13 +12,16 @@ import httpx
 
 from ovis_server.client._base import (
     DEFAULT_MODEL,
+    NO_STREAM,
     ClientSettings,
+    ServerSentEvents,
     parse,
     retry_delay,
     should_retry,
+    stream_timeout,
     submit_request,
 )
-from ovis_server.client.errors import JobFailedError, WaitTimeoutError
+from ovis_server.client.errors import ApiError, JobFailedError, WaitTimeoutError
 from ovis_server.client.models import Cancellation, Result, Status, Submission
 
 
@@ -84,6 +87,29 @@ class Client:
     def cancel(self, request_id: str) -> Cancellation:
         return Cancellation.model_validate(self._call("POST", f"/v1/requests/{request_id}/cancel"))
 
+    def stream(self, request_id: str) -> Iterator[Status | Result]:
+        """The request's status stream: a Status on every change, then the Result once it
+        is final. Raises ApiError like the other calls (NotFoundError, 404, also where a
+        server has no streams)."""
+        path = f"/v1/requests/{request_id}/stream"
+        with self._http.stream(
+            "GET", path, headers=self.settings.headers(), timeout=stream_timeout(self.settings)
+        ) as response:
+            if response.status_code >= 400:
+                response.read()
+                parse(response)
+            events = ServerSentEvents()
+            for line in response.iter_lines():
+                event = events.feed(line)
+                if event is None:
+                    continue
+                name, data = event
+                if name == "status":
+                    yield Status.model_validate(data)
+                elif name == "result":
+                    yield Result.model_validate(data)
+                    return
+
     def wait(
         self,
         request_id: str,
@@ -91,10 +117,32 @@ class Client:
         on_progress: Callable[[Status], None] | None = None,
         poll_interval: float = 0.5,
         timeout: float | None = None,
+        stream: bool = True,
     ) -> Result:
-        """Poll until the request is final; ``on_progress`` sees every new status."""
+        """Wait until the request is final; ``on_progress`` sees every new status.
+
+        Follows the status stream where the server has one (every step is seen), and
+        polls every ``poll_interval`` seconds where it has not or the stream breaks off.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         last: Status | None = None
+        if stream:
+            try:
+                for item in self.stream(request_id):
+                    if isinstance(item, Result):
+                        return item
+                    if on_progress is not None:
+                        on_progress(item)
+                    last = item
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise WaitTimeoutError(
+                            f"request {request_id} not finished after {timeout}s"
+                        )
+            except ApiError as exc:
+                if exc.status_code not in NO_STREAM:
+                    raise
+            except httpx.TransportError:
+                pass  # the stream broke off: polling takes over
         while True:
             current = self.status(request_id)
             if on_progress is not None and current != last:

@@ -1,0 +1,224 @@
+"""Server-sent status streams: one poller per API process, fanned out to every open stream.
+
+Every state change of every job is appended to the event log in the transaction that
+makes it (see ``JobStore``). The hub tails that log with one query per tick, however many
+streams are open, and hands each event to the streams watching its job; for watched jobs
+that wait in the queue it also works out their positions, again in one query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from pydantic import BaseModel
+
+from ovis_server.api.serving import RequestService
+from ovis_server.jobs.job import Job, JobEvent, JobStatus
+from ovis_server.jobs.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+# How often the hub reads the log while streams are open, and while none are.
+ACTIVE_INTERVAL = 0.05
+IDLE_INTERVAL = 0.5
+# On PostgreSQL a seq can commit after a larger one; a hole in the log is waited for this
+# long before it is taken for a rolled-back insert and skipped.
+GAP_SECONDS = 5.0
+BATCH = 1000
+
+
+@dataclass(frozen=True)
+class QueueMove:
+    """A watched job's new place in the queue."""
+
+    request_id: str
+    position: int
+
+
+Update = JobEvent | QueueMove
+
+
+class StatusHub:
+    """Tails the job event log and fans events out to per-stream queues."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self._watchers: dict[str, set[asyncio.Queue[Update]]] = defaultdict(set)
+        self._queued: set[str] = set()  # watched jobs that may be waiting in the queue
+        self._positions: dict[str, int] = {}
+        self._recount = False
+        self._cursor = 0
+        self._seen: set[int] = set()  # seqs above the cursor already handed out
+        self._holes: dict[int, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def open_streams(self) -> int:
+        return sum(len(queues) for queues in self._watchers.values())
+
+    async def start(self) -> None:
+        self._cursor = await asyncio.to_thread(self.store.last_event_seq)
+        self._task = asyncio.create_task(self._run(), name="status-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def subscribe(self, request_id: str) -> asyncio.Queue[Update]:
+        """A queue that receives every later event of ``request_id``, and its moves in the
+        queue while it waits there."""
+        queue: asyncio.Queue[Update] = asyncio.Queue()
+        self._watchers[request_id].add(queue)
+        # Until the next count says otherwise, the job may be waiting in the queue.
+        self._queued.add(request_id)
+        self._recount = True
+        return queue
+
+    def unsubscribe(self, request_id: str, queue: asyncio.Queue[Update]) -> None:
+        queues = self._watchers.get(request_id)
+        if queues is None:
+            return
+        queues.discard(queue)
+        if not queues:
+            del self._watchers[request_id]
+            self._queued.discard(request_id)
+            self._positions.pop(request_id, None)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                busy = await self._tick()
+            except Exception:
+                logger.exception("status stream poller failed; trying again")
+                busy = False
+            if not busy:
+                await asyncio.sleep(ACTIVE_INTERVAL if self._watchers else IDLE_INTERVAL)
+
+    async def _tick(self) -> bool:
+        """Read and hand out new events; True if there may be more to read at once."""
+        events = await asyncio.to_thread(self.store.events_after, self._cursor, BATCH)
+        fresh = [event for event in events if event.seq not in self._seen]
+        for event in fresh:
+            self._seen.add(event.seq)
+            self._dispatch(event)
+        self._advance()
+        if fresh:
+            # Any job leaving the queue moves those behind it.
+            self._recount = True
+        if self._recount and self._queued:
+            self._recount = False
+            watched = list(self._queued)
+            positions = await asyncio.to_thread(self.store.queue_positions, watched)
+            self._queued.difference_update(set(watched) - positions.keys())
+            for request_id, position in positions.items():
+                if self._positions.get(request_id) != position:
+                    self._positions[request_id] = position
+                    self._send(QueueMove(request_id, position))
+        return len(events) == BATCH and bool(fresh)
+
+    def _dispatch(self, event: JobEvent) -> None:
+        if event.request_id not in self._watchers:
+            return
+        if event.status == JobStatus.QUEUED:
+            self._queued.add(event.request_id)
+        else:
+            self._queued.discard(event.request_id)
+            self._positions.pop(event.request_id, None)
+        self._send(event)
+
+    def _send(self, update: Update) -> None:
+        for queue in self._watchers.get(update.request_id, ()):
+            queue.put_nowait(update)
+
+    def _advance(self) -> None:
+        """Move the cursor over every seq handed out, and over holes waited on too long."""
+        now = time.monotonic()
+        while self._seen:
+            following = self._cursor + 1
+            if following in self._seen:
+                self._seen.discard(following)
+                self._holes.pop(following, None)
+                self._cursor = following
+                continue
+            first_missed = self._holes.setdefault(following, now)
+            if now - first_missed < GAP_SECONDS:
+                break
+            del self._holes[following]
+            self._cursor = following
+
+
+KEEPALIVE_SECONDS = 15.0
+
+
+def _apply(job: Job, event: JobEvent) -> Job:
+    """The job as it stands after ``event``."""
+    started = job.started_at
+    if event.status == JobStatus.RUNNING and job.status != JobStatus.RUNNING:
+        started = event.at
+    elif event.status == JobStatus.QUEUED:
+        started = None
+    return replace(
+        job,
+        status=event.status,
+        progress_step=event.step,
+        progress_total=event.total,
+        started_at=started,
+        finished_at=event.at if event.status.is_final else None,
+    )
+
+
+def _sse(event: str, body: BaseModel) -> str:
+    return f"event: {event}\ndata: {body.model_dump_json(exclude_none=True)}\n\n"
+
+
+async def status_events(
+    service: RequestService, hub: StatusHub, request_id: str, base_url: str
+) -> AsyncIterator[str]:
+    """The server-sent events of one stream: a ``status`` event for the state the job is
+    in and for every change after it, a keep-alive comment when nothing happened for 15 s,
+    and once the job is final its ``result`` event, after which the stream ends."""
+    store = service.store
+    queue = hub.subscribe(request_id)
+    try:
+        # Subscribed first, read second: no event falls between the two.
+        snapshot = await asyncio.to_thread(store.snapshot, request_id)
+        if snapshot is None:
+            return
+        job, known = snapshot
+        position = None
+        if job.status == JobStatus.QUEUED:
+            position = await asyncio.to_thread(store.queue_position, job)
+        while True:
+            if job.status.is_final:
+                final = await asyncio.to_thread(store.get, request_id) or job
+                yield _sse("status", service.status_body(final, base_url, None))
+                yield _sse("result", service.result_body(final, base_url))
+                return
+            sent = _sse("status", service.status_body(job, base_url, position))
+            yield sent
+            while True:
+                try:
+                    update = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if isinstance(update, QueueMove):
+                    position = update.position
+                elif update.seq > known:
+                    job = _apply(job, update)
+                if job.status.is_final:
+                    break
+                current = _sse("status", service.status_body(job, base_url, position))
+                if current != sent:
+                    sent = current
+                    yield sent
+    finally:
+        hub.unsubscribe(request_id, queue)
