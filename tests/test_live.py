@@ -351,3 +351,26 @@ def test_signatures_match_the_reference_implementation() -> None:
         verify_webhook(body, headers, secret, now=stamp + 600)
     with pytest.raises(WebhookVerificationError):
         verify_webhook(body, {**headers, "webhook-id": "msg_2"}, secret)
+
+
+def test_shutdown_ends_open_streams(tmp_path: Path, tiny_weights: Path, cluster: Cluster) -> None:
+    server = start_server(tmp_path, tiny_weights, "--no-worker")
+    cluster.servers.append(server)
+    token, _ = token_with_webhook_secret(tmp_path, "shutdown")
+    names: list[str] = []
+    with server.client(token) as client:
+        waiting = submit(client, **FAST, num_inference_steps=2)
+
+        def read() -> None:
+            with client.stream("GET", f"/v1/requests/{waiting}/stream") as response:
+                names.extend(name for name, _ in sse_events(response.iter_lines()))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        wait_for(lambda: names == ["status"], timeout=30)
+        began = time.monotonic()
+        assert server.stop(timeout=20) == 0
+        reader.join(timeout=10)
+    assert not reader.is_alive()
+    assert time.monotonic() - began < 10, "an open stream does not hold the shutdown up"
+    assert names == ["status"], "no result: the job never ran"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from ovis_server.db.connect import alembic_config, connect, migrate, sqlite_url
 from ovis_server.db.schema import metadata
 from ovis_server.jobs.deliveries import DeliveryStore
 from ovis_server.jobs.job import CancelOutcome, JobStatus, StoredOutput
-from ovis_server.jobs.store import JobStore, LeaseLostError
+from ovis_server.jobs.store import JobStore, LeaseLostError, utcnow
 
 from .conftest import BACKENDS, fresh_postgres_database
 
@@ -253,11 +254,21 @@ def test_every_state_change_is_logged_and_owes_its_webhooks(store: JobStore) -> 
     assert deliveries.claim_due(100, 60) == [], "held messages are not handed out twice"
     schedule = (0.0, 0.0)
     final = next(m for m in owed if m.status == JobStatus.SUCCEEDED)
-    assert deliveries.record_attempt(final.id, "HTTP 500", schedule) == "pending"
-    assert [m.id for m in deliveries.claim_due(100, 60)] == [final.id]
-    assert deliveries.record_attempt(final.id, "HTTP 500", schedule) == "failed"
-    assert deliveries.record_attempt(owed[0].id, None, schedule) == "delivered"
-    assert deliveries.counts() == {"pending": 3 - 1, "delivered": 1, "failed": 1}
+    assert deliveries.record_attempt(final, "HTTP 500", schedule) == "pending"
+    (again,) = deliveries.claim_due(100, 60)
+    assert again.id == final.id
+    assert deliveries.record_attempt(final, "HTTP 500", schedule) == "lost", "an old hold"
+    assert deliveries.record_attempt(again, "HTTP 500", schedule) == "failed"
+    first = next(m for m in owed if m.step == 0)
+    assert deliveries.record_attempt(first, None, schedule) == "delivered"
+    assert deliveries.counts() == {"pending": 2, "delivered": 1, "failed": 1}
+    # A finished job that still owes messages outlives retention until they are settled.
+    late = utcnow() + timedelta(days=1)
+    assert [job.id for job in store.finished_before(late)] == ["dropped"]
+    for message in owed:
+        if message.status == JobStatus.RUNNING and message.step > 0:
+            deliveries.give_up(message.id, "test")
+    assert [job.id for job in store.finished_before(late)] == ["hooked", "dropped"]
     store.delete(["hooked"])
     assert deliveries.counts() == {"pending": 0, "delivered": 0, "failed": 0}
     assert all(event.request_id != "hooked" for event in store.events_after(0))

@@ -487,7 +487,7 @@ def serve(
     """Serve the Model API, with a worker process beside it that runs the model."""
     import uvicorn
 
-    from ovis_server.api.app import create_app
+    from ovis_server.api.app import GRACEFUL_SHUTDOWN_SECONDS, ApiServer, create_app
     from ovis_server.worker.supervisor import (
         WorkerSupervisor,
         worker_command,
@@ -549,9 +549,15 @@ def serve(
     if supervisor is not None:
         supervisor.start()
     try:
-        uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level=log_level, proxy_headers=True)
-        ).run()
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            proxy_headers=True,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
+        ApiServer(config, app.state.hub).run()
     finally:
         if supervisor is not None:
             supervisor.stop()

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, PlainTextResponse
@@ -32,6 +34,21 @@ from ovis_server.storage import open_file_store
 from ovis_server.tokens import TokenStore
 
 STATIC = Path(__file__).parent / "static"
+# Connections still busy this long after the server is told to stop are cut.
+GRACEFUL_SHUTDOWN_SECONDS = 30
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn, ending open status streams as soon as it is told to stop: it waits for
+    every connection to close before it shuts down, and a stream would not by itself."""
+
+    def __init__(self, config: uvicorn.Config, hub: StatusHub) -> None:
+        super().__init__(config)
+        self.hub = hub
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self.hub.close_streams_soon()
 
 
 def create_app(settings: Settings) -> FastAPI:

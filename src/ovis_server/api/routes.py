@@ -20,7 +20,7 @@ from ovis_server.api.protocol import (
     SubmitResponse,
 )
 from ovis_server.api.serving import RequestService, Webhook
-from ovis_server.api.stream import StatusHub, status_events
+from ovis_server.api.stream import StatusHub, status_events, wait_final
 from ovis_server.catalogue import OvisImageInput
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
@@ -125,12 +125,11 @@ async def submit(
     )
     wait = wait_preference(prefer)
     if wait:
-        finished = await service(request).wait_for_result(
-            caller.token_id, submitted.request_id, base_url(request), wait
-        )
+        svc = service(request)
+        finished = await wait_final(request.app.state.hub, svc.store, submitted.request_id, wait)
         if finished is not None:
             response.headers["Preference-Applied"] = f"wait={wait}"
-            return finished
+            return svc.result_body(finished, base_url(request))
     return submitted
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -15,7 +14,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from ovis_server.api.errors import (
@@ -51,7 +49,6 @@ from ovis_server.storage.base import REQUEST_ID_PATTERN, FileStore
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 # A full queue clears at the pace of the GPU; clients come back after this long.
 QUEUE_FULL_RETRY_SECONDS = 10
-WAIT_POLL_SECONDS = 0.1
 MAX_WEBHOOK_URL = 2000
 WEBHOOK_FIELDS = frozenset({"webhook", "webhook_intermediate_status"})
 
@@ -375,19 +372,6 @@ class RequestService:
             started_at=iso(job.started_at),
             finished_at=iso(job.finished_at),
         )
-
-    async def wait_for_result(
-        self, token_id: str, request_id: str, base_url: str, seconds: float
-    ) -> ResultResponse | None:
-        """The result body once the job is final, or None if it is not within ``seconds``."""
-        deadline = time.monotonic() + seconds
-        while True:
-            job = await run_in_threadpool(self.owned_job, token_id, request_id)
-            if job.status.is_final:
-                return self.result_body(job, base_url)
-            if time.monotonic() >= deadline:
-                return None
-            await asyncio.sleep(min(WAIT_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
 
     def cancel(self, token_id: str, request_id: str) -> CancelResponse:
         self.owned_job(token_id, request_id)

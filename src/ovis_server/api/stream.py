@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
 
 from pydantic import BaseModel
@@ -24,12 +24,16 @@ from ovis_server.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
 
-# How often the hub reads the log while streams are open, and while none are.
+# How often the hub reads the log while streams are open, and while none are; and how
+# long it waits after the database failed before it tries again.
 ACTIVE_INTERVAL = 0.05
 IDLE_INTERVAL = 0.5
-# On PostgreSQL a seq can commit after a larger one; a hole in the log is waited for this
-# long before it is taken for a rolled-back insert and skipped.
+ERROR_INTERVAL = 2.0
+# On PostgreSQL a seq can commit after a larger one; a hole in the log is looked for this
+# long before it is taken for a rolled-back insert and skipped. (A stream that missed an
+# event all the same catches up from the job's row at its next keep-alive.)
 GAP_SECONDS = 5.0
+MAX_HOLES = 1000
 BATCH = 1000
 
 
@@ -41,42 +45,71 @@ class QueueMove:
     position: int
 
 
-Update = JobEvent | QueueMove
+@dataclass(frozen=True)
+class Closing:
+    """The server is shutting down: streams end now rather than hold the shutdown up."""
+
+
+Update = JobEvent | QueueMove | Closing
+
+
+def _moves_the_queue(event: JobEvent) -> bool:
+    """Whether this event can change other jobs' queue positions: a job was claimed, left
+    the queue cancelled, or came back to it."""
+    return event.status in (JobStatus.QUEUED, JobStatus.CANCELLED) or (
+        event.status == JobStatus.RUNNING and event.step == 0
+    )
 
 
 class StatusHub:
-    """Tails the job event log and fans events out to per-stream queues."""
+    """Tails the job event log and fans events out to per-stream queues.
+
+    Everything but the database reads runs on the event loop, so the hub's state needs no
+    lock; ``open_streams`` is a plain counter that other threads may read.
+    """
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
+        self.open_streams = 0
         self._watchers: dict[str, set[asyncio.Queue[Update]]] = defaultdict(set)
         self._queued: set[str] = set()  # watched jobs that may be waiting in the queue
         self._positions: dict[str, int] = {}
         self._recount = False
-        self._cursor = 0
+        self._cursor = 0  # every seq up to here has been handed out (or given up on)
         self._seen: set[int] = set()  # seqs above the cursor already handed out
-        self._holes: dict[int, float] = {}
+        self._holes: dict[int, float] = {}  # seqs above the cursor not seen yet, since when
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def open_streams(self) -> int:
-        return sum(len(queues) for queues in self._watchers.values())
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._cursor = await asyncio.to_thread(self.store.last_event_seq)
         self._task = asyncio.create_task(self._run(), name="status-hub")
 
     async def stop(self) -> None:
+        self.close_streams()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def close_streams(self) -> None:
+        """End every open stream (at shutdown)."""
+        for queues in self._watchers.values():
+            for queue in queues:
+                queue.put_nowait(Closing())
+
+    def close_streams_soon(self) -> None:
+        """``close_streams`` from a signal handler or another thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.close_streams)
 
     def subscribe(self, request_id: str) -> asyncio.Queue[Update]:
         """A queue that receives every later event of ``request_id``, and its moves in the
         queue while it waits there."""
         queue: asyncio.Queue[Update] = asyncio.Queue()
         self._watchers[request_id].add(queue)
+        self.open_streams += 1
         # Until the next count says otherwise, the job may be waiting in the queue.
         self._queued.add(request_id)
         self._recount = True
@@ -84,9 +117,10 @@ class StatusHub:
 
     def unsubscribe(self, request_id: str, queue: asyncio.Queue[Update]) -> None:
         queues = self._watchers.get(request_id)
-        if queues is None:
+        if queues is None or queue not in queues:
             return
         queues.discard(queue)
+        self.open_streams -= 1
         if not queues:
             del self._watchers[request_id]
             self._queued.discard(request_id)
@@ -98,21 +132,22 @@ class StatusHub:
                 busy = await self._tick()
             except Exception:
                 logger.exception("status stream poller failed; trying again")
-                busy = False
+                await asyncio.sleep(ERROR_INTERVAL)
+                continue
             if not busy:
                 await asyncio.sleep(ACTIVE_INTERVAL if self._watchers else IDLE_INTERVAL)
 
     async def _tick(self) -> bool:
         """Read and hand out new events; True if there may be more to read at once."""
-        events = await asyncio.to_thread(self.store.events_after, self._cursor, BATCH)
+        top = max(self._seen, default=self._cursor)
+        holes = sorted(self._holes)[:MAX_HOLES]
+        events = await asyncio.to_thread(self.store.events_after, top, BATCH, holes)
         fresh = [event for event in events if event.seq not in self._seen]
         for event in fresh:
             self._seen.add(event.seq)
             self._dispatch(event)
+            self._recount = self._recount or _moves_the_queue(event)
         self._advance()
-        if fresh:
-            # Any job leaving the queue moves those behind it.
-            self._recount = True
         if self._recount and self._queued:
             self._recount = False
             watched = list(self._queued)
@@ -122,7 +157,7 @@ class StatusHub:
                 if self._positions.get(request_id) != position:
                     self._positions[request_id] = position
                     self._send(QueueMove(request_id, position))
-        return len(events) == BATCH and bool(fresh)
+        return sum(event.seq > top for event in events) == BATCH
 
     def _dispatch(self, event: JobEvent) -> None:
         if event.request_id not in self._watchers:
@@ -134,12 +169,13 @@ class StatusHub:
             self._positions.pop(event.request_id, None)
         self._send(event)
 
-    def _send(self, update: Update) -> None:
+    def _send(self, update: QueueMove | JobEvent) -> None:
         for queue in self._watchers.get(update.request_id, ()):
             queue.put_nowait(update)
 
     def _advance(self) -> None:
-        """Move the cursor over every seq handed out, and over holes waited on too long."""
+        """Move the cursor over every seq handed out, and over holes looked for too long;
+        note the holes still to look for."""
         now = time.monotonic()
         while self._seen:
             following = self._cursor + 1
@@ -153,6 +189,10 @@ class StatusHub:
                 break
             del self._holes[following]
             self._cursor = following
+        top = max(self._seen, default=self._cursor)
+        for seq in range(self._cursor + 1, min(top, self._cursor + MAX_HOLES)):
+            if seq not in self._seen:
+                self._holes.setdefault(seq, now)
 
 
 KEEPALIVE_SECONDS = 15.0
@@ -179,13 +219,11 @@ def _sse(event: str, body: BaseModel) -> str:
     return f"event: {event}\ndata: {body.model_dump_json(exclude_none=True)}\n\n"
 
 
-async def status_events(
-    service: RequestService, hub: StatusHub, request_id: str, base_url: str
-) -> AsyncIterator[str]:
-    """The server-sent events of one stream: a ``status`` event for the state the job is
-    in and for every change after it, a keep-alive comment when nothing happened for 15 s,
-    and once the job is final its ``result`` event, after which the stream ends."""
-    store = service.store
+async def follow(
+    hub: StatusHub, store: JobStore, request_id: str
+) -> AsyncGenerator[tuple[Job, int | None] | None, None]:
+    """A job as it changes: (job, queue position) now and on every change, None after each
+    quiet 15 s; ends after the final state, when the job is gone, or at shutdown."""
     queue = hub.subscribe(request_id)
     try:
         # Subscribed first, read second: no event falls between the two.
@@ -196,29 +234,67 @@ async def status_events(
         position = None
         if job.status == JobStatus.QUEUED:
             position = await asyncio.to_thread(store.queue_position, job)
-        while True:
-            if job.status.is_final:
-                final = await asyncio.to_thread(store.get, request_id) or job
-                yield _sse("status", service.status_body(final, base_url, None))
-                yield _sse("result", service.result_body(final, base_url))
-                return
-            sent = _sse("status", service.status_body(job, base_url, position))
-            yield sent
-            while True:
-                try:
-                    update = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
-                except TimeoutError:
-                    yield ": keep-alive\n\n"
+        yield job, position
+        while not job.status.is_final:
+            try:
+                update = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+            except TimeoutError:
+                # Quiet for a while: the job's row says whether an event went astray.
+                snapshot = await asyncio.to_thread(store.snapshot, request_id)
+                if snapshot is None:
+                    return
+                if snapshot[1] <= known:
+                    yield None
                     continue
+                job, known = snapshot
+            else:
+                if isinstance(update, Closing):
+                    return
                 if isinstance(update, QueueMove):
                     position = update.position
                 elif update.seq > known:
-                    job = _apply(job, update)
-                if job.status.is_final:
-                    break
-                current = _sse("status", service.status_body(job, base_url, position))
-                if current != sent:
-                    sent = current
-                    yield sent
+                    job, known = _apply(job, update), update.seq
+                else:
+                    continue
+            yield job, position
     finally:
         hub.unsubscribe(request_id, queue)
+
+
+async def status_events(
+    service: RequestService, hub: StatusHub, request_id: str, base_url: str
+) -> AsyncIterator[str]:
+    """The server-sent events of one stream: a ``status`` event for the state the job is
+    in and for every change after it, a keep-alive comment when nothing happened for 15 s,
+    and once the job is final its ``result`` event, after which the stream ends."""
+    sent = None
+    async with contextlib.aclosing(follow(hub, service.store, request_id)) as changes:
+        async for change in changes:
+            if change is None:
+                yield ": keep-alive\n\n"
+                continue
+            job, position = change
+            if job.status.is_final:
+                final = await asyncio.to_thread(service.store.get, request_id) or job
+                yield _sse("status", service.status_body(final, base_url, None))
+                yield _sse("result", service.result_body(final, base_url))
+                return
+            current = _sse("status", service.status_body(job, base_url, position))
+            if current != sent:
+                sent = current
+                yield current
+
+
+async def wait_final(
+    hub: StatusHub, store: JobStore, request_id: str, seconds: float
+) -> Job | None:
+    """The job once it is final, or None if it is not within ``seconds``."""
+    with contextlib.suppress(TimeoutError):
+        async with (
+            asyncio.timeout(seconds),
+            contextlib.aclosing(follow(hub, store, request_id)) as changes,
+        ):
+            async for change in changes:
+                if change is not None and change[0].status.is_final:
+                    return await asyncio.to_thread(store.get, request_id) or change[0]
+    return None

@@ -102,13 +102,17 @@ class WebhookDispatcher:
                 return
             secret = await asyncio.to_thread(self.tokens.webhook_secret, message.token_id)
             error = await self._post(message, body, secret)
-            state = await asyncio.to_thread(
-                self.deliveries.record_attempt, message.id, error, self.schedule
-            )
         except asyncio.CancelledError:
             raise
+        except Exception as exc:
+            logger.exception("webhook %s could not be sent", message.id)
+            error = f"could not be sent: {type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH]
+        try:
+            state = await asyncio.to_thread(
+                self.deliveries.record_attempt, message, error, self.schedule
+            )
         except Exception:
-            logger.exception("webhook %s could not be sent; its hold will run out", message.id)
+            logger.exception("webhook %s: attempt not recorded; its hold will run out", message.id)
             return
         if error is not None:
             logger.info(
@@ -151,8 +155,9 @@ class WebhookDispatcher:
             "webhook-signature": sign(secret, message.id, timestamp, body),
         }
         try:
-            response = await self._http.post(message.url, content=body, headers=headers)
-        except httpx.TimeoutException:
+            async with asyncio.timeout(TIMEOUT_SECONDS):  # for the whole exchange
+                response = await self._http.post(message.url, content=body, headers=headers)
+        except (TimeoutError, httpx.TimeoutException):
             return f"no answer within {TIMEOUT_SECONDS:g} s"
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH]

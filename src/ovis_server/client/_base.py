@@ -72,9 +72,9 @@ def retry_delay(response: httpx.Response | None, attempt: int, settings: ClientS
     return float(min(settings.backoff * 2**attempt, MAX_DELAY))
 
 
-# A server without status streams (RunComfy's hosted API) answers the stream route so; the
-# client then polls instead.
-NO_STREAM = frozenset({404, 405, 501})
+# A server without status streams (RunComfy's hosted API) answers the stream route so, and
+# a proxy in trouble with one of the others; the client then polls instead.
+NO_STREAM = frozenset({404, 405, 501}) | RETRY_STATUSES
 # Longer than the server's 15 s keep-alive, whatever the client's own timeout.
 STREAM_READ_TIMEOUT = 45.0
 
@@ -84,7 +84,8 @@ def stream_timeout(settings: ClientSettings) -> httpx.Timeout:
 
 
 class ServerSentEvents:
-    """Reads ``text/event-stream`` a line at a time: (event name, JSON data) per event."""
+    """Reads ``text/event-stream`` a line at a time: (event name, JSON data) per event, and
+    ("keep-alive", None) per comment."""
 
     def __init__(self) -> None:
         self._name = "message"
@@ -96,7 +97,7 @@ class ServerSentEvents:
             self._name, self._data = "message", []
             return (name, json.loads("\n".join(data))) if data else None
         if line.startswith(":"):  # a comment: the keep-alive
-            return None
+            return "keep-alive", None
         field, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if field == "event":

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -87,6 +88,13 @@ class AsyncClient:
 
     async def stream(self, request_id: str) -> AsyncIterator[Status | Result]:
         """The request's status stream: a Status on every change, then the Result."""
+        async with contextlib.aclosing(self._stream(request_id)) as items:
+            async for item in items:
+                if item is not None:
+                    yield item
+
+    async def _stream(self, request_id: str) -> AsyncGenerator[Status | Result | None, None]:
+        """``stream``, with a None for each keep-alive."""
         path = f"/v1/requests/{request_id}/stream"
         async with self._http.stream(
             "GET", path, headers=self.settings.headers(), timeout=stream_timeout(self.settings)
@@ -100,7 +108,9 @@ class AsyncClient:
                 if event is None:
                     continue
                 name, data = event
-                if name == "status":
+                if name == "keep-alive":
+                    yield None
+                elif name == "status":
                     yield Status.model_validate(data)
                 elif name == "result":
                     yield Result.model_validate(data)
@@ -120,18 +130,20 @@ class AsyncClient:
         last: Status | None = None
         if stream:
             try:
-                async for item in self.stream(request_id):
-                    if isinstance(item, Result):
-                        return item
-                    if on_progress is not None:
-                        outcome = on_progress(item)
-                        if outcome is not None:
-                            await outcome
-                    last = item
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise WaitTimeoutError(
-                            f"request {request_id} not finished after {timeout}s"
-                        )
+                async with contextlib.aclosing(self._stream(request_id)) as items:
+                    async for item in items:
+                        if isinstance(item, Result):
+                            return item
+                        if item is not None:
+                            if on_progress is not None:
+                                outcome = on_progress(item)
+                                if outcome is not None:
+                                    await outcome
+                            last = item
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise WaitTimeoutError(
+                                f"request {request_id} not finished after {timeout}s"
+                            )
             except ApiError as exc:
                 if exc.status_code not in NO_STREAM:
                     raise

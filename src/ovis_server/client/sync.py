@@ -91,6 +91,12 @@ class Client:
         """The request's status stream: a Status on every change, then the Result once it
         is final. Raises ApiError like the other calls (NotFoundError, 404, also where a
         server has no streams)."""
+        for item in self._stream(request_id):
+            if item is not None:
+                yield item
+
+    def _stream(self, request_id: str) -> Iterator[Status | Result | None]:
+        """``stream``, with a None for each keep-alive."""
         path = f"/v1/requests/{request_id}/stream"
         with self._http.stream(
             "GET", path, headers=self.settings.headers(), timeout=stream_timeout(self.settings)
@@ -104,7 +110,9 @@ class Client:
                 if event is None:
                     continue
                 name, data = event
-                if name == "status":
+                if name == "keep-alive":
+                    yield None
+                elif name == "status":
                     yield Status.model_validate(data)
                 elif name == "result":
                     yield Result.model_validate(data)
@@ -123,17 +131,19 @@ class Client:
 
         Follows the status stream where the server has one (every step is seen), and
         polls every ``poll_interval`` seconds where it has not or the stream breaks off.
+        ``timeout`` is checked on every event, and at least every 15 s (the keep-alive).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last: Status | None = None
         if stream:
             try:
-                for item in self.stream(request_id):
+                for item in self._stream(request_id):
                     if isinstance(item, Result):
                         return item
-                    if on_progress is not None:
-                        on_progress(item)
-                    last = item
+                    if item is not None:
+                        if on_progress is not None:
+                            on_progress(item)
+                        last = item
                     if deadline is not None and time.monotonic() > deadline:
                         raise WaitTimeoutError(
                             f"request {request_id} not finished after {timeout}s"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, func, or_, select, update
+from sqlalchemy import Engine, Row, and_, func, or_, select, update
 
 from ovis_server.db.schema import webhook_deliveries as deliveries
 from ovis_server.jobs.job import JobStatus
@@ -36,6 +36,8 @@ class Delivery:
     total: int
     attempts: int
     created_at: datetime
+    # The hold this process was given: only its holder may record an attempt.
+    claimed_until: datetime | None
 
 
 def _delivery(row: Row[Any]) -> Delivery:
@@ -50,6 +52,7 @@ def _delivery(row: Row[Any]) -> Delivery:
         total=data["total"],
         attempts=data["attempts"],
         created_at=data["created_at"],
+        claimed_until=data["claimed_until"],
     )
 
 
@@ -84,17 +87,25 @@ class DeliveryStore:
         with self.engine.begin() as conn:
             return [_delivery(row) for row in conn.execute(stmt)]
 
-    def record_attempt(self, message_id: str, error: str | None, schedule: Sequence[float]) -> str:
+    def record_attempt(
+        self, message: Delivery, error: str | None, schedule: Sequence[float]
+    ) -> str:
         """Record one attempt (``error`` None: the receiver took it); returns the state the
-        message is in now: delivered, pending (retried later) or failed (out of tries)."""
+        message is in now: delivered, pending (retried later) or failed (out of tries), or
+        "lost" if this process's hold ran out and another took the message over."""
         now = utcnow()
+        held = and_(
+            deliveries.c.id == message.id,
+            deliveries.c.state == PENDING,
+            deliveries.c.claimed_until == message.claimed_until,
+        )
         with self.engine.begin() as conn:
-            attempts = (
-                conn.execute(
-                    select(deliveries.c.attempts).where(deliveries.c.id == message_id)
-                ).scalar_one()
-                + 1
-            )
+            attempts = conn.execute(
+                select(deliveries.c.attempts).where(held).with_for_update()
+            ).scalar_one_or_none()
+            if attempts is None:
+                return "lost"
+            attempts += 1
             values: dict[str, Any] = {"attempts": attempts, "claimed_until": None}
             if error is None:
                 values.update(state=DELIVERED, finished_at=now, last_error=None)
@@ -104,7 +115,7 @@ class DeliveryStore:
                 values.update(
                     last_error=error, next_attempt_at=now + timedelta(seconds=schedule[attempts])
                 )
-            conn.execute(update(deliveries).where(deliveries.c.id == message_id).values(**values))
+            conn.execute(update(deliveries).where(held).values(**values))
         return str(values.get("state", PENDING))
 
     def give_up(self, message_id: str, reason: str) -> None:

@@ -263,11 +263,16 @@ class JobStore:
             ).first()
         return None if row is None else (_job(row), int(row._mapping["latest_event"]))
 
-    def events_after(self, seq: int, limit: int = 1000) -> list[JobEvent]:
-        """Events of all jobs with a larger seq than ``seq``, oldest first."""
-        stmt = select(job_events).where(job_events.c.seq > seq).order_by(job_events.c.seq)
+    def events_after(self, seq: int, limit: int = 1000, also: Sequence[int] = ()) -> list[JobEvent]:
+        """Events of all jobs with a larger seq than ``seq`` (at most ``limit``), and those
+        of the seqs in ``also`` that exist by now, oldest first."""
+        newer = select(job_events).where(job_events.c.seq > seq).order_by(job_events.c.seq)
         with self.engine.connect() as conn:
-            return [_event(row) for row in conn.execute(stmt.limit(limit))]
+            found = [_event(row) for row in conn.execute(newer.limit(limit))]
+            if also:
+                late = select(job_events).where(job_events.c.seq.in_(list(also)))
+                found += [_event(row) for row in conn.execute(late)]
+        return sorted(found, key=lambda event: event.seq)
 
     def last_event_seq(self) -> int:
         stmt = select(func.coalesce(func.max(job_events.c.seq), 0))
@@ -325,12 +330,22 @@ class JobStore:
         return int(count), first
 
     def finished_before(self, cutoff: datetime, limit: int = 500) -> list[Job]:
-        """Jobs that reached a final state before ``cutoff``, oldest first."""
+        """Jobs that reached a final state before ``cutoff``, oldest first, but for those
+        still owing a webhook message (they wait for it to be delivered or given up)."""
+        owing = (
+            select(webhook_deliveries.c.id)
+            .where(
+                webhook_deliveries.c.request_id == jobs.c.id,
+                webhook_deliveries.c.state == "pending",
+            )
+            .exists()
+        )
         stmt = (
             select(jobs)
             .where(
                 jobs.c.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]),
                 jobs.c.finished_at < cutoff,
+                ~owing,
             )
             .order_by(jobs.c.seq)
             .limit(limit)
