@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -74,6 +75,8 @@ def test_generate_watch_progress_cancel_and_screenshot(server: Server, browser: 
     page.select_option("#field-image_size", "portrait_4_3")
     page.fill("#field-num_inference_steps", "40")
     page.fill("#field-seed", "7")
+    paths: list[str] = []
+    page.on("request", lambda request: paths.append(urlsplit(request.url).path))
     page.click("#submit")
 
     progress_values: set[str] = set()
@@ -95,6 +98,8 @@ def test_generate_watch_progress_cancel_and_screenshot(server: Server, browser: 
     )
     assert size == [768, 1024]
     assert "7" in page.text_content("#result-seed")
+    assert any(path.endswith("/stream") for path in paths), paths
+    assert not any(path.endswith("/status") for path in paths), "followed by stream, no polls"
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 

@@ -18,7 +18,9 @@ const OUTCOMES = {
 const $ = (id) => document.getElementById(id);
 // fields: [{name, read}] in schema order; job: {id, prompt, cancelling}. The *Gen counters
 // let a late answer see that a newer load or job has replaced the one it was for.
-const state = { fields: [], ready: false, job: null, cursor: null, modelGen: 0, jobGen: 0, galleryGen: 0 };
+const state = {
+  fields: [], ready: false, job: null, cursor: null, modelGen: 0, jobGen: 0, galleryGen: 0, streamAbort: null,
+};
 
 function apiError(status, message) {
   return Object.assign(new Error(message), { status });
@@ -374,13 +376,67 @@ async function poll(gen, id) {
   else setTimeout(() => poll(gen, id), POLL_MS);
 }
 
+// Splits a text/event-stream into (event, data) pairs; comments (the keep-alive) are skipped.
+function sseEvents(buffer) {
+  const events = [];
+  let end;
+  while ((end = buffer.indexOf('\n\n')) >= 0) {
+    const block = buffer.slice(0, end);
+    buffer = buffer.slice(end + 2);
+    let name = 'message';
+    const data = [];
+    for (const line of block.split('\n')) {
+      if (line.startsWith('event:')) name = line.slice(6).trim();
+      else if (line.startsWith('data:')) data.push(line.slice(5).trimStart());
+    }
+    if (data.length) events.push([name, parseJson(data.join('\n'))]);
+  }
+  return { events, rest: buffer };
+}
+
+// Follows the job's status stream (every step, as it happens); polls instead where the
+// stream cannot be had or breaks off.
+async function stream(gen, id) {
+  const controller = new AbortController();
+  state.streamAbort = controller;
+  try {
+    const res = await fetch(requestPath(id, 'stream'), {
+      headers: { Authorization: `Bearer ${token()}` },
+      signal: controller.signal,
+    });
+    if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = '';
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || gen !== state.jobGen) break;
+      const parsed = sseEvents(buffer + value);
+      buffer = parsed.rest;
+      for (const [name, body] of parsed.events) {
+        if (name === 'status') showStatus(body);
+        if (name === 'result') {
+          loadGallery(true);
+          if (body.status !== 'cancelled') showResult(body);
+          controller.abort();
+          return;
+        }
+      }
+    }
+  } catch {
+    // Aborted for a newer job, or the stream failed: polling takes over below.
+  }
+  controller.abort();
+  if (gen === state.jobGen) poll(gen, id);
+}
+
 function follow(id, prompt) {
-  const gen = ++state.jobGen; // an older job's poll loop sees the change and stops
+  const gen = ++state.jobGen; // an older job's loop sees the change and stops
+  if (state.streamAbort) state.streamAbort.abort();
   state.job = { id, prompt, cancelling: false };
   resetResult();
   $('status').textContent = 'Submitted';
   setCancelable(true);
-  poll(gen, id);
+  stream(gen, id);
 }
 
 async function submit(event) {
