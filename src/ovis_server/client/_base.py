@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from ovis_server.client.errors import error_for
+from ovis_server.client.models import Result, Status
 
 DEFAULT_MODEL = "aidc-ai/ovis-image"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -83,28 +84,45 @@ def stream_timeout(settings: ClientSettings) -> httpx.Timeout:
     return httpx.Timeout(settings.timeout, read=max(settings.timeout, STREAM_READ_TIMEOUT))
 
 
-class ServerSentEvents:
-    """Reads ``text/event-stream`` a line at a time: (event name, JSON data) per event, and
-    ("keep-alive", None) per comment."""
+class KeepAlive:
+    """A keep-alive comment on a status stream: nothing changed, the stream is alive."""
+
+
+KEEP_ALIVE = KeepAlive()
+StreamItem = Status | Result | KeepAlive
+
+
+class StatusStream:
+    """Reads a status stream (``text/event-stream``) a line at a time: each line gives a
+    Status, the Result (the stream's last item), a KeepAlive, or None while an event is
+    still being read."""
 
     def __init__(self) -> None:
         self._name = "message"
         self._data: list[str] = []
 
-    def feed(self, line: str) -> tuple[str, Any] | None:
-        if not line:  # a blank line ends an event
-            name, data = self._name, self._data
-            self._name, self._data = "message", []
-            return (name, json.loads("\n".join(data))) if data else None
+    def feed(self, line: str) -> StreamItem | None:
         if line.startswith(":"):  # a comment: the keep-alive
-            return "keep-alive", None
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "event":
-            self._name = value
-        elif field == "data":
-            self._data.append(value)
-        return None
+            return KEEP_ALIVE
+        if line:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                self._name = value
+            elif field == "data":
+                self._data.append(value)
+            return None
+        # A blank line ends an event.
+        name, data = self._name, self._data
+        self._name, self._data = "message", []
+        if not data:
+            return None
+        body = json.loads("\n".join(data))
+        if name == "status":
+            return Status.model_validate(body)
+        if name == "result":
+            return Result.model_validate(body)
+        return None  # an event this client does not know
 
 
 def parse(response: httpx.Response) -> Any:

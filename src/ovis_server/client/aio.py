@@ -16,7 +16,8 @@ from ovis_server.client._base import (
     DEFAULT_MODEL,
     NO_STREAM,
     ClientSettings,
-    ServerSentEvents,
+    KeepAlive,
+    StatusStream,
     parse,
     retry_delay,
     should_retry,
@@ -90,11 +91,11 @@ class AsyncClient:
         """The request's status stream: a Status on every change, then the Result."""
         async with contextlib.aclosing(self._stream(request_id)) as items:
             async for item in items:
-                if item is not None:
+                if not isinstance(item, KeepAlive):
                     yield item
 
-    async def _stream(self, request_id: str) -> AsyncGenerator[Status | Result | None, None]:
-        """``stream``, with a None for each keep-alive."""
+    async def _stream(self, request_id: str) -> AsyncGenerator[Status | Result | KeepAlive, None]:
+        """``stream``, with a KeepAlive for each keep-alive comment."""
         path = f"/v1/requests/{request_id}/stream"
         async with self._http.stream(
             "GET", path, headers=self.settings.headers(), timeout=stream_timeout(self.settings)
@@ -102,18 +103,12 @@ class AsyncClient:
             if response.status_code >= 400:
                 await response.aread()
                 parse(response)
-            events = ServerSentEvents()
+            events = StatusStream()
             async for line in response.aiter_lines():
-                event = events.feed(line)
-                if event is None:
-                    continue
-                name, data = event
-                if name == "keep-alive":
-                    yield None
-                elif name == "status":
-                    yield Status.model_validate(data)
-                elif name == "result":
-                    yield Result.model_validate(data)
+                item = events.feed(line)
+                if item is not None:
+                    yield item
+                if isinstance(item, Result):
                     return
 
     async def wait(
@@ -134,7 +129,7 @@ class AsyncClient:
                     async for item in items:
                         if isinstance(item, Result):
                             return item
-                        if item is not None:
+                        if isinstance(item, Status):
                             if on_progress is not None:
                                 outcome = on_progress(item)
                                 if outcome is not None:

@@ -14,7 +14,8 @@ from ovis_server.client._base import (
     DEFAULT_MODEL,
     NO_STREAM,
     ClientSettings,
-    ServerSentEvents,
+    KeepAlive,
+    StatusStream,
     parse,
     retry_delay,
     should_retry,
@@ -92,11 +93,11 @@ class Client:
         is final. Raises ApiError like the other calls (NotFoundError, 404, also where a
         server has no streams)."""
         for item in self._stream(request_id):
-            if item is not None:
+            if not isinstance(item, KeepAlive):
                 yield item
 
-    def _stream(self, request_id: str) -> Iterator[Status | Result | None]:
-        """``stream``, with a None for each keep-alive."""
+    def _stream(self, request_id: str) -> Iterator[Status | Result | KeepAlive]:
+        """``stream``, with a KeepAlive for each keep-alive comment."""
         path = f"/v1/requests/{request_id}/stream"
         with self._http.stream(
             "GET", path, headers=self.settings.headers(), timeout=stream_timeout(self.settings)
@@ -104,18 +105,12 @@ class Client:
             if response.status_code >= 400:
                 response.read()
                 parse(response)
-            events = ServerSentEvents()
+            events = StatusStream()
             for line in response.iter_lines():
-                event = events.feed(line)
-                if event is None:
-                    continue
-                name, data = event
-                if name == "keep-alive":
-                    yield None
-                elif name == "status":
-                    yield Status.model_validate(data)
-                elif name == "result":
-                    yield Result.model_validate(data)
+                item = events.feed(line)
+                if item is not None:
+                    yield item
+                if isinstance(item, Result):
                     return
 
     def wait(
@@ -140,7 +135,7 @@ class Client:
                 for item in self._stream(request_id):
                     if isinstance(item, Result):
                         return item
-                    if item is not None:
+                    if isinstance(item, Status):
                         if on_progress is not None:
                             on_progress(item)
                         last = item
