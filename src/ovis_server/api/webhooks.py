@@ -30,6 +30,7 @@ TIMEOUT_SECONDS = 10.0
 # A claimed message is this process's for this long: well over one attempt's timeout.
 HOLD_SECONDS = 60.0
 POLL_SECONDS = 0.25
+ERROR_SECONDS = 2.0  # the pause after the database failed
 CONCURRENCY = 16
 MAX_ERROR_LENGTH = 500
 
@@ -68,8 +69,12 @@ class WebhookDispatcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # Whatever was cut off goes out again from the next process, at once.
-        await asyncio.to_thread(self.deliveries.release, unsent)
+        # Whatever was cut off goes out again from the next process, at once (failing
+        # that, when its hold runs out).
+        try:
+            await asyncio.to_thread(self.deliveries.release, unsent)
+        except Exception:
+            logger.exception("could not release %d webhook message(s)", len(unsent))
         if self._http is not None:
             await self._http.aclose()
 
@@ -84,6 +89,7 @@ class WebhookDispatcher:
                     task.add_done_callback(self._finished)
             except Exception:
                 logger.exception("webhook dispatcher failed to claim messages; trying again")
+                await asyncio.sleep(ERROR_SECONDS)
             await asyncio.sleep(POLL_SECONDS)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
