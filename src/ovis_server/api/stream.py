@@ -223,7 +223,8 @@ async def follow(
     hub: StatusHub, store: JobStore, request_id: str
 ) -> AsyncGenerator[tuple[Job, int | None] | None, None]:
     """A job as it changes: (job, queue position) now and on every change, None after each
-    quiet 15 s; ends after the final state, when the job is gone, or at shutdown."""
+    quiet 15 s; ends after the final state (the job's whole row: outputs, error), when the
+    job is gone, or at shutdown."""
     queue = hub.subscribe(request_id)
     try:
         # Subscribed first, read second: no event falls between the two.
@@ -254,6 +255,9 @@ async def follow(
                     position = update.position
                 elif update.seq > known:
                     job, known = _apply(job, update), update.seq
+                    if job.status.is_final:  # the event lacks the outputs and error
+                        row = await asyncio.to_thread(store.get, request_id)
+                        job = row or job
                 else:
                     continue
             yield job, position
@@ -275,9 +279,8 @@ async def status_events(
                 continue
             job, position = change
             if job.status.is_final:
-                final = await asyncio.to_thread(service.store.get, request_id) or job
-                yield _sse("status", service.status_body(final, base_url, None))
-                yield _sse("result", service.result_body(final, base_url))
+                yield _sse("status", service.status_body(job, base_url, None))
+                yield _sse("result", service.result_body(job, base_url))
                 return
             current = _sse("status", service.status_body(job, base_url, position))
             if current != sent:
@@ -296,5 +299,5 @@ async def wait_final(
         ):
             async for change in changes:
                 if change is not None and change[0].status.is_final:
-                    return await asyncio.to_thread(store.get, request_id) or change[0]
+                    return change[0]
     return None
