@@ -17,12 +17,8 @@ from typing import Any
 from sqlalchemy import Engine, Row, and_, func, or_, select, update
 
 from ovis_server.db.schema import webhook_deliveries as deliveries
-from ovis_server.jobs.job import JobStatus
+from ovis_server.jobs.job import DeliveryState, JobStatus
 from ovis_server.jobs.store import utcnow
-
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,7 @@ class DeliveryStore:
         due = (
             select(deliveries.c.id)
             .where(
-                deliveries.c.state == PENDING,
+                deliveries.c.state == DeliveryState.PENDING,
                 deliveries.c.next_attempt_at <= now,
                 or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < now),
             )
@@ -80,7 +76,7 @@ class DeliveryStore:
         )
         stmt = (
             update(deliveries)
-            .where(deliveries.c.id == due.c.id, deliveries.c.state == PENDING)
+            .where(deliveries.c.id == due.c.id, deliveries.c.state == DeliveryState.PENDING)
             .values(claimed_until=now + timedelta(seconds=hold_seconds))
             .returning(*deliveries.c)
         )
@@ -96,7 +92,7 @@ class DeliveryStore:
         now = utcnow()
         held = and_(
             deliveries.c.id == message.id,
-            deliveries.c.state == PENDING,
+            deliveries.c.state == DeliveryState.PENDING,
             deliveries.c.claimed_until == message.claimed_until,
         )
         with self.engine.begin() as conn:
@@ -108,22 +104,27 @@ class DeliveryStore:
             attempts += 1
             values: dict[str, Any] = {"attempts": attempts, "claimed_until": None}
             if error is None:
-                values.update(state=DELIVERED, finished_at=now, last_error=None)
+                values.update(state=DeliveryState.DELIVERED, finished_at=now, last_error=None)
             elif attempts >= len(schedule):
-                values.update(state=FAILED, finished_at=now, last_error=error)
+                values.update(state=DeliveryState.FAILED, finished_at=now, last_error=error)
             else:
                 values.update(
                     last_error=error, next_attempt_at=now + timedelta(seconds=schedule[attempts])
                 )
             conn.execute(update(deliveries).where(held).values(**values))
-        return str(values.get("state", PENDING))
+        return str(values.get("state", DeliveryState.PENDING))
 
     def give_up(self, message_id: str, reason: str) -> None:
         """End a message that can never be sent (its request is gone)."""
         stmt = (
             update(deliveries)
             .where(deliveries.c.id == message_id)
-            .values(state=FAILED, finished_at=utcnow(), last_error=reason, claimed_until=None)
+            .values(
+                state=DeliveryState.FAILED,
+                finished_at=utcnow(),
+                last_error=reason,
+                claimed_until=None,
+            )
         )
         with self.engine.begin() as conn:
             conn.execute(stmt)
@@ -134,7 +135,7 @@ class DeliveryStore:
             return
         stmt = (
             update(deliveries)
-            .where(deliveries.c.id.in_(message_ids), deliveries.c.state == PENDING)
+            .where(deliveries.c.id.in_(message_ids), deliveries.c.state == DeliveryState.PENDING)
             .values(claimed_until=None)
         )
         with self.engine.begin() as conn:
@@ -145,4 +146,4 @@ class DeliveryStore:
         stmt = select(deliveries.c.state, func.count()).group_by(deliveries.c.state)
         with self.engine.connect() as conn:
             found = {state: int(count) for state, count in conn.execute(stmt)}
-        return {state: found.get(state, 0) for state in (PENDING, DELIVERED, FAILED)}
+        return {state.value: found.get(state, 0) for state in DeliveryState}

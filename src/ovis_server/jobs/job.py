@@ -23,6 +23,14 @@ class JobStatus(StrEnum):
 _FINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
+class DeliveryState(StrEnum):
+    """Where a webhook message stands."""
+
+    PENDING = "pending"  # not yet taken by the receiver: sent, or retried, when due
+    DELIVERED = "delivered"
+    FAILED = "failed"  # out of retries, or its request is gone
+
+
 class CancelOutcome(StrEnum):
     """What a cancel request achieved; the values are the wire contract's words."""
 

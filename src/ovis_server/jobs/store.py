@@ -28,7 +28,14 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from ovis_server.db.schema import job_events, jobs, webhook_deliveries
-from ovis_server.jobs.job import CancelOutcome, Job, JobEvent, JobStatus, StoredOutput
+from ovis_server.jobs.job import (
+    CancelOutcome,
+    DeliveryState,
+    Job,
+    JobEvent,
+    JobStatus,
+    StoredOutput,
+)
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
@@ -118,7 +125,7 @@ def _record(conn: Connection, rows: Iterable[Row[Any]], at: datetime, notify: bo
                     "id": "msg_" + uuid.uuid4().hex,
                     "token_id": data["token_id"],
                     "url": data["webhook_url"],
-                    "state": "pending",
+                    "state": DeliveryState.PENDING,
                     "attempts": 0,
                     "next_attempt_at": at,
                     "created_at": at,
@@ -336,7 +343,7 @@ class JobStore:
             select(webhook_deliveries.c.id)
             .where(
                 webhook_deliveries.c.request_id == jobs.c.id,
-                webhook_deliveries.c.state == "pending",
+                webhook_deliveries.c.state == DeliveryState.PENDING,
             )
             .exists()
         )
