@@ -59,8 +59,15 @@ def wait_for(check: Callable[[], T | None], timeout: float = 120, interval: floa
 
 def create_token(data_dir: Path, name: str) -> str:
     """A new token's secret, read from the last line of ``token create``."""
-    result = run_cli("token", "create", "--name", name, "--data-dir", str(data_dir))
-    return result.stdout.strip().splitlines()[-1]
+    return create_token_with_webhook_secret(data_dir, name)[0]
+
+
+def create_token_with_webhook_secret(data_dir: Path, name: str) -> tuple[str, str]:
+    """A new token's secret and its webhook signing secret, as ``token create`` prints them."""
+    printed = run_cli("token", "create", "--name", name, "--data-dir", str(data_dir)).stdout
+    secret = printed.strip().splitlines()[-1]
+    webhook_secret = printed.split("webhook signing secret: ")[1].split()[0]
+    return secret, webhook_secret
 
 
 @dataclass

@@ -129,7 +129,24 @@ def test_async_client(server: Server, token: str, tmp_path: Path) -> None:
     assert asyncio.run(scenario()) == ("completed", (64, 64))
 
 
-class FlakyHandler(BaseHTTPRequestHandler):
+class JsonHandler(BaseHTTPRequestHandler):
+    """A stand-in API server's handler: JSON answers, no access log."""
+
+    def _send(self, code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+class FlakyHandler(JsonHandler):
     """Answers 503, then 429 with Retry-After, then a status body."""
 
     calls: ClassVar[list[str]] = []
@@ -145,19 +162,6 @@ class FlakyHandler(BaseHTTPRequestHandler):
             )
         else:
             self._send(200, {"request_id": "r1", "status": "in_queue", "queue_position": 2})
-
-    def _send(self, code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *_: Any) -> None:
-        pass
 
 
 def test_retries_on_5xx_429_and_connection_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,27 +182,16 @@ def test_retries_on_5xx_429_and_connection_errors(monkeypatch: pytest.MonkeyPatc
         dead.status("r1")
 
 
-class NoStreamHandler(BaseHTTPRequestHandler):
+class NoStreamHandler(JsonHandler):
     """A server without status streams, as RunComfy's hosted API: 404 on /stream."""
 
     def do_GET(self) -> None:
         if self.path.endswith("/stream"):
-            body: dict[str, Any] = {"detail": "Not Found"}
-            code = 404
+            self._send(404, {"detail": "Not Found"})
         elif self.path.endswith("/status"):
-            body, code = {"request_id": "r1", "status": "completed"}, 200
+            self._send(200, {"request_id": "r1", "status": "completed"})
         else:
-            body = {"request_id": "r1", "status": "succeeded", "output": {"image": "u"}}
-            code = 200
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *_: Any) -> None:
-        pass
+            self._send(200, {"request_id": "r1", "status": "succeeded", "output": {"image": "u"}})
 
 
 def test_wait_polls_where_the_server_has_no_stream() -> None:

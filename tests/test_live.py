@@ -22,6 +22,8 @@ from ovis_server.client.webhooks import sign
 
 from .helpers import (
     Cluster,
+    create_token,
+    create_token_with_webhook_secret,
     download,
     run_cli,
     start_server,
@@ -33,14 +35,6 @@ from .helpers import (
 
 FAST = {"image_size": {"width": 64, "height": 64}, "guidance_scale": 1}
 SUBMIT = "/v1/models/aidc-ai/ovis-image"
-
-
-def token_with_webhook_secret(data_dir: Path, name: str) -> tuple[str, str]:
-    """A new token's secret and its webhook signing secret, as ``token create`` prints them."""
-    lines = run_cli("token", "create", "--name", name, "--data-dir", str(data_dir)).stdout
-    secret = lines.strip().splitlines()[-1]
-    webhook_secret = lines.split("webhook signing secret: ")[1].split()[0]
-    return secret, webhook_secret
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
@@ -56,6 +50,13 @@ def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
         elif not line and data:
             yield name, json.loads("\n".join(data))
             name, data = "message", []
+
+
+def unsigned(result: dict[str, Any]) -> dict[str, Any]:
+    """A result body with its image URL's query left off: each rendering signs the URL
+    afresh, with an expiry counted from then, so two renderings a second apart differ."""
+    image = result["output"]["image"]
+    return {**result, "output": {"image": image.split("?")[0]}}
 
 
 def check_story(events: list[tuple[str, Any]], total: int) -> None:
@@ -85,7 +86,7 @@ def test_stream_delivers_every_step_in_order_then_the_result(
 ) -> None:
     server = start_server(tmp_path, tiny_weights, "--no-worker")
     cluster.servers.append(server)
-    token, _ = token_with_webhook_secret(tmp_path, "streams")
+    token = create_token(tmp_path, "streams")
     with server.client(token) as client:
         ahead = submit(client, **FAST, num_inference_steps=3)
         watched = submit(client, **FAST, num_inference_steps=5)
@@ -102,7 +103,8 @@ def test_stream_delivers_every_step_in_order_then_the_result(
                     # Only now does a worker come: the stream sees the job from the queue on.
                     cluster.worker(tmp_path, tiny_weights)
         check_story(events, total=5)
-        assert events[-1][1] == client.get(f"/v1/requests/{watched}/result").json()
+        result = client.get(f"/v1/requests/{watched}/result").json()
+        assert unsigned(events[-1][1]) == unsigned(result)
         assert wait_result(client, ahead)["status"] == "succeeded"
 
         # A stream opened on a finished job tells its end at once.
@@ -110,7 +112,7 @@ def test_stream_delivers_every_step_in_order_then_the_result(
             ended = [name for name, _ in sse_events(response.iter_lines())]
         assert ended == ["status", "result"]
         assert client.get("/v1/requests/no-such-request/stream").json()["error_code"] == 404001
-    other, _ = token_with_webhook_secret(tmp_path, "other")
+    other = create_token(tmp_path, "other")
     with server.client(other) as stranger:
         assert stranger.get(f"/v1/requests/{ahead}/stream").status_code == 403
     assert httpx.get(f"{server.base_url}/v1/requests/{ahead}/stream").status_code == 401
@@ -150,7 +152,7 @@ def test_200_concurrent_streams_on_one_process_stay_correct(
     jobs, per_job, steps = 20, 10, 3
     server = start_server(tmp_path, tiny_weights, "--no-worker")
     cluster.servers.append(server)
-    token, _ = token_with_webhook_secret(tmp_path, "crowd")
+    token = create_token(tmp_path, "crowd")
     with server.client(token) as client:
         ids = [submit(client, **FAST, num_inference_steps=steps) for _ in range(jobs)]
 
@@ -188,12 +190,8 @@ def test_200_concurrent_streams_on_one_process_stay_correct(
         assert events[0][1]["queue_position"] == index // per_job
         assert events[0][1]["request_id"] == ids[index // per_job]
     for start in range(0, len(outcomes), per_job):
-        results = set()
-        for events, _ in outcomes[start : start + per_job]:
-            result = events[-1][1]
-            # Each rendering signs the file URL afresh (its expiry counts from then).
-            result["output"]["image"] = result["output"]["image"].split("?")[0]
-            results.add(json.dumps(result))
+        streams = outcomes[start : start + per_job]
+        results = {json.dumps(unsigned(events[-1][1])) for events, _ in streams}
         assert len(results) == 1, "all streams of one job agree on its result"
     wait_for(lambda: open_streams() == 0, timeout=30)
 
@@ -250,7 +248,7 @@ def test_webhooks_are_signed_retried_through_a_restart_and_deduplicable(
     options = ("--webhook-retry-schedule", "0,1s,8s,1s")
     server = start_server(tmp_path, tiny_weights, *options)
     port = int(server.base_url.rsplit(":", 1)[1])
-    token, secret = token_with_webhook_secret(tmp_path, "hooks")
+    token, secret = create_token_with_webhook_secret(tmp_path, "hooks")
     shown = run_cli("token", "webhook-secret", "hooks", "--data-dir", str(tmp_path)).stdout
     assert shown.strip() == secret
     try:
@@ -309,7 +307,7 @@ def test_webhooks_are_signed_retried_through_a_restart_and_deduplicable(
 def test_bad_webhooks_are_refused(tmp_path: Path, tiny_weights: Path, cluster: Cluster) -> None:
     server = start_server(tmp_path, tiny_weights, "--no-worker")
     cluster.servers.append(server)
-    token, _ = token_with_webhook_secret(tmp_path, "refused")
+    token = create_token(tmp_path, "refused")
     with server.client(token) as client:
         cases: list[tuple[dict[str, str], dict[str, Any]]] = [
             ({"webhook": "ftp://example.com/x"}, {}),
@@ -356,7 +354,7 @@ def test_signatures_match_the_reference_implementation() -> None:
 def test_shutdown_ends_open_streams(tmp_path: Path, tiny_weights: Path, cluster: Cluster) -> None:
     server = start_server(tmp_path, tiny_weights, "--no-worker")
     cluster.servers.append(server)
-    token, _ = token_with_webhook_secret(tmp_path, "shutdown")
+    token = create_token(tmp_path, "shutdown")
     names: list[str] = []
     with server.client(token) as client:
         waiting = submit(client, **FAST, num_inference_steps=2)
