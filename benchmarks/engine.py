@@ -115,12 +115,7 @@ def load_engine(args: argparse.Namespace, device: torch.device) -> Engine:
         directory = Path(tempfile.mkdtemp(prefix="ovis-bench-")) / "tiny"
         write_tiny_checkpoint(directory)
         return Engine.load(str(directory), device=str(device), dtype=dtype_name, compile=False)
-    if args.weights == "random-full":
-        from ovis_server.engine.random_full import build_full_size_pipeline
-
-        pipeline = build_full_size_pipeline(device, dtype)
-        pipeline.set_progress_bar_config(disable=True)
-        return Engine(pipeline, device, dtype)
+    # random-full (the real architecture with random weights) is built by Engine.load.
     return Engine.load(args.weights, device=str(device), dtype=dtype_name, compile=False)
 
 

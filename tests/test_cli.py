@@ -103,3 +103,19 @@ def test_serve_refuses_a_model_it_cannot_find(tmp_path: Path) -> None:
     result = run_cli("worker", "--model", "no such model", "--data-dir", str(tmp_path), check=False)
     assert result.returncode == 1
     assert "neither 'tiny'" in result.stderr
+
+
+def test_random_full_is_refused_on_a_cpu_before_anything_starts(tmp_path: Path) -> None:
+    serve = run_cli(
+        "serve", "--model", "random-full", "--device", "cpu", "--data-dir", str(tmp_path),
+        check=False,
+    )  # fmt: skip
+    generate = run_cli(
+        "generate", "a sign", "-o", str(tmp_path / "out.png"), "--model", "random-full",
+        "--device", "cpu", "--data-dir", str(tmp_path), check=False,
+    )  # fmt: skip
+    for result in (serve, generate):
+        assert result.returncode == 1
+        assert "--model random-full builds the real Ovis-Image-7B architecture" in result.stderr
+        assert "use --model tiny" in result.stderr
+    assert not (tmp_path / "out.png").exists()

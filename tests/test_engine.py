@@ -13,7 +13,7 @@ from PIL import Image
 
 from ovis_server.catalogue import IMAGE_SIZE_PRESETS
 from ovis_server.engine.images import encode_image
-from ovis_server.engine.pipeline import Engine, GenerationCancelled
+from ovis_server.engine.pipeline import Engine, EngineLoadError, GenerationCancelled
 from ovis_server.engine.request import GenerationRequest
 from ovis_server.engine.weights import WeightsNotFoundError, resolve_weights
 
@@ -134,6 +134,13 @@ def test_resolve_weights(tmp_path: Path, tiny_weights: Path) -> None:
     built = resolve_weights("tiny", tmp_path)
     assert Path(built, "model_index.json").is_file()
     assert resolve_weights("tiny", tmp_path) == built  # built once, then reused
+    assert resolve_weights("random-full", tmp_path) == "random-full"  # built by Engine.load
+
+
+def test_random_full_is_refused_on_a_cpu() -> None:
+    # Refused before anything is built: the full-size model would take ~36 GB here.
+    with pytest.raises(EngineLoadError, match=r"random-full .*36 GB.*--device cuda"):
+        Engine.load("random-full", device="cpu")
 
 
 def test_generate_command_renders_square_hd_and_reports_the_seed(

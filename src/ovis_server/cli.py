@@ -112,8 +112,25 @@ def model_options(func: Any) -> Any:
         envvar=_env("MODEL"),
         show_envvar=True,
         show_default=True,
-        help="A hub id, a local diffusers directory, or 'tiny' (random weights, for trying it).",
+        help="A hub id, a local diffusers directory, 'tiny' (a tiny random model, for trying "
+        "it anywhere) or 'random-full' (the real 7B architecture with random weights, built on "
+        "the GPU without a download, for load tests). Random models' images are noise.",
     )(func)
+
+
+def refuse_random_full_on_cpu(model: str, device: str) -> None:
+    """Say at once that ``--model random-full`` cannot run here, instead of starting a
+    worker that fails to load it and is restarted over and over."""
+    from ovis_server.engine.weights import RANDOM_FULL
+
+    if model != RANDOM_FULL:
+        return
+    from ovis_server.engine.pipeline import EngineLoadError, check_random_full_device, pick_device
+
+    try:
+        check_random_full_device(pick_device(device))
+    except EngineLoadError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
@@ -521,6 +538,8 @@ def serve(
         fp8=fp8,
         webhook_retry_schedule=webhook_retry_schedule,
     )
+    if not no_worker:
+        refuse_random_full_on_cpu(model, device)
     try:
         app = create_app(settings)
     except ValueError as exc:  # a --storage or --database-url it cannot use
@@ -604,6 +623,7 @@ def worker(
     from ovis_server.worker.process import run_worker
 
     configure_logging(log_level)
+    refuse_random_full_on_cpu(model, device)
     settings = Settings(
         data_dir=data_dir.expanduser().resolve(),
         database_url=database_url,

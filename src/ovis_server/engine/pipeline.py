@@ -29,6 +29,7 @@ from PIL import Image
 
 from ovis_server.engine.prompts import DEFAULT_CAPACITY, PromptCache
 from ovis_server.engine.request import GenerationRequest
+from ovis_server.engine.weights import RANDOM_FULL
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,44 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def check_random_full_device(device: torch.device) -> None:
+    """Refuse ``--model random-full`` where it cannot be of use: on a CPU."""
+    if device.type == "cpu":
+        raise EngineLoadError(
+            "--model random-full builds the real Ovis-Image-7B architecture (about 9.2B "
+            "parameters: some 36 GB in float32, and many minutes per image on a CPU) and is "
+            "meant for load tests on a GPU: pass --device cuda on a machine with one, or use "
+            "--model tiny to try the server on a CPU"
+        )
+
+
+def build_random_full(device: torch.device, dtype: torch.dtype) -> Any:
+    """The real architecture with random weights, built on ``device`` (random_full.py)."""
+    from ovis_server.engine.random_full import build_full_size_pipeline
+
+    check_random_full_device(device)
+    logger.warning(
+        "--model random-full: the real Ovis-Image-7B architecture with RANDOM weights on %s "
+        "(%s), for load tests; its images are noise",
+        device,
+        dtype,
+    )
+    return build_full_size_pipeline(device, dtype)
+
+
+def _from_pretrained(weights: str, device: torch.device, dtype: torch.dtype) -> Any:
+    from diffusers import OvisImagePipeline
+
+    try:
+        pipeline = OvisImagePipeline.from_pretrained(weights, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise EngineLoadError(
+            f"could not load Ovis-Image weights from {weights!r}: {exc}. Pass --model with "
+            "a local diffusers directory if this machine cannot reach the Hugging Face hub."
+        ) from exc
+    return pipeline.to(device)
+
+
 def silence_loading_progress() -> None:
     """Turn off the per-shard progress bars diffusers and transformers draw while loading."""
     from diffusers.utils import logging as diffusers_logging
@@ -124,25 +163,22 @@ class Engine:
         compile: bool | None = None,
         fp8: bool = False,
     ) -> Engine:
-        """Load ``weights`` (a hub id or a local diffusers directory) onto ``device``.
+        """Load ``weights`` (a hub id, a local diffusers directory, or ``random-full``)
+        onto ``device``.
 
-        ``compile`` (default: on CUDA) compiles the repeated transformer blocks; ``fp8``
-        quantizes the transformer's matmuls to FP8 with torchao (Hopper-class GPUs).
+        ``random-full`` builds the real architecture with random weights on the device (no
+        download; its images are noise), and is refused on a CPU. ``compile`` (default: on
+        CUDA) compiles the repeated transformer blocks; ``fp8`` quantizes the transformer's
+        matmuls to FP8 with torchao (Hopper-class GPUs).
         """
-        from diffusers import OvisImagePipeline
-
         silence_loading_progress()
         target = pick_device(device)
         torch_dtype = pick_dtype(target, dtype)
         started = time.perf_counter()
-        try:
-            pipeline = OvisImagePipeline.from_pretrained(weights, dtype=torch_dtype)
-        except (OSError, ValueError) as exc:
-            raise EngineLoadError(
-                f"could not load Ovis-Image weights from {weights!r}: {exc}. Pass --model with "
-                "a local diffusers directory if this machine cannot reach the Hugging Face hub."
-            ) from exc
-        pipeline.to(target)
+        if weights == RANDOM_FULL:
+            pipeline = build_random_full(target, torch_dtype)
+        else:
+            pipeline = _from_pretrained(weights, target, torch_dtype)
         pipeline.set_progress_bar_config(disable=True)
         engine = cls(pipeline, target, torch_dtype)
         engine.optimize(compile=target.type == "cuda" if compile is None else compile, fp8=fp8)

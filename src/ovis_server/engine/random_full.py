@@ -57,4 +57,6 @@ def build_full_size_pipeline(device: torch.device | str, dtype: torch.dtype) -> 
             vae = AutoencoderKL(**FLUX_VAE)
     finally:
         torch.set_default_dtype(previous)
+    for module in (transformer, text_encoder, vae):
+        module.eval()  # as from_pretrained leaves them
     return assemble_pipeline(transformer, text_encoder, vae, build_tokenizer())
