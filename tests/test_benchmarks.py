@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,23 @@ def test_engine_benchmark_prints_its_table() -> None:
     ]
     assert rows[0].endswith("| 1.00x |")
     assert "512x512, 4 steps" in result.stdout
+
+
+def test_serve_benchmark_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/serve.py", "--model", "tiny", "--size", "256x256",
+         "--steps", "2", "--requests", "3", "--concurrency", "2", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert "| run | images | images / min | latency p50 | latency p95 | latency max |" in lines
+    rows = [line for line in lines if line.startswith("| ") and "| run |" not in line]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        ["| HTTP, 2 clients, polling", "3"],
+        ["| engine alone, batches of 1", "3"],
+    ]
+    assert "256x256, 2 steps" in result.stdout
+    assert re.fullmatch(r"end-to-end / engine: \d+\.\d\d", lines[-1])
 
 
 def test_random_full_has_the_real_sizes() -> None:
