@@ -19,9 +19,11 @@ user-name ones) for servers whose receivers live on the internal network.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
 import httpx
@@ -34,6 +36,9 @@ LOCAL_NAMES: Final = frozenset(
     {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 )
 _NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
+# Lookups run in threads of their own: a name server made slow on purpose then ties up
+# these, not the threads the status streams and the dispatcher's database work share.
+_LOOKUPS: Final = ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook-dns")
 _PART: Final = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
 
 
@@ -152,7 +157,8 @@ async def resolve(url: httpx.URL, *, allow_private: bool = False) -> IPAddress:
         return literal
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        lookup = functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        found = await asyncio.get_running_loop().run_in_executor(_LOOKUPS, lookup)
     except OSError as exc:
         raise DestinationRefusedError(f"{host} does not resolve: {exc}") from None
     addresses: list[IPAddress] = []

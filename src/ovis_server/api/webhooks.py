@@ -58,6 +58,7 @@ BUSY_SECONDS = 1.0  # a message over its token's or destination's limit waits th
 BREAKER_FAILURES = 3  # failures in a row that open a destination's circuit
 BREAKER_SECONDS = 30.0  # its first cool-down; doubled after each failed probe, up to
 BREAKER_MAX_SECONDS = 600.0
+MAX_CIRCUITS = 10_000  # destinations remembered; past this, those not paused are forgotten
 MAX_ERROR_LENGTH = 500
 
 
@@ -220,6 +221,12 @@ class WebhookDispatcher:
 
     def _record(self, destination: str, ok: bool) -> None:
         """Feed a delivery's outcome to its destination's circuit."""
+        if len(self._circuits) >= MAX_CIRCUITS and destination not in self._circuits:
+            self._circuits = {
+                key: kept
+                for key, kept in self._circuits.items()
+                if kept.failures >= BREAKER_FAILURES
+            }
         circuit = self._circuits.setdefault(destination, Circuit())
         was_open = circuit.failures >= BREAKER_FAILURES
         circuit.record(ok, time.monotonic())
