@@ -245,7 +245,7 @@ def test_webhooks_are_signed_retried_through_a_restart_and_deduplicable(
 ) -> None:
     hooks, url = receiver
     # Attempts at once, 1 s later, 8 s later (the server restarts in that gap), 1 s later.
-    options = ("--webhook-retry-schedule", "0,1s,8s,1s")
+    options = ("--webhook-retry-schedule", "0,1s,8s,1s", "--allow-private-webhooks")
     server = start_server(tmp_path, tiny_weights, *options)
     port = int(server.base_url.rsplit(":", 1)[1])
     token, secret = create_token_with_webhook_secret(tmp_path, "hooks")

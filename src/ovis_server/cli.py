@@ -460,6 +460,14 @@ def worker_options(func: Any) -> Any:
     "a message the receiver does not take (2xx within 10 s) by the last is given up.",
 )
 @click.option(
+    "--allow-private-webhooks",
+    is_flag=True,
+    envvar=_env("ALLOW_PRIVATE_WEBHOOKS"),
+    show_envvar=True,
+    help="Send webhooks to loopback, private and link-local addresses too (receivers on "
+    "your internal network); by default only public addresses are reached.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -486,6 +494,7 @@ def serve(
     retention: int,
     cleanup_interval: int,
     webhook_retry_schedule: str,
+    allow_private_webhooks: bool,
     log_level: str,
     model: str,
     device: str,
@@ -537,6 +546,7 @@ def serve(
         compile=compile_mode,
         fp8=fp8,
         webhook_retry_schedule=webhook_retry_schedule,
+        allow_private_webhooks=allow_private_webhooks,
     )
     if not no_worker:
         refuse_random_full_on_cpu(model, device)

@@ -77,6 +77,7 @@ class Settings:
     compile: str = "auto"
     fp8: bool = False
     webhook_retry_schedule: str = DEFAULT_WEBHOOK_SCHEDULE
+    allow_private_webhooks: bool = False
 
     def batch_limit(self, device_type: str) -> int:
         """``--max-batch``: auto batches up to 4 on CUDA, where it pays, and 1 elsewhere,

@@ -70,7 +70,13 @@ def create_app(settings: Settings) -> FastAPI:
     tokens = TokenStore(db)
     service = RequestService(store, file_store, settings)
     deliveries = DeliveryStore(db)
-    dispatcher = WebhookDispatcher(deliveries, service, tokens, settings.webhook_schedule)
+    dispatcher = WebhookDispatcher(
+        deliveries,
+        service,
+        tokens,
+        settings.webhook_schedule,
+        allow_private=settings.allow_private_webhooks,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

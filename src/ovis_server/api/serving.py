@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import httpx
 from pydantic import ValidationError
 
+from ovis_server.api.destinations import url_problem
 from ovis_server.api.errors import (
     FORBIDDEN,
     INVALID_INPUT,
@@ -49,7 +49,6 @@ from ovis_server.storage.base import REQUEST_ID_PATTERN, FileStore
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 # A full queue clears at the pace of the GPU; clients come back after this long.
 QUEUE_FULL_RETRY_SECONDS = 10
-MAX_WEBHOOK_URL = 2000
 WEBHOOK_FIELDS = frozenset({"webhook", "webhook_intermediate_status"})
 
 
@@ -117,32 +116,18 @@ class Webhook:
             self.url if self.url is not None else url,
             self.intermediate if self.intermediate is not None else intermediate,
         )
-        if merged.url is not None:
-            check_webhook_url(merged.url)
-        elif merged.intermediate:
+        if merged.url is None and merged.intermediate:
             raise ApiError(
                 422, INVALID_INPUT, "webhook_intermediate_status: needs a webhook URL too"
             )
         return merged
 
 
-def check_webhook_url(url: str) -> None:
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError):
-        parsed = None
-    if (
-        parsed is None
-        or parsed.scheme not in ("http", "https")
-        or not parsed.host
-        or len(url) > MAX_WEBHOOK_URL
-    ):
-        raise ApiError(
-            422,
-            INVALID_INPUT,
-            f"webhook: {url[:100]!r} is not an absolute http(s) URL of at most "
-            f"{MAX_WEBHOOK_URL} characters",
-        )
+def check_webhook_url(url: str, *, allow_private: bool = False) -> None:
+    """Refuse at submit what the destination policy refuses from the URL alone."""
+    problem = url_problem(url, allow_private=allow_private)
+    if problem is not None:
+        raise ApiError(422, INVALID_INPUT, f"webhook: {problem}")
 
 
 class RequestService:
@@ -206,6 +191,8 @@ class RequestService:
             body = json.dumps(fields).encode()
         else:
             webhook = webhook.merged({})
+        if webhook.url is not None:
+            check_webhook_url(webhook.url, allow_private=self.settings.allow_private_webhooks)
         try:
             validated = spec.input_model.model_validate_json(body or b"{}")
         except ValidationError as exc:

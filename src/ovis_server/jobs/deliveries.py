@@ -114,6 +114,21 @@ class DeliveryStore:
             conn.execute(update(deliveries).where(held).values(**values))
         return str(values.get("state", DeliveryState.PENDING))
 
+    def postpone(self, waiting: Sequence[tuple[Delivery, datetime]]) -> None:
+        """Put claimed messages back unsent, each due again at the time given; no attempt
+        is counted (their destination or token was busy, or the destination failing)."""
+        with self.engine.begin() as conn:
+            for message, until in waiting:
+                conn.execute(
+                    update(deliveries)
+                    .where(
+                        deliveries.c.id == message.id,
+                        deliveries.c.state == DeliveryState.PENDING,
+                        deliveries.c.claimed_until == message.claimed_until,
+                    )
+                    .values(next_attempt_at=until, claimed_until=None)
+                )
+
     def give_up(self, message_id: str, reason: str) -> None:
         """End a message that can never be sent (its request is gone)."""
         stmt = (

@@ -337,22 +337,13 @@ class JobStore:
         return int(count), first
 
     def finished_before(self, cutoff: datetime, limit: int = 500) -> list[Job]:
-        """Jobs that reached a final state before ``cutoff``, oldest first, but for those
-        still owing a webhook message (they wait for it to be delivered or given up)."""
-        owing = (
-            select(webhook_deliveries.c.id)
-            .where(
-                webhook_deliveries.c.request_id == jobs.c.id,
-                webhook_deliveries.c.state == DeliveryState.PENDING,
-            )
-            .exists()
-        )
+        """Jobs that reached a final state before ``cutoff``, oldest first. Webhook messages
+        they still owe do not keep them: retention is a promise about the data."""
         stmt = (
             select(jobs)
             .where(
                 jobs.c.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]),
                 jobs.c.finished_at < cutoff,
-                ~owing,
             )
             .order_by(jobs.c.seq)
             .limit(limit)
