@@ -26,6 +26,7 @@ from ovis_server.api.stream import StatusHub
 from ovis_server.api.webhooks import WebhookDispatcher
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
+from ovis_server.jobs.deadlines import DeadlineSweeper
 from ovis_server.jobs.deliveries import DeliveryStore
 from ovis_server.jobs.retention import RetentionSweeper
 from ovis_server.jobs.store import JobStore
@@ -66,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
         interval_seconds=settings.cleanup_interval_seconds,
     )
 
+    deadlines = DeadlineSweeper(store)
     hub = StatusHub(store)
     tokens = TokenStore(db)
     service = RequestService(store, file_store, settings)
@@ -75,6 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         sweeper.start()
+        deadlines.start()
         await hub.start()
         await dispatcher.start()
         try:
@@ -82,6 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await dispatcher.stop()
             await hub.stop()
+            deadlines.stop()
             sweeper.stop()
 
     app = FastAPI(
