@@ -11,16 +11,17 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server import __version__
-from ovis_server.api import files, routes
+from ovis_server.api import files, playground, routes
 from ovis_server.api.errors import install_error_handlers
 from ovis_server.api.metrics import CONTENT_TYPE, render_metrics
 from ovis_server.api.protocol import Health, Readiness
+from ovis_server.api.security import SecurityHeadersMiddleware
 from ovis_server.api.serving import RequestService
 from ovis_server.api.stream import StatusHub
 from ovis_server.api.webhooks import WebhookDispatcher
@@ -106,6 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.service = service
     app.state.hub = hub
     install_error_handlers(app)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(routes.router)
     app.include_router(files.router)
 
@@ -157,10 +159,7 @@ def create_app(settings: Settings) -> FastAPI:
             media_type=CONTENT_TYPE,
         )
 
-    @app.get("/", include_in_schema=False)
-    def playground() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
-
+    app.include_router(playground.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def openapi() -> dict[str, Any]:
