@@ -94,6 +94,19 @@ def test_store_cancels_queued_jobs_past_their_deadline_and_flags_running_ones(
         assert job.status == JobStatus.QUEUED
 
 
+def test_store_cancels_a_flagged_job_its_worker_put_back_in_the_queue(store: JobStore) -> None:
+    """A worker shutting down puts its job back, deadline flag and all: it ends there."""
+    add(store, "interrupted", deadline_in=0.3)
+    assert store.claim_next("w2", lease_seconds=30).id == "interrupted"  # type: ignore[union-attr]
+    time.sleep(0.4)
+    assert store.expire_deadlines() == (0, 1)
+    store.release("interrupted", "w2")
+    assert store.expire_deadlines() == (1, 0)
+    interrupted = store.get("interrupted")
+    assert interrupted is not None
+    assert (interrupted.status, interrupted.error_type) == (JobStatus.CANCELLED, DEADLINE_EXCEEDED)
+
+
 # --- the server ---------------------------------------------------------------------------
 
 

@@ -438,9 +438,9 @@ class JobStore:
     def _past_deadline(now: datetime, status: JobStatus) -> Any:
         """The jobs in ``status`` whose deadline has passed (running ones not yet flagged),
         locked for the update that acts on them (PostgreSQL; SQLite ignores it)."""
-        found = select(jobs.c.seq).where(
-            jobs.c.status == status, jobs.c.deadline < now, jobs.c.cancel_requested.is_(False)
-        )
+        found = select(jobs.c.seq).where(jobs.c.status == status, jobs.c.deadline < now)
+        if status == JobStatus.RUNNING:
+            found = found.where(jobs.c.cancel_requested.is_(False))
         return (
             found.with_for_update(skip_locked=True)
             .cte(f"past_deadline_{status.value}")
