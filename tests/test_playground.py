@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,8 @@ def test_generate_watch_progress_cancel_and_screenshot(server: Server, browser: 
     page.click("#submit")
 
     progress_values: set[str] = set()
-    for _ in range(600):
+    deadline = time.monotonic() + 300  # generous: the machine may be loaded
+    while time.monotonic() < deadline:
         value = page.get_attribute("#progress", "value")
         if value:
             progress_values.add(value)
@@ -129,3 +131,94 @@ def test_a_bad_token_gets_a_clear_message(server: Server, browser: Any) -> None:
     )
     assert "token" in page.text_content("#message").lower()
     page.close()
+
+
+PAGE_MODEL = "/playground/models/aidc-ai/ovis-image"
+
+
+def assert_security_headers(headers: dict[str, str], where: str) -> None:
+    policy = headers.get("content-security-policy", "")
+    assert "script-src 'self'" in policy, (where, policy)
+    assert "'unsafe-inline'" not in policy, (where, policy)
+    assert "frame-ancestors 'none'" in policy, (where, policy)
+    assert headers.get("x-content-type-options") == "nosniff", where
+    assert headers.get("referrer-policy") == "no-referrer", where
+
+
+def storage(page: Any) -> dict[str, str | None]:
+    return page.evaluate(  # type: ignore[no-any-return]
+        "() => ({session: sessionStorage.getItem('ovis-server-token'),"
+        " local: localStorage.getItem('ovis-server-token')})"
+    )
+
+
+def test_the_form_shows_before_a_token_and_submitting_asks_for_one(
+    server: Server, browser: Any
+) -> None:
+    token = create_token(server.data_dir, "no-token-yet")
+    context = browser.new_context()
+    page = context.new_page()
+    console: list[str] = []
+    page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+    responses: dict[str, dict[str, str]] = {}
+    page.on("response", lambda r: responses.setdefault(urlsplit(r.url).path, r.all_headers()))
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+
+    page.goto(server.base_url + "/")
+    # The form is built from the public model description, with no token in sight.
+    page.wait_for_selector("#field-prompt")
+    assert page.input_value("#token") == ""
+    assert page.locator("#field-num_inference_steps").input_value() == "28"
+    assert page.is_enabled("#submit")
+
+    page.fill("#field-prompt", "a lighthouse at dusk")
+    page.fill("#field-num_inference_steps", "1")
+    page.select_option("#field-image_size", "square")
+    page.click("#submit")
+    page.wait_for_function(
+        "() => document.querySelector('#message').textContent.includes('token')", timeout=10_000
+    )
+    assert page.evaluate("() => document.activeElement.id") == "token"
+    assert page.get_attribute("#token", "aria-invalid") == "true"
+    assert posts == [], "nothing is submitted without a token"
+
+    # Entering the token sends the submit it asked for.
+    page.fill("#token", token)
+    page.dispatch_event("#token", "change")
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#result-image');"
+        " return !!(i && !i.hidden && i.complete && i.naturalWidth); }",
+        timeout=120_000,
+    )
+    assert len(posts) == 1
+    # Kept for this tab only, until "remember" is ticked; unticking forgets it again.
+    assert storage(page) == {"session": token, "local": None}
+    page.check("#remember")
+    assert storage(page) == {"session": None, "local": token}
+    remembered = context.new_page()
+    remembered.goto(server.base_url + "/")
+    assert remembered.input_value("#token") == token
+    assert remembered.is_checked("#remember")
+    remembered.close()
+    page.uncheck("#remember")
+    assert storage(page) == {"session": token, "local": None}
+
+    for path in ("/", "/static/playground.js", "/static/playground.css", PAGE_MODEL):
+        assert path in responses, sorted(responses)
+        assert_security_headers(responses[path], path)
+    violations = [line for line in console if "Content Security Policy" in line]
+    assert violations == []
+    context.close()
+
+
+def test_every_response_carries_the_security_headers(server: Server) -> None:
+    token = create_token(server.data_dir, "headers")
+    with server.client(token) as client:
+        for path in ("/healthz", "/v1/models", "/v1/requests/unknown/status", "/openapi.json"):
+            response = client.get(path)
+            assert_security_headers(dict(response.headers), path)
+    # The playground's model description needs no token; the API's does.
+    with server.client() as anonymous:
+        assert anonymous.get(PAGE_MODEL).json()["input_schema"]["required"] == ["prompt"]
+        assert anonymous.get("/v1/models/aidc-ai/ovis-image").status_code == 401

@@ -911,3 +911,16 @@ def cancel_remote(request_id: str, url: str, token: str | None) -> None:
 
     with Client(url, token) as client:
         _print_json(client.cancel(request_id))
+
+
+@main.command("delete")
+@click.argument("request_id")
+@client_options
+@_client_errors
+def delete_remote(request_id: str, url: str, token: str | None) -> None:
+    """Delete a request and its output files (a running job stops)."""
+    from ovis_server.client import Client
+
+    with Client(url, token) as client:
+        client.delete(request_id)
+    click.echo(f"deleted {request_id}", err=True)

@@ -11,21 +11,23 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server import __version__
-from ovis_server.api import files, routes
+from ovis_server.api import files, playground, routes
 from ovis_server.api.errors import install_error_handlers
 from ovis_server.api.metrics import CONTENT_TYPE, render_metrics
 from ovis_server.api.protocol import Health, Readiness
+from ovis_server.api.security import SecurityHeadersMiddleware
 from ovis_server.api.serving import RequestService
 from ovis_server.api.stream import StatusHub
 from ovis_server.api.webhooks import WebhookDispatcher
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
+from ovis_server.jobs.deadlines import DeadlineSweeper
 from ovis_server.jobs.deliveries import DeliveryStore
 from ovis_server.jobs.retention import RetentionSweeper
 from ovis_server.jobs.store import JobStore
@@ -66,6 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
         interval_seconds=settings.cleanup_interval_seconds,
     )
 
+    deadlines = DeadlineSweeper(store)
     hub = StatusHub(store)
     tokens = TokenStore(db)
     service = RequestService(store, file_store, settings)
@@ -81,6 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         sweeper.start()
+        deadlines.start()
         await hub.start()
         await dispatcher.start()
         try:
@@ -88,6 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await dispatcher.stop()
             await hub.stop()
+            deadlines.stop()
             sweeper.stop()
 
     app = FastAPI(
@@ -108,6 +113,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.service = service
     app.state.hub = hub
     install_error_handlers(app)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(routes.router)
     app.include_router(files.router)
 
@@ -159,10 +165,7 @@ def create_app(settings: Settings) -> FastAPI:
             media_type=CONTENT_TYPE,
         )
 
-    @app.get("/", include_in_schema=False)
-    def playground() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
-
+    app.include_router(playground.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def openapi() -> dict[str, Any]:

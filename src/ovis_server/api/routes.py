@@ -98,6 +98,14 @@ async def submit(
             "within N seconds, else with the usual submit answer."
         ),
     ] = None,
+    cancel_after: Annotated[
+        str | None,
+        Header(
+            description="Seconds, or a duration such as 90s, 5m or 1h30m (1 s to 7 days): "
+            "the job ends `cancelled`, with the reason as its `error`, if it has not "
+            "completed by then, queued or running."
+        ),
+    ] = None,
     webhook: Annotated[
         str | None,
         Query(
@@ -122,6 +130,7 @@ async def submit(
         base_url=base_url(request),
         idempotency_key=idempotency_key,
         webhook=Webhook(webhook, webhook_intermediate_status),
+        cancel_after=cancel_after,
     )
     wait = wait_preference(prefer)
     if wait:
@@ -211,6 +220,14 @@ async def stream_status(request_id: str, request: Request, caller: CallerDep) ->
 )
 def cancel(request_id: str, request: Request, caller: CallerDep) -> CancelResponse:
     return service(request).cancel(caller.token_id, request_id)
+
+
+@router.delete("/requests/{request_id}", status_code=204, responses=_REQUEST_ERRORS)
+def delete_request(request_id: str, request: Request, caller: CallerDep) -> Response:
+    """Remove the request and its output files at once (their URLs stop working); a running
+    job stops. Later calls about it answer 404."""
+    service(request).delete(caller.token_id, request_id)
+    return Response(status_code=204)
 
 
 INPUT_SCHEMAS = {"OvisImageInput": OvisImageInput}

@@ -50,6 +50,32 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spa
 # A full queue clears at the pace of the GPU; clients come back after this long.
 QUEUE_FULL_RETRY_SECONDS = 10
 WEBHOOK_FIELDS = frozenset({"webhook", "webhook_intermediate_status"})
+# Cancel-After: seconds, or a duration in Go's notation as Replicate takes it (90s, 5m,
+# 1h30m, 1500ms), from one second to seven days.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+CANCEL_AFTER_BOUNDS = (1.0, 7 * 24 * 3600.0)
+
+
+def parse_cancel_after(value: str) -> timedelta:
+    """The ``Cancel-After`` header as a duration, or a 422 naming it."""
+    text = value.strip().lower()
+    seconds: float | None = None
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        seconds = float(text)
+    elif text and _DURATION_PART.sub("", text) == "":
+        seconds = sum(
+            float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text)
+        )
+    low, high = CANCEL_AFTER_BOUNDS
+    if seconds is None or not low <= seconds <= high:
+        raise ApiError(
+            422,
+            INVALID_INPUT,
+            f"Cancel-After: {value[:50]!r} is not a duration from 1 second to 7 days; send "
+            "seconds (90) or a duration such as 90s, 5m or 1h30m",
+        )
+    return timedelta(seconds=seconds)
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -91,7 +117,9 @@ def job_log(job: Job) -> list[LogLine]:
             )
     if job.finished_at is not None:
         ending = str(job.status.value)
-        if job.status == JobStatus.FAILED:
+        if job.status == JobStatus.FAILED or (
+            job.status == JobStatus.CANCELLED and job.error_type is not None
+        ):
             ending += f": {job.error_type}: {job.error_message}"
         lines.append(LogLine(timestamp=iso(job.finished_at) or "", message=ending))
     return lines
@@ -179,8 +207,10 @@ class RequestService:
         base_url: str,
         idempotency_key: str | None = None,
         webhook: Webhook | None = None,
+        cancel_after: str | None = None,
     ) -> SubmitResponse:
         spec = self._spec(model_id)
+        lifetime = None if cancel_after is None else parse_cancel_after(cancel_after)
         webhook = webhook or Webhook()
         fields: Any = None
         if b'"webhook' in body:
@@ -228,6 +258,7 @@ class RequestService:
                 webhook_url=webhook.url,
                 webhook_intermediate=bool(webhook.intermediate),
                 base_url=base_url,
+                deadline=None if lifetime is None else utcnow() + lifetime,
             )
         except IdempotencyConflictError as exc:
             raise ApiError(
@@ -342,7 +373,10 @@ class RequestService:
                 for item in job.outputs
             ]
             output = {"image": urls[0]} if len(urls) == 1 else {"images": urls}
-        elif job.status == JobStatus.FAILED:
+        elif job.status == JobStatus.FAILED or (
+            # A cancel with a reason (its deadline passed) tells it.
+            job.status == JobStatus.CANCELLED and job.error_type is not None
+        ):
             error = JobError(
                 type=job.error_type or "generation_error",
                 message=job.error_message or "the job failed",
@@ -369,6 +403,16 @@ class RequestService:
         if outcome is CancelOutcome.REQUESTED:
             job, outcome = self._await_worker_stop(job)
         return CancelResponse(request_id=job.id, status=STATUS_WORDS[job.status], outcome=outcome)
+
+    def delete(self, token_id: str, request_id: str) -> None:
+        """Remove a request and its files at once. A running job loses its row, so its
+        worker stops at the next step (and removes a file it stores after this)."""
+        self.owned_job(token_id, request_id)
+        # The row first: a worker that stores the file after this finds its job gone and
+        # removes the file itself; one that stored it before has it removed here.
+        if not self.store.delete([request_id]):
+            raise request_not_found(request_id)
+        self.files.delete_request(request_id)
 
     def _await_worker_stop(self, job: Job) -> tuple[Job, CancelOutcome]:
         """Give the worker a moment to stop at its next step, so the answer can be final."""

@@ -87,6 +87,10 @@ class AsyncClient:
         body = await self._call("POST", f"/v1/requests/{request_id}/cancel")
         return Cancellation.model_validate(body)
 
+    async def delete(self, request_id: str) -> None:
+        """Remove the request and its output files; a running job stops."""
+        await self._call("DELETE", f"/v1/requests/{request_id}")
+
     async def stream(self, request_id: str) -> AsyncIterator[Status | Result]:
         """The request's status stream: a Status on every change, then the Result."""
         async with contextlib.aclosing(self._stream(request_id)) as items:

@@ -88,6 +88,11 @@ class Client:
     def cancel(self, request_id: str) -> Cancellation:
         return Cancellation.model_validate(self._call("POST", f"/v1/requests/{request_id}/cancel"))
 
+    def delete(self, request_id: str) -> None:
+        """Remove the request and its output files (their URLs stop working); a running
+        job stops. Raises NotFoundError for an unknown request."""
+        self._call("DELETE", f"/v1/requests/{request_id}")
+
     def stream(self, request_id: str) -> Iterator[Status | Result]:
         """The request's status stream: a Status on every change, then the Result once it
         is final. Raises ApiError like the other calls (NotFoundError, 404, also where a

@@ -104,7 +104,10 @@ jobs = Table(
     Column("webhook_url", Text),
     Column("webhook_intermediate", Boolean, nullable=False, server_default=false()),
     Column("base_url", String(2000)),
+    # When an unfinished job is cancelled (the submit's Cancel-After); None: never.
+    Column("deadline", UtcDateTime),
     Index("ix_jobs_status_seq", "status", "seq"),
+    Index("ix_jobs_deadline", "deadline"),
     Index("ix_jobs_token_id_created_at", "token_id", "created_at"),
     UniqueConstraint("token_id", "idempotency_key"),
     sqlite_autoincrement=True,

@@ -93,6 +93,7 @@ class Job:
     webhook_url: str | None = None
     webhook_intermediate: bool = False
     base_url: str | None = None
+    deadline: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -38,6 +39,9 @@ from ovis_server.jobs.job import (
 )
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
+# The error a job carries when its deadline (the submit's Cancel-After) cancels it.
+DEADLINE_EXCEEDED = "deadline_exceeded"
+DEADLINE_MESSAGE = "the request did not complete before its Cancel-After deadline; it was cancelled"
 
 
 class LeaseLostError(Exception):
@@ -84,6 +88,7 @@ def _job(row: Row[Any]) -> Job:
         webhook_url=data["webhook_url"],
         webhook_intermediate=bool(data["webhook_intermediate"]),
         base_url=data["base_url"],
+        deadline=data["deadline"],
     )
 
 
@@ -160,8 +165,9 @@ class JobStore:
         webhook_url: str | None = None,
         webhook_intermediate: bool = False,
         base_url: str | None = None,
+        deadline: datetime | None = None,
     ) -> Job:
-        """Queue a job at the back of the queue.
+        """Queue a job at the back of the queue (cancelled at ``deadline`` if unfinished).
 
         With an idempotency key, a repeat of the same request (same ``request_hash``) by
         the same token within 24 hours returns the job the first one made; a different
@@ -192,6 +198,7 @@ class JobStore:
                 webhook_url=webhook_url,
                 webhook_intermediate=webhook_intermediate,
                 base_url=base_url,
+                deadline=deadline,
             )
             .returning(*jobs.c)
         )
@@ -390,6 +397,47 @@ class JobStore:
             return job, CancelOutcome.CANCELLED
         return job, CancelOutcome.NOT_CANCELLABLE
 
+    def expire_deadlines(self) -> tuple[int, int]:
+        """Act on the jobs whose deadline has passed: cancel the queued ones at once (they
+        leave the queue) and flag the running ones, which their worker stops at the next
+        step; both carry the reason as their error. Returns (cancelled, flagged).
+
+        Rows another transaction holds are skipped, not waited for: the next pass (about a
+        second later) takes them.
+        """
+        now = utcnow()
+        reason = {"error_type": DEADLINE_EXCEEDED, "error_message": DEADLINE_MESSAGE}
+        with self.engine.begin() as conn:
+            queued = conn.execute(
+                update(jobs)
+                .where(jobs.c.seq == self._past_deadline(now, JobStatus.QUEUED).c.seq)
+                .values(
+                    status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, **reason
+                )
+                .returning(*jobs.c)
+            ).all()
+            _record(conn, queued, now)
+            running = conn.execute(
+                update(jobs)
+                .where(jobs.c.seq == self._past_deadline(now, JobStatus.RUNNING).c.seq)
+                .values(cancel_requested=True, **reason)
+                .returning(jobs.c.seq)
+            ).all()
+        return len(queued), len(running)
+
+    @staticmethod
+    def _past_deadline(now: datetime, status: JobStatus) -> Any:
+        """The jobs in ``status`` whose deadline has passed (running ones not yet flagged),
+        locked for the update that acts on them (PostgreSQL; SQLite ignores it)."""
+        found = select(jobs.c.seq).where(jobs.c.status == status, jobs.c.deadline < now)
+        if status == JobStatus.RUNNING:
+            found = found.where(jobs.c.cancel_requested.is_(False))
+        return (
+            found.with_for_update(skip_locked=True)
+            .cte(f"past_deadline_{status.value}")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
+        )
+
     # --- the worker's side ----------------------------------------------------------
 
     def _claim(
@@ -398,7 +446,11 @@ class JobStore:
         """Move up to ``limit`` of the oldest queued jobs (of one batch key, if given) to
         this worker under a lease, in one statement."""
         now = utcnow()
-        candidates = select(jobs.c.seq).where(jobs.c.status == JobStatus.QUEUED)
+        # A job past its deadline is never started: expire_deadlines cancels it.
+        candidates = select(jobs.c.seq).where(
+            jobs.c.status == JobStatus.QUEUED,
+            or_(jobs.c.deadline.is_(None), jobs.c.deadline > now),
+        )
         if batch_key is not None:
             candidates = candidates.where(jobs.c.batch_key == batch_key)
         # PostgreSQL: concurrent workers skip rows another is claiming, and the picked rows

@@ -210,9 +210,17 @@ class Worker:
         media_type = MEDIA_TYPES[output_format]
         key = output_key(job.id, 0, FILE_EXTENSIONS[output_format])
         self.files.put(key, encode_image(image, output_format), media_type)
-        self.store.complete(
-            job.id, self.worker_id, [StoredOutput(key, media_type, image.width, image.height)]
-        )
+        try:
+            self.store.complete(
+                job.id, self.worker_id, [StoredOutput(key, media_type, image.width, image.height)]
+            )
+        except LeaseLostError:
+            # Deleted while it ran: leave no file behind. (Taken over by another worker
+            # instead, the file under this key is that worker's too, and stays.)
+            if self.store.get(job.id) is None:
+                self.files.delete_request(job.id)
+                logger.info("job %s was deleted while it ran; its file is removed", job.id)
+            raise
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         error_type, message = describe_failure(exc)

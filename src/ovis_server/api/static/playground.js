@@ -1,6 +1,7 @@
 'use strict';
-// Ovis-Image playground: builds the form from the model's input schema, submits jobs,
-// follows the newest one and lists this token's recent requests.
+// Ovis-Image playground: builds the form from the model's input schema (public, so the form
+// shows before a token is entered), submits jobs, follows the newest one and lists this
+// token's recent requests.
 
 const MODEL_ID = 'aidc-ai/ovis-image';
 const TOKEN_KEY = 'ovis-server-token';
@@ -18,8 +19,9 @@ const OUTCOMES = {
 const $ = (id) => document.getElementById(id);
 // fields: [{name, read}] in schema order; job: {id, prompt, cancelling}. The *Gen counters
 // let a late answer see that a newer load or job has replaced the one it was for.
+// pending: a submit waits for the token it asked for.
 const state = {
-  fields: [], ready: false, job: null, cursor: null, modelGen: 0, jobGen: 0, galleryGen: 0, streamAbort: null,
+  fields: [], ready: false, pending: false, job: null, cursor: null, modelGen: 0, jobGen: 0, galleryGen: 0, streamAbort: null,
 };
 
 function apiError(status, message) {
@@ -45,16 +47,25 @@ function safeUrl(url) {
 
 const token = () => $('token').value.trim();
 
-// localStorage can be disabled (private modes): the token then lives in the field only.
-function storeToken(value) {
+// The token lives in sessionStorage (this tab, until it closes), or in localStorage when
+// the user ticks "remember"; never in both. Storage can be disabled (private modes): the
+// token then lives in the field only.
+function storeToken(value, remember) {
   try {
-    if (value) localStorage.setItem(TOKEN_KEY, value);
-    else localStorage.removeItem(TOKEN_KEY);
+    sessionStorage.removeItem(TOKEN_KEY);
+    localStorage.removeItem(TOKEN_KEY);
+    if (value) (remember ? localStorage : sessionStorage).setItem(TOKEN_KEY, value);
   } catch { /* not stored */ }
 }
 
+// [token, remembered]
 function storedToken() {
-  try { return localStorage.getItem(TOKEN_KEY) || ''; } catch { return ''; }
+  try {
+    const session = sessionStorage.getItem(TOKEN_KEY);
+    if (session) return [session, false];
+    const kept = localStorage.getItem(TOKEN_KEY);
+    return kept ? [kept, true] : ['', false];
+  } catch { return ['', false]; }
 }
 
 // Text between backticks is shown as <code>; every part goes in as text, never as HTML.
@@ -87,7 +98,7 @@ function toJson(value) {
 }
 
 async function api(method, path, body) {
-  const headers = { Authorization: `Bearer ${token()}` };
+  const headers = token() ? { Authorization: `Bearer ${token()}` } : {};
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   let res;
   try {
@@ -260,27 +271,33 @@ function showModel(model) {
   $('model-description').textContent = [model.description, price].filter(Boolean).join(' · ');
 }
 
+// The model's description comes from the playground's public route: no token needed.
 async function loadModel() {
   const gen = ++state.modelGen;
   state.ready = false;
   $('submit').disabled = true;
-  if (!token()) {
-    setMessage(`No token set: paste an API token above, or ${CREATE_HINT}.`);
-    return;
-  }
   setMessage('Loading the model…');
   try {
-    const model = await api('GET', `/v1/models/${MODEL_ID}`);
+    const model = await api('GET', `/playground/models/${MODEL_ID}`);
     if (gen !== state.modelGen) return;
     showModel(model);
-    if (!state.fields.length) buildForm(model.input_schema || {}); // keep edits on token change
+    buildForm(model.input_schema || {});
     state.ready = true;
     $('submit').disabled = false;
-    setMessage('');
-    loadGallery(true);
+    setMessage(token() ? '' : 'Paste an API token above to submit.');
+    if (token()) loadGallery(true);
   } catch (err) {
     if (gen === state.modelGen) showError(err, 'Loading the model');
   }
+}
+
+// Submitting without a token asks for one; the submit goes ahead once it is entered.
+function askForToken() {
+  state.pending = true;
+  const field = $('token');
+  field.setAttribute('aria-invalid', 'true');
+  field.focus();
+  setMessage(`Enter your API token to submit: paste it above, or ${CREATE_HINT}.`, 'error');
 }
 
 const requestPath = (id, action) => `/v1/requests/${encodeURIComponent(id)}/${action}`;
@@ -442,6 +459,11 @@ function follow(id, prompt) {
 async function submit(event) {
   event.preventDefault();
   if (!state.ready) return;
+  if (!token()) {
+    askForToken();
+    return;
+  }
+  state.pending = false;
   const input = readInput();
   $('submit').disabled = true;
   try {
@@ -515,7 +537,8 @@ async function loadGallery(reset) {
 }
 
 function onTokenChange() {
-  storeToken(token());
+  storeToken(token(), $('remember').checked);
+  $('token').removeAttribute('aria-invalid');
   if (state.job && state.job.active) $('status').textContent = 'Stopped following the job: the token changed.';
   state.jobGen += 1; // the old token cannot see its jobs
   setCancelable(false);
@@ -523,12 +546,21 @@ function onTokenChange() {
   state.cursor = null;
   $('gallery').replaceChildren();
   $('gallery-more').hidden = true;
-  loadModel();
+  if (!token()) {
+    setMessage('Paste an API token above to submit.');
+    return;
+  }
+  setMessage('');
+  if (state.pending && state.ready) $('form').requestSubmit();
+  loadGallery(true);
 }
 
 function start() {
-  $('token').value = storedToken();
+  const [saved, remembered] = storedToken();
+  $('token').value = saved;
+  $('remember').checked = remembered;
   $('token').addEventListener('change', onTokenChange);
+  $('remember').addEventListener('change', () => storeToken(token(), $('remember').checked));
   $('form').addEventListener('submit', submit);
   $('cancel').addEventListener('click', cancelJob);
   $('gallery-more').addEventListener('click', () => loadGallery(false));
