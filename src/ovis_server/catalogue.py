@@ -229,6 +229,9 @@ OUTPUT_SCHEMA: dict[str, Any] = {
 }
 
 
+ModelKind = Literal["model", "workflow", "inference"]
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One entry of the catalogue."""
@@ -238,10 +241,29 @@ class ModelSpec:
     description: str
     input_model: type[OvisImageInput]
     default_weights: str
-    tags: tuple[str, ...] = ()
+    # Capabilities, as RunComfy's catalogue files models: "text-to-image", ...
+    categories: tuple[str, ...] = ()
+    kind: ModelKind = "model"
+    owned_by: str = ""
+    # When the entry was added (unix seconds): OpenAI's model list reports it.
+    created: int = 0
+    # Short names that OpenAI-style clients may send as ``model``.
+    aliases: tuple[str, ...] = ()
 
     def input_schema(self) -> dict[str, Any]:
         return self.input_model.model_json_schema()
+
+    def matches(self, search: str | None, category: str | None, kind: str | None) -> bool:
+        """Whether this entry passes the catalogue filters of ``GET /v1/models``."""
+        if kind is not None and kind != self.kind:
+            return False
+        if category and category.strip().lower() not in self.categories:
+            return False
+        if search:
+            needle = search.strip().lower()
+            haystack = (self.model_id, self.display_name, self.description)
+            return any(needle in text.lower() for text in haystack)
+        return True
 
 
 OVIS_IMAGE = ModelSpec(
@@ -252,7 +274,10 @@ OVIS_IMAGE = ModelSpec(
     ),
     input_model=OvisImageInput,
     default_weights="AIDC-AI/Ovis-Image-7B",
-    tags=("text-to-image",),
+    categories=("text-to-image",),
+    owned_by="aidc-ai",
+    created=1764547200,  # 2025-12-01
+    aliases=("ovis-image",),
 )
 
 CATALOGUE: dict[str, ModelSpec] = {OVIS_IMAGE.model_id: OVIS_IMAGE}
@@ -261,3 +286,22 @@ CATALOGUE: dict[str, ModelSpec] = {OVIS_IMAGE.model_id: OVIS_IMAGE}
 def find_model(model_id: str) -> ModelSpec | None:
     """The catalogue entry for ``model_id``, or None."""
     return CATALOGUE.get(model_id)
+
+
+def find_model_or_alias(name: str) -> ModelSpec | None:
+    """The entry whose id or one of whose aliases is ``name``, or None."""
+    return find_model(name) or next(
+        (spec for spec in CATALOGUE.values() if name in spec.aliases), None
+    )
+
+
+def search_catalogue(
+    search: str | None = None, category: str | None = None, kind: str | None = None
+) -> list[ModelSpec]:
+    """The entries that pass the filters, in catalogue order."""
+    return [spec for spec in CATALOGUE.values() if spec.matches(search, category, kind)]
+
+
+def all_categories() -> list[str]:
+    """Every category some entry is filed under, sorted."""
+    return sorted({category for spec in CATALOGUE.values() for category in spec.categories})

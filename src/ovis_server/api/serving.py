@@ -29,18 +29,28 @@ from ovis_server.api.protocol import (
     RESULT_WORDS,
     STATUS_WORDS,
     CancelResponse,
+    CatalogueQuery,
+    CategoryList,
     JobError,
     LogLine,
     ModelDetail,
     ModelList,
     ModelSummary,
+    OpenAIModel,
     Progress,
     RequestList,
     ResultResponse,
     StatusResponse,
     SubmitResponse,
 )
-from ovis_server.catalogue import CATALOGUE, OUTPUT_SCHEMA, ModelSpec, find_model
+from ovis_server.catalogue import (
+    CATALOGUE,
+    OUTPUT_SCHEMA,
+    ModelSpec,
+    all_categories,
+    find_model,
+    search_catalogue,
+)
 from ovis_server.config import Settings
 from ovis_server.jobs.job import CancelOutcome, Job, JobStatus
 from ovis_server.jobs.store import IdempotencyConflictError, JobStore, utcnow
@@ -159,12 +169,36 @@ class RequestService:
             "display_name": spec.display_name,
             "description": spec.description,
             "base_price_usd": self.settings.base_price_usd,
-            "tags": list(spec.tags),
+            "categories": list(spec.categories),
+            "kind": spec.kind,
+            "tags": list(spec.categories),
         }
 
-    def list_models(self) -> ModelList:
-        models = [ModelSummary(**self._summary(spec)) for spec in CATALOGUE.values()]
-        return ModelList(models=models, total=len(models))
+    def list_models(self, query: CatalogueQuery | None = None) -> ModelList:
+        """One page of the catalogue entries that pass the filters; ``total`` counts them all."""
+        query = query or CatalogueQuery()
+        matches = search_catalogue(query.search, query.category, query.kind)
+        page = matches[query.offset : query.offset + query.limit]
+        return ModelList(
+            models=[
+                ModelSummary(
+                    **self._summary(spec),
+                    input_schema=(
+                        inline_refs(spec.input_schema()) if query.include_schema else None
+                    ),
+                )
+                for spec in page
+            ],
+            total=len(matches),
+            data=[
+                OpenAIModel(id=spec.model_id, created=spec.created, owned_by=spec.owned_by)
+                for spec in page
+            ],
+        )
+
+    @staticmethod
+    def categories() -> CategoryList:
+        return CategoryList(categories=all_categories())
 
     def model(self, model_id: str) -> ModelDetail:
         spec = self._spec(model_id)
