@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from .helpers import Server, create_token, start_server
+from ovis_server.catalogue import OvisImageInput
+
+from .helpers import Server, create_token, download, start_server, wait_result
 
 MODEL_ID = "aidc-ai/ovis-image"
+MODEL_PATH = f"/v1/models/{MODEL_ID}"
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +34,13 @@ def token(server: Server) -> str:
 def client(server: Server, token: str) -> Iterator[httpx.Client]:
     with server.client(token) as client:
         yield client
+
+
+def submit_raw(client: httpx.Client, body: dict[str, Any]) -> str:
+    response = client.post(MODEL_PATH, json=body)
+    assert response.status_code == 200, response.text
+    request_id: str = response.json()["request_id"]
+    return request_id
 
 
 # --- RunComfy's CLI: runcomfy models {list,categories,get} ----------------------------------
@@ -129,3 +140,94 @@ def test_model_list_is_also_openais_list(client: httpx.Client) -> None:
 def test_catalogue_needs_a_token(server: Server) -> None:
     for path in ("/v1/models/categories", "/v1/models?search=ovis"):
         assert httpx.get(server.base_url + path).status_code == 401
+
+
+# --- generic RunComfy clients: aspect_ratio, webhook_url ------------------------------------
+
+
+@pytest.mark.parametrize(("ratio", "size"), [("16:9", (1024, 576)), ("9:16", (576, 1024))])
+def test_aspect_ratio_submissions_complete_in_that_orientation(
+    client: httpx.Client, ratio: str, size: tuple[int, int]
+) -> None:
+    # What avalla/mcp-runcomfy sends: the prompt, the model inputs, aspect_ratio and seed.
+    body = {"prompt": "a lighthouse at dusk", "num_inference_steps": 2, "aspect_ratio": ratio}
+    request_id = submit_raw(client, {**body, "seed": 7})
+    result = wait_result(client, request_id)
+    assert result["status"] == "succeeded", result
+    image = download(result["output"]["image"])
+    assert image.size == size
+
+
+@pytest.mark.parametrize(
+    ("ratio", "size"),
+    [
+        ("1:1", (1024, 1024)),
+        ("4:3", (1024, 768)),
+        ("3:4", (768, 1024)),
+        ("32:18", (1024, 576)),
+        ("3:2", (1248, 832)),
+        ("2:3", (832, 1248)),
+        ("21:9", (1568, 672)),
+        ("32:1", (2048, 64)),
+    ],
+)
+def test_aspect_ratio_sizes(ratio: str, size: tuple[int, int]) -> None:
+    validated = OvisImageInput.model_validate({"prompt": "x", "aspect_ratio": ratio})
+    assert validated.dimensions() == size
+    width, height = size
+    assert width % 16 == 0
+    assert height % 16 == 0
+    # Not stored: the job's input carries the size the ratio settled on.
+    assert "aspect_ratio" not in validated.model_dump()
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"aspect_ratio": "16:9", "image_size": "square"}, "aspect_ratio and image_size"),
+        ({"aspect_ratio": "16:9", "image_size": {"width": 256, "height": 256}}, "image_size"),
+        ({"aspect_ratio": "16x9"}, "aspect_ratio"),
+        ({"aspect_ratio": "0:1"}, "aspect_ratio"),
+        ({"aspect_ratio": "1.78"}, "aspect_ratio"),
+        ({"aspect_ratio": "1000:1"}, "aspect_ratio"),
+        ({"aspect_ratio": 1.78}, "aspect_ratio"),
+        ({"aspect_ratio": ""}, "aspect_ratio"),
+    ],
+)
+def test_bad_aspect_ratios_are_422_naming_it(
+    client: httpx.Client, body: dict[str, Any], named: str
+) -> None:
+    response = client.post(MODEL_PATH, json={"prompt": "x", **body})
+    assert response.status_code == 422, response.text
+    assert response.json()["error_code"] == 422001
+    assert named in response.json()["error_message"]
+
+
+def test_aspect_ratio_is_not_in_the_published_schema(client: httpx.Client) -> None:
+    # Accepted for clients that send it, not offered: image_size is the schema's way.
+    detail = client.get(f"/v1/models/{MODEL_ID}").json()
+    assert "aspect_ratio" not in detail["input_schema"]["properties"]
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "message"),
+    [
+        ("", {"webhook_url": "ftp://example.com/hook"}, "webhook"),
+        ("", {"webhook_url": 42}, "webhook"),
+        (
+            "",
+            {"webhook": "https://example.com/a", "webhook_url": "https://example.com/b"},
+            "webhook_url",
+        ),
+        ("", {"webhook_intermediate_status": True}, "webhook_intermediate_status"),
+    ],
+)
+def test_webhook_url_in_the_body_is_the_webhook_parameter(
+    client: httpx.Client, query: str, body: dict[str, Any], message: str
+) -> None:
+    # Judged as a webhook (not refused as an unknown input field).
+    response = client.post(MODEL_PATH + query, json={"prompt": "x", **body})
+    assert response.status_code == 422, response.text
+    error = response.json()["error_message"]
+    assert message in error
+    assert "Extra inputs" not in error

@@ -7,10 +7,12 @@ entry point (HTTP API, ``ovis-server generate``) validates through them.
 
 from __future__ import annotations
 
+import math
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -19,7 +21,9 @@ from pydantic import (
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from ovis_server.engine.request import GenerationRequest
@@ -45,6 +49,18 @@ OutputFormat = Literal["jpeg", "png", "webp"]
 SIZE_MULTIPLE = 16
 MIN_SIDE = 64
 MAX_SIDE = 2048
+# An ``aspect_ratio`` asks for about this many pixels (one megapixel)...
+ASPECT_RATIO_PIXELS = 1024 * 1024
+# ...except where a preset has exactly that ratio: then the preset, as clients that map
+# ratios to fal's presets would get (16:9 is 1024x576, not 1360x768).
+ASPECT_RATIO_PRESETS: dict[tuple[int, int], ImageSizePreset] = {
+    (1, 1): "square_hd",
+    (4, 3): "landscape_4_3",
+    (16, 9): "landscape_16_9",
+    (3, 4): "portrait_4_3",
+    (9, 16): "portrait_16_9",
+}
+ASPECT_RATIO_PATTERN = re.compile(r"([1-9][0-9]{0,3}):([1-9][0-9]{0,3})")
 MAX_PROMPT_CHARS = 20_000
 MAX_SEED = 2**63 - 1
 # A seed drawn for a request that gave none: 32 bits, exact in any JSON client.
@@ -78,6 +94,34 @@ EXAMPLE_PROMPT = (
     "and reflective sunglass lenses, reinforcing a highly believable, stylish technical outdoor "
     "aesthetic."
 )
+
+
+def aspect_ratio_size(ratio: str) -> ImageSizePreset | tuple[int, int]:
+    """The size an ``aspect_ratio`` such as "16:9" asks for: the preset with exactly that
+    ratio if there is one, else about one megapixel at that ratio with sides that are
+    multiples of 16 (shrunk to fit the largest side). ValueError if ``ratio`` is not
+    "W:H" or no size within the bounds has it."""
+    match = ASPECT_RATIO_PATTERN.fullmatch(ratio)
+    if match is None:
+        raise ValueError("must be W:H in whole numbers, such as 16:9, 1:1 or 9:16")
+    across, down = int(match[1]), int(match[2])
+    common = math.gcd(across, down)
+    across, down = across // common, down // common
+    preset = ASPECT_RATIO_PRESETS.get((across, down))
+    if preset is not None:
+        return preset
+    scale = math.sqrt(ASPECT_RATIO_PIXELS / (across * down))
+    scale = min(scale, MAX_SIDE / max(across, down))
+
+    def side(length: float) -> int:
+        return min(MAX_SIDE, round(length / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+    width, height = side(across * scale), side(down * scale)
+    if min(width, height) < MIN_SIDE:
+        raise ValueError(
+            f"{ratio} is too far from square for sides between {MIN_SIDE} and {MAX_SIDE}"
+        )
+    return width, height
 
 
 class ImageDimensions(BaseModel):
@@ -147,6 +191,8 @@ class OvisImageInput(BaseModel):
     output_format: OutputFormat = Field(
         default="png", title="Output Format", description="The format of the generated image."
     )
+    # Sent by generic RunComfy clients; it settles image_size and is not stored.
+    aspect_ratio: SkipJsonSchema[str | None] = Field(default=None, max_length=20, exclude=True)
 
     @field_validator("prompt")
     @classmethod
@@ -180,6 +226,31 @@ class OvisImageInput(BaseModel):
         raise PydanticCustomError(
             "image_size", "must be a preset name or an object with width and height"
         )
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _check_aspect_ratio(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                aspect_ratio_size(value)
+            except ValueError as exc:
+                raise PydanticCustomError("aspect_ratio", str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _size_from_aspect_ratio(self) -> Self:
+        if self.aspect_ratio is None:
+            return self
+        if "image_size" in self.model_fields_set:
+            raise PydanticCustomError(
+                "aspect_ratio_conflict",
+                "aspect_ratio and image_size were both given: send one of them",
+            )
+        size = aspect_ratio_size(self.aspect_ratio)
+        self.image_size = (
+            size if isinstance(size, str) else ImageDimensions(width=size[0], height=size[1])
+        )
+        return self
 
     def dimensions(self) -> tuple[int, int]:
         """(width, height) in pixels."""

@@ -60,7 +60,7 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spa
 # A full queue clears at the pace of the GPU; clients come back after this long.
 QUEUE_FULL_RETRY_SECONDS = 10
 MAX_WEBHOOK_URL = 2000
-WEBHOOK_FIELDS = frozenset({"webhook", "webhook_intermediate_status"})
+WEBHOOK_FIELDS = frozenset({"webhook", "webhook_url", "webhook_intermediate_status"})
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -118,6 +118,11 @@ class Webhook:
     def merged(self, body: dict[str, Any]) -> Webhook:
         """Take the webhook fields out of ``body`` and settle what the submit asks for."""
         url = body.pop("webhook", None)
+        alias = body.pop("webhook_url", None)  # what some clients call it
+        if url is None:
+            url = alias
+        elif alias is not None and alias != url:
+            raise ApiError(422, INVALID_INPUT, "webhook_url: differs from webhook; send one")
         intermediate = body.pop("webhook_intermediate_status", None)
         if url is not None and not isinstance(url, str):
             raise ApiError(422, INVALID_INPUT, "webhook: must be a URL string")
