@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from PIL import Image
 
 from ovis_server.catalogue import OvisImageInput
 
@@ -231,3 +235,155 @@ def test_webhook_url_in_the_body_is_the_webhook_parameter(
     error = response.json()["error_message"]
     assert message in error
     assert "Extra inputs" not in error
+
+
+# --- OpenAI's Images API, through the official SDK ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def openai_client(server: Server, token: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=token, max_retries=0)
+
+
+EXTENSIONS = {"num_inference_steps": 2}
+
+
+def decoded(data: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    image.load()
+    return image
+
+
+def test_openai_generate_b64_json(openai_client: openai.OpenAI, client: httpx.Client) -> None:
+    answer = openai_client.images.generate(
+        model="ovis-image",
+        prompt="a red bicycle",
+        size="256x192",
+        response_format="b64_json",
+        extra_body={**EXTENSIONS, "seed": 3},
+    )
+    assert isinstance(answer.created, int)
+    assert answer.data is not None
+    (item,) = answer.data
+    assert item.b64_json
+    image = decoded(item.b64_json)
+    assert image.size == (256, 192)
+    assert image.format == "PNG"
+    # The job went through the queue and shows in the token's request list.
+    listed = client.get("/v1/requests").json()["requests"]
+    assert any(entry["seed"] == 3 and entry["status"] == "succeeded" for entry in listed)
+
+
+def test_openai_generate_url_two_images(openai_client: openai.OpenAI) -> None:
+    answer = openai_client.images.generate(
+        model=MODEL_ID,
+        prompt="a blue kite",
+        n=2,
+        size="192x256",
+        response_format="url",
+        output_format="webp",
+        quality="high",
+        style="vivid",
+        user="someone",
+        extra_body=EXTENSIONS,
+    )
+    assert answer.data is not None
+    assert len(answer.data) == 2
+    urls = [item.url for item in answer.data]
+    assert all(urls)
+    assert len(set(urls)) == 2
+    for url in urls:
+        assert url
+        image = download(url)  # a plain GET, no token
+        assert image.size == (192, 256)
+        assert image.format == "WEBP"
+
+
+def test_openai_models_list(openai_client: openai.OpenAI) -> None:
+    models = list(openai_client.models.list())
+    assert [model.id for model in models] == [MODEL_ID]
+    assert models[0].object == "model"
+
+
+@pytest.mark.parametrize("size", ["100x100", "256", "4096x4096", "256x0", "big", "256x256x2"])
+def test_openai_bad_size_is_a_400_in_openais_shape(openai_client: openai.OpenAI, size: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.images.generate(model="ovis-image", prompt="x", size=size)
+    assert caught.value.status_code == 400
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == "size"
+    assert error["type"] == "invalid_request_error"
+    assert "size" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "n": 5}, "n"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "   "}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "x", "response_format": "jpeg"}, "response_format"),
+        ({"prompt": "x", "output_format": "gif"}, "output_format"),
+        ({"prompt": "x", "num_inference_steps": 500}, "num_inference_steps"),
+        ({"prompt": "x", "guidance_scale": 0}, "guidance_scale"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "image_size": "square"}, "image_size"),
+        ({"prompt": "x", "stream": True}, "stream"),
+        ({"prompt": "x", "size": 256}, "size"),
+    ],
+)
+def test_openai_bad_parameters_are_400s_naming_them(
+    client: httpx.Client, body: dict[str, Any], param: str
+) -> None:
+    response = client.post("/v1/images/generations", json={"size": "256x256", **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[]", b"null", b'"prompt"'])
+def test_openai_malformed_bodies_are_400s(client: httpx.Client, raw: bytes) -> None:
+    response = client.post(
+        "/v1/images/generations", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_openai_unknown_model_is_a_404(openai_client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        openai_client.images.generate(model="dall-e-3", prompt="x", size="256x256")
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "model_not_found"
+    assert error["param"] == "model"
+
+
+def test_openai_bad_token_is_a_401(server: Server) -> None:
+    bad = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="ovis_nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        bad.images.generate(model="ovis-image", prompt="x", size="256x256")
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["code"] == "invalid_api_key"
+    response = httpx.post(f"{server.base_url}/v1/images/generations", json={"prompt": "x"})
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_openai_edits_and_variations_are_400s(
+    openai_client: openai.OpenAI, client: httpx.Client
+) -> None:
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.images.edit(image=("in.png", png.getvalue()), prompt="x")
+    assert "not supported" in caught.value.message
+    with pytest.raises(openai.BadRequestError):
+        openai_client.images.create_variation(image=("in.png", png.getvalue()))
+    for path in ("/v1/images/edits", "/v1/images/variations"):
+        error = client.post(path, json={"prompt": "x"}).json()["error"]
+        assert error["code"] == "unsupported_operation"
