@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from .helpers import Server, create_token, download, start_server, wait_result
 
 MODEL_ID = "aidc-ai/ovis-image"
 MODEL_PATH = f"/v1/models/{MODEL_ID}"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -387,3 +392,49 @@ def test_openai_edits_and_variations_are_400s(
     for path in ("/v1/images/edits", "/v1/images/variations"):
         error = client.post(path, json={"prompt": "x"}).json()["error"]
         assert error["code"] == "unsupported_operation"
+
+
+# --- the README's examples work as written --------------------------------------------------
+
+
+def readme_block(marker: str, language: str) -> str:
+    """The fenced block right after ``<!-- readme-test: MARKER -->``."""
+    text = README.read_text()
+    match = re.search(rf"<!-- readme-test: {marker} -->\n```{language}\n(.*?)\n```", text, re.S)
+    assert match, f"README has no {language} block marked {marker}"
+    return match.group(1)
+
+
+@pytest.mark.parametrize(
+    ("marker", "language", "images"),
+    [
+        ("runcomfy-dialect", "bash", {"lighthouse.png": (1024, 576)}),
+        ("openai-sdk", "python", {"bakery-0.png": (1024, 768), "bakery-1.png": (1024, 768)}),
+        ("openai-curl", "bash", {"menu.png": (1024, 1024)}),
+    ],
+)
+def test_readme_examples_run_as_written(
+    tmp_path: Path,
+    server: Server,
+    token: str,
+    marker: str,
+    language: str,
+    images: dict[str, tuple[int, int]],
+) -> None:
+    block = readme_block(marker, language)
+    command = ["bash", "-euo", "pipefail", "-c", block]
+    if language == "python":
+        command = [sys.executable, "-c", block]
+    result = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env={**os.environ, "OVIS_SERVER_URL": server.base_url, "OVIS_SERVER_TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    for name, size in images.items():
+        with Image.open(tmp_path / name) as image:
+            assert image.size == size
