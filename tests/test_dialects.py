@@ -245,9 +245,14 @@ def test_webhook_url_in_the_body_is_the_webhook_parameter(
 # --- OpenAI's Images API, through the official SDK ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def openai_client(server: Server, token: str) -> openai.OpenAI:
+def sdk_client(server: Server, token: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=token, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def openai_client(server: Server, token: str) -> Iterator[openai.OpenAI]:
+    with sdk_client(server, token) as sdk:
+        yield sdk
 
 
 EXTENSIONS = {"num_inference_steps": 2}
@@ -337,6 +342,11 @@ def test_openai_bad_size_is_a_400_in_openais_shape(openai_client: openai.OpenAI,
         ({"prompt": "x", "image_size": "square"}, "image_size"),
         ({"prompt": "x", "stream": True}, "stream"),
         ({"prompt": "x", "size": 256}, "size"),
+        ({"prompt": "x", "n": True}, "n"),
+        ({"prompt": "x", "n": "2"}, "n"),
+        ({"prompt": ["x"]}, "prompt"),
+        ({"prompt": "x", "seed": 2**63}, "seed"),
+        ({"prompt": "x", "quality": "x" * 1000}, "quality"),
     ],
 )
 def test_openai_bad_parameters_are_400s_naming_them(
@@ -350,7 +360,9 @@ def test_openai_bad_parameters_are_400s_naming_them(
     assert error["param"] == param
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"[]", b"null", b'"prompt"'])
+@pytest.mark.parametrize(
+    "raw", [b"", b"{", b"[]", b"null", b'"prompt"', b'{"prompt": "x", "size": "\xff"}']
+)
 def test_openai_malformed_bodies_are_400s(client: httpx.Client, raw: bytes) -> None:
     response = client.post(
         "/v1/images/generations", content=raw, headers={"Content-Type": "application/json"}
@@ -369,8 +381,10 @@ def test_openai_unknown_model_is_a_404(openai_client: openai.OpenAI) -> None:
 
 
 def test_openai_bad_token_is_a_401(server: Server) -> None:
-    bad = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="ovis_nope", max_retries=0)
-    with pytest.raises(openai.AuthenticationError) as caught:
+    with (
+        sdk_client(server, "ovis_nope") as bad,
+        pytest.raises(openai.AuthenticationError) as caught,
+    ):
         bad.images.generate(model="ovis-image", prompt="x", size="256x256")
     assert isinstance(caught.value.body, dict)
     assert caught.value.body["code"] == "invalid_api_key"
@@ -392,6 +406,26 @@ def test_openai_edits_and_variations_are_400s(
     for path in ("/v1/images/edits", "/v1/images/variations"):
         error = client.post(path, json={"prompt": "x"}).json()["error"]
         assert error["code"] == "unsupported_operation"
+
+
+def test_openai_over_the_limit_is_a_429_and_submits_none(
+    tmp_path: Path, tiny_weights: Path
+) -> None:
+    # One queued request per token, and no worker to run it: n=2 gets one job in, then
+    # the limit; the answer is OpenAI's 429 and the job already in leaves the queue.
+    server = start_server(tmp_path, tiny_weights, "--no-worker", "--max-queued-per-token", "1")
+    try:
+        token = create_token(server.data_dir, "limited")
+        with sdk_client(server, token) as sdk, pytest.raises(openai.RateLimitError) as caught:
+            sdk.images.generate(model="ovis-image", prompt="x", n=2, size="256x256")
+        assert caught.value.response.headers["Retry-After"]
+        assert isinstance(caught.value.body, dict)
+        assert caught.value.body["code"] == "rate_limit_exceeded"
+        with server.client(token) as client:
+            (request,) = client.get("/v1/requests").json()["requests"]
+        assert request["status"] == "cancelled"
+    finally:
+        server.stop()
 
 
 # --- the README's examples work as written --------------------------------------------------

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ovis_server.api.auth import Caller, authenticate
 from ovis_server.api.errors import MODEL_NOT_FOUND, ApiError
@@ -58,7 +59,7 @@ ErrorType = Literal["invalid_request_error", "requests", "server_error"]
 class ImageGenerationRequest(BaseModel):
     """OpenAI's ``images.generate`` body, with Ovis-Image's own knobs as extensions."""
 
-    model_config = ConfigDict(extra="forbid", title="ImageGenerationRequest")
+    model_config = ConfigDict(extra="forbid", strict=True, title="ImageGenerationRequest")
 
     prompt: str = Field(description="What the image shows.")
     model: str = Field(
@@ -217,6 +218,13 @@ class OpenAIRoute(APIRoute):
                 return from_api_error(exc).response()
             except RequestValidationError as exc:
                 return from_validation_error(exc).response()
+            except StarletteHTTPException as exc:  # a body FastAPI could not read at all
+                return OpenAIError(
+                    exc.status_code,
+                    f"the body could not be read: {exc.detail}",
+                    type="server_error" if exc.status_code >= 500 else "invalid_request_error",
+                    headers=exc.headers,
+                ).response()
 
         return answer
 
