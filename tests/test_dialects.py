@@ -19,6 +19,9 @@ import pytest
 from PIL import Image
 
 from ovis_server.catalogue import OvisImageInput
+from ovis_server.storage.local import LocalFileStore
+from ovis_server.storage.s3 import S3FileStore
+from ovis_server.storage.signing import UrlSigner
 
 from .helpers import Server, create_token, download, start_server, wait_result
 
@@ -406,6 +409,31 @@ def test_openai_edits_and_variations_are_400s(
     for path in ("/v1/images/edits", "/v1/images/variations"):
         error = client.post(path, json={"prompt": "x"}).json()["error"]
         assert error["code"] == "unsupported_operation"
+
+
+def test_file_stores_read_back_what_they_keep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # b64_json answers read the image back from the file store: local or S3.
+    import boto3
+    from moto import mock_aws
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    key = "0f6d7a52-0000-4000-8000-000000000000/0.png"
+    local = LocalFileStore(tmp_path, UrlSigner("s" * 32))
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="outputs")
+        for store in (local, S3FileStore("outputs", "results", s3)):
+            with pytest.raises(FileNotFoundError):
+                store.read(key)
+            store.put(key, b"\x89PNG...", "image/png")
+            assert store.read(key) == b"\x89PNG..."
 
 
 def test_openai_over_the_limit_is_a_429_and_submits_none(

@@ -312,7 +312,14 @@ async def generate(
     jobs = [job for job in finished if job is not None]
     if len(jobs) < len(request_ids):
         if time.monotonic() - started < WAIT_SECONDS - 1:
-            # Not a timeout: the server is shutting down. The jobs stay queued.
+            # Not a timeout: a job was deleted, or the server is shutting down.
+            for request_id in request_ids:
+                if await run_in_threadpool(svc.store.get, request_id) is None:
+                    raise OpenAIError(
+                        404,
+                        f"request {request_id} was deleted before its image was made",
+                        code="not_found",
+                    )
             raise OpenAIError(
                 503,
                 "the server is shutting down; requests "
