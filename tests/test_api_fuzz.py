@@ -63,4 +63,8 @@ def test_api_matches_its_openapi(fuzz_server: Server) -> None:
     assert "POST /v1/models/{model_id}" in labels
     assert "GET /files/{request_id}/{name}" in labels
     for operation in operations:
+        # Answers once its images are made, and no worker runs here to make them (a valid
+        # call would wait minutes): tests/test_dialects.py covers its answers instead.
+        if operation.label == "POST /v1/images/generations":
+            continue
         fuzz(operation, fuzz_server.base_url, token)

@@ -7,10 +7,12 @@ entry point (HTTP API, ``ovis-server generate``) validates through them.
 
 from __future__ import annotations
 
+import math
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -19,7 +21,9 @@ from pydantic import (
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from ovis_server.engine.request import GenerationRequest
@@ -45,6 +49,18 @@ OutputFormat = Literal["jpeg", "png", "webp"]
 SIZE_MULTIPLE = 16
 MIN_SIDE = 64
 MAX_SIDE = 2048
+# An ``aspect_ratio`` asks for about this many pixels (one megapixel)...
+ASPECT_RATIO_PIXELS = 1024 * 1024
+# ...except where a preset has exactly that ratio: then the preset, as clients that map
+# ratios to fal's presets would get (16:9 is 1024x576, not 1360x768).
+ASPECT_RATIO_PRESETS: dict[tuple[int, int], ImageSizePreset] = {
+    (1, 1): "square_hd",
+    (4, 3): "landscape_4_3",
+    (16, 9): "landscape_16_9",
+    (3, 4): "portrait_4_3",
+    (9, 16): "portrait_16_9",
+}
+ASPECT_RATIO_PATTERN = re.compile(r"([1-9][0-9]{0,3}):([1-9][0-9]{0,3})")
 MAX_PROMPT_CHARS = 20_000
 MAX_SEED = 2**63 - 1
 # A seed drawn for a request that gave none: 32 bits, exact in any JSON client.
@@ -78,6 +94,34 @@ EXAMPLE_PROMPT = (
     "and reflective sunglass lenses, reinforcing a highly believable, stylish technical outdoor "
     "aesthetic."
 )
+
+
+def aspect_ratio_size(ratio: str) -> ImageSizePreset | tuple[int, int]:
+    """The size an ``aspect_ratio`` such as "16:9" asks for: the preset with exactly that
+    ratio if there is one, else about one megapixel at that ratio with sides that are
+    multiples of 16 (shrunk to fit the largest side). ValueError if ``ratio`` is not
+    "W:H" or no size within the bounds has it."""
+    match = ASPECT_RATIO_PATTERN.fullmatch(ratio)
+    if match is None:
+        raise ValueError("must be W:H in whole numbers, such as 16:9, 1:1 or 9:16")
+    across, down = int(match[1]), int(match[2])
+    common = math.gcd(across, down)
+    across, down = across // common, down // common
+    preset = ASPECT_RATIO_PRESETS.get((across, down))
+    if preset is not None:
+        return preset
+    scale = math.sqrt(ASPECT_RATIO_PIXELS / (across * down))
+    scale = min(scale, MAX_SIDE / max(across, down))
+
+    def side(length: float) -> int:
+        return min(MAX_SIDE, round(length / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+    width, height = side(across * scale), side(down * scale)
+    if min(width, height) < MIN_SIDE:
+        raise ValueError(
+            f"{ratio} is too far from square for sides between {MIN_SIDE} and {MAX_SIDE}"
+        )
+    return width, height
 
 
 class ImageDimensions(BaseModel):
@@ -147,6 +191,8 @@ class OvisImageInput(BaseModel):
     output_format: OutputFormat = Field(
         default="png", title="Output Format", description="The format of the generated image."
     )
+    # Sent by generic RunComfy clients; it settles image_size and is not stored.
+    aspect_ratio: SkipJsonSchema[str | None] = Field(default=None, max_length=20, exclude=True)
 
     @field_validator("prompt")
     @classmethod
@@ -180,6 +226,31 @@ class OvisImageInput(BaseModel):
         raise PydanticCustomError(
             "image_size", "must be a preset name or an object with width and height"
         )
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _check_aspect_ratio(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                aspect_ratio_size(value)
+            except ValueError as exc:
+                raise PydanticCustomError("aspect_ratio", str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _size_from_aspect_ratio(self) -> Self:
+        if self.aspect_ratio is None:
+            return self
+        if "image_size" in self.model_fields_set:
+            raise PydanticCustomError(
+                "aspect_ratio_conflict",
+                "aspect_ratio and image_size were both given: send one of them",
+            )
+        size = aspect_ratio_size(self.aspect_ratio)
+        self.image_size = (
+            size if isinstance(size, str) else ImageDimensions(width=size[0], height=size[1])
+        )
+        return self
 
     def dimensions(self) -> tuple[int, int]:
         """(width, height) in pixels."""
@@ -229,6 +300,9 @@ OUTPUT_SCHEMA: dict[str, Any] = {
 }
 
 
+ModelKind = Literal["model", "workflow", "inference"]
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One entry of the catalogue."""
@@ -238,10 +312,29 @@ class ModelSpec:
     description: str
     input_model: type[OvisImageInput]
     default_weights: str
-    tags: tuple[str, ...] = ()
+    # Capabilities, as RunComfy's catalogue files models: "text-to-image", ...
+    categories: tuple[str, ...] = ()
+    kind: ModelKind = "model"
+    owned_by: str = ""
+    # When the entry was added (unix seconds): OpenAI's model list reports it.
+    created: int = 0
+    # Short names that OpenAI-style clients may send as ``model``.
+    aliases: tuple[str, ...] = ()
 
     def input_schema(self) -> dict[str, Any]:
         return self.input_model.model_json_schema()
+
+    def matches(self, search: str | None, category: str | None, kind: str | None) -> bool:
+        """Whether this entry passes the catalogue filters of ``GET /v1/models``."""
+        if kind is not None and kind != self.kind:
+            return False
+        if category and category.strip().lower() not in self.categories:
+            return False
+        if search:
+            needle = search.strip().lower()
+            haystack = (self.model_id, self.display_name, self.description)
+            return any(needle in text.lower() for text in haystack)
+        return True
 
 
 OVIS_IMAGE = ModelSpec(
@@ -252,7 +345,10 @@ OVIS_IMAGE = ModelSpec(
     ),
     input_model=OvisImageInput,
     default_weights="AIDC-AI/Ovis-Image-7B",
-    tags=("text-to-image",),
+    categories=("text-to-image",),
+    owned_by="aidc-ai",
+    created=1764547200,  # 2025-12-01
+    aliases=("ovis-image",),
 )
 
 CATALOGUE: dict[str, ModelSpec] = {OVIS_IMAGE.model_id: OVIS_IMAGE}
@@ -261,3 +357,22 @@ CATALOGUE: dict[str, ModelSpec] = {OVIS_IMAGE.model_id: OVIS_IMAGE}
 def find_model(model_id: str) -> ModelSpec | None:
     """The catalogue entry for ``model_id``, or None."""
     return CATALOGUE.get(model_id)
+
+
+def find_model_or_alias(name: str) -> ModelSpec | None:
+    """The entry whose id or one of whose aliases is ``name``, or None."""
+    return find_model(name) or next(
+        (spec for spec in CATALOGUE.values() if name in spec.aliases), None
+    )
+
+
+def search_catalogue(
+    search: str | None = None, category: str | None = None, kind: str | None = None
+) -> list[ModelSpec]:
+    """The entries that pass the filters, in catalogue order."""
+    return [spec for spec in CATALOGUE.values() if spec.matches(search, category, kind)]
+
+
+def all_categories() -> list[str]:
+    """Every category some entry is filed under, sorted."""
+    return sorted({category for spec in CATALOGUE.values() for category in spec.categories})

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server import __version__
-from ovis_server.api import files, playground, routes
+from ovis_server.api import files, openai_images, playground, routes
 from ovis_server.api.errors import install_error_handlers
 from ovis_server.api.metrics import CONTENT_TYPE, render_metrics
 from ovis_server.api.protocol import Health, Readiness
@@ -115,6 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(routes.router)
+    app.include_router(openai_images.router)
     app.include_router(files.router)
 
     # A worker counts as alive while its last heartbeat is this recent.

@@ -109,12 +109,52 @@ class ModelSummary(BaseModel):
     description: str
     price_unit: Literal["output"] = "output"
     base_price_usd: float
-    tags: list[str]
+    categories: list[str] = Field(description="Capabilities, e.g. text-to-image.")
+    kind: Literal["model", "workflow", "inference"]
+    tags: list[str] = Field(description="The same as categories (older name).")
+    input_schema: dict[str, Any] | None = Field(
+        default=None, description="With ?include_schema=true."
+    )
+
+
+class CatalogueQuery(BaseModel):
+    """The filters of ``GET /v1/models``, as RunComfy's CLI sends them."""
+
+    limit: int = Field(default=100, ge=1, le=500, description="Entries per page.")
+    offset: int = Field(default=0, ge=0, description="Entries to skip.")
+    search: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Case-insensitive text in the model id, display name or description.",
+    )
+    category: str | None = Field(
+        default=None, max_length=100, description="A capability, e.g. text-to-image."
+    )
+    kind: Literal["model", "workflow", "inference"] | None = None
+    include_schema: bool = Field(default=False, description="Add each model's input_schema.")
+
+
+class OpenAIModel(BaseModel):
+    """A model as OpenAI's ``GET /v1/models`` lists it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
 
 
 class ModelList(BaseModel):
+    """RunComfy's catalogue page (``models``, ``total``) and OpenAI's model list (``object``,
+    ``data``) in one body: each client reads its own fields."""
+
     models: list[ModelSummary]
-    total: int
+    total: int = Field(description="Entries matching the filters, on every page together.")
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class CategoryList(BaseModel):
+    categories: list[str]
 
 
 class ModelDetail(ModelSummary):

@@ -11,6 +11,8 @@ from fastapi.responses import StreamingResponse
 from ovis_server.api.auth import Caller, authenticate
 from ovis_server.api.protocol import (
     CancelResponse,
+    CatalogueQuery,
+    CategoryList,
     ErrorBody,
     ModelDetail,
     ModelList,
@@ -51,8 +53,17 @@ def base_url(request: Request) -> str:
 
 
 @router.get("/models", responses=_ERRORS, response_model_exclude_none=True)
-def list_models(request: Request, _caller: CallerDep) -> ModelList:
-    return service(request).list_models()
+def list_models(
+    request: Request, _caller: CallerDep, query: Annotated[CatalogueQuery, Query()]
+) -> ModelList:
+    """The catalogue, filtered and paged as RunComfy's CLI asks; also OpenAI's model list."""
+    return service(request).list_models(query)
+
+
+# Before the model-id route below, which would read "categories" as a model id.
+@router.get("/models/categories", responses=_ERRORS)
+def list_categories(request: Request, _caller: CallerDep) -> CategoryList:
+    return service(request).categories()
 
 
 @router.get(

@@ -29,18 +29,28 @@ from ovis_server.api.protocol import (
     RESULT_WORDS,
     STATUS_WORDS,
     CancelResponse,
+    CatalogueQuery,
+    CategoryList,
     JobError,
     LogLine,
     ModelDetail,
     ModelList,
     ModelSummary,
+    OpenAIModel,
     Progress,
     RequestList,
     ResultResponse,
     StatusResponse,
     SubmitResponse,
 )
-from ovis_server.catalogue import CATALOGUE, OUTPUT_SCHEMA, ModelSpec, find_model
+from ovis_server.catalogue import (
+    CATALOGUE,
+    OUTPUT_SCHEMA,
+    ModelSpec,
+    all_categories,
+    find_model,
+    search_catalogue,
+)
 from ovis_server.config import Settings
 from ovis_server.jobs.job import CancelOutcome, Job, JobStatus
 from ovis_server.jobs.store import IdempotencyConflictError, JobStore, utcnow
@@ -49,7 +59,7 @@ from ovis_server.storage.base import REQUEST_ID_PATTERN, FileStore
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 # A full queue clears at the pace of the GPU; clients come back after this long.
 QUEUE_FULL_RETRY_SECONDS = 10
-WEBHOOK_FIELDS = frozenset({"webhook", "webhook_intermediate_status"})
+WEBHOOK_FIELDS = frozenset({"webhook", "webhook_url", "webhook_intermediate_status"})
 # Cancel-After: seconds, or a duration in Go's notation as Replicate takes it (90s, 5m,
 # 1h30m, 1500ms), from one second to seven days.
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -135,6 +145,11 @@ class Webhook:
     def merged(self, body: dict[str, Any]) -> Webhook:
         """Take the webhook fields out of ``body`` and settle what the submit asks for."""
         url = body.pop("webhook", None)
+        alias = body.pop("webhook_url", None)  # what some clients call it
+        if url is None:
+            url = alias
+        elif alias is not None and alias != url:
+            raise ApiError(422, INVALID_INPUT, "webhook_url: differs from webhook; send one")
         intermediate = body.pop("webhook_intermediate_status", None)
         if url is not None and not isinstance(url, str):
             raise ApiError(422, INVALID_INPUT, "webhook: must be a URL string")
@@ -172,12 +187,36 @@ class RequestService:
             "display_name": spec.display_name,
             "description": spec.description,
             "base_price_usd": self.settings.base_price_usd,
-            "tags": list(spec.tags),
+            "categories": list(spec.categories),
+            "kind": spec.kind,
+            "tags": list(spec.categories),
         }
 
-    def list_models(self) -> ModelList:
-        models = [ModelSummary(**self._summary(spec)) for spec in CATALOGUE.values()]
-        return ModelList(models=models, total=len(models))
+    def list_models(self, query: CatalogueQuery | None = None) -> ModelList:
+        """One page of the catalogue entries that pass the filters; ``total`` counts them all."""
+        query = query or CatalogueQuery()
+        matches = search_catalogue(query.search, query.category, query.kind)
+        page = matches[query.offset : query.offset + query.limit]
+        return ModelList(
+            models=[
+                ModelSummary(
+                    **self._summary(spec),
+                    input_schema=(
+                        inline_refs(spec.input_schema()) if query.include_schema else None
+                    ),
+                )
+                for spec in page
+            ],
+            total=len(matches),
+            data=[
+                OpenAIModel(id=spec.model_id, created=spec.created, owned_by=spec.owned_by)
+                for spec in page
+            ],
+        )
+
+    @staticmethod
+    def categories() -> CategoryList:
+        return CategoryList(categories=all_categories())
 
     def model(self, model_id: str) -> ModelDetail:
         spec = self._spec(model_id)

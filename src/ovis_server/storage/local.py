@@ -36,6 +36,9 @@ class LocalFileStore:
             Path(staging).unlink(missing_ok=True)
             raise
 
+    def read(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
     def url(self, key: str, *, base_url: str, expires_in: int) -> str:
         check_key(key)
         return f"{base_url}{FILE_ROUTE}/{key}?{self.signer.query(key, expires_in)}"

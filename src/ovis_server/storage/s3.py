@@ -41,6 +41,14 @@ class S3FileStore:
             Bucket=self.bucket, Key=self._object(key), Body=data, ContentType=media_type
         )
 
+    def read(self, key: str) -> bytes:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._object(key))
+        except self.client.exceptions.NoSuchKey as exc:
+            raise FileNotFoundError(key) from exc
+        data: bytes = answer["Body"].read()
+        return data
+
     def url(self, key: str, *, base_url: str, expires_in: int) -> str:
         # S3 presigned URLs live at most 7 days (SigV4).
         url: str = self.client.generate_presigned_url(

@@ -1,0 +1,444 @@
+"""OpenAI's Images API over the same queue: ``POST /v1/images/generations``.
+
+A generation submits ``n`` jobs through ``RequestService.submit`` (same tokens, limits,
+metrics and request list as any submit), waits for them as ``Prefer: wait`` does, and
+answers synchronously in OpenAI's shape. Errors on these routes are OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` with OpenAI's status codes, so that
+the official SDKs raise their usual exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ovis_server.api.auth import Caller, authenticate
+from ovis_server.api.errors import MODEL_NOT_FOUND, ApiError
+from ovis_server.api.routes import base_url, service
+from ovis_server.api.serving import RequestService
+from ovis_server.api.stream import StatusHub, wait_final
+from ovis_server.catalogue import (
+    CATALOGUE,
+    MAX_SIDE,
+    MIN_SIDE,
+    OVIS_IMAGE_MODEL_ID,
+    SIZE_MULTIPLE,
+    ModelSpec,
+    OutputFormat,
+    find_model_or_alias,
+)
+from ovis_server.jobs.job import Job, JobStatus
+
+MAX_IMAGES = 4
+# How long a generation waits for its jobs: generous for a queue, and below the OpenAI
+# SDK's own 10-minute timeout. Jobs still unfinished then are cancelled.
+WAIT_SECONDS = 480
+# "auto", and no size at all: OpenAI's usual square.
+AUTO_SIZE = "square_hd"
+SIZE_PATTERN = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+
+ErrorType = Literal["invalid_request_error", "requests", "server_error"]
+
+
+# --- the wire -----------------------------------------------------------------------------
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's ``images.generate`` body, with Ovis-Image's own knobs as extensions."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="ImageGenerationRequest")
+
+    prompt: str = Field(description="What the image shows.")
+    model: str = Field(
+        default=OVIS_IMAGE_MODEL_ID,
+        max_length=200,
+        description="A model id of GET /v1/models, or the short name `ovis-image`.",
+    )
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES, description="How many images (1 to 4).")
+    size: str | None = Field(
+        default=None,
+        max_length=20,
+        description=f"`WxH`, sides multiples of {SIZE_MULTIPLE} from {MIN_SIDE} to "
+        f"{MAX_SIDE}, or `auto` (1024x1024, as when absent).",
+    )
+    response_format: Literal["url", "b64_json"] | None = Field(
+        default=None, description="`url` (a signed link, the default) or `b64_json`."
+    )
+    output_format: OutputFormat | None = Field(default=None, description="png (default).")
+    # OpenAI's, accepted and ignored.
+    quality: str | None = Field(default=None, max_length=50)
+    style: str | None = Field(default=None, max_length=50)
+    user: str | None = Field(default=None, max_length=500)
+    background: str | None = Field(default=None, max_length=50)
+    moderation: str | None = Field(default=None, max_length=50)
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    stream: bool | None = Field(default=None, description="Not supported: false or absent.")
+    # Ovis-Image's, passed on to the model (see its input schema).
+    negative_prompt: str | None = None
+    seed: int | None = Field(
+        default=None, description="The first image's seed; image k gets seed + k."
+    )
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+
+class ImageData(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    seed: int = Field(description="The seed this image was made with (an extension).")
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix seconds.")
+    data: list[ImageData]
+    size: str
+    output_format: OutputFormat
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class OpenAIError(Exception):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: ErrorType = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = OpenAIErrorBody(
+            error=OpenAIErrorDetail(
+                message=self.message, type=self.type, param=self.param, code=self.code
+            )
+        )
+        return JSONResponse(
+            body.model_dump(),
+            status_code=self.status_code,
+            headers=dict(self.headers) if self.headers else None,
+        )
+
+
+def _param(loc: Sequence[Any], model_input: bool = False) -> str | None:
+    """The request parameter an error location points at (in the model's input, which is
+    built from the request, image_size comes from ``size``)."""
+    names = [str(part) for part in loc if part != "body"]
+    if not names:
+        return None
+    return "size" if model_input and names[0] == "image_size" else names[0]
+
+
+def from_api_error(exc: ApiError) -> OpenAIError:
+    """Our RunComfy-dialect error, told in OpenAI's words and codes."""
+    if exc.status_code == 401:
+        return OpenAIError(401, exc.message, code="invalid_api_key", headers=exc.headers)
+    if exc.status_code == 404 and exc.error_code == MODEL_NOT_FOUND:
+        return OpenAIError(404, exc.message, param="model", code="model_not_found")
+    if exc.status_code == 422:
+        param = _param(exc.detail[0]["loc"], model_input=True) if exc.detail else None
+        return OpenAIError(400, exc.message, param=param, code="invalid_value")
+    if exc.status_code == 429:
+        return OpenAIError(
+            429, exc.message, type="requests", code="rate_limit_exceeded", headers=exc.headers
+        )
+    if exc.status_code >= 500:
+        return OpenAIError(exc.status_code, exc.message, type="server_error", headers=exc.headers)
+    return OpenAIError(exc.status_code, exc.message, headers=exc.headers)
+
+
+def from_validation_error(exc: RequestValidationError) -> OpenAIError:
+    errors = list(exc.errors())
+    first = errors[0] if errors else {}
+    param = _param(first.get("loc", ()))
+    if first.get("type") == "json_invalid" or param is None:
+        return OpenAIError(
+            400,
+            "the body is not a JSON object of parameters: send JSON with a prompt",
+            code="invalid_json",
+        )
+    if first.get("type") == "missing":
+        return OpenAIError(
+            400,
+            f"Missing required parameter: {param!r}.",
+            param=param,
+            code="missing_required_parameter",
+        )
+    if first.get("type") == "extra_forbidden":
+        return OpenAIError(
+            400, f"Unknown parameter: {param!r}.", param=param, code="unknown_parameter"
+        )
+    problems = "; ".join(f"{_param(e.get('loc', ()))}: {e.get('msg', '')}" for e in errors)
+    return OpenAIError(400, problems, param=param, code="invalid_value")
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose every failure (token, body, model, limits) answers in OpenAI's shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OpenAIError as exc:
+                return exc.response()
+            except ApiError as exc:
+                return from_api_error(exc).response()
+            except RequestValidationError as exc:
+                return from_validation_error(exc).response()
+            except StarletteHTTPException as exc:  # a body FastAPI could not read at all
+                return OpenAIError(
+                    exc.status_code,
+                    f"the body could not be read: {exc.detail}",
+                    type="server_error" if exc.status_code >= 500 else "invalid_request_error",
+                    headers=exc.headers,
+                ).response()
+
+        return answer
+
+
+# --- what a generation does ---------------------------------------------------------------
+
+
+def requested_size(size: str | None) -> str | dict[str, int]:
+    """``size`` as the model's image_size: a preset for auto, else width and height."""
+    if size is None or size == "auto":
+        return AUTO_SIZE
+    match = SIZE_PATTERN.fullmatch(size)
+    width, height = (int(match[1]), int(match[2])) if match else (0, 0)
+    if not all(
+        MIN_SIDE <= side <= MAX_SIDE and side % SIZE_MULTIPLE == 0 for side in (width, height)
+    ):
+        raise OpenAIError(
+            400,
+            f"Invalid size {size[:20]!r}: send WxH with both sides multiples of "
+            f"{SIZE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE} (such as 1024x768), or auto",
+            param="size",
+            code="invalid_value",
+        )
+    return {"width": width, "height": height}
+
+
+def job_inputs(body: ImageGenerationRequest) -> list[dict[str, Any]]:
+    """The model input of each of the ``n`` jobs."""
+    base: dict[str, Any] = {
+        "prompt": body.prompt,
+        "image_size": requested_size(body.size),
+        "output_format": body.output_format or "png",
+    }
+    extensions = {
+        "negative_prompt": body.negative_prompt,
+        "num_inference_steps": body.num_inference_steps,
+        "guidance_scale": body.guidance_scale,
+    }
+    base.update({name: value for name, value in extensions.items() if value is not None})
+    return [
+        {**base, "seed": None if body.seed is None else body.seed + index}
+        for index in range(body.n)
+    ]
+
+
+def model_for(name: str) -> ModelSpec:
+    spec = find_model_or_alias(name)
+    if spec is None:
+        known = ", ".join([*CATALOGUE, *(a for s in CATALOGUE.values() for a in s.aliases)])
+        raise OpenAIError(
+            404,
+            f"The model {name[:200]!r} does not exist on this server; it offers: {known}",
+            param="model",
+            code="model_not_found",
+        )
+    return spec
+
+
+async def generate(
+    svc: RequestService, hub: StatusHub, token_id: str, body: ImageGenerationRequest, base: str
+) -> ImagesResponse:
+    spec = model_for(body.model)
+    if body.stream:
+        raise OpenAIError(
+            400, "streaming is not supported: leave stream out", param="stream", code=None
+        )
+    request_ids: list[str] = []
+    try:
+        for job_input in job_inputs(body):
+            submitted = await run_in_threadpool(
+                svc.submit,
+                token_id=token_id,
+                model_id=spec.model_id,
+                body=json.dumps(job_input).encode(),
+                base_url=base,
+            )
+            request_ids.append(submitted.request_id)
+    except ApiError:
+        await _cancel(svc, request_ids)  # all n or none: the answer would miss the rest
+        raise
+    started = time.monotonic()
+    finished = await asyncio.gather(
+        *(wait_final(hub, svc.store, request_id, WAIT_SECONDS) for request_id in request_ids)
+    )
+    jobs = [job for job in finished if job is not None]
+    if len(jobs) < len(request_ids):
+        if time.monotonic() - started < WAIT_SECONDS - 1:
+            # Not a timeout: a job was deleted, or the server is shutting down.
+            for request_id in request_ids:
+                if await run_in_threadpool(svc.store.get, request_id) is None:
+                    raise OpenAIError(
+                        404,
+                        f"request {request_id} was deleted before its image was made",
+                        code="not_found",
+                    )
+            raise OpenAIError(
+                503,
+                "the server is shutting down; requests "
+                f"{', '.join(request_ids)} stay queued (see GET /v1/requests)",
+                type="server_error",
+                headers={"Retry-After": "10"},
+            )
+        # Nobody would see these images: they leave the queue to those who wait less.
+        await _cancel(svc, request_ids)
+        raise OpenAIError(
+            504,
+            f"the images were not ready within {WAIT_SECONDS} s (the queue is long); "
+            f"requests {', '.join(request_ids)} were cancelled",
+            type="server_error",
+            code="timeout",
+        )
+    for job in jobs:
+        _check_succeeded(job)
+    data = [
+        ImageData(seed=job.seed, **await run_in_threadpool(_image, svc, job, body, base))
+        for job in jobs
+    ]
+    size = requested_size(body.size)
+    width, height = (1024, 1024) if isinstance(size, str) else (size["width"], size["height"])
+    return ImagesResponse(
+        created=int(time.time()),
+        data=data,
+        size=f"{width}x{height}",
+        output_format=body.output_format or "png",
+    )
+
+
+async def _cancel(svc: RequestService, request_ids: list[str]) -> None:
+    for request_id in request_ids:
+        await run_in_threadpool(svc.store.request_cancel, request_id)
+
+
+def _check_succeeded(job: Job) -> None:
+    if job.status == JobStatus.FAILED:
+        raise OpenAIError(
+            500,
+            f"the image generation failed (request {job.id}): "
+            f"{job.error_type or 'generation_error'}: {job.error_message or 'no reason given'}",
+            type="server_error",
+        )
+    if job.status == JobStatus.CANCELLED:
+        raise OpenAIError(
+            400,
+            f"request {job.id} was cancelled before its image was made"
+            + (f": {job.error_message}" if job.error_message else ""),
+            code="request_cancelled",
+        )
+
+
+def _image(
+    svc: RequestService, job: Job, body: ImageGenerationRequest, base: str
+) -> dict[str, str]:
+    (output, *_) = job.outputs
+    if body.response_format == "b64_json":
+        try:
+            data = svc.files.read(output.key)
+        except FileNotFoundError:
+            raise OpenAIError(
+                404,
+                f"the image of request {job.id} was deleted before it could be sent",
+                code="not_found",
+            ) from None
+        return {"b64_json": base64.b64encode(data).decode()}
+    return {
+        "url": svc.files.url(output.key, base_url=base, expires_in=svc.settings.url_ttl_seconds)
+    }
+
+
+# --- the routes ---------------------------------------------------------------------------
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIErrorBody, "description": description}
+    for status, description in {
+        400: "Invalid parameters (param names the first), or an unsupported operation",
+        401: "Missing, malformed, unknown or revoked token",
+        404: "Unknown model",
+        429: "Queue full or rate limited (Retry-After)",
+        500: "An image generation failed",
+        504: "The images were not ready in time",
+    }.items()
+}
+
+router = APIRouter(prefix="/v1/images", tags=["OpenAI Images API"], route_class=OpenAIRoute)
+
+
+@router.post("/generations", responses=_ERRORS, response_model_exclude_none=True)
+async def create_images(
+    body: ImageGenerationRequest,
+    request: Request,
+    caller: Annotated[Caller, Depends(authenticate)],
+) -> ImagesResponse:
+    """Make 1 to 4 images and answer once they are done, as OpenAI's API does. The jobs go
+    through the same queue and show in ``GET /v1/requests``."""
+    hub: StatusHub = request.app.state.hub
+    return await generate(service(request), hub, caller.token_id, body, base_url(request))
+
+
+def _unsupported(operation: str) -> OpenAIError:
+    return OpenAIError(
+        400,
+        f"image {operation} are not supported: Ovis-Image makes images from text only; "
+        "use POST /v1/images/generations",
+        code="unsupported_operation",
+    )
+
+
+# Not operations this server offers: left out of the OpenAPI document.
+@router.post("/edits", include_in_schema=False)
+async def edit_images(_caller: Annotated[Caller, Depends(authenticate)]) -> Response:
+    """Not supported: answers 400."""
+    raise _unsupported("edits")
+
+
+@router.post("/variations", include_in_schema=False)
+async def image_variations(_caller: Annotated[Caller, Depends(authenticate)]) -> Response:
+    """Not supported: answers 400."""
+    raise _unsupported("variations")
