@@ -1,14 +1,62 @@
-"""Settings shared by the commands: where data lives and how the server is reached."""
+"""Every setting of ``serve``, ``worker``, ``generate`` and the admin commands, in one place.
+
+Each field of :class:`Settings` is the single source of a setting's type, default, check and
+help text; its :class:`Cli` metadata names the option (``--url-ttl``), and with it the
+environment variable (``OVIS_SERVER_URL_TTL``) and the config file key (``url_ttl``), and
+says which commands take it. ``ovis_server.cli.options`` builds the click options from
+these fields. Precedence: command line > environment > config file (``--config``) > defaults.
+"""
 
 from __future__ import annotations
 
+import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import platformdirs
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ovis_server.catalogue import OVIS_IMAGE
 
 ENV_PREFIX = "OVIS_SERVER_"
+# How ``serve`` hands the worker it starts its whole Settings, as JSON (not argv: the
+# database URL's password must not show in ``ps``).
+SETTINGS_JSON_ENV = ENV_PREFIX + "SETTINGS_JSON"
 DAY = 24 * 3600
+
+# Which commands take a setting: "admin" is the token and db commands.
+SERVE = frozenset({"serve"})
+WORKER = frozenset({"serve", "worker"})
+MODEL = frozenset({"serve", "worker", "generate"})
+STORE = frozenset({"serve", "worker", "admin"})
+DATA = frozenset({"serve", "worker", "generate", "admin"})
+
+
+@dataclass(frozen=True)
+class Cli:
+    """How a Settings field shows on the command line."""
+
+    commands: frozenset[str]
+    name: str | None = None  # the option without its dashes; default: the field's name
+    show_default: str | bool | None = None  # None: the default itself, when there is one
+    metavar: str | None = None
+
+
+def cli_of(field: FieldInfo) -> Cli | None:
+    return next((item for item in field.metadata if isinstance(item, Cli)), None)
+
+
+def option_name(field_name: str, cli: Cli) -> str:
+    """``url-ttl``: the option without dashes, for ``--url-ttl``."""
+    return cli.name or field_name.replace("_", "-")
+
+
+def env_name(field_name: str, cli: Cli) -> str:
+    return ENV_PREFIX + option_name(field_name, cli).upper().replace("-", "_")
 
 
 def compile_choice(mode: str) -> bool | None:
@@ -48,36 +96,243 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("ovis-server", appauthor=False))
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything ``serve`` and ``worker`` are configured with (CLI flags or env)."""
+class SettingsFileError(ValueError):
+    """A config file that cannot be read, or that names a setting there is none of."""
 
-    data_dir: Path
-    database_url: str | None = None
-    storage: str | None = None
-    s3_endpoint_url: str | None = None
-    public_url: str | None = None
-    auth: bool = True
-    url_ttl_seconds: int = 7 * DAY
-    base_price_usd: float = 0.0
-    model: str = "AIDC-AI/Ovis-Image-7B"
-    device: str = "auto"
-    dtype: str = "auto"
-    lease_seconds: float = 30.0
-    max_attempts: int = 3
+
+def _option_fields() -> dict[str, str]:
+    """Config file key / option name (with underscores) -> field name."""
+    names = {}
+    for field_name, field in Settings.model_fields.items():
+        cli = cli_of(field)
+        if cli is not None and field_name != "config_file":
+            names[option_name(field_name, cli).replace("-", "_")] = field_name
+    return names
+
+
+class _MappingSource(PydanticBaseSettingsSource):
+    """A source whose values are already known, keyed by field name."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self.values = values
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def environment_values() -> dict[str, Any]:
+    """The settings given as ``OVIS_SERVER_*`` variables (empty ones count as unset)."""
+    values = {}
+    for field_name, field in Settings.model_fields.items():
+        cli = cli_of(field)
+        if cli is not None and os.environ.get(env_name(field_name, cli)):
+            values[field_name] = os.environ[env_name(field_name, cli)]
+    return values
+
+
+def file_values(path: Path | str | None) -> dict[str, Any]:
+    """The settings in a TOML config file: keys are the options' names (``url_ttl = 3600``,
+    ``no_auth = true``); dashes and underscores both do."""
+    if path is None:
+        return {}
+    try:
+        with Path(path).expanduser().open("rb") as file:
+            data = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsFileError(f"cannot read config file {path}: {exc}") from None
+    fields = _option_fields()
+    values = {}
+    for key, value in data.items():
+        field_name = fields.get(key.replace("-", "_"))
+        if field_name is None:
+            raise SettingsFileError(f"config file {path}: there is no setting {key!r}")
+        values[field_name] = value
+    return values
+
+
+class Settings(BaseSettings):
+    """Everything ``serve`` and ``worker`` are configured with (flags, env, config file)."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+
+    config_file: Annotated[Path | None, Cli(DATA, name="config", metavar="PATH")] = Field(
+        None,
+        description="A TOML file of settings (keys: option names, e.g. url_ttl = 3600); "
+        "the command line and the environment override it.",
+    )
+    host: Annotated[str, Cli(SERVE)] = Field(
+        "127.0.0.1", description="Interface to listen on; 0.0.0.0 for every one."
+    )
+    port: Annotated[int, Cli(SERVE)] = 8000
+    public_url: Annotated[str | None, Cli(SERVE)] = Field(
+        None,
+        description="The URL clients reach this server at (behind a proxy); result, status and "
+        "file URLs start with it. Default: the URL each request came in on.",
+    )
+    no_auth: Annotated[bool, Cli(SERVE)] = Field(
+        False, description="Serve /v1 without tokens. Only on a machine nobody else can reach."
+    )
+    no_worker: Annotated[bool, Cli(SERVE)] = Field(
+        False, description="Run the API alone; workers run elsewhere ('ovis-server worker')."
+    )
+    url_ttl_seconds: Annotated[int, Cli(SERVE, name="url-ttl")] = Field(
+        7 * DAY, ge=1, description="Seconds an output file URL stays valid after it is handed out."
+    )
+    base_price_usd: Annotated[float, Cli(SERVE)] = Field(
+        0.0,
+        ge=0,
+        description="Price per output image shown in the catalogue and as each result's cost.",
+    )
+    max_queued: Annotated[int, Cli(SERVE)] = Field(
+        10_000, ge=0, description="Queued requests in all before submits get 429 (0: no limit)."
+    )
+    max_queued_per_token: Annotated[int, Cli(SERVE)] = Field(
+        1_000,
+        ge=0,
+        description="Queued requests per token before its submits get 429 (0: no limit).",
+    )
+    rate_limit_per_minute: Annotated[int, Cli(SERVE, name="rate-limit")] = Field(
+        600, ge=0, description="Submits per minute per token before 429 (0: no limit)."
+    )
+    retention_seconds: Annotated[
+        int, Cli(SERVE, name="retention", show_default="7d", metavar="DURATION")
+    ] = Field(
+        7 * DAY,
+        description="How long finished requests and their files are kept (90s, 12h, 7d...).",
+    )
+    cleanup_interval_seconds: Annotated[
+        float, Cli(SERVE, name="cleanup-interval", show_default="10m", metavar="DURATION")
+    ] = Field(600.0, description="How often expired requests are looked for.")
+    webhook_retry_schedule: Annotated[str, Cli(SERVE)] = Field(
+        DEFAULT_WEBHOOK_SCHEDULE,
+        description="Delays of a webhook's attempts, each after the one before (0 first: at "
+        "once); a message the receiver does not take (2xx within 10 s) by the last is given up.",
+    )
+    allow_private_webhooks: Annotated[bool, Cli(SERVE)] = Field(
+        False,
+        description="Send webhooks to loopback, private and link-local addresses too (receivers "
+        "on your internal network); by default only public addresses are reached.",
+    )
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], Cli(WORKER)] = "info"
+    model: Annotated[str, Cli(MODEL)] = Field(
+        OVIS_IMAGE.default_weights,
+        description="A hub id, a local diffusers directory, 'tiny' (a tiny random model, for "
+        "trying it anywhere) or 'random-full' (the real 7B architecture with random weights, "
+        "built on the GPU without a download, for load tests). Random models' images are noise.",
+    )
+    device: Annotated[str, Cli(MODEL)] = Field(
+        "auto", description="cpu, cuda, cuda:N or mps; auto picks CUDA when present."
+    )
+    dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32"], Cli(MODEL)] = Field(
+        "auto", description="Weights dtype: auto is bfloat16 on CUDA, float32 elsewhere."
+    )
+    compile: Annotated[Literal["auto", "on", "off"], Cli(MODEL)] = Field(
+        "auto", description="torch.compile the repeated transformer blocks; auto: on CUDA only."
+    )
+    fp8: Annotated[bool, Cli(MODEL)] = Field(
+        False,
+        description="FP8 matmuls in the transformer (torchao, Hopper-class GPUs). "
+        "Changes numerics.",
+    )
+    lease_seconds: Annotated[float, Cli(WORKER)] = Field(
+        30.0,
+        ge=0.5,
+        description="A running job whose worker is silent this long goes back to the queue.",
+    )
+    max_attempts: Annotated[int, Cli(WORKER)] = Field(
+        3,
+        ge=1,
+        description="Workers a job may lose (crash, kill) before it fails instead of rerunning.",
+    )
+    stall_timeout_seconds: Annotated[
+        float, Cli(WORKER, name="stall-timeout", show_default="600", metavar="DURATION")
+    ] = Field(
+        600.0,
+        description="A worker whose job makes no step this long is ended and replaced (a hang).",
+    )
+    max_batch: Annotated[str, Cli(WORKER, metavar="AUTO|N")] = Field(
+        "auto",
+        description="Queued jobs of one size, steps and guidance that a worker runs in one "
+        "call; auto: 4 on CUDA, 1 elsewhere.",
+    )
+    storage: Annotated[str | None, Cli(WORKER)] = Field(
+        None,
+        description="s3://BUCKET/PREFIX to keep outputs in a bucket (presigned URLs); default: "
+        "the data directory.",
+    )
+    s3_endpoint_url: Annotated[str | None, Cli(WORKER)] = Field(
+        None,
+        description="S3 endpoint for MinIO, Ceph, R2…; default: AWS_ENDPOINT_URL or AWS itself.",
+    )
+    database_url: Annotated[str | None, Cli(STORE)] = Field(
+        None,
+        description="postgresql://user:password@host/db for a shared job store; default: SQLite "
+        "in the data directory.",
+    )
+    data_dir: Annotated[Path, Cli(DATA, show_default="~/.local/share/ovis-server")] = Field(
+        default_factory=default_data_dir,
+        description="Where the job database, output files and built checkpoints live.",
+    )
+    # Not options: tuned by tests and benchmarks that build Settings themselves.
     cancel_wait_seconds: float = 2.0
-    max_queued: int = 10_000
-    max_queued_per_token: int = 1_000
-    rate_limit_per_minute: int = 600
-    retention_seconds: int = 7 * DAY
-    cleanup_interval_seconds: float = 600.0
     heartbeat_seconds: float = 5.0
-    stall_timeout_seconds: float = 600.0
-    max_batch: str = "auto"
-    compile: str = "auto"
-    fp8: bool = False
-    webhook_retry_schedule: str = DEFAULT_WEBHOOK_SCHEDULE
-    allow_private_webhooks: bool = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments > ``OVIS_SERVER_*`` > the ``--config`` file > defaults."""
+        environment = environment_values()
+        given = getattr(init_settings, "init_kwargs", {})
+        config = given.get("config_file") or environment.get("config_file")
+        return (
+            init_settings,
+            _MappingSource(settings_cls, environment),
+            _MappingSource(settings_cls, file_values(config)),
+        )
+
+    @field_validator("retention_seconds", "cleanup_interval_seconds", "stall_timeout_seconds",
+                     mode="before")  # fmt: skip
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = parse_duration(value)
+        if isinstance(value, int | float) and not value > 0:
+            raise ValueError("a duration must be positive")
+        return int(value) if isinstance(value, float) else value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        parse_schedule(value)
+        return value
+
+    @field_validator("max_batch", mode="before")
+    @classmethod
+    def _batch(cls, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text != "auto" and not (text.isdigit() and int(text) >= 1):
+            raise ValueError(f"{value!r} is neither 'auto' nor a whole number from 1")
+        return text
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("public_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else None
 
     def batch_limit(self, device_type: str) -> int:
         """``--max-batch``: auto batches up to 4 on CUDA, where it pays, and 1 elsewhere,
@@ -85,6 +340,10 @@ class Settings:
         if self.max_batch == "auto":
             return 4 if device_type == "cuda" else 1
         return int(self.max_batch)
+
+    @property
+    def auth(self) -> bool:
+        return not self.no_auth
 
     @property
     def webhook_schedule(self) -> tuple[float, ...]:

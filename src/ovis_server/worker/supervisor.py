@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from ovis_server.config import Settings
+from ovis_server.config import SETTINGS_JSON_ENV, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -19,49 +19,14 @@ STABLE_SECONDS = 60.0
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
-    """The worker's environment: the database URL travels here, not in argv, so that its
-    password does not show in ``ps``."""
-    env = dict(os.environ)
-    if settings.database_url:
-        env["OVIS_SERVER_DATABASE_URL"] = settings.database_url
-    return env
+    """The worker's environment, with ``settings`` in it as JSON: the worker runs with the
+    very settings ``serve`` has, and the database URL's password does not show in ``ps``."""
+    return {**os.environ, SETTINGS_JSON_ENV: settings.model_dump_json()}
 
 
-def worker_command(settings: Settings) -> list[str]:
-    """The ``ovis-server worker`` command line that serves ``settings``."""
-    argv = [
-        sys.executable,
-        "-m",
-        "ovis_server",
-        "worker",
-        "--parent-pid",
-        str(os.getpid()),
-        "--data-dir",
-        str(settings.data_dir),
-        "--model",
-        settings.model,
-        "--device",
-        settings.device,
-        "--dtype",
-        settings.dtype,
-        "--lease-seconds",
-        str(settings.lease_seconds),
-        "--max-attempts",
-        str(settings.max_attempts),
-        "--stall-timeout",
-        str(int(settings.stall_timeout_seconds)),
-        "--max-batch",
-        settings.max_batch,
-        "--compile",
-        settings.compile,
-    ]
-    if settings.fp8:
-        argv.append("--fp8")
-    if settings.storage:
-        argv += ["--storage", settings.storage]
-    if settings.s3_endpoint_url:
-        argv += ["--s3-endpoint-url", settings.s3_endpoint_url]
-    return argv
+def worker_command() -> list[str]:
+    """The ``ovis-server worker`` command line; its settings come in its environment."""
+    return [sys.executable, "-m", "ovis_server", "worker", "--parent-pid", str(os.getpid())]
 
 
 class WorkerSupervisor:

@@ -1,0 +1,127 @@
+"""Looking after a server's data: ``token``, ``db`` and ``tiny-model``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from ovis_server.cli.options import settings_options
+from ovis_server.config import Settings
+
+if TYPE_CHECKING:
+    from ovis_server.tokens import TokenStore
+
+
+@click.command("tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def tiny_model(directory: Path) -> None:
+    """Write a tiny Ovis-Image checkpoint with random weights to DIRECTORY.
+
+    It has the real component classes and loads like the real model, but its images are
+    noise. Use it for tests and to try the API without a GPU.
+    """
+    from ovis_server.engine.tiny import write_tiny_checkpoint
+
+    if directory.exists() and any(directory.iterdir()):
+        raise click.UsageError(f"{directory} exists and is not empty")
+    written = write_tiny_checkpoint(directory)
+    click.echo(str(written))
+
+
+@click.group()
+def token() -> None:
+    """Create, list and revoke API tokens."""
+
+
+def _token_store(settings: Settings) -> TokenStore:
+    from ovis_server.db.connect import connect, migrate
+    from ovis_server.tokens import TokenStore
+
+    db = connect(settings.db_url)
+    migrate(db)
+    return TokenStore(db)
+
+
+@token.command("create")
+@click.option("--name", required=True, help="Who or what the token is for.")
+@settings_options("admin")
+def token_create(name: str, settings: Settings) -> None:
+    """Create a token; its secret is printed alone on the last line, once."""
+    from ovis_server.tokens import TokenError
+
+    store = _token_store(settings)
+    try:
+        info, secret = store.create(name)
+    except TokenError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"webhook signing secret: {store.webhook_secret(info.id)}")
+    click.echo(f"created token {info.id} ({info.name}); it is shown only now:")
+    click.echo(secret)
+
+
+@token.command("list")
+@settings_options("admin")
+def token_list(settings: Settings) -> None:
+    """List tokens (never their secrets)."""
+    rows = _token_store(settings).list()
+    if not rows:
+        click.echo("no tokens; create one with 'ovis-server token create --name NAME'")
+        return
+    click.echo(f"{'ID':<21}  {'NAME':<20}  {'STARTS WITH':<12}  {'CREATED':<20}  STATE")
+    for info in rows:
+        created = info.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        state = "active" if info.active else "revoked"
+        click.echo(f"{info.id:<21}  {info.name:<20}  {info.hint + '…':<12}  {created:<20}  {state}")
+
+
+@token.command("revoke")
+@click.argument("id_or_name")
+@settings_options("admin")
+def token_revoke(id_or_name: str, settings: Settings) -> None:
+    """Revoke a token by id, or by name when one active token has it."""
+    from ovis_server.tokens import TokenError
+
+    try:
+        info = _token_store(settings).revoke(id_or_name)
+    except TokenError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"revoked token {info.id} ({info.name})")
+
+
+@token.command("webhook-secret")
+@click.argument("id_or_name")
+@settings_options("admin")
+def token_webhook_secret(id_or_name: str, settings: Settings) -> None:
+    """Print the secret that signs the webhooks of a token's requests ('anonymous': those
+    of a --no-auth server)."""
+    from ovis_server.api.auth import ANONYMOUS
+    from ovis_server.tokens import TokenError
+
+    store = _token_store(settings)
+    try:
+        token_id = ANONYMOUS if id_or_name == ANONYMOUS else store.find(id_or_name).id
+    except TokenError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(store.webhook_secret(token_id))
+
+
+@click.group()
+def db() -> None:
+    """The job database."""
+
+
+@db.command("upgrade")
+@settings_options("admin")
+def db_upgrade(settings: Settings) -> None:
+    """Apply the schema migrations the database lacks (serve and worker also do on start)."""
+    from alembic.runtime.migration import MigrationContext
+
+    from ovis_server.db.connect import connect, migrate
+
+    engine = connect(settings.db_url)
+    migrate(engine)
+    with engine.connect() as conn:
+        revision = MigrationContext.configure(conn).get_current_revision()
+    click.echo(f"{engine.url.render_as_string(hide_password=True)} is at revision {revision}")

@@ -1,0 +1,200 @@
+"""The server side: ``serve`` (the API and its worker), ``worker`` and local ``generate``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from ovis_server.catalogue import IMAGE_SIZE_PRESETS, OvisImageInput, field_problems
+from ovis_server.cli.common import (
+    SUFFIX_FORMATS,
+    configure_logging,
+    output_options,
+    parse_image_size,
+)
+from ovis_server.cli.options import settings_options
+from ovis_server.config import Settings
+from ovis_server.engine.images import encode_image
+
+
+def refuse_random_full_on_cpu(model: str, device: str) -> None:
+    """Say at once that ``--model random-full`` cannot run here, instead of starting a
+    worker that fails to load it and is restarted over and over."""
+    from ovis_server.engine.weights import RANDOM_FULL
+
+    if model != RANDOM_FULL:
+        return
+    from ovis_server.engine.pipeline import EngineLoadError, check_random_full_device, pick_device
+
+    try:
+        check_random_full_device(pick_device(device))
+    except EngineLoadError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command()
+@settings_options("serve")
+def serve(settings: Settings) -> None:
+    """Serve the Model API, with a worker process beside it that runs the model."""
+    import uvicorn
+
+    from ovis_server.api.app import GRACEFUL_SHUTDOWN_SECONDS, ApiServer, create_app
+    from ovis_server.worker.supervisor import (
+        WorkerSupervisor,
+        worker_command,
+        worker_environment,
+    )
+
+    configure_logging(settings.log_level)
+    logger = logging.getLogger("ovis_server.serve")
+    if not settings.no_worker:
+        refuse_random_full_on_cpu(settings.model, settings.device)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # a --storage or --database-url it cannot use
+        raise click.ClickException(str(exc)) from None
+    if settings.no_auth:
+        logger.warning(
+            "--no-auth: anyone who can reach %s:%d can use this server",
+            settings.host,
+            settings.port,
+        )
+    elif app.state.tokens.count() == 0:
+        info, secret = app.state.tokens.create("default")
+        click.echo(
+            f"No API token existed in {settings.data_dir}, so one was created ({info.id}).\n"
+            "Its webhooks are signed with "
+            f"{app.state.tokens.webhook_secret(info.id)} ('ovis-server token webhook-secret').\n"
+            "The token is shown only this once; send it as 'Authorization: Bearer <token>':\n"
+            f"{secret}"
+        )
+    supervisor = (
+        None
+        if settings.no_worker
+        else WorkerSupervisor(worker_command(), worker_environment(settings))
+    )
+    # uvicorn shuts down on SIGINT/SIGTERM, then restores the handlers it found and raises
+    # the signal again. Finding these, the signal ends here and the worker is stopped in
+    # order below instead of being orphaned by an abrupt exit.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda _signum, _frame: None)
+    if supervisor is not None:
+        supervisor.start()
+    try:
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            proxy_headers=True,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
+        ApiServer(config, app.state.hub).run()
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+
+
+@click.command()
+@click.option("--parent-pid", type=int, default=None, hidden=True)
+@settings_options("worker", from_json=True)
+def worker(settings: Settings, parent_pid: int | None) -> None:
+    """Run a worker: load the model on one device and take jobs from the queue.
+
+    Run one per GPU (--device cuda:N) on any number of hosts, pointed at the same
+    --database-url and --storage as the API replicas.
+    """
+    from ovis_server.engine.pipeline import EngineLoadError
+    from ovis_server.engine.weights import WeightsNotFoundError
+    from ovis_server.worker.process import run_worker
+
+    configure_logging(settings.log_level)
+    refuse_random_full_on_cpu(settings.model, settings.device)
+    try:
+        run_worker(settings, parent_pid=parent_pid)
+    except (EngineLoadError, WeightsNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command()
+@click.argument("prompt")
+@output_options("Where to write the image; its suffix picks the format unless --output-format.")
+@click.option("--negative-prompt", default="", help="What the image should not show.")
+@click.option(
+    "--image-size",
+    default="landscape_4_3",
+    show_default=True,
+    help=f"One of {', '.join(IMAGE_SIZE_PRESETS)}, or WIDTHxHEIGHT (multiples of 16).",
+)
+@click.option("--num-inference-steps", "--steps", type=int, default=28, show_default=True)
+@click.option("--guidance-scale", type=float, default=5.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Omit for a random seed (printed).")
+@settings_options("generate")
+def generate(
+    prompt: str,
+    output: Path,
+    negative_prompt: str,
+    image_size: str,
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int | None,
+    output_format: str | None,
+    settings: Settings,
+) -> None:
+    """Generate one image locally, with a progress bar, and write it to OUTPUT."""
+    from tqdm import tqdm
+
+    from ovis_server.engine.pipeline import Engine, EngineLoadError
+    from ovis_server.engine.weights import WeightsNotFoundError, resolve_weights
+
+    chosen_format = output_format or SUFFIX_FORMATS.get(output.suffix.lower())
+    if chosen_format is None:
+        raise click.UsageError(
+            f"cannot tell the image format from {output.name!r}: use a .png, .jpg or .webp "
+            "name, or --output-format"
+        )
+    try:
+        request = OvisImageInput.model_validate(
+            {
+                "prompt": prompt,
+                "negative_prompt": negative_prompt,
+                "image_size": parse_image_size(image_size),
+                "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale,
+                "seed": seed,
+                "output_format": chosen_format,
+            }
+        )
+    except ValidationError as exc:
+        raise click.UsageError("; ".join(field_problems(exc.errors()))) from None
+
+    configure_logging("warning")
+    try:
+        engine = Engine.load(
+            resolve_weights(settings.model, settings.data_dir),
+            device=settings.device,
+            dtype=settings.dtype,
+            compile=settings.compile_flag,
+            fp8=settings.fp8,
+        )
+    except (EngineLoadError, WeightsNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+    used_seed = request.resolved_seed()
+    with tqdm(total=request.num_inference_steps, unit="step", desc="denoising") as bar:
+
+        def on_step(step: int, total: int) -> bool:
+            bar.update(step - bar.n)
+            return True
+
+        image = engine.generate(request.to_generation_request(used_seed), on_step=on_step)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(encode_image(image, request.output_format))
+    click.echo(
+        f"seed {used_seed}: wrote {image.width}x{image.height} {chosen_format} to {output}",
+        err=True,
+    )
