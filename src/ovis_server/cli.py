@@ -144,6 +144,21 @@ def _check_schedule(_ctx: click.Context, param: click.Parameter, value: str) -> 
     return value
 
 
+MIN_METRICS_TOKEN = 16
+
+
+def _check_metrics_token(
+    _ctx: click.Context, param: click.Parameter, value: str | None
+) -> str | None:
+    if value is not None and len(value.strip()) < MIN_METRICS_TOKEN:
+        raise click.BadParameter(
+            f"use a long random string (at least {MIN_METRICS_TOKEN} characters), "
+            "e.g. from 'openssl rand -hex 32'",
+            param=param,
+        )
+    return value.strip() if value is not None else None
+
+
 class BatchLimit(click.ParamType):  # type: ignore[type-arg]
     """``auto`` or a whole number from 1."""
 
@@ -443,6 +458,22 @@ def worker_options(func: Any) -> Any:
     "a message the receiver does not take (2xx within 10 s) by the last is given up.",
 )
 @click.option(
+    "--metrics-token",
+    callback=_check_metrics_token,
+    default=None,
+    envvar=_env("METRICS_TOKEN"),
+    show_envvar=True,
+    help="Bearer token Prometheus sends to read /metrics (at least 16 characters). "
+    "Without it /metrics answers 401, unless --metrics-public.",
+)
+@click.option(
+    "--metrics-public",
+    is_flag=True,
+    envvar=_env("METRICS_PUBLIC"),
+    show_envvar=True,
+    help="Serve /metrics to anyone, without a token. Only where nobody else can connect.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -469,6 +500,8 @@ def serve(
     retention: int,
     cleanup_interval: int,
     webhook_retry_schedule: str,
+    metrics_token: str | None,
+    metrics_public: bool,
     log_level: str,
     model: str,
     device: str,
@@ -520,7 +553,11 @@ def serve(
         compile=compile_mode,
         fp8=fp8,
         webhook_retry_schedule=webhook_retry_schedule,
+        metrics_token=metrics_token,
+        metrics_public=metrics_public,
     )
+    if metrics_token and metrics_public:
+        raise click.UsageError("give --metrics-token or --metrics-public, not both")
     try:
         app = create_app(settings)
     except ValueError as exc:  # a --storage or --database-url it cannot use

@@ -77,6 +77,10 @@ class Settings:
     compile: str = "auto"
     fp8: bool = False
     webhook_retry_schedule: str = DEFAULT_WEBHOOK_SCHEDULE
+    # /metrics: scrapers send this as a bearer token; without one, /metrics answers 401
+    # unless metrics_public opts out of the check.
+    metrics_token: str | None = None
+    metrics_public: bool = False
 
     def batch_limit(self, device_type: str) -> int:
         """``--max-batch``: auto batches up to 4 on CUDA, where it pays, and 1 elsewhere,

@@ -93,6 +93,8 @@ class Job:
     webhook_url: str | None = None
     webhook_intermediate: bool = False
     base_url: str | None = None
+    # Notes for the client that are not errors, e.g. that the prompt was cut.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

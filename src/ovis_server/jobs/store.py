@@ -84,6 +84,7 @@ def _job(row: Row[Any]) -> Job:
         webhook_url=data["webhook_url"],
         webhook_intermediate=bool(data["webhook_intermediate"]),
         base_url=data["base_url"],
+        warnings=tuple(str(item) for item in data["warnings"] or ()),
     )
 
 
@@ -400,6 +401,12 @@ class JobStore:
         return job, CancelOutcome.NOT_CANCELLABLE
 
     # --- the worker's side ----------------------------------------------------------
+
+    def set_warnings(self, request_id: str, warnings: Sequence[str]) -> None:
+        """Keep notes for the job's client (shown in its status and result bodies)."""
+        stmt = update(jobs).where(jobs.c.id == request_id).values(warnings=list(warnings))
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
 
     def _claim(
         self, worker_id: str, lease_seconds: float, limit: int, batch_key: str | None = None
