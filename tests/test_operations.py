@@ -1,5 +1,5 @@
-"""Operations: /metrics, /healthz, the request listing the gallery uses, progress in
-status."""
+"""Operations: /metrics, /healthz, the request listing the gallery uses, progress and
+warnings in status."""
 
 from __future__ import annotations
 
@@ -120,6 +120,28 @@ def test_metrics_are_closed_to_anyone_without_the_metrics_token(server: Server) 
         assert response.json()["error_code"] == 400004
         assert "ovis_webhook" not in response.text
     assert httpx.get(server.base_url + "/metrics", headers=SCRAPER).status_code == 200
+
+
+def test_a_prompt_longer_than_the_model_reads_completes_with_a_warning(server: Server) -> None:
+    # The tiny checkpoint's tokenizer makes a token of every byte, and the pipeline reads
+    # 256 text tokens after the template's opening: 2,000 characters are far beyond that.
+    long_prompt = "a shop sign that reads OVIS, " * 70
+    with server.client(create_token(server.data_dir, "long-prompt")) as client:
+        long_id = submit(client, prompt=long_prompt, **FAST)
+        short_id = submit(client, **FAST)
+        long_result = wait_result(client, long_id)
+        short_result = wait_result(client, short_id)
+        long_status = status_of(client, long_id)
+        short_status = status_of(client, short_id)
+    assert long_result["status"] == "succeeded"
+    assert long_result["output"]["image"]
+    (warning,) = long_result["warnings"]
+    assert warning.startswith("prompt truncated: the model reads 256 text tokens")
+    assert long_status["status"] == "completed"
+    assert long_status["warnings"] == [warning]
+    assert short_result["status"] == "succeeded"
+    assert "warnings" not in short_result
+    assert "warnings" not in short_status
 
 
 def test_healthz_answers_on_the_event_loop_while_the_database_is_locked(
