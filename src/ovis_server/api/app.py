@@ -21,7 +21,7 @@ from ovis_server.api import files, routes
 from ovis_server.api.auth import authorize_metrics
 from ovis_server.api.errors import install_error_handlers
 from ovis_server.api.metrics import Metrics, OvisCollector
-from ovis_server.api.protocol import ErrorBody, Health, Readiness
+from ovis_server.api.protocol import Health, Readiness
 from ovis_server.api.serving import RequestService
 from ovis_server.api.stream import StatusHub
 from ovis_server.api.webhooks import WebhookDispatcher
@@ -110,7 +110,7 @@ def create_app(settings: Settings) -> FastAPI:
     # A worker counts as alive while its last heartbeat is this recent.
     alive_within = 3 * settings.heartbeat_seconds + 5
 
-    metrics = Metrics(
+    exposition = Metrics(
         OvisCollector(StatsReader(db), registry, alive_within, lambda: hub.open_streams)
     )
 
@@ -157,12 +157,19 @@ def create_app(settings: Settings) -> FastAPI:
         tags=["Operations"],
         response_class=PlainTextResponse,
         dependencies=[Depends(authorize_metrics)],
-        responses={401: {"model": ErrorBody, "description": "No metrics token, or not it"}},
+        responses={
+            401: {
+                "description": "No metrics token, or not it",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                },
+            }
+        },
     )
-    def metrics_route(request: Request) -> Response:
+    def metrics(request: Request) -> Response:
         """Queue, job, timing and worker metrics in Prometheus' text format (with
         ``Authorization: Bearer <metrics token>``)."""
-        body, content_type = metrics.render(request.headers.get("accept"))
+        body, content_type = exposition.render(request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
     @app.get("/", include_in_schema=False)

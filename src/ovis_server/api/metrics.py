@@ -29,6 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from sqlalchemy import Connection
 
 from ovis_server.jobs.job import DeliveryState, JobStatus
 from ovis_server.jobs.stats import FinishedJob, StatsReader
@@ -71,8 +72,8 @@ class Watermark(Generic[KeyT, RowT]):
 
     def __init__(
         self,
-        keys: Callable[[datetime], Sequence[KeyT]],
-        rows: Callable[[Sequence[KeyT]], Sequence[RowT]],
+        keys: Callable[[Connection, datetime], Sequence[KeyT]],
+        rows: Callable[[Connection, Sequence[KeyT]], Sequence[RowT]],
         start: datetime,
     ) -> None:
         self._keys = keys
@@ -81,10 +82,10 @@ class Watermark(Generic[KeyT, RowT]):
         self._last: datetime | None = None
         self.recent: dict[Hashable, RowT] = {}
 
-    def new_rows(self, now: datetime) -> list[RowT]:
+    def new_rows(self, conn: Connection, now: datetime) -> list[RowT]:
         since = self._floor if self._last is None else max(self._floor, self._last - OVERLAP)
-        unseen = [key for key in self._keys(since) if key not in self.recent]
-        fresh = list(self._rows(unseen)) if unseen else []
+        unseen = [key for key in self._keys(conn, since) if key not in self.recent]
+        fresh = list(self._rows(conn, unseen)) if unseen else []
         for row in fresh:
             self.recent[row.key] = row
         # The next scrape lists from now - OVERLAP: older rows will not come back.
@@ -152,12 +153,12 @@ class OvisCollector(Collector):
             self.run.observe(seconds)
             self.step.observe(seconds / max(job.steps, 1))
 
-    def catch_up(self) -> int:
+    def catch_up(self, conn: Connection) -> int:
         """Add what finished since the last scrape; returns images of the last minute."""
         now = self.now()
-        for job in self._jobs.new_rows(now):
+        for job in self._jobs.new_rows(conn, now):
             self._add(job)
-        for message in self._messages.new_rows(now):
+        for message in self._messages.new_rows(conn, now):
             if message.state in self.messages:
                 self.messages[message.state] += 1
         minute_ago = now - timedelta(minutes=1)
@@ -173,9 +174,10 @@ class OvisCollector(Collector):
         yield from families
 
     def _families(self) -> Iterator[Metric]:
-        recent = self.catch_up()
-        unfinished = self.stats.unfinished_counts()
-        pending = self.stats.pending_messages()
+        with self.stats.engine.connect() as conn:
+            recent = self.catch_up(conn)
+            unfinished = self.stats.unfinished_counts(conn)
+            pending = self.stats.pending_messages(conn)
         alive = self.workers.alive(self.alive_within)
         yield GaugeMetricFamily(
             "ovis_queue_depth", "Jobs waiting in the queue.", unfinished[JobStatus.QUEUED]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, String, func, select, type_coerce
+from sqlalchemy import Connection, Engine, String, func, select, type_coerce
 
 from ovis_server.db.schema import jobs, webhook_deliveries
 from ovis_server.jobs.job import DeliveryState, JobStatus
@@ -46,12 +46,13 @@ class FinishedMessage:
 
 
 class StatsReader:
-    """Aggregates and recently finished rows, for the metrics collector."""
+    """Aggregates and recently finished rows, for the metrics collector: each read on the
+    connection a scrape holds."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def unfinished_counts(self) -> dict[JobStatus, int]:
+    def unfinished_counts(self, conn: Connection) -> dict[JobStatus, int]:
         """Jobs queued and jobs running (ix_jobs_status_seq: reads only those rows)."""
         wanted = [JobStatus.QUEUED, JobStatus.RUNNING]
         stmt = (
@@ -59,69 +60,63 @@ class StatsReader:
             .where(jobs.c.status.in_(wanted))
             .group_by(jobs.c.status)
         )
-        with self.engine.connect() as conn:
-            found = {JobStatus(status): int(count) for status, count in conn.execute(stmt)}
+        found = {JobStatus(status): int(count) for status, count in conn.execute(stmt)}
         return {status: found.get(status, 0) for status in wanted}
 
-    def pending_messages(self) -> int:
+    def pending_messages(self, conn: Connection) -> int:
         """Webhook messages not yet taken by their receiver."""
         stmt = (
             select(func.count())
             .select_from(webhook_deliveries)
             .where(webhook_deliveries.c.state == DeliveryState.PENDING)
         )
-        with self.engine.connect() as conn:
-            return int(conn.execute(stmt).scalar_one())
+        return int(conn.execute(stmt).scalar_one())
 
-    def jobs_finished_after(self, since: datetime) -> list[JobKey]:
+    def jobs_finished_after(self, conn: Connection, since: datetime) -> list[JobKey]:
         """The keys of jobs that reached a final state after ``since``, read from
         ix_jobs_finished_at_seq alone."""
         stmt = select(jobs.c.seq, _RAW_FINISHED).where(jobs.c.finished_at > since)
-        with self.engine.connect() as conn:
-            return [(int(seq), raw) for seq, raw in conn.execute(stmt)]
+        return [(int(seq), raw) for seq, raw in conn.execute(stmt)]
 
-    def finished_jobs(self, keys: Sequence[JobKey]) -> list[FinishedJob]:
+    def finished_jobs(self, conn: Connection, keys: Sequence[JobKey]) -> list[FinishedJob]:
         c = jobs.c
         columns = (c.seq, _RAW_FINISHED, c.status, c.created_at, c.started_at, c.finished_at)
         seqs = [seq for seq, _ in keys]
         found: list[FinishedJob] = []
-        with self.engine.connect() as conn:
-            for start in range(0, len(seqs), CHUNK):
-                stmt = select(*columns, c.progress_total).where(
-                    c.seq.in_(seqs[start : start + CHUNK]), c.finished_at.is_not(None)
+        for start in range(0, len(seqs), CHUNK):
+            stmt = select(*columns, c.progress_total).where(
+                c.seq.in_(seqs[start : start + CHUNK]), c.finished_at.is_not(None)
+            )
+            found += [
+                FinishedJob(
+                    key=(row.seq, row.raw_finished),
+                    status=JobStatus(row.status),
+                    created_at=row.created_at,
+                    started_at=row.started_at,
+                    finished_at=row.finished_at,
+                    steps=row.progress_total,
                 )
-                found += [
-                    FinishedJob(
-                        key=(row.seq, row.raw_finished),
-                        status=JobStatus(row.status),
-                        created_at=row.created_at,
-                        started_at=row.started_at,
-                        finished_at=row.finished_at,
-                        steps=row.progress_total,
-                    )
-                    for row in conn.execute(stmt)
-                ]
+                for row in conn.execute(stmt)
+            ]
         return found
 
-    def messages_finished_after(self, since: datetime) -> list[str]:
+    def messages_finished_after(self, conn: Connection, since: datetime) -> list[str]:
         """The ids of webhook messages delivered or given up after ``since``."""
         c = webhook_deliveries.c
         stmt = select(c.id).where(c.finished_at > since)
-        with self.engine.connect() as conn:
-            return [str(key) for key in conn.execute(stmt).scalars()]
+        return [str(key) for key in conn.execute(stmt).scalars()]
 
-    def finished_messages(self, ids: Sequence[str]) -> list[FinishedMessage]:
+    def finished_messages(self, conn: Connection, ids: Sequence[str]) -> list[FinishedMessage]:
         c = webhook_deliveries.c
         found: list[FinishedMessage] = []
-        with self.engine.connect() as conn:
-            for start in range(0, len(ids), CHUNK):
-                stmt = select(c.id, c.state, c.finished_at).where(
-                    c.id.in_(ids[start : start + CHUNK]), c.finished_at.is_not(None)
+        for start in range(0, len(ids), CHUNK):
+            stmt = select(c.id, c.state, c.finished_at).where(
+                c.id.in_(ids[start : start + CHUNK]), c.finished_at.is_not(None)
+            )
+            found += [
+                FinishedMessage(
+                    key=row.id, state=DeliveryState(row.state), finished_at=row.finished_at
                 )
-                found += [
-                    FinishedMessage(
-                        key=row.id, state=DeliveryState(row.state), finished_at=row.finished_at
-                    )
-                    for row in conn.execute(stmt)
-                ]
+                for row in conn.execute(stmt)
+            ]
         return found
