@@ -29,6 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from sqlalchemy import Connection
 
 from ovis_server.jobs.job import DeliveryState, JobStatus
@@ -98,7 +99,7 @@ class Watermark(Generic[KeyT, RowT]):
 @dataclass
 class Histogram:
     bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)  # per bucket, not cumulative
+    counts: list[int] = field(init=False)  # per bucket (+Inf last), not cumulative
     total: float = 0.0
 
     def __post_init__(self) -> None:
@@ -111,7 +112,8 @@ class Histogram:
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
         cumulative, running = [], 0
-        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+        bounds = (*map(floatToGoString, self.bounds), "+Inf")
+        for bound, count in zip(bounds, self.counts, strict=True):
             running += count
             cumulative.append((bound, running))
         return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
