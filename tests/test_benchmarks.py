@@ -77,3 +77,14 @@ def test_queue_benchmark_prints_its_table() -> None:
     )  # fmt: skip
     assert "| store | claims / s | submits / s | status p50 | status p99 |" in result.stdout
     assert "| SQLite (WAL) |" in result.stdout
+
+
+def test_metrics_benchmark_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/metrics.py", "--postgres-url", "", "--jobs", "2000",
+         "--recent", "50", "--queued", "10", "--scrapes", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("| store | finished jobs kept | finished last minute |")
+    assert lines[2].startswith("| SQLite | 2,000 | 50 |")

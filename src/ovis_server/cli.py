@@ -161,6 +161,21 @@ def _check_schedule(_ctx: click.Context, param: click.Parameter, value: str) -> 
     return value
 
 
+MIN_METRICS_TOKEN = 16
+
+
+def _check_metrics_token(
+    _ctx: click.Context, param: click.Parameter, value: str | None
+) -> str | None:
+    if value is not None and len(value.strip()) < MIN_METRICS_TOKEN:
+        raise click.BadParameter(
+            f"use a long random string (at least {MIN_METRICS_TOKEN} characters), "
+            "e.g. from 'openssl rand -hex 32'",
+            param=param,
+        )
+    return value.strip() if value is not None else None
+
+
 class BatchLimit(click.ParamType):  # type: ignore[type-arg]
     """``auto`` or a whole number from 1."""
 
@@ -468,6 +483,22 @@ def worker_options(func: Any) -> Any:
     "your internal network); by default only public addresses are reached.",
 )
 @click.option(
+    "--metrics-token",
+    callback=_check_metrics_token,
+    default=None,
+    envvar=_env("METRICS_TOKEN"),
+    show_envvar=True,
+    help="Bearer token Prometheus sends to read /metrics (at least 16 characters). "
+    "Without it /metrics answers 401, unless --metrics-public.",
+)
+@click.option(
+    "--metrics-public",
+    is_flag=True,
+    envvar=_env("METRICS_PUBLIC"),
+    show_envvar=True,
+    help="Serve /metrics to anyone, without a token. Only where nobody else can connect.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -495,6 +526,8 @@ def serve(
     cleanup_interval: int,
     webhook_retry_schedule: str,
     allow_private_webhooks: bool,
+    metrics_token: str | None,
+    metrics_public: bool,
     log_level: str,
     model: str,
     device: str,
@@ -547,9 +580,13 @@ def serve(
         fp8=fp8,
         webhook_retry_schedule=webhook_retry_schedule,
         allow_private_webhooks=allow_private_webhooks,
+        metrics_token=metrics_token,
+        metrics_public=metrics_public,
     )
     if not no_worker:
         refuse_random_full_on_cpu(model, device)
+    if metrics_token and metrics_public:
+        raise click.UsageError("give --metrics-token or --metrics-public, not both")
     try:
         app = create_app(settings)
     except ValueError as exc:  # a --storage or --database-url it cannot use

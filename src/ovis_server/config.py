@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
@@ -78,6 +78,10 @@ class Settings:
     fp8: bool = False
     webhook_retry_schedule: str = DEFAULT_WEBHOOK_SCHEDULE
     allow_private_webhooks: bool = False
+    # /metrics: scrapers send this as a bearer token; without one, /metrics answers 401
+    # unless metrics_public opts out of the check.
+    metrics_token: str | None = field(default=None, repr=False)
+    metrics_public: bool = False
 
     def batch_limit(self, device_type: str) -> int:
         """``--max-batch``: auto batches up to 4 on CUDA, where it pays, and 1 elsewhere,

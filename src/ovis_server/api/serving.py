@@ -380,6 +380,7 @@ class RequestService:
             started_at=iso(job.started_at),
             finished_at=iso(job.finished_at),
             logs=job_log(job) if logs else None,
+            warnings=list(job.warnings) or None,
         )
 
     def result(self, token_id: str, request_id: str, base_url: str) -> ResultResponse:
@@ -431,6 +432,7 @@ class RequestService:
             created_at=iso(job.created_at) or "",
             started_at=iso(job.started_at),
             finished_at=iso(job.finished_at),
+            warnings=list(job.warnings) or None,
         )
 
     def cancel(self, token_id: str, request_id: str) -> CancelResponse:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ovis_server.engine.prompts import DEFAULT_CAPACITY, PromptCache
+from ovis_server.engine.prompts import DEFAULT_CAPACITY, PromptCache, prompt_overflow
 from ovis_server.engine.request import GenerationRequest
 from ovis_server.engine.weights import RANDOM_FULL
 
@@ -218,6 +218,23 @@ class Engine:
             prompt=[prompt], device=self.device, max_sequence_length=TEXT_TOKENS
         )
         return embeds
+
+    def prompt_warnings(self, request: GenerationRequest) -> list[str]:
+        """What the client should know about how its prompts were read: a prompt (or a
+        negative prompt that guidance uses) longer than the model reads is cut."""
+        texts = [("prompt", request.prompt)]
+        if request.guidance_scale > 1 and request.negative_prompt:
+            texts.append(("negative_prompt", request.negative_prompt))
+        found = []
+        for field, text in texts:
+            length, dropped = prompt_overflow(self.pipeline, text, TEXT_TOKENS)
+            if dropped:
+                found.append(
+                    f"{field} truncated: the model reads {TEXT_TOKENS} text tokens, template "
+                    f"included; this {field} is about {length} tokens, so its end was cut "
+                    "(shorten it to keep all of it)"
+                )
+        return found
 
     def _text_ids(self, embeds: torch.Tensor) -> torch.Tensor:
         # The pipeline's own position ids for text tokens, from embeddings already made.

@@ -89,6 +89,7 @@ def _job(row: Row[Any]) -> Job:
         webhook_intermediate=bool(data["webhook_intermediate"]),
         base_url=data["base_url"],
         deadline=data["deadline"],
+        warnings=tuple(str(item) for item in data["warnings"] or ()),
     )
 
 
@@ -439,6 +440,12 @@ class JobStore:
         )
 
     # --- the worker's side ----------------------------------------------------------
+
+    def set_warnings(self, request_id: str, warnings: Sequence[str]) -> None:
+        """Keep notes for the job's client (shown in its status and result bodies)."""
+        stmt = update(jobs).where(jobs.c.id == request_id).values(warnings=list(warnings))
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
 
     def _claim(
         self, worker_id: str, lease_seconds: float, limit: int, batch_key: str | None = None

@@ -129,10 +129,21 @@ class Worker:
                     runnable.append((job, self.generation_request(job)))
                 except InvalidJobError as exc:
                     self._fail(job, exc)
+                else:
+                    self._record_warnings(job, runnable[-1][1])
             if runnable:
                 self._run_batch(runnable, stop)
         finally:
             self._last_progress = None
+
+    def _record_warnings(self, job: Job, request: GenerationRequest) -> None:
+        """Tell the client, in its status and result, what the model will not read."""
+        try:
+            warnings = self.engine.prompt_warnings(request)
+            if warnings:
+                self.store.set_warnings(job.id, warnings)
+        except Exception:  # a note for the client must never stop the job
+            logger.exception("job %s: could not record its warnings", job.id)
 
     def _run_batch(self, batch: list[tuple[Job, GenerationRequest]], stop: threading.Event) -> None:
         from ovis_server.engine.pipeline import GenerationCancelled
