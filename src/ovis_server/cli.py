@@ -370,7 +370,7 @@ def worker_options(func: Any) -> Any:
         show_envvar=True,
         show_default=True,
         help="Queued jobs of one size, steps and guidance that a worker runs in one call; "
-        "auto: 4 on CUDA, 1 elsewhere.",
+        "auto: 4 on CUDA (fewer if the memory plan has no room), 1 elsewhere.",
     )(func)
     func = click.option(
         "--stall-timeout",
