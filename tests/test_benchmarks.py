@@ -88,3 +88,22 @@ def test_metrics_benchmark_prints_its_table() -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("| store | finished jobs kept | finished last minute |")
     assert lines[2].startswith("| SQLite | 2,000 | 50 |")
+
+
+def test_memory_benchmark_prints_its_tables() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/memory.py", "--weights", "tiny", "--size", "128x128",
+         "--steps", "2", "--repeats", "1", "--warmup", "0", "--caps", "24,8", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    start = lines.index(
+        "| profile | s / image | time vs full | peak GPU memory | planned peak | note |"
+    )
+    profiles = [line.split(" | ")[0] for line in lines[start + 2 : start + 7]]
+    assert profiles == ["| full", "| text-encoder-offload", "| 8bit", "| group-offload-block",
+                        "| group-offload-leaf"]  # fmt: skip
+    assert lines[start + 2].split(" | ")[2] == "1.00x"
+    assert "| auto, --gpu-memory 24GiB | full |" in result.stdout  # on a CPU auto is full
+    assert "| 24 GiB | full | 19.5 GiB | 2 |" in lines
+    assert "| 8 GiB | group-offload-block | 2.6 GiB | 2 |" in lines

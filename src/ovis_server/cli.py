@@ -21,6 +21,7 @@ from ovis_server.config import (
     compile_choice,
     default_data_dir,
     parse_duration,
+    parse_memory_size,
     parse_schedule,
 )
 from ovis_server.engine.images import encode_image
@@ -71,7 +72,34 @@ def data_dir_option(func: Any) -> Any:
     )(func)
 
 
+def memory_options(func: Any) -> Any:
+    from ovis_server.config import MEMORY_CHOICES
+
+    func = click.option(
+        "--gpu-memory",
+        type=MEMORY_SIZE,
+        default=None,
+        envvar=_env("GPU_MEMORY"),
+        show_envvar=True,
+        help="GPU memory the worker may plan with and use (24GiB, 16GB, or a fraction such "
+        "as 0.5); the allocator is capped to it, so a large GPU can stand in for a small "
+        "one. Default: what is free.",
+    )(func)
+    return click.option(
+        "--memory",
+        type=click.Choice(MEMORY_CHOICES),
+        default="auto",
+        envvar=_env("MEMORY"),
+        show_envvar=True,
+        show_default=True,
+        help="How much of the model stays on the GPU, from fastest to smallest: full, "
+        "text-encoder-offload, 8bit (torchao; changes numerics), group-offload-block, "
+        "group-offload-leaf. auto: the fastest that keeps the image and fits.",
+    )(func)
+
+
 def model_options(func: Any) -> Any:
+    func = memory_options(func)
     func = click.option(
         "--fp8",
         is_flag=True,
@@ -176,6 +204,22 @@ def _check_metrics_token(
     return value.strip() if value is not None else None
 
 
+class MemorySize(click.ParamType):  # type: ignore[type-arg]
+    """``--gpu-memory``: 24GiB, 16GB, 12000MiB, or a fraction of the GPU's memory."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            parse_memory_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value).strip()
+
+
+MEMORY_SIZE = MemorySize()
+
+
 class BatchLimit(click.ParamType):  # type: ignore[type-arg]
     """``auto`` or a whole number from 1."""
 
@@ -270,6 +314,8 @@ def generate(
     dtype: str,
     compile_mode: str,
     fp8: bool,
+    memory: str,
+    gpu_memory: str | None,
     data_dir: Path,
 ) -> None:
     """Generate one image locally, with a progress bar, and write it to OUTPUT."""
@@ -307,9 +353,12 @@ def generate(
             dtype=dtype,
             compile=compile_choice(compile_mode),
             fp8=fp8,
+            memory=memory,
+            gpu_memory=None if gpu_memory is None else parse_memory_size(gpu_memory),
         )
     except (EngineLoadError, WeightsNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
+    click.echo(engine.memory.describe(), err=True)
 
     used_seed = request.resolved_seed()
     with tqdm(total=request.num_inference_steps, unit="step", desc="denoising") as bar:
@@ -336,7 +385,7 @@ def worker_options(func: Any) -> Any:
         show_envvar=True,
         show_default=True,
         help="Queued jobs of one size, steps and guidance that a worker runs in one call; "
-        "auto: 4 on CUDA, 1 elsewhere.",
+        "auto: 4 on CUDA (fewer if the memory plan has no room), 1 elsewhere.",
     )(func)
     func = click.option(
         "--stall-timeout",
@@ -534,6 +583,8 @@ def serve(
     dtype: str,
     compile_mode: str,
     fp8: bool,
+    memory: str,
+    gpu_memory: str | None,
     lease_seconds: float,
     max_attempts: int,
     stall_timeout: int,
@@ -578,6 +629,8 @@ def serve(
         max_batch=max_batch,
         compile=compile_mode,
         fp8=fp8,
+        memory=memory,
+        gpu_memory=gpu_memory,
         webhook_retry_schedule=webhook_retry_schedule,
         allow_private_webhooks=allow_private_webhooks,
         metrics_token=metrics_token,
@@ -649,6 +702,8 @@ def worker(
     dtype: str,
     compile_mode: str,
     fp8: bool,
+    memory: str,
+    gpu_memory: str | None,
     lease_seconds: float,
     max_attempts: int,
     stall_timeout: int,
@@ -685,6 +740,8 @@ def worker(
         max_batch=max_batch,
         compile=compile_mode,
         fp8=fp8,
+        memory=memory,
+        gpu_memory=gpu_memory,
     )
     try:
         run_worker(settings, parent_pid=parent_pid)

@@ -43,6 +43,41 @@ def parse_schedule(text: str) -> tuple[float, ...]:
     return delays
 
 
+_SIZE_UNITS = {"": 1 << 30, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "m": 1 << 20, "mib": 1 << 20,
+               "mb": 10**6}  # fmt: skip
+
+
+def parse_memory_size(text: str) -> float:
+    """``--gpu-memory``: a size (``24GiB``, ``24G`` or ``24`` are GiB; ``24GB`` is 10^9
+    bytes; ``MiB``, ``MB``) in bytes, or a fraction of the GPU's memory (``0.5``)."""
+    cleaned = text.strip().lower().replace(" ", "")
+    number = cleaned.rstrip("gimb")
+    unit = cleaned[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if unit not in _SIZE_UNITS or not value > 0:
+        raise ValueError(
+            f"{text!r} is not a memory size such as 24GiB, 16GB, 12000MiB or a fraction "
+            "of the GPU's memory such as 0.5"
+        )
+    if not unit and value <= 1:
+        return value
+    return value * _SIZE_UNITS[unit]
+
+
+# ``--memory``: auto, or a profile of ovis_server.engine.memory (kept here free of torch).
+MEMORY_CHOICES = (
+    "auto",
+    "full",
+    "text-encoder-offload",
+    "8bit",
+    "group-offload-block",
+    "group-offload-leaf",
+)
+
+
 def default_data_dir() -> Path:
     """ovis-server's folder under the user's data home (``~/.local/share/ovis-server``)."""
     return Path(platformdirs.user_data_dir("ovis-server", appauthor=False))
@@ -76,6 +111,8 @@ class Settings:
     max_batch: str = "auto"
     compile: str = "auto"
     fp8: bool = False
+    memory: str = "auto"
+    gpu_memory: str | None = None
     webhook_retry_schedule: str = DEFAULT_WEBHOOK_SCHEDULE
     allow_private_webhooks: bool = False
     # /metrics: scrapers send this as a bearer token; without one, /metrics answers 401
@@ -83,12 +120,19 @@ class Settings:
     metrics_token: str | None = field(default=None, repr=False)
     metrics_public: bool = False
 
-    def batch_limit(self, device_type: str) -> int:
+    def batch_limit(self, device_type: str, planned: int | None = None) -> int:
         """``--max-batch``: auto batches up to 4 on CUDA, where it pays, and 1 elsewhere,
-        where a batch of 1 keeps the same seed giving bit-identical pixels."""
+        where a batch of 1 keeps the same seed giving bit-identical pixels; on CUDA no
+        more than the memory plan found room for (``planned``)."""
         if self.max_batch == "auto":
-            return 4 if device_type == "cuda" else 1
+            default = 4 if device_type == "cuda" else 1
+            return default if planned is None else max(1, min(default, planned))
         return int(self.max_batch)
+
+    @property
+    def gpu_memory_bytes(self) -> float | None:
+        """``--gpu-memory`` as bytes, or as a fraction of the GPU's memory when at most 1."""
+        return None if self.gpu_memory is None else parse_memory_size(self.gpu_memory)
 
     @property
     def webhook_schedule(self) -> tuple[float, ...]:

@@ -129,6 +129,8 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
             dtype=settings.dtype,
             compile=settings.compile_flag,
             fp8=settings.fp8,
+            memory=settings.memory,
+            gpu_memory=settings.gpu_memory_bytes,
         )
         if stop.is_set():
             return
@@ -140,7 +142,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
                 worker_id=worker_id,
                 lease_seconds=settings.lease_seconds,
                 max_attempts=settings.max_attempts,
-                max_batch=settings.batch_limit(engine.device.type),
+                max_batch=settings.batch_limit(engine.device.type, engine.memory.batch_limit),
                 faults=faults,
             )
         )

@@ -54,7 +54,11 @@ def worker_command(settings: Settings) -> list[str]:
         settings.max_batch,
         "--compile",
         settings.compile,
+        "--memory",
+        settings.memory,
     ]
+    if settings.gpu_memory:
+        argv += ["--gpu-memory", settings.gpu_memory]
     if settings.fp8:
         argv.append("--fp8")
     if settings.storage:
