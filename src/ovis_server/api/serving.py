@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import re
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -42,7 +41,7 @@ from ovis_server.api.protocol import (
 )
 from ovis_server.catalogue import CATALOGUE, OUTPUT_SCHEMA, ModelSpec, find_model
 from ovis_server.config import Settings
-from ovis_server.jobs.job import CancelOutcome, Job, JobStatus
+from ovis_server.jobs.job import Job, JobStatus
 from ovis_server.jobs.store import IdempotencyConflictError, JobStore, utcnow
 from ovis_server.storage.base import REQUEST_ID_PATTERN, FileStore
 
@@ -374,26 +373,12 @@ class RequestService:
         )
 
     def cancel(self, token_id: str, request_id: str) -> CancelResponse:
+        """Cancel a queued job at once; flag a running one for its worker and answer at
+        once with ``cancellation_requested`` (the client reads the final state from status:
+        waiting here would hold a server thread for up to a step)."""
         self.owned_job(token_id, request_id)
         answer = self.store.request_cancel(request_id)
         if answer is None:
             raise request_not_found(request_id)
         job, outcome = answer
-        if outcome is CancelOutcome.REQUESTED:
-            job, outcome = self._await_worker_stop(job)
         return CancelResponse(request_id=job.id, status=STATUS_WORDS[job.status], outcome=outcome)
-
-    def _await_worker_stop(self, job: Job) -> tuple[Job, CancelOutcome]:
-        """Give the worker a moment to stop at its next step, so the answer can be final."""
-        deadline = time.monotonic() + self.settings.cancel_wait_seconds
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            current = self.store.get(job.id)
-            if current is None:
-                break
-            job = current
-            if job.status == JobStatus.CANCELLED:
-                return job, CancelOutcome.CANCELLED
-            if job.status.is_final:
-                return job, CancelOutcome.NOT_CANCELLABLE
-        return job, CancelOutcome.REQUESTED
