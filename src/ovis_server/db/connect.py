@@ -31,6 +31,7 @@ def sqlite_url(data_dir: Path) -> str:
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+SQLITE_BUSY_MS = 2000
 
 
 def make_private_dir(path: Path) -> None:
@@ -69,7 +70,9 @@ def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # still crash-safe in WAL mode (a power cut may lose the last commits, not corrupt).
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    # A short wait per statement: the stores retry whole transactions (db/retry.py), so
+    # that a long lock ends in a 503 for a client rather than a 30 s hang.
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -80,7 +83,9 @@ def connect(url: str) -> Engine:
         database = make_url(url).database
         if database and database != ":memory:" and not database.startswith("file:"):
             _secure_sqlite(database)
-        engine = create_engine(url, connect_args={"timeout": 30}, pool_size=20, max_overflow=20)
+        engine = create_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_MS / 1000}, pool_size=20, max_overflow=20
+        )
         event.listen(engine, "connect", _tune_sqlite)
         return engine
     if url.startswith(("postgresql://", "postgres://")):
