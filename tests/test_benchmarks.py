@@ -59,3 +59,14 @@ def test_queue_benchmark_prints_its_table() -> None:
     )  # fmt: skip
     assert "| store | claims / s | submits / s | status p50 | status p99 |" in result.stdout
     assert "| SQLite (WAL) |" in result.stdout
+
+
+def test_cancel_load_benchmark_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/cancel_load.py", "--cancels", "10", "--rounds", "1",
+         "--pollers", "2", "--idle-seconds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert "| requests | count | p50 ms | p99 ms | max ms |" in lines
+    assert any(line.startswith("| cancel of a running job (token A) | 10 |") for line in lines)

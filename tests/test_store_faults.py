@@ -16,8 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server.db.connect import SQLITE_FILE
+from ovis_server.worker.runner import describe_failure
 
 from .helpers import (
     Server,
@@ -246,3 +249,13 @@ def test_an_unwritable_files_store_keeps_jobs_queued_until_it_is_fixed(
         missing = httpx.get(url)
         assert missing.status_code == 404
         assert missing.json()["error_code"] == 404001
+
+
+def test_a_database_error_never_puts_sql_in_a_job_error(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(SQLAlchemyError) as caught, engine.connect() as conn:
+        conn.execute(text("UPDATE jobs SET worker_id = :w"), {"w": "host:1:abc"})
+    error_type, message = describe_failure(caught.value)
+    assert error_type == "internal_error"
+    assert_no_internals(message, ["host:1:abc"])
+    assert "jobs" not in message

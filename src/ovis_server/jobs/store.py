@@ -475,6 +475,18 @@ class JobStore:
     @retried
     def request_cancel(self, request_id: str) -> tuple[Job, CancelOutcome] | None:
         """Cancel a queued job at once, or flag a running one for its worker; None if unknown."""
+        with self.engine.connect() as conn:
+            seen = conn.execute(select(jobs).where(jobs.c.id == request_id)).first()
+        if seen is None:
+            return None
+        current = _job(seen)
+        if current.status == JobStatus.RUNNING and current.cancel_requested:
+            # Already asked: a repeated cancel is a read, not another write to queue up.
+            return current, CancelOutcome.REQUESTED
+        if current.status.is_final:
+            if current.status == JobStatus.CANCELLED:
+                return current, CancelOutcome.CANCELLED
+            return current, CancelOutcome.NOT_CANCELLABLE
         now = utcnow()
         with self.engine.begin() as conn:
             row = conn.execute(
