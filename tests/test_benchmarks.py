@@ -107,3 +107,14 @@ def test_memory_benchmark_prints_its_tables() -> None:
     assert "| auto, --gpu-memory 24GiB | full |" in result.stdout  # on a CPU auto is full
     assert "| 24 GiB | full | 19.5 GiB | 2 |" in lines
     assert "| 8 GiB | group-offload-block | 2.6 GiB | 2 |" in lines
+
+
+def test_cancel_load_benchmark_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/cancel_load.py", "--cancels", "10", "--rounds", "1",
+         "--pollers", "2", "--idle-seconds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert "| requests | count | p50 ms | p99 ms | max ms |" in lines
+    assert any(line.startswith("| cancel of a running job (token A) | 10 |") for line in lines)

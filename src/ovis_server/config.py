@@ -100,7 +100,6 @@ class Settings:
     dtype: str = "auto"
     lease_seconds: float = 30.0
     max_attempts: int = 3
-    cancel_wait_seconds: float = 2.0
     max_queued: int = 10_000
     max_queued_per_token: int = 1_000
     rate_limit_per_minute: int = 600

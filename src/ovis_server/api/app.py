@@ -154,15 +154,20 @@ def create_app(settings: Settings) -> FastAPI:
                 workers_loading=0,
                 reason="the database does not answer",
             )
-        ready = sum(1 for worker in alive if worker.ready)
+        ready = sum(1 for worker in alive if worker.ready and worker.problem is None)
+        problems = sorted({worker.problem for worker in alive if worker.problem})
         if not ready:
             response.status_code = 503
+        reason = None
+        if not ready:
+            # The worker's own words ("the worker cannot write outputs: …") when it has one.
+            reason = "; ".join(problems) or "no worker with a loaded model is alive"
         return Readiness(
             status="ready" if ready else "not_ready",
             database="ok",
             workers_ready=ready,
-            workers_loading=len(alive) - ready,
-            reason=None if ready else "no worker with a loaded model is alive",
+            workers_loading=sum(1 for worker in alive if not worker.ready),
+            reason=reason,
         )
 
     @app.get(

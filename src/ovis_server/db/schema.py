@@ -173,6 +173,8 @@ workers = Table(
     Column("memory_bytes", BigInteger),
     Column("started_at", UtcDateTime, nullable=False),
     Column("heartbeat_at", UtcDateTime, nullable=False),
+    # Why an alive worker takes no jobs (its files store refuses writes); None when well.
+    Column("problem", String(500)),
 )
 
 # Secrets the whole deployment shares (the URL signing key), so that every API replica

@@ -64,7 +64,8 @@ def _beat(
     """Keep the worker's row fresh; end the process if its job stops making progress."""
     while not stop.wait(interval):
         try:
-            registry.heartbeat(worker_id, memory_bytes=memory_in_use())
+            problem = runner[0].output_problem if runner else None
+            registry.heartbeat(worker_id, memory_bytes=memory_in_use(), problem=problem)
         except Exception:
             logger.exception("heartbeat failed")
         if runner and runner[0].stalled_for() > stall_timeout:
@@ -77,6 +78,14 @@ def _beat(
             )
             logging.shutdown()
             os._exit(STALLED_EXIT_CODE)
+
+
+def _report_problem(registry: WorkerRegistry, worker_id: str, problem: str | None) -> None:
+    """Tell /readyz at once (the heartbeat repeats it) why this worker takes no jobs."""
+    try:
+        registry.heartbeat(worker_id, problem=problem)
+    except Exception:
+        logger.exception("could not report the worker's problem")
 
 
 def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
@@ -144,6 +153,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
                 max_attempts=settings.max_attempts,
                 max_batch=settings.batch_limit(engine.device.type, engine.memory.batch_limit),
                 faults=faults,
+                on_problem=lambda problem: _report_problem(registry, worker_id, problem),
             )
         )
         registry.heartbeat(worker_id, ready=True, memory_bytes=memory_in_use())
