@@ -77,3 +77,44 @@ def test_queue_benchmark_prints_its_table() -> None:
     )  # fmt: skip
     assert "| store | claims / s | submits / s | status p50 | status p99 |" in result.stdout
     assert "| SQLite (WAL) |" in result.stdout
+
+
+def test_metrics_benchmark_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/metrics.py", "--postgres-url", "", "--jobs", "2000",
+         "--recent", "50", "--queued", "10", "--scrapes", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("| store | finished jobs kept | finished last minute |")
+    assert lines[2].startswith("| SQLite | 2,000 | 50 |")
+
+
+def test_memory_benchmark_prints_its_tables() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/memory.py", "--weights", "tiny", "--size", "128x128",
+         "--steps", "2", "--repeats", "1", "--warmup", "0", "--caps", "24,8", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    start = lines.index(
+        "| profile | s / image | time vs full | peak GPU memory | planned peak | note |"
+    )
+    profiles = [line.split(" | ")[0] for line in lines[start + 2 : start + 7]]
+    assert profiles == ["| full", "| text-encoder-offload", "| 8bit", "| group-offload-block",
+                        "| group-offload-leaf"]  # fmt: skip
+    assert lines[start + 2].split(" | ")[2] == "1.00x"
+    assert "| auto, --gpu-memory 24GiB | full |" in result.stdout  # on a CPU auto is full
+    assert "| 24 GiB | full | 19.5 GiB | 2 |" in lines
+    assert "| 8 GiB | group-offload-block | 2.6 GiB | 2 |" in lines
+
+
+def test_cancel_load_benchmark_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/cancel_load.py", "--cancels", "10", "--rounds", "1",
+         "--pollers", "2", "--idle-seconds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert "| requests | count | p50 ms | p99 ms | max ms |" in lines
+    assert any(line.startswith("| cancel of a running job (token A) | 10 |") for line in lines)

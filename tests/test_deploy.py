@@ -87,3 +87,27 @@ def test_the_autoscaling_query_counts_the_queue(tmp_path: Path) -> None:
                 {"id": f"job-{seq}", "status": status},
             )
         assert conn.execute(text(query)).scalar_one() == 3
+
+
+def test_prometheus_sends_the_metrics_token() -> None:
+    """/metrics answers 401 without the metrics token: the ServiceMonitor sends it from the
+    Secret the API reads, and the documented scrape config sends one too."""
+    (monitor,) = documents(DEPLOY / "k8s" / "servicemonitor.yaml")
+    assert monitor["kind"] == "ServiceMonitor"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["authorization"]["type"] == "Bearer"
+    credentials = endpoint["authorization"]["credentials"]
+    (secret,) = documents(DEPLOY / "k8s" / "secret.yaml")
+    assert credentials["name"] == secret["metadata"]["name"]
+    assert credentials["key"] == "OVIS_SERVER_METRICS_TOKEN"
+    assert credentials["key"] in secret["stringData"]
+    (api_doc, service) = documents(DEPLOY / "k8s" / "api.yaml")
+    api = api_doc["spec"]["template"]["spec"]["containers"][0]
+    assert {"secretRef": {"name": secret["metadata"]["name"]}} in api["envFrom"]
+    assert monitor["spec"]["selector"]["matchLabels"] == service["metadata"]["labels"]
+    assert endpoint["port"] in [port["name"] for port in service["spec"]["ports"]]
+    (compose,) = documents(DEPLOY / "compose.yaml")
+    assert "OVIS_SERVER_METRICS_TOKEN" in compose["services"]["api"]["environment"]
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    assert "authorization:\n      type: Bearer\n      credentials_file:" in guide

@@ -200,3 +200,20 @@ def test_generate_command_rejects_bad_input_naming_the_field(tmp_path: Path) -> 
     assert result.returncode == 2
     assert "num_inference_steps" in result.stderr
     assert not (tmp_path / "models").exists()  # rejected before any model work
+
+
+def test_prompt_warnings_name_what_the_model_cut(engine: Engine) -> None:
+    """The pipeline cuts a prompt's message to 256 text tokens; the tiny tokenizer makes a
+    token of every byte, so 300 characters are beyond it and 20 are not."""
+
+    def request(prompt: str, negative: str = "", guidance: float = 5.0) -> GenerationRequest:
+        return GenerationRequest(prompt, negative, 64, 64, 1, guidance, 0)
+
+    assert engine.prompt_warnings(request("a shop sign that reads OVIS")) == []
+    (cut,) = engine.prompt_warnings(request("x" * 300))
+    assert cut.startswith("prompt truncated: the model reads 256 text tokens")
+    assert "about 300 tokens" in cut
+    (negative,) = engine.prompt_warnings(request("short", negative="y" * 300))
+    assert negative.startswith("negative_prompt truncated")
+    # Without guidance the negative prompt is not read at all: nothing to say.
+    assert engine.prompt_warnings(request("short", negative="y" * 300, guidance=1.0)) == []

@@ -1,7 +1,11 @@
-"""Operations: /metrics, the request listing the gallery uses, progress in status."""
+"""Operations: /metrics, /healthz, the request listing the gallery uses, progress and
+warnings in status."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,20 +13,26 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ovis_server.db.connect import SQLITE_FILE
+
 from .helpers import Server, create_token, start_server, status_of, submit, wait_for, wait_result
 
 FAST = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
+METRICS_TOKEN = "prometheus-" + "0123456789abcdef" * 2
+SCRAPER = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("ops"), tiny_weights)
+    running = start_server(
+        tmp_path_factory.mktemp("ops"), tiny_weights, "--metrics-token", METRICS_TOKEN
+    )
     yield running
     running.stop()
 
 
 def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = httpx.get(server.base_url + "/metrics")
+    response = httpx.get(server.base_url + "/metrics", headers=SCRAPER)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = {}
@@ -100,3 +110,84 @@ def test_status_reports_progress_while_running(server: Server) -> None:
         wait_for(finished, interval=0.05)
         assert len(set(seen)) >= 3
         assert seen == sorted(seen)
+
+
+def test_metrics_are_closed_to_anyone_without_the_metrics_token(server: Server) -> None:
+    api_token = create_token(server.data_dir, "not-a-scraper")
+    for headers in ({}, {"Authorization": f"Bearer {api_token}"}, {"Authorization": "Bearer x"}):
+        response = httpx.get(server.base_url + "/metrics", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error_code"] == 400004
+        assert "ovis_webhook" not in response.text
+    assert httpx.get(server.base_url + "/metrics", headers=SCRAPER).status_code == 200
+
+
+def test_a_prompt_longer_than_the_model_reads_completes_with_a_warning(server: Server) -> None:
+    # The tiny checkpoint's tokenizer makes a token of every byte, and the pipeline reads
+    # 256 text tokens after the template's opening: 2,000 characters are far beyond that.
+    long_prompt = "a shop sign that reads OVIS, " * 70
+    with server.client(create_token(server.data_dir, "long-prompt")) as client:
+        long_id = submit(client, prompt=long_prompt, **FAST)
+        short_id = submit(client, **FAST)
+        long_result = wait_result(client, long_id)
+        short_result = wait_result(client, short_id)
+        long_status = status_of(client, long_id)
+        short_status = status_of(client, short_id)
+    assert long_result["status"] == "succeeded"
+    assert long_result["output"]["image"]
+    (warning,) = long_result["warnings"]
+    assert warning.startswith("prompt truncated: the model reads 256 text tokens")
+    assert long_status["status"] == "completed"
+    assert long_status["warnings"] == [warning]
+    assert short_result["status"] == "succeeded"
+    assert "warnings" not in short_result
+    assert "warnings" not in short_status
+
+
+def test_healthz_answers_on_the_event_loop_while_the_database_is_locked(
+    tmp_path: Path, tiny_weights: Path
+) -> None:
+    """Submits that wait for a locked database fill the API's thread pool; /healthz still
+    answers at once, because it needs neither (it waited behind them when it did)."""
+    server = start_server(tmp_path, tiny_weights, "--no-worker")
+    token = create_token(tmp_path, "blocked")
+    lock = sqlite3.connect(tmp_path / SQLITE_FILE, timeout=30, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # no other writer until this ends
+
+        async def scenario() -> tuple[float, int]:
+            async with httpx.AsyncClient(
+                base_url=server.base_url,
+                headers={"Authorization": f"Bearer {token}"},
+                limits=httpx.Limits(max_connections=200),
+                timeout=120,
+            ) as client:
+                body = {"prompt": "waits for the lock", **FAST}
+                submits = [
+                    asyncio.create_task(client.post("/v1/models/aidc-ai/ovis-image", json=body))
+                    for _ in range(120)
+                ]
+                try:
+                    await asyncio.sleep(2)  # they reach the server and wait on the lock
+                    started = time.monotonic()
+                    try:
+                        health = await client.get("/healthz", timeout=20)
+                        assert health.status_code == 200
+                        assert health.json() == {"status": "ok"}
+                        took = time.monotonic() - started
+                    except httpx.TimeoutException:
+                        took = float("inf")
+                    pending = sum(1 for task in submits if not task.done())
+                finally:
+                    lock.execute("ROLLBACK")
+                    await asyncio.gather(*submits, return_exceptions=True)
+                return took, pending
+
+        took, pending = asyncio.run(scenario())
+        assert pending > 40, "the submits should still wait for the lock"
+        assert took < 5, f"/healthz took {took:.1f}s behind the busy thread pool"
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+        server.stop()

@@ -150,7 +150,9 @@ class OvisImageInput(BaseModel):
         min_length=1,
         max_length=MAX_PROMPT_CHARS,
         title="Prompt",
-        description="What the image shows. Ovis-Image is strong at rendering text in images.",
+        description="What the image shows. Ovis-Image is strong at rendering text in images. "
+        "The model reads 256 text tokens (roughly 180 English words); a longer prompt is "
+        "accepted, its end is cut, and the status and result say so in `warnings`.",
         json_schema_extra={"default": EXAMPLE_PROMPT},
     )
     negative_prompt: str = Field(

@@ -13,10 +13,10 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import platformdirs
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -89,6 +89,39 @@ def parse_schedule(text: str) -> tuple[float, ...]:
     if delays[0] != 0:
         raise ValueError("the first attempt is sent at once: start the schedule with 0")
     return delays
+
+
+_SIZE_UNITS = {"": 1 << 30, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "m": 1 << 20, "mib": 1 << 20,
+               "mb": 10**6}  # fmt: skip
+
+
+def parse_memory_size(text: str) -> float:
+    """``--gpu-memory``: a size (``24GiB``, ``24G`` or ``24`` are GiB; ``24GB`` is 10^9
+    bytes; ``MiB``, ``MB``) in bytes, or a fraction of the GPU's memory (``0.5``)."""
+    cleaned = text.strip().lower().replace(" ", "")
+    number = cleaned.rstrip("gimb")
+    unit = cleaned[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if unit not in _SIZE_UNITS or not value > 0:
+        raise ValueError(
+            f"{text!r} is not a memory size such as 24GiB, 16GB, 12000MiB or a fraction "
+            "of the GPU's memory such as 0.5"
+        )
+    if not unit and value <= 1:
+        return value
+    return value * _SIZE_UNITS[unit]
+
+
+# ``--memory``: auto, or a profile of ovis_server.engine.memory (kept here free of torch).
+MemoryChoice = Literal[
+    "auto", "full", "text-encoder-offload", "8bit", "group-offload-block", "group-offload-leaf"
+]
+MEMORY_CHOICES: tuple[str, ...] = get_args(MemoryChoice)
+# /metrics tokens are long random strings.
+MIN_METRICS_TOKEN = 16
 
 
 def default_data_dir() -> Path:
@@ -217,6 +250,17 @@ class Settings(BaseSettings):
         description="Send webhooks to loopback, private and link-local addresses too (receivers "
         "on your internal network); by default only public addresses are reached.",
     )
+    metrics_token: Annotated[str | None, Cli(SERVE)] = Field(
+        None,
+        repr=False,
+        description="Bearer token Prometheus sends to read /metrics (at least 16 characters). "
+        "Without it /metrics answers 401, unless --metrics-public.",
+    )
+    metrics_public: Annotated[bool, Cli(SERVE)] = Field(
+        False,
+        description="Serve /metrics to anyone, without a token. Only where nobody else can "
+        "connect.",
+    )
     log_level: Annotated[Literal["debug", "info", "warning", "error"], Cli(WORKER)] = "info"
     model: Annotated[str, Cli(MODEL)] = Field(
         OVIS_IMAGE.default_weights,
@@ -238,6 +282,18 @@ class Settings(BaseSettings):
         description="FP8 matmuls in the transformer (torchao, Hopper-class GPUs). "
         "Changes numerics.",
     )
+    memory: Annotated[MemoryChoice, Cli(MODEL)] = Field(
+        "auto",
+        description="How much of the model stays on the GPU, from fastest to smallest: full, "
+        "text-encoder-offload, 8bit (torchao; changes numerics), group-offload-block, "
+        "group-offload-leaf. auto: the fastest that keeps the image and fits.",
+    )
+    gpu_memory: Annotated[str | None, Cli(MODEL, metavar="SIZE")] = Field(
+        None,
+        description="GPU memory the worker may plan with and use (24GiB, 16GB, or a fraction "
+        "such as 0.5); the allocator is capped to it, so a large GPU can stand in for a small "
+        "one. Default: what is free.",
+    )
     lease_seconds: Annotated[float, Cli(WORKER)] = Field(
         30.0,
         ge=0.5,
@@ -257,7 +313,7 @@ class Settings(BaseSettings):
     max_batch: Annotated[str, Cli(WORKER, metavar="AUTO|N")] = Field(
         "auto",
         description="Queued jobs of one size, steps and guidance that a worker runs in one "
-        "call; auto: 4 on CUDA, 1 elsewhere.",
+        "call; auto: 4 on CUDA (fewer if the memory plan has no room), 1 elsewhere.",
     )
     storage: Annotated[str | None, Cli(WORKER)] = Field(
         None,
@@ -277,8 +333,7 @@ class Settings(BaseSettings):
         default_factory=default_data_dir,
         description="Where the job database, output files and built checkpoints live.",
     )
-    # Not options: tuned by tests and benchmarks that build Settings themselves.
-    cancel_wait_seconds: float = 2.0
+    # Not an option: tuned by tests and benchmarks that build Settings themselves.
     heartbeat_seconds: float = 5.0
 
     @classmethod
@@ -324,6 +379,30 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is neither 'auto' nor a whole number from 1")
         return text
 
+    @field_validator("gpu_memory")
+    @classmethod
+    def _memory_size(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parse_memory_size(value)
+        return value.strip()
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _long_token(cls, value: str | None) -> str | None:
+        if value is not None and len(value.strip()) < MIN_METRICS_TOKEN:
+            raise ValueError(
+                f"use a long random string (at least {MIN_METRICS_TOKEN} characters), "
+                "e.g. from 'openssl rand -hex 32'"
+            )
+        return None if value is None else value.strip()
+
+    @model_validator(mode="after")
+    def _one_way_to_metrics(self) -> Settings:
+        if self.metrics_token and self.metrics_public:
+            raise ValueError("give --metrics-token or --metrics-public, not both")
+        return self
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -334,16 +413,23 @@ class Settings(BaseSettings):
     def _no_trailing_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else None
 
-    def batch_limit(self, device_type: str) -> int:
+    def batch_limit(self, device_type: str, planned: int | None = None) -> int:
         """``--max-batch``: auto batches up to 4 on CUDA, where it pays, and 1 elsewhere,
-        where a batch of 1 keeps the same seed giving bit-identical pixels."""
+        where a batch of 1 keeps the same seed giving bit-identical pixels; on CUDA no
+        more than the memory plan found room for (``planned``)."""
         if self.max_batch == "auto":
-            return 4 if device_type == "cuda" else 1
+            default = 4 if device_type == "cuda" else 1
+            return default if planned is None else max(1, min(default, planned))
         return int(self.max_batch)
 
     @property
     def auth(self) -> bool:
         return not self.no_auth
+
+    @property
+    def gpu_memory_bytes(self) -> float | None:
+        """``--gpu-memory`` as bytes, or as a fraction of the GPU's memory when at most 1."""
+        return None if self.gpu_memory is None else parse_memory_size(self.gpu_memory)
 
     @property
     def webhook_schedule(self) -> tuple[float, ...]:

@@ -12,6 +12,7 @@ from sqlalchemy import Engine, RowMapping, func, insert, or_, select, update
 
 from ovis_server.client.webhooks import SECRET_PREFIX as WEBHOOK_SECRET_PREFIX
 from ovis_server.db.keys import shared_secret
+from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import tokens
 
 SECRET_PREFIX = "ovis_"
@@ -62,9 +63,11 @@ _COLUMNS = (tokens.c.id, tokens.c.name, tokens.c.hint, tokens.c.created_at, toke
 
 
 class TokenStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
         self.engine = engine
+        self.retry_seconds = retry_seconds
 
+    @retried
     def create(self, name: str) -> tuple[TokenInfo, str]:
         """A new token and its secret; the secret is shown now and never again."""
         name = name.strip()
@@ -86,15 +89,18 @@ class TokenStore:
         with self.engine.begin() as conn:
             return _info(conn.execute(stmt).mappings().one()), secret
 
+    @retried
     def list(self) -> list[TokenInfo]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(*_COLUMNS).order_by(tokens.c.created_at)).mappings().all()
         return [_info(row) for row in rows]
 
+    @retried
     def count(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(tokens)).scalar_one())
 
+    @retried
     def find(self, id_or_name: str) -> TokenInfo:
         """The token with this id, or the one active token with this name (or, if none is
         active, a revoked one); TokenError if there is none or the name is ambiguous."""
@@ -135,6 +141,7 @@ class TokenStore:
         so tokens older than webhooks have one too)."""
         return shared_secret(self.engine, f"webhook:{token_id}", new_webhook_secret)
 
+    @retried
     def authenticate(self, secret: str) -> TokenInfo | None:
         """The active token whose secret this is, or None."""
         stmt = select(*_COLUMNS).where(

@@ -9,7 +9,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse
 from fastapi.staticfiles import StaticFiles
@@ -18,8 +18,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server import __version__
 from ovis_server.api import files, openai_images, playground, routes
+from ovis_server.api.auth import authorize_metrics
 from ovis_server.api.errors import install_error_handlers
-from ovis_server.api.metrics import CONTENT_TYPE, render_metrics
+from ovis_server.api.metrics import Metrics, OvisCollector
 from ovis_server.api.protocol import Health, Readiness
 from ovis_server.api.security import SecurityHeadersMiddleware
 from ovis_server.api.serving import RequestService
@@ -30,6 +31,7 @@ from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.deadlines import DeadlineSweeper
 from ovis_server.jobs.deliveries import DeliveryStore
 from ovis_server.jobs.retention import RetentionSweeper
+from ovis_server.jobs.stats import StatsReader
 from ovis_server.jobs.store import JobStore
 from ovis_server.jobs.workers import WorkerRegistry
 from ovis_server.storage import open_file_store
@@ -121,9 +123,14 @@ def create_app(settings: Settings) -> FastAPI:
     # A worker counts as alive while its last heartbeat is this recent.
     alive_within = 3 * settings.heartbeat_seconds + 5
 
+    exposition = Metrics(
+        OvisCollector(StatsReader(db), registry, alive_within, lambda: hub.open_streams)
+    )
+
     @app.get("/healthz", tags=["Operations"])
-    def healthz() -> Health:
-        """The API process is up."""
+    async def healthz() -> Health:
+        """The API process is up: answered on the event loop, without the database, so a
+        busy thread pool or a locked database does not make it look dead."""
         return Health()
 
     @app.get(
@@ -147,24 +154,41 @@ def create_app(settings: Settings) -> FastAPI:
                 workers_loading=0,
                 reason="the database does not answer",
             )
-        ready = sum(1 for worker in alive if worker.ready)
+        ready = sum(1 for worker in alive if worker.ready and worker.problem is None)
+        problems = sorted({worker.problem for worker in alive if worker.problem})
         if not ready:
             response.status_code = 503
+        reason = None
+        if not ready:
+            # The worker's own words ("the worker cannot write outputs: …") when it has one.
+            reason = "; ".join(problems) or "no worker with a loaded model is alive"
         return Readiness(
             status="ready" if ready else "not_ready",
             database="ok",
             workers_ready=ready,
-            workers_loading=len(alive) - ready,
-            reason=None if ready else "no worker with a loaded model is alive",
+            workers_loading=sum(1 for worker in alive if not worker.ready),
+            reason=reason,
         )
 
-    @app.get("/metrics", tags=["Operations"], response_class=PlainTextResponse)
-    def metrics() -> PlainTextResponse:
-        """Queue, job, timing and worker metrics in Prometheus' text format."""
-        return PlainTextResponse(
-            render_metrics(store, registry, alive_within, deliveries.counts(), hub.open_streams),
-            media_type=CONTENT_TYPE,
-        )
+    @app.get(
+        "/metrics",
+        tags=["Operations"],
+        response_class=PlainTextResponse,
+        dependencies=[Depends(authorize_metrics)],
+        responses={
+            401: {
+                "description": "No metrics token, or not it",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                },
+            }
+        },
+    )
+    def metrics(request: Request) -> Response:
+        """Queue, job, timing and worker metrics in Prometheus' text format (with
+        ``Authorization: Bearer <metrics token>``)."""
+        body, content_type = exposition.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     app.include_router(playground.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -183,7 +207,7 @@ def create_app(settings: Settings) -> FastAPI:
                 "bearer": {"type": "http", "scheme": "bearer"}
             }
             for path, operations in schema["paths"].items():
-                if path.startswith("/v1/"):
+                if path.startswith("/v1/") or path == "/metrics":
                     for operation in operations.values():
                         operation["security"] = [{"bearer": []}]
             app.openapi_schema = schema

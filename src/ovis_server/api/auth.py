@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -33,3 +34,25 @@ def authenticate(request: Request) -> Caller:
     if token is None:
         raise unauthorized("unknown or revoked token: create one with 'ovis-server token create'")
     return Caller(token_id=token.id)
+
+
+def authorize_metrics(request: Request) -> None:
+    """Let a scraper with the metrics token read /metrics (a FastAPI dependency).
+
+    API tokens do not open it: the figures are the whole deployment's. Without a metrics
+    token it stays closed unless the operator made it public (``--metrics-public``).
+    """
+    settings = request.app.state.settings
+    if settings.metrics_public:
+        return
+    expected: str | None = settings.metrics_token
+    if not expected:
+        raise unauthorized(
+            "/metrics is closed: start the server with --metrics-token (and send it as "
+            "'Authorization: Bearer <metrics token>') or with --metrics-public"
+        )
+    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        secret.strip().encode(), expected.encode()
+    ):
+        raise unauthorized("send the metrics token: 'Authorization: Bearer <metrics token>'")

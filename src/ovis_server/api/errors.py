@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ovis_server.api.protocol import ErrorBody
@@ -23,6 +24,9 @@ REQUEST_NOT_FOUND = 404001
 MODEL_NOT_FOUND = 400001
 INVALID_INPUT = 422001
 TOO_MANY = 429001
+STORE_UNAVAILABLE = 503001
+# A locked database or a PostgreSQL failover is usually over within seconds.
+STORE_RETRY_AFTER_SECONDS = 5
 
 
 class ApiError(Exception):
@@ -49,6 +53,18 @@ def unauthorized(message: str) -> ApiError:
 
 def too_many(message: str, retry_after: int) -> ApiError:
     return ApiError(429, TOO_MANY, message, headers={"Retry-After": str(max(1, retry_after))})
+
+
+def store_unavailable() -> ApiError:
+    """503 for a database that stayed locked or unreachable through the store's retries:
+    the same generic words whatever the error, never its SQL, parameters or ids."""
+    return ApiError(
+        503,
+        STORE_UNAVAILABLE,
+        "the job store is briefly unavailable (its database is locked or unreachable); "
+        "retry after the Retry-After seconds",
+        headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)},
+    )
 
 
 def request_not_found(request_id: str) -> ApiError:
@@ -103,6 +119,13 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return error_response(ApiError(exc.status_code, code, message, headers=exc.headers))
 
+    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
+        # The error's text carries the SQL and its parameters (secrets among them): the
+        # log gets the driver's own words, the client generic ones.
+        cause = getattr(exc, "orig", None) or exc.__class__.__name__
+        logger.warning("database error on %s %s: %s", request.method, request.url.path, cause)
+        return error_response(store_unavailable())
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(ApiError(500, 500000, "internal server error; see the server log"))
@@ -110,4 +133,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(SQLAlchemyError, on_database_error)
     app.add_exception_handler(Exception, on_unexpected)

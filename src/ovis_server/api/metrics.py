@@ -1,117 +1,254 @@
-"""/metrics in Prometheus' text format, computed from the shared database.
+"""/metrics: a prometheus-client collector over aggregates, never a scan of the jobs.
 
-Every API replica reads the same rows, so every replica reports the same figures. Counts
-and histograms cover the jobs still kept (``--retention``): when the sweep removes old jobs
-they drop, which Prometheus reads as a counter reset.
+Gauges (queue depth, jobs running, pending webhook messages, workers) are read on each
+scrape through indexes that touch only those rows. Counters and histograms are kept in
+this process: each scrape adds the jobs (and webhook messages) that finished since the
+one before, read through the ``finished_at`` index, so a scrape costs the same whether
+retention keeps a thousand finished jobs or a million.
+
+They count the finished jobs of the whole deployment (the shared database), from this
+process's start: retention deleting old jobs does not lower them, a restart starts them
+at zero (Prometheus reads that as a counter reset), and every API replica counts the
+same jobs, so aggregate replicas with ``max``, not ``sum``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Generic, Protocol, TypeVar
 
-from ovis_server.jobs.job import JobStatus
-from ovis_server.jobs.store import JobStore
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+from sqlalchemy import Connection
+
+from ovis_server.jobs.job import DeliveryState, JobStatus
+from ovis_server.jobs.stats import FinishedJob, StatsReader
 from ovis_server.jobs.workers import WorkerRegistry
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 RUN_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
+FINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+# Each scrape reads again the rows that finished this long before the previous scrape (and
+# skips those it has counted), so that a row whose commit landed late, or whose worker's
+# clock runs a little behind, is still counted once. It is also the images-per-minute
+# window.
+OVERLAP = timedelta(seconds=60)
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
-def _histogram(
-    name: str, help_text: str, values: Sequence[float], buckets: Iterable[float]
-) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-    for bound in buckets:
-        count = sum(1 for value in values if value <= bound)
-        lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
-    lines.append(f'{name}_bucket{{le="+Inf"}} {len(values)}')
-    lines.append(f"{name}_sum {sum(values)}")
-    lines.append(f"{name}_count {len(values)}")
-    return lines
+class _Finished(Protocol):
+    @property
+    def key(self) -> Hashable: ...
+
+    @property
+    def finished_at(self) -> datetime: ...
 
 
-def render_metrics(
-    store: JobStore,
-    workers: WorkerRegistry,
-    alive_within: float,
-    webhooks: dict[str, int],
-    open_streams: int,
-) -> str:
-    """The metrics; ``webhooks`` counts messages by state, ``open_streams`` is this
-    process's own."""
-    counts = store.status_counts()
-    timings = store.timings()
-    now = datetime.now(UTC)
-    waits = [
-        (started - created).total_seconds() for _, created, started, _, _ in timings if started
-    ]
-    runs: list[float] = []
-    steps: list[float] = []
-    recent = 0
-    for status, _, started, finished, total in timings:
-        if status != JobStatus.SUCCEEDED or started is None or finished is None:
-            continue
-        seconds = (finished - started).total_seconds()
-        runs.append(seconds)
-        steps.append(seconds / max(total, 1))
-        recent += finished >= now - timedelta(minutes=1)
-    alive = workers.alive(alive_within)
+KeyT = TypeVar("KeyT", bound=Hashable)
+RowT = TypeVar("RowT", bound=_Finished)
 
-    lines = [
-        "# HELP ovis_queue_depth Jobs waiting in the queue.",
-        "# TYPE ovis_queue_depth gauge",
-        f"ovis_queue_depth {counts[JobStatus.QUEUED]}",
-        "# HELP ovis_jobs_running Jobs a worker is running now.",
-        "# TYPE ovis_jobs_running gauge",
-        f"ovis_jobs_running {counts[JobStatus.RUNNING]}",
-        "# HELP ovis_jobs_finished_total Jobs that reached a final state, by state.",
-        "# TYPE ovis_jobs_finished_total counter",
-    ]
-    for status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
-        lines.append(f'ovis_jobs_finished_total{{status="{status.value}"}} {counts[status]}')
-    lines += _histogram(
-        "ovis_queue_wait_seconds", "Time from submit to a worker starting the job.",
-        waits, WAIT_BUCKETS,
-    )  # fmt: skip
-    lines += _histogram(
-        "ovis_run_seconds", "Time a worker took for a job that succeeded.", runs, RUN_BUCKETS
-    )
-    lines += _histogram(
-        "ovis_step_seconds",
-        "Run time per denoising step of jobs that succeeded (decode included).",
-        steps,
-        STEP_BUCKETS,
-    )
-    lines += [
-        "# HELP ovis_images_per_minute Images finished in the last minute.",
-        "# TYPE ovis_images_per_minute gauge",
-        f"ovis_images_per_minute {recent}",
-        "# HELP ovis_workers Workers alive, by state.",
-        "# TYPE ovis_workers gauge",
-        f'ovis_workers{{state="ready"}} {sum(1 for w in alive if w.ready)}',
-        f'ovis_workers{{state="loading"}} {sum(1 for w in alive if not w.ready)}',
-        "# HELP ovis_device_memory_bytes Device memory a worker uses (CUDA allocations; "
-        "resident memory on a CPU).",
-        "# TYPE ovis_device_memory_bytes gauge",
-    ]
-    for worker in alive:
-        if worker.memory_bytes is not None:
-            labels = f'worker="{_label(worker.id)}",device="{_label(worker.device)}"'
-            lines.append(f"ovis_device_memory_bytes{{{labels}}} {worker.memory_bytes}")
-    lines += [
-        "# HELP ovis_webhook_messages Webhook messages kept, by state (pending: not yet "
-        "taken by the receiver, failed: out of retries).",
-        "# TYPE ovis_webhook_messages gauge",
-        *(f'ovis_webhook_messages{{state="{state}"}} {n}' for state, n in webhooks.items()),
-        "# HELP ovis_status_streams_open Status streams open on this API process.",
-        "# TYPE ovis_status_streams_open gauge",
-        f"ovis_status_streams_open {open_streams}",
-    ]
-    return "\n".join(lines) + "\n"
+
+class Watermark(Generic[KeyT, RowT]):
+    """Hands out once each row that finished after ``start``, reading few rows a time.
+
+    ``keys(since)`` lists the rows that finished after ``since`` from an index alone;
+    ``rows(keys)`` reads those rows. A scrape lists again the rows within ``OVERLAP`` of
+    the one before, and reads only those whose key it has not seen.
+    """
+
+    def __init__(
+        self,
+        keys: Callable[[Connection, datetime], Sequence[KeyT]],
+        rows: Callable[[Connection, Sequence[KeyT]], Sequence[RowT]],
+        start: datetime,
+    ) -> None:
+        self._keys = keys
+        self._rows = rows
+        self._floor = start
+        self._last: datetime | None = None
+        self.recent: dict[Hashable, RowT] = {}
+
+    def new_rows(self, conn: Connection, now: datetime) -> list[RowT]:
+        since = self._floor if self._last is None else max(self._floor, self._last - OVERLAP)
+        unseen = [key for key in self._keys(conn, since) if key not in self.recent]
+        fresh = list(self._rows(conn, unseen)) if unseen else []
+        for row in fresh:
+            self.recent[row.key] = row
+        # The next scrape lists from now - OVERLAP: older rows will not come back.
+        cutoff = now - OVERLAP
+        self.recent = {k: v for k, v in self.recent.items() if v.finished_at > cutoff}
+        self._last = now
+        return fresh
+
+
+@dataclass
+class Histogram:
+    bounds: tuple[float, ...]
+    counts: list[int] = field(init=False)  # per bucket (+Inf last), not cumulative
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        index = next((i for i, bound in enumerate(self.bounds) if value <= bound), -1)
+        self.counts[index] += 1
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative, running = [], 0
+        bounds = (*map(floatToGoString, self.bounds), "+Inf")
+        for bound, count in zip(bounds, self.counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
+
+
+class OvisCollector(Collector):
+    """The server's metrics, from aggregates kept here and index reads."""
+
+    def __init__(
+        self,
+        stats: StatsReader,
+        workers: WorkerRegistry,
+        alive_within: float,
+        open_streams: Callable[[], int],
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.stats = stats
+        self.workers = workers
+        self.alive_within = alive_within
+        self.open_streams = open_streams
+        self.now = now
+        started = now()
+        self._jobs = Watermark(stats.jobs_finished_after, stats.finished_jobs, started)
+        self._messages = Watermark(stats.messages_finished_after, stats.finished_messages, started)
+        self._lock = threading.Lock()
+        self.finished = dict.fromkeys(FINAL, 0)
+        self.messages = dict.fromkeys((DeliveryState.DELIVERED, DeliveryState.FAILED), 0)
+        self.wait = Histogram(WAIT_BUCKETS)
+        self.run = Histogram(RUN_BUCKETS)
+        self.step = Histogram(STEP_BUCKETS)
+
+    def _add(self, job: FinishedJob) -> None:
+        self.finished[job.status] += 1
+        if job.started_at is None:
+            return
+        self.wait.observe((job.started_at - job.created_at).total_seconds())
+        if job.status == JobStatus.SUCCEEDED:
+            seconds = (job.finished_at - job.started_at).total_seconds()
+            self.run.observe(seconds)
+            self.step.observe(seconds / max(job.steps, 1))
+
+    def catch_up(self, conn: Connection) -> int:
+        """Add what finished since the last scrape; returns images of the last minute."""
+        now = self.now()
+        for job in self._jobs.new_rows(conn, now):
+            self._add(job)
+        for message in self._messages.new_rows(conn, now):
+            if message.state in self.messages:
+                self.messages[message.state] += 1
+        minute_ago = now - timedelta(minutes=1)
+        return sum(
+            1
+            for job in self._jobs.recent.values()
+            if job.status == JobStatus.SUCCEEDED and job.finished_at >= minute_ago
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            families = list(self._families())
+        yield from families
+
+    def _families(self) -> Iterator[Metric]:
+        with self.stats.engine.connect() as conn:
+            recent = self.catch_up(conn)
+            unfinished = self.stats.unfinished_counts(conn)
+            pending = self.stats.pending_messages(conn)
+        alive = self.workers.alive(self.alive_within)
+        yield GaugeMetricFamily(
+            "ovis_queue_depth", "Jobs waiting in the queue.", unfinished[JobStatus.QUEUED]
+        )
+        yield GaugeMetricFamily(
+            "ovis_jobs_running", "Jobs a worker is running now.", unfinished[JobStatus.RUNNING]
+        )
+        finished = CounterMetricFamily(
+            "ovis_jobs_finished",
+            "Jobs that reached a final state since this process started, by state.",
+            labels=["status"],
+        )
+        for status, count in self.finished.items():
+            finished.add_metric([status.value], count)
+        yield finished
+        yield self.wait.family(
+            "ovis_queue_wait_seconds", "Time from submit to a worker starting the job."
+        )
+        yield self.run.family("ovis_run_seconds", "Time a worker took for a job that succeeded.")
+        yield self.step.family(
+            "ovis_step_seconds",
+            "Run time per denoising step of jobs that succeeded (decode included).",
+        )
+        yield GaugeMetricFamily(
+            "ovis_images_per_minute", "Images finished in the last minute.", recent
+        )
+        workers = GaugeMetricFamily("ovis_workers", "Workers alive, by state.", labels=["state"])
+        workers.add_metric(["ready"], sum(1 for w in alive if w.ready))
+        workers.add_metric(["loading"], sum(1 for w in alive if not w.ready))
+        yield workers
+        memory = GaugeMetricFamily(
+            "ovis_device_memory_bytes",
+            "Device memory a worker uses (CUDA allocations; resident memory on a CPU).",
+            labels=["worker", "device"],
+        )
+        for worker in alive:
+            if worker.memory_bytes is not None:
+                memory.add_metric([worker.id, worker.device], worker.memory_bytes)
+        yield memory
+        yield GaugeMetricFamily(
+            "ovis_webhook_messages_pending",
+            "Webhook messages not yet taken by their receiver.",
+            pending,
+        )
+        messages = CounterMetricFamily(
+            "ovis_webhook_messages_finished",
+            "Webhook messages that ended since this process started: delivered, or "
+            "failed (out of retries).",
+            labels=["state"],
+        )
+        for state, count in self.messages.items():
+            messages.add_metric([state.value], count)
+        yield messages
+        yield GaugeMetricFamily(
+            "ovis_status_streams_open",
+            "Status streams open on this API process.",
+            self.open_streams(),
+        )
+
+
+class Metrics:
+    """The registry /metrics renders, with its one collector."""
+
+    def __init__(self, collector: OvisCollector) -> None:
+        self.collector = collector
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition in the format ``accept`` asks for, and its content type."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

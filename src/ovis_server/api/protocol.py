@@ -68,6 +68,11 @@ class StatusResponse(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     logs: list[LogLine] | None = Field(default=None, description="With ?logs=1.")
+    warnings: list[str] | None = Field(
+        default=None,
+        description="Notes that are not errors, e.g. that the prompt was longer than the "
+        "model reads and was cut.",
+    )
 
 
 class JobError(BaseModel):
@@ -88,6 +93,11 @@ class ResultResponse(BaseModel):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
+    warnings: list[str] | None = Field(
+        default=None,
+        description="Notes that are not errors, e.g. that the prompt was longer than the "
+        "model reads and was cut.",
+    )
 
 
 class RequestList(BaseModel):

@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import re
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -52,8 +51,14 @@ from ovis_server.catalogue import (
     search_catalogue,
 )
 from ovis_server.config import Settings
-from ovis_server.jobs.job import CancelOutcome, Job, JobStatus
-from ovis_server.jobs.store import IdempotencyConflictError, JobStore, utcnow
+from ovis_server.jobs.job import Job, JobStatus
+from ovis_server.jobs.store import (
+    IdempotencyConflictError,
+    JobStore,
+    LimitExceededError,
+    SubmitLimits,
+    utcnow,
+)
 from ovis_server.storage.base import REQUEST_ID_PATTERN, FileStore
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
@@ -283,7 +288,6 @@ class RequestService:
                 twin = self.store.idempotent_twin(token_id, idempotency_key, request_hash)
                 if twin is not None:
                     return SubmitResponse(request_id=twin.id, **self._urls(base_url, twin.id))
-            self._check_limits(token_id)
             job = self.store.submit(
                 request_id=str(uuid.uuid4()),
                 token_id=token_id,
@@ -298,7 +302,10 @@ class RequestService:
                 webhook_intermediate=bool(webhook.intermediate),
                 base_url=base_url,
                 deadline=None if lifetime is None else utcnow() + lifetime,
+                limits=self._limits(),
             )
+        except LimitExceededError as exc:
+            raise self._refusal(exc) from None
         except IdempotencyConflictError as exc:
             raise ApiError(
                 422,
@@ -308,34 +315,32 @@ class RequestService:
             ) from None
         return SubmitResponse(request_id=job.id, **self._urls(base_url, job.id))
 
-    def _check_limits(self, token_id: str) -> None:
-        """Backpressure: 429 with Retry-After when the queue or this token is over its limit."""
+    def _limits(self) -> SubmitLimits:
         settings = self.settings
-        if settings.rate_limit_per_minute > 0:
-            window = timedelta(minutes=1)
-            count, first = self.store.submissions_since(token_id, utcnow() - window)
-            if count >= settings.rate_limit_per_minute and first is not None:
-                wait = (first + window - utcnow()).total_seconds()
-                raise too_many(
-                    f"rate limit: this token may submit {settings.rate_limit_per_minute} "
-                    "requests a minute; retry after the Retry-After seconds",
-                    math.ceil(wait),
-                )
-        if settings.max_queued_per_token > 0:
-            mine = self.store.count_queued(token_id)
-            if mine >= settings.max_queued_per_token:
-                raise too_many(
-                    f"this token has {mine} requests waiting, the most allowed; "
-                    "retry when some have run",
-                    QUEUE_FULL_RETRY_SECONDS,
-                )
-        if settings.max_queued > 0:
-            queued = self.store.count_queued()
-            if queued >= settings.max_queued:
-                raise too_many(
-                    f"the queue is full ({queued} requests waiting); retry later",
-                    QUEUE_FULL_RETRY_SECONDS,
-                )
+        return SubmitLimits(
+            per_minute=max(0, settings.rate_limit_per_minute),
+            queued_per_token=max(0, settings.max_queued_per_token),
+            queued=max(0, settings.max_queued),
+        )
+
+    def _refusal(self, exc: LimitExceededError) -> ApiError:
+        """Backpressure: 429 with Retry-After when the queue or this token is over its limit."""
+        if exc.kind == "rate":
+            return too_many(
+                f"rate limit: this token may submit {self.settings.rate_limit_per_minute} "
+                "requests a minute; retry after the Retry-After seconds",
+                math.ceil(exc.retry_after),
+            )
+        if exc.kind == "token_queue":
+            return too_many(
+                f"this token has {exc.count} requests waiting, the most allowed; "
+                "retry when some have run",
+                QUEUE_FULL_RETRY_SECONDS,
+            )
+        return too_many(
+            f"the queue is full ({exc.count} requests waiting); retry later",
+            QUEUE_FULL_RETRY_SECONDS,
+        )
 
     def owned_job(self, token_id: str, request_id: str) -> Job:
         job = self.store.get(request_id) if REQUEST_ID_PATTERN.fullmatch(request_id) else None
@@ -380,6 +385,7 @@ class RequestService:
             started_at=iso(job.started_at),
             finished_at=iso(job.finished_at),
             logs=job_log(job) if logs else None,
+            warnings=list(job.warnings) or None,
         )
 
     def result(self, token_id: str, request_id: str, base_url: str) -> ResultResponse:
@@ -431,16 +437,18 @@ class RequestService:
             created_at=iso(job.created_at) or "",
             started_at=iso(job.started_at),
             finished_at=iso(job.finished_at),
+            warnings=list(job.warnings) or None,
         )
 
     def cancel(self, token_id: str, request_id: str) -> CancelResponse:
+        """Cancel a queued job at once; flag a running one for its worker and answer at
+        once with ``cancellation_requested`` (the client reads the final state from status:
+        waiting here would hold a server thread for up to a step)."""
         self.owned_job(token_id, request_id)
         answer = self.store.request_cancel(request_id)
         if answer is None:
             raise request_not_found(request_id)
         job, outcome = answer
-        if outcome is CancelOutcome.REQUESTED:
-            job, outcome = self._await_worker_stop(job)
         return CancelResponse(request_id=job.id, status=STATUS_WORDS[job.status], outcome=outcome)
 
     def delete(self, token_id: str, request_id: str) -> None:
@@ -452,18 +460,3 @@ class RequestService:
         if not self.store.delete([request_id]):
             raise request_not_found(request_id)
         self.files.delete_request(request_id)
-
-    def _await_worker_stop(self, job: Job) -> tuple[Job, CancelOutcome]:
-        """Give the worker a moment to stop at its next step, so the answer can be final."""
-        deadline = time.monotonic() + self.settings.cancel_wait_seconds
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            current = self.store.get(job.id)
-            if current is None:
-                break
-            job = current
-            if job.status == JobStatus.CANCELLED:
-                return job, CancelOutcome.CANCELLED
-            if job.status.is_final:
-                return job, CancelOutcome.NOT_CANCELLABLE
-        return job, CancelOutcome.REQUESTED

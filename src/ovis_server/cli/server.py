@@ -148,8 +148,9 @@ def generate(
     """Generate one image locally, with a progress bar, and write it to OUTPUT."""
     from tqdm import tqdm
 
-    from ovis_server.engine.pipeline import Engine, EngineLoadError
-    from ovis_server.engine.weights import WeightsNotFoundError, resolve_weights
+    from ovis_server.engine.pipeline import EngineLoadError
+    from ovis_server.engine.weights import WeightsNotFoundError
+    from ovis_server.worker.process import load_engine
 
     chosen_format = output_format or SUFFIX_FORMATS.get(output.suffix.lower())
     if chosen_format is None:
@@ -174,15 +175,10 @@ def generate(
 
     configure_logging("warning")
     try:
-        engine = Engine.load(
-            resolve_weights(settings.model, settings.data_dir),
-            device=settings.device,
-            dtype=settings.dtype,
-            compile=settings.compile_flag,
-            fp8=settings.fp8,
-        )
+        engine = load_engine(settings)
     except (EngineLoadError, WeightsNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
+    click.echo(engine.memory.describe(), err=True)
 
     used_seed = request.resolved_seed()
     with tqdm(total=request.num_inference_steps, unit="step", desc="denoising") as bar:

@@ -31,6 +31,7 @@ class Status(_Answer):
     status: str
     queue_position: int | None = None
     progress: Progress | None = None
+    warnings: list[str] | None = None  # e.g. the prompt was cut to what the model reads
 
     @property
     def is_final(self) -> bool:
@@ -51,6 +52,7 @@ class Result(_Answer):
     created_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    warnings: list[str] | None = None
 
     @property
     def is_final(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +26,53 @@ def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / SQLITE_FILE).resolve()}"
 
 
+# The database holds the URL-signing key and every webhook secret: only the server's
+# user may read it, whatever the umask.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+SQLITE_BUSY_MS = 2000
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and its parents) if need be, and make it 0700."""
+    path.mkdir(parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o777 != PRIVATE_DIR_MODE:
+        path.chmod(PRIVATE_DIR_MODE)
+
+
+def make_private_file(path: Path) -> None:
+    """Create ``path`` empty if it is missing (so that no other mode is ever seen), and
+    make it 0600."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, PRIVATE_FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != PRIVATE_FILE_MODE:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+def _secure_sqlite(database: str) -> None:
+    """The data directory 0700; the database and its WAL, shared-memory and journal
+    files 0600 (SQLite gives them the database's mode, but older ones may exist)."""
+    path = Path(database)
+    make_private_dir(path.parent)
+    make_private_file(path)
+    for suffix in SQLITE_COMPANIONS:
+        companion = path.with_name(path.name + suffix)
+        if companion.exists():
+            companion.chmod(PRIVATE_FILE_MODE)
+
+
 def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets the API read while the worker writes; NORMAL keeps commits cheap and is
     # still crash-safe in WAL mode (a power cut may lose the last commits, not corrupt).
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    # A short wait per statement: the stores retry whole transactions (db/retry.py), so
+    # that a long lock ends in a 503 for a client rather than a 30 s hang.
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -39,7 +80,12 @@ def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
 def connect(url: str) -> Engine:
     """An engine for ``url`` (``sqlite:///…`` or ``postgresql://…``), tuned for this use."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30}, pool_size=20, max_overflow=20)
+        database = make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            _secure_sqlite(database)
+        engine = create_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_MS / 1000}, pool_size=20, max_overflow=20
+        )
         event.listen(engine, "connect", _tune_sqlite)
         return engine
     if url.startswith(("postgresql://", "postgres://")):
@@ -72,6 +118,7 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
         yield
         return
     lock_path = Path(database).with_suffix(".migrate.lock")
+    make_private_file(lock_path)
     with lock_path.open("a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
@@ -89,7 +136,5 @@ def alembic_config(engine: Engine) -> Config:
 
 def migrate(engine: Engine) -> None:
     """Apply every migration the database lacks; safe to run from many processes at once."""
-    if engine.dialect.name == "sqlite" and engine.url.database:
-        Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
     with _migration_lock(engine):
         command.upgrade(alembic_config(engine), "head")

@@ -108,6 +108,10 @@ jobs = Table(
     Column("deadline", UtcDateTime),
     Index("ix_jobs_status_seq", "status", "seq"),
     Index("ix_jobs_deadline", "deadline"),
+    # Notes for the client that are not errors (the prompt was cut to what the model reads).
+    Column("warnings", JSON),
+    # /metrics reads only the jobs finished since its last scrape (seq: from the index alone).
+    Index("ix_jobs_finished_at_seq", "finished_at", "seq"),
     Index("ix_jobs_token_id_created_at", "token_id", "created_at"),
     UniqueConstraint("token_id", "idempotency_key"),
     sqlite_autoincrement=True,
@@ -152,6 +156,7 @@ webhook_deliveries = Table(
     Column("finished_at", UtcDateTime),
     Index("ix_webhook_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
     Index("ix_webhook_deliveries_request_id", "request_id"),
+    Index("ix_webhook_deliveries_finished_at_id", "finished_at", "id"),
 )
 
 # Workers announce themselves and beat while alive: /readyz counts the living.
@@ -168,6 +173,8 @@ workers = Table(
     Column("memory_bytes", BigInteger),
     Column("started_at", UtcDateTime, nullable=False),
     Column("heartbeat_at", UtcDateTime, nullable=False),
+    # Why an alive worker takes no jobs (its files store refuses writes); None when well.
+    Column("problem", String(500)),
 )
 
 # Secrets the whole deployment shares (the URL signing key), so that every API replica

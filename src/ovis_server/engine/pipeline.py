@@ -27,7 +27,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ovis_server.engine.prompts import DEFAULT_CAPACITY, PromptCache
+from ovis_server.engine.memory import (
+    AUTO,
+    MemoryPlan,
+    MemoryProfile,
+    MemoryProfileError,
+    gpu_budget,
+    model_sizes,
+    plan,
+)
+from ovis_server.engine.memory import apply as apply_memory_profile
+from ovis_server.engine.prompts import DEFAULT_CAPACITY, PromptCache, prompt_overflow
+from ovis_server.engine.random_full import build_full_size_pipeline
 from ovis_server.engine.request import GenerationRequest
 from ovis_server.engine.weights import RANDOM_FULL
 
@@ -98,9 +109,6 @@ def check_random_full_device(device: torch.device) -> None:
 
 def build_random_full(device: torch.device, dtype: torch.dtype) -> Any:
     """The real architecture with random weights, built on ``device`` (random_full.py)."""
-    from ovis_server.engine.random_full import build_full_size_pipeline
-
-    check_random_full_device(device)
     logger.warning(
         "--model random-full: the real Ovis-Image-7B architecture with RANDOM weights on %s "
         "(%s), for load tests; its images are noise",
@@ -110,17 +118,17 @@ def build_random_full(device: torch.device, dtype: torch.dtype) -> Any:
     return build_full_size_pipeline(device, dtype)
 
 
-def _from_pretrained(weights: str, device: torch.device, dtype: torch.dtype) -> Any:
+def _from_pretrained(weights: str, dtype: torch.dtype) -> Any:
+    """The pipeline on the CPU; the memory profile puts it on the device."""
     from diffusers import OvisImagePipeline
 
     try:
-        pipeline = OvisImagePipeline.from_pretrained(weights, dtype=dtype)
+        return OvisImagePipeline.from_pretrained(weights, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise EngineLoadError(
             f"could not load Ovis-Image weights from {weights!r}: {exc}. Pass --model with "
             "a local diffusers directory if this machine cannot reach the Hugging Face hub."
         ) from exc
-    return pipeline.to(device)
 
 
 def silence_loading_progress() -> None:
@@ -152,6 +160,10 @@ class Engine:
         self.dtype = dtype
         self.load_seconds = 0.0
         self.prompts = PromptCache(self._encode_prompt, prompt_cache_size)
+        # Which memory profile the weights were placed by, and why (Engine.load plans it).
+        self.memory = MemoryPlan(
+            MemoryProfile.FULL, None, 0, 1, "placed by the caller, not planned"
+        )
 
     @classmethod
     def load(
@@ -162,26 +174,64 @@ class Engine:
         *,
         compile: bool | None = None,
         fp8: bool = False,
+        memory: str = AUTO,
+        gpu_memory: float | None = None,
     ) -> Engine:
         """Load ``weights`` (a hub id, a local diffusers directory, or ``random-full``)
         onto ``device``.
 
         ``random-full`` builds the real architecture with random weights on the device (no
-        download; its images are noise), and is refused on a CPU. ``compile`` (default: on
-        CUDA) compiles the repeated transformer blocks; ``fp8`` quantizes the transformer's
-        matmuls to FP8 with torchao (Hopper-class GPUs).
+        download; its images are noise), and is refused on a CPU. ``memory`` is a profile of
+        memory.py or ``auto`` (planned from the free GPU memory, or ``gpu_memory``: bytes, or
+        a fraction of the GPU's memory when at most 1). ``compile`` (default: on CUDA, unless
+        the profile offloads groups of layers) compiles the repeated transformer blocks;
+        ``fp8`` quantizes the transformer's matmuls to FP8 with torchao (Hopper-class GPUs).
         """
         silence_loading_progress()
         target = pick_device(device)
         torch_dtype = pick_dtype(target, dtype)
         started = time.perf_counter()
+        try:
+            budget = gpu_budget(target, gpu_memory)
+        except MemoryProfileError as exc:
+            raise EngineLoadError(str(exc)) from None
+        if gpu_memory is not None and budget is None:
+            logger.warning("--gpu-memory applies to CUDA GPUs: ignored on %s", target)
         if weights == RANDOM_FULL:
-            pipeline = build_random_full(target, torch_dtype)
+            check_random_full_device(target)
+            sizes = model_sizes(build_full_size_pipeline("meta", torch_dtype))
         else:
-            pipeline = _from_pretrained(weights, target, torch_dtype)
+            pipeline = _from_pretrained(weights, torch_dtype)
+            sizes = model_sizes(pipeline)
+        memory_plan = plan(sizes, budget, memory, device_type=target.type)
+        profile = memory_plan.profile
+        if fp8 and profile.offloads_groups:
+            raise EngineLoadError(
+                f"--fp8 does not go with --memory {profile}: use --memory 8bit, which "
+                "quantizes the transformer and offloads the text encoder"
+            )
+        logger.info("%s", memory_plan.describe())
+        if not profile.keeps_image:
+            logger.warning(
+                "--memory %s quantizes the transformer's weights: the same seed no longer "
+                "gives the full profile's image",
+                profile,
+            )
+        if weights == RANDOM_FULL:
+            # Built where the profile wants the weights: on the device whole for full, else
+            # on the CPU for the profile to move (or quantize) part by part.
+            home = target if profile is MemoryProfile.FULL else torch.device("cpu")
+            pipeline = build_random_full(home, torch_dtype)
+        try:
+            apply_memory_profile(pipeline, profile, target)
+        except MemoryProfileError as exc:
+            raise EngineLoadError(str(exc)) from None
         pipeline.set_progress_bar_config(disable=True)
         engine = cls(pipeline, target, torch_dtype)
-        engine.optimize(compile=target.type == "cuda" if compile is None else compile, fp8=fp8)
+        engine.memory = memory_plan
+        if compile is None:
+            compile = target.type == "cuda" and not profile.offloads_groups
+        engine.optimize(compile=compile, fp8=fp8 and profile is not MemoryProfile.EIGHT_BIT)
         engine.load_seconds = time.perf_counter() - started
         logger.info(
             "loaded %s on %s (%s) in %.1fs", weights, target, torch_dtype, engine.load_seconds
@@ -195,7 +245,7 @@ class Engine:
             if self.device.type != "cuda":
                 raise EngineLoadError("--fp8 needs a CUDA GPU (Hopper-class or newer)")
             try:
-                from torchao.quantization import (  # type: ignore[import-not-found]
+                from torchao.quantization import (
                     Float8DynamicActivationFloat8WeightConfig,
                     quantize_,
                 )
@@ -204,7 +254,8 @@ class Engine:
                     "--fp8 needs torchao: pip install 'ovis-server[fp8]'"
                 ) from exc
             quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig())
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.memory.profile.offloads_groups:
+            # Not under group offloading: its hooks keep copies of the weights as they were.
             pipe.vae.to(memory_format=torch.channels_last)
         if compile:
             # Regional compile: each repeated block compiles once and is reused 33 times,
@@ -218,6 +269,23 @@ class Engine:
             prompt=[prompt], device=self.device, max_sequence_length=TEXT_TOKENS
         )
         return embeds
+
+    def prompt_warnings(self, request: GenerationRequest) -> list[str]:
+        """What the client should know about how its prompts were read: a prompt (or a
+        negative prompt that guidance uses) longer than the model reads is cut."""
+        texts = [("prompt", request.prompt)]
+        if request.guidance_scale > 1 and request.negative_prompt:
+            texts.append(("negative_prompt", request.negative_prompt))
+        found = []
+        for field, text in texts:
+            length, dropped = prompt_overflow(self.pipeline, text, TEXT_TOKENS)
+            if dropped:
+                found.append(
+                    f"{field} truncated: the model reads {TEXT_TOKENS} text tokens, template "
+                    f"included; this {field} is about {length} tokens, so its end was cut "
+                    "(shorten it to keep all of it)"
+                )
+        return found
 
     def _text_ids(self, embeds: torch.Tensor) -> torch.Tensor:
         # The pipeline's own position ids for text tokens, from embeddings already made.

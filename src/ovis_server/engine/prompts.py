@@ -1,11 +1,13 @@
 """Prompt embeddings, cached: the empty negative prompt is encoded once per process and a
-repeated prompt once while it stays among the most recently used."""
+repeated prompt once while it stays among the most recently used. And how much of a
+prompt the pipeline reads: it cuts the prompt's message to a fixed number of tokens."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -46,3 +48,22 @@ class PromptCache:
                 while len(self._entries) > self.capacity:
                     self._entries.popitem(last=False)
         return embeds
+
+
+def prompt_overflow(pipeline: Any, prompt: str, max_sequence_length: int) -> tuple[int, int]:
+    """(the prompt's tokens, how many the pipeline drops) when it encodes ``prompt``.
+
+    The pipeline wraps the prompt in its chat template, keeps the first
+    ``max_sequence_length`` tokens after the template's fixed opening, and drops the rest
+    (the template's closing first, then the end of the prompt). Counts are ``about``: the
+    prompt's tokens are its message's less those of an empty prompt's.
+    """
+
+    def tokens(text: str) -> int:
+        (message,) = pipeline._get_messages([text])
+        encoded = pipeline.tokenizer(message, add_special_tokens=False, truncation=False)
+        return len(encoded["input_ids"])
+
+    total = tokens(prompt)
+    dropped = total - (max_sequence_length + pipeline.user_prompt_begin_id)
+    return total - tokens(""), max(0, dropped)

@@ -94,6 +94,8 @@ class Job:
     webhook_intermediate: bool = False
     base_url: str | None = None
     deadline: datetime | None = None
+    # Notes for the client that are not errors, e.g. that the prompt was cut.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ and finds out from the row count.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,10 +26,12 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
 
+from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import job_events, jobs, webhook_deliveries
 from ovis_server.jobs.job import (
     CancelOutcome,
@@ -42,6 +46,37 @@ IDEMPOTENCY_WINDOW = timedelta(hours=24)
 # The error a job carries when its deadline (the submit's Cancel-After) cancels it.
 DEADLINE_EXCEEDED = "deadline_exceeded"
 DEADLINE_MESSAGE = "the request did not complete before its Cancel-After deadline; it was cancelled"
+
+
+RATE_WINDOW = timedelta(minutes=1)
+# PostgreSQL advisory lock namespaces (the two-key form) for the submit's limit checks:
+# one lock per token, and one for the whole queue.
+_PG_TOKEN_LOCKS = 0x0715_0001
+_PG_QUEUE_LOCK = 0x0715_0002
+
+
+@dataclass(frozen=True)
+class SubmitLimits:
+    """What a submit may not exceed; 0 turns a limit off."""
+
+    per_minute: int = 0
+    queued_per_token: int = 0
+    queued: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.per_minute or self.queued_per_token or self.queued)
+
+
+class LimitExceededError(Exception):
+    """A submit refused because a limit is reached: ``kind`` is ``rate``, ``token_queue``
+    or ``queue``; ``count`` what is counted; ``retry_after`` seconds until it may pass."""
+
+    def __init__(self, kind: str, count: int, retry_after: float) -> None:
+        super().__init__(f"{kind} limit reached ({count})")
+        self.kind = kind
+        self.count = count
+        self.retry_after = retry_after
 
 
 class LeaseLostError(Exception):
@@ -89,6 +124,7 @@ def _job(row: Row[Any]) -> Job:
         webhook_intermediate=bool(data["webhook_intermediate"]),
         base_url=data["base_url"],
         deadline=data["deadline"],
+        warnings=tuple(str(item) for item in data["warnings"] or ()),
     )
 
 
@@ -145,11 +181,14 @@ def _record(conn: Connection, rows: Iterable[Row[Any]], at: datetime, notify: bo
 class JobStore:
     """Submit, observe, claim, run and finish jobs."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
         self.engine = engine
+        # How long a call retries a locked or unreachable database before it raises.
+        self.retry_seconds = retry_seconds
 
     # --- the API's side -------------------------------------------------------------
 
+    @retried
     def submit(
         self,
         *,
@@ -166,12 +205,18 @@ class JobStore:
         webhook_intermediate: bool = False,
         base_url: str | None = None,
         deadline: datetime | None = None,
+        limits: SubmitLimits | None = None,
     ) -> Job:
         """Queue a job at the back of the queue (cancelled at ``deadline`` if unfinished).
 
         With an idempotency key, a repeat of the same request (same ``request_hash``) by
         the same token within 24 hours returns the job the first one made; a different
         request under that key raises IdempotencyConflictError.
+
+        ``limits`` are checked and the job inserted in one transaction that no other
+        submit of this token (or, for the queue-wide cap, no other submit) interleaves
+        with: concurrent submits cannot all pass a check that only one of them may pass.
+        A refused submit raises LimitExceededError.
         """
         if idempotency_key is not None:
             earlier = self.idempotent_twin(token_id, idempotency_key, request_hash)
@@ -203,7 +248,9 @@ class JobStore:
             .returning(*jobs.c)
         )
         try:
-            with self.engine.begin() as conn:
+            with self._submit_transaction(token_id, limits or SubmitLimits()) as conn:
+                if limits is not None:
+                    self._check_limits(conn, token_id, limits, now)
                 row = conn.execute(stmt).one()
                 _record(conn, [row], now, notify=False)
                 return _job(row)
@@ -216,6 +263,63 @@ class JobStore:
                 raise
             return twin
 
+    @contextmanager
+    def _submit_transaction(self, token_id: str, limits: SubmitLimits) -> Iterator[Connection]:
+        """A transaction holding the locks the limit checks need until it ends.
+
+        SQLite: BEGIN IMMEDIATE takes the database's write lock before the counts are
+        read. PostgreSQL: transaction-scoped advisory locks on the token and, with a
+        queue-wide cap, on the queue (always in that order, so that no two submits
+        deadlock); each count then sees every submit committed before it.
+        """
+        if not limits.any:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self.engine.connect() as conn:
+            if self.engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:space, hashtext(:token))"),
+                    {"space": _PG_TOKEN_LOCKS, "token": token_id},
+                )
+                if limits.queued:
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:space, 0)"),
+                        {"space": _PG_QUEUE_LOCK},
+                    )
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+    @staticmethod
+    def _check_limits(conn: Connection, token_id: str, limits: SubmitLimits, now: datetime) -> None:
+        if limits.per_minute:
+            count, first = conn.execute(
+                select(func.count(), func.min(jobs.c.created_at)).where(
+                    jobs.c.token_id == token_id, jobs.c.created_at > now - RATE_WINDOW
+                )
+            ).one()
+            if count >= limits.per_minute:
+                if isinstance(first, str):  # SQLite's min() hands back the stored text
+                    first = datetime.fromisoformat(first).replace(tzinfo=UTC)
+                wait = (first + RATE_WINDOW - now).total_seconds() if first else 1.0
+                raise LimitExceededError("rate", int(count), wait)
+        queued = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
+        if limits.queued_per_token:
+            mine = int(conn.execute(queued.where(jobs.c.token_id == token_id)).scalar_one())
+            if mine >= limits.queued_per_token:
+                raise LimitExceededError("token_queue", mine, 0)
+        if limits.queued:
+            total = int(conn.execute(queued).scalar_one())
+            if total >= limits.queued:
+                raise LimitExceededError("queue", total, 0)
+
+    @retried
     def idempotent_twin(self, token_id: str, key: str, request_hash: str | None) -> Job | None:
         """The job this token submitted under ``key`` in the last 24 hours, if the request
         is the same (else IdempotencyConflictError); frees a key whose day has passed."""
@@ -233,11 +337,13 @@ class JobStore:
             raise IdempotencyConflictError(job)
         return job
 
+    @retried
     def get(self, request_id: str) -> Job | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == request_id)).first()
         return None if row is None else _job(row)
 
+    @retried
     def queue_position(self, job: Job) -> int:
         """How many queued jobs run before this one: 0 means it is next."""
         stmt = (
@@ -248,6 +354,7 @@ class JobStore:
         with self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
 
+    @retried
     def queue_positions(self, request_ids: Sequence[str]) -> dict[str, int]:
         """The queue position of each of these jobs that is queued, in one query."""
         if not request_ids:
@@ -264,6 +371,7 @@ class JobStore:
         with self.engine.connect() as conn:
             return {row.id: int(row.position) for row in conn.execute(stmt)}
 
+    @retried
     def snapshot(self, request_id: str) -> tuple[Job, int] | None:
         """The job and the seq of its latest event, read together."""
         latest = (
@@ -277,6 +385,7 @@ class JobStore:
             ).first()
         return None if row is None else (_job(row), int(row._mapping["latest_event"]))
 
+    @retried
     def events_after(self, seq: int, limit: int = 1000, also: Sequence[int] = ()) -> list[JobEvent]:
         """Events of all jobs with a larger seq than ``seq`` (at most ``limit``), and those
         of the seqs in ``also`` that exist by now, oldest first."""
@@ -288,11 +397,13 @@ class JobStore:
                 found += [_event(row) for row in conn.execute(late)]
         return sorted(found, key=lambda event: event.seq)
 
+    @retried
     def last_event_seq(self) -> int:
         stmt = select(func.coalesce(func.max(job_events.c.seq), 0))
         with self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
 
+    @retried
     def list_for_token(self, token_id: str, limit: int, before_seq: int | None) -> list[Job]:
         """The token's jobs, newest first, older than ``before_seq`` when given."""
         stmt = select(jobs).where(jobs.c.token_id == token_id)
@@ -302,12 +413,14 @@ class JobStore:
             rows = conn.execute(stmt.order_by(jobs.c.seq.desc()).limit(limit))
             return [_job(row) for row in rows]
 
+    @retried
     def status_counts(self) -> dict[JobStatus, int]:
         stmt = select(jobs.c.status, func.count()).group_by(jobs.c.status)
         with self.engine.connect() as conn:
             counts = {JobStatus(status): int(count) for status, count in conn.execute(stmt)}
         return {status: counts.get(status, 0) for status in JobStatus}
 
+    @retried
     def timings(self) -> list[tuple[JobStatus, datetime, datetime | None, datetime | None, int]]:
         """(status, created, started, finished, steps) of every job that has started."""
         stmt = select(
@@ -324,6 +437,7 @@ class JobStore:
                 for row in conn.execute(stmt)
             ]  # fmt: skip
 
+    @retried
     def count_queued(self, token_id: str | None = None) -> int:
         """Jobs waiting to run, in all or for one token."""
         stmt = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
@@ -332,17 +446,7 @@ class JobStore:
         with self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
 
-    def submissions_since(self, token_id: str, since: datetime) -> tuple[int, datetime | None]:
-        """How many jobs ``token_id`` submitted since ``since``, and when the first was."""
-        stmt = select(func.count(), func.min(jobs.c.created_at)).where(
-            jobs.c.token_id == token_id, jobs.c.created_at > since
-        )
-        with self.engine.connect() as conn:
-            count, first = conn.execute(stmt).one()
-        if isinstance(first, str):  # SQLite's min() hands back the stored text
-            first = datetime.fromisoformat(first).replace(tzinfo=UTC)
-        return int(count), first
-
+    @retried
     def finished_before(self, cutoff: datetime, limit: int = 500) -> list[Job]:
         """Jobs that reached a final state before ``cutoff``, oldest first. Webhook messages
         they still owe do not keep them: retention is a promise about the data."""
@@ -358,6 +462,7 @@ class JobStore:
         with self.engine.connect() as conn:
             return [_job(row) for row in conn.execute(stmt)]
 
+    @retried
     def delete(self, request_ids: Sequence[str]) -> int:
         if not request_ids:
             return 0
@@ -368,8 +473,21 @@ class JobStore:
             )
             return int(conn.execute(delete(jobs).where(jobs.c.id.in_(request_ids))).rowcount)
 
+    @retried
     def request_cancel(self, request_id: str) -> tuple[Job, CancelOutcome] | None:
         """Cancel a queued job at once, or flag a running one for its worker; None if unknown."""
+        with self.engine.connect() as conn:
+            seen = conn.execute(select(jobs).where(jobs.c.id == request_id)).first()
+        if seen is None:
+            return None
+        current = _job(seen)
+        if current.status == JobStatus.RUNNING and current.cancel_requested:
+            # Already asked: a repeated cancel is a read, not another write to queue up.
+            return current, CancelOutcome.REQUESTED
+        if current.status.is_final:
+            if current.status == JobStatus.CANCELLED:
+                return current, CancelOutcome.CANCELLED
+            return current, CancelOutcome.NOT_CANCELLABLE
         now = utcnow()
         with self.engine.begin() as conn:
             row = conn.execute(
@@ -397,6 +515,7 @@ class JobStore:
             return job, CancelOutcome.CANCELLED
         return job, CancelOutcome.NOT_CANCELLABLE
 
+    @retried
     def expire_deadlines(self) -> tuple[int, int]:
         """Act on the jobs whose deadline has passed: cancel the queued ones at once (they
         leave the queue) and flag the running ones, which their worker stops at the next
@@ -440,6 +559,14 @@ class JobStore:
 
     # --- the worker's side ----------------------------------------------------------
 
+    @retried
+    def set_warnings(self, request_id: str, warnings: Sequence[str]) -> None:
+        """Keep notes for the job's client (shown in its status and result bodies)."""
+        stmt = update(jobs).where(jobs.c.id == request_id).values(warnings=list(warnings))
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    @retried
     def _claim(
         self, worker_id: str, lease_seconds: float, limit: int, batch_key: str | None = None
     ) -> list[Job]:
@@ -497,6 +624,7 @@ class JobStore:
             return [head]
         return [head, *self._claim(worker_id, lease_seconds, max_batch - 1, head.batch_key)]
 
+    @retried
     def report_batch_progress(
         self, request_ids: Sequence[str], worker_id: str, step: int, lease_seconds: float
     ) -> tuple[set[str], set[str]]:
@@ -518,6 +646,7 @@ class JobStore:
         cancel = {row.id for row in rows if row.cancel_requested}
         return cancel, set(request_ids) - held
 
+    @retried
     def renew_leases(self, request_ids: Sequence[str], worker_id: str, lease_seconds: float) -> int:
         stmt = (
             update(jobs)
@@ -536,8 +665,9 @@ class JobStore:
             jobs.c.status == JobStatus.RUNNING,
         )
 
+    @retried
     def _update_owned(
-        self, request_id: str, owner: str, record: bool = True, **values: Any
+        self, /, request_id: str, owner: str, record: bool = True, **values: Any
     ) -> Row[Any]:
         """Change a running job that ``owner`` still holds (logging the change unless
         ``record`` is false), or raise LeaseLostError."""
@@ -629,6 +759,7 @@ class JobStore:
             )
         )
 
+    @retried
     def recover_expired(self, max_attempts: int) -> int:
         """Handle jobs whose worker died: requeue them, or end them; returns how many.
 

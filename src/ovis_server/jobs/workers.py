@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import EllipsisType
 
 from sqlalchemy import Engine, delete, insert, select, update
 
+from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import workers
 
 
@@ -21,12 +23,15 @@ class WorkerInfo:
     memory_bytes: int | None
     started_at: datetime
     heartbeat_at: datetime
+    problem: str | None = None
 
 
 class WorkerRegistry:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
         self.engine = engine
+        self.retry_seconds = retry_seconds
 
+    @retried
     def register(self, worker_id: str, host: str, pid: int, model: str, device: str) -> None:
         now = datetime.now(UTC)
         with self.engine.begin() as conn:
@@ -43,10 +48,20 @@ class WorkerRegistry:
                 )
             )
 
+    @retried
     def heartbeat(
-        self, worker_id: str, *, ready: bool | None = None, memory_bytes: int | None = None
+        self,
+        worker_id: str,
+        *,
+        ready: bool | None = None,
+        memory_bytes: int | None = None,
+        problem: str | EllipsisType | None = ...,
     ) -> None:
+        """Mark the worker alive now; ``problem`` (a string, or None once it is over)
+        says why it takes no jobs, and is left as it was when not given."""
         values: dict[str, object] = {"heartbeat_at": datetime.now(UTC)}
+        if not isinstance(problem, EllipsisType):
+            values["problem"] = problem[:500] if problem else None
         if ready is not None:
             values["ready"] = ready
         if memory_bytes is not None:
@@ -54,10 +69,12 @@ class WorkerRegistry:
         with self.engine.begin() as conn:
             conn.execute(update(workers).where(workers.c.id == worker_id).values(**values))
 
+    @retried
     def deregister(self, worker_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(delete(workers).where(workers.c.id == worker_id))
 
+    @retried
     def alive(self, within_seconds: float) -> list[WorkerInfo]:
         """Workers that beat in the last ``within_seconds``, loading or ready."""
         since = datetime.now(UTC) - timedelta(seconds=within_seconds)
@@ -67,6 +84,7 @@ class WorkerRegistry:
             ).mappings()
             return [WorkerInfo(**row) for row in rows]
 
+    @retried
     def forget_silent(self, silent_seconds: float) -> int:
         """Drop rows of workers silent this long (killed without a chance to deregister)."""
         since = datetime.now(UTC) - timedelta(seconds=silent_seconds)

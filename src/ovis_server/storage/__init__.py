@@ -20,6 +20,9 @@ def open_file_store(settings: Settings, db: Engine) -> FileStore:
         from ovis_server.storage.s3 import S3FileStore
 
         return S3FileStore.from_url(settings.storage, settings.s3_endpoint_url)
+    from ovis_server.db.connect import make_private_dir
+
+    make_private_dir(settings.data_dir)
     return LocalFileStore(settings.files_dir, signer_for(db))
 
 

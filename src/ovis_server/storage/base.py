@@ -9,6 +9,8 @@ from typing import Protocol
 # climb out of the store's root, whatever a client puts in a URL.
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}/[A-Za-z0-9_-]{1,64}\.[a-z0-9]{2,5}$")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# What the worker writes to test that the store takes writes again (outside the key space).
+WRITE_CHECK_NAME = ".write-check"
 
 
 class InvalidKeyError(ValueError):
@@ -34,7 +36,14 @@ def output_key(request_id: str, index: int, extension: str) -> str:
 class FileStore(Protocol):
     """Keeps output files and hands out URLs that a plain GET can fetch until they expire."""
 
-    def put(self, key: str, data: bytes, media_type: str) -> None: ...
+    def put(self, key: str, data: bytes, media_type: str) -> None:
+        """Store a file; OSError when the store cannot take it (a full or read-only disk,
+        a refused bucket), which the worker treats as the store's problem, not the job's."""
+        ...
+
+    def check_writable(self) -> None:
+        """A test write (then removed); OSError while the store cannot take writes."""
+        ...
 
     def url(self, key: str, *, base_url: str, expires_in: int) -> str: ...
 

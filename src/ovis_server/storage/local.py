@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ovis_server.storage.base import check_key, check_request_id
+from ovis_server.storage.base import WRITE_CHECK_NAME, check_key, check_request_id
 from ovis_server.storage.signing import UrlSigner
 
 FILE_ROUTE = "/files"
@@ -23,7 +23,15 @@ class LocalFileStore:
 
     def put(self, key: str, data: bytes, media_type: str) -> None:
         """Write the file durably: a job is marked done only after its file is on disk."""
-        target = self.path(key)
+        self._write(self.path(key), data)
+
+    def check_writable(self) -> None:
+        target = self.root / WRITE_CHECK_NAME
+        self._write(target, b"ok")
+        target.unlink(missing_ok=True)
+
+    @staticmethod
+    def _write(target: Path, data: bytes) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, staging = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".part")
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
-from ovis_server.storage.base import check_key, check_request_id
+from ovis_server.storage.base import WRITE_CHECK_NAME, check_key, check_request_id
 
 
 class S3FileStore:
@@ -37,9 +37,23 @@ class S3FileStore:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, key: str, data: bytes, media_type: str) -> None:
-        self.client.put_object(
-            Bucket=self.bucket, Key=self._object(key), Body=data, ContentType=media_type
-        )
+        self._write(self._object(key), data, media_type)
+
+    def check_writable(self) -> None:
+        """Write and remove a small object, as a test that the bucket takes writes."""
+        probe = f"{self.prefix}/{WRITE_CHECK_NAME}" if self.prefix else WRITE_CHECK_NAME
+        self._write(probe, b"ok", "text/plain")
+        self.client.delete_object(Bucket=self.bucket, Key=probe)
+
+    def _write(self, name: str, data: bytes, media_type: str) -> None:
+        """put_object; a bucket that refuses the write (or cannot be reached) raises
+        OSError, like a local disk that is full, so that the worker keeps the job."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=data, ContentType=media_type)
+        except (BotoCoreError, ClientError) as exc:
+            raise OSError(f"the bucket {self.bucket!r} refused the write: {exc}") from exc
 
     def read(self, key: str) -> bytes:
         try:

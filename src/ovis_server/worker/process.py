@@ -14,6 +14,7 @@ import threading
 import uuid
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
@@ -21,6 +22,9 @@ from ovis_server.jobs.store import JobStore
 from ovis_server.jobs.workers import WorkerRegistry
 from ovis_server.storage import open_file_store
 from ovis_server.worker.runner import Worker
+
+if TYPE_CHECKING:
+    from ovis_server.engine.pipeline import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +68,8 @@ def _beat(
     """Keep the worker's row fresh; end the process if its job stops making progress."""
     while not stop.wait(interval):
         try:
-            registry.heartbeat(worker_id, memory_bytes=memory_in_use())
+            problem = runner[0].output_problem if runner else None
+            registry.heartbeat(worker_id, memory_bytes=memory_in_use(), problem=problem)
         except Exception:
             logger.exception("heartbeat failed")
         if runner and runner[0].stalled_for() > stall_timeout:
@@ -79,10 +84,32 @@ def _beat(
             os._exit(STALLED_EXIT_CODE)
 
 
-def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
-    """Load the model, then take jobs until SIGTERM or SIGINT; the job in hand is put back."""
+def _report_problem(registry: WorkerRegistry, worker_id: str, problem: str | None) -> None:
+    """Tell /readyz at once (the heartbeat repeats it) why this worker takes no jobs."""
+    try:
+        registry.heartbeat(worker_id, problem=problem)
+    except Exception:
+        logger.exception("could not report the worker's problem")
+
+
+def load_engine(settings: Settings) -> Engine:
+    """The model as ``settings`` say: the worker's and ``generate``'s."""
     from ovis_server.engine.pipeline import Engine
     from ovis_server.engine.weights import resolve_weights
+
+    return Engine.load(
+        resolve_weights(settings.model, settings.data_dir),
+        device=settings.device,
+        dtype=settings.dtype,
+        compile=settings.compile_flag,
+        fp8=settings.fp8,
+        memory=settings.memory,
+        gpu_memory=settings.gpu_memory_bytes,
+    )
+
+
+def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
+    """Load the model, then take jobs until SIGTERM or SIGINT; the job in hand is put back."""
     from ovis_server.worker.faults import FaultPlan
 
     stop = threading.Event()
@@ -123,13 +150,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
         daemon=True,
     ).start()
     try:
-        engine = Engine.load(
-            resolve_weights(settings.model, settings.data_dir),
-            device=settings.device,
-            dtype=settings.dtype,
-            compile=settings.compile_flag,
-            fp8=settings.fp8,
-        )
+        engine = load_engine(settings)
         if stop.is_set():
             return
         runner.append(
@@ -140,8 +161,9 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
                 worker_id=worker_id,
                 lease_seconds=settings.lease_seconds,
                 max_attempts=settings.max_attempts,
-                max_batch=settings.batch_limit(engine.device.type),
+                max_batch=settings.batch_limit(engine.device.type, engine.memory.batch_limit),
                 faults=faults,
+                on_problem=lambda problem: _report_problem(registry, worker_id, problem),
             )
         )
         registry.heartbeat(worker_id, ready=True, memory_bytes=memory_in_use())

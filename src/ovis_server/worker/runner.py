@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server.catalogue import find_model
+from ovis_server.db.retry import is_transient
 from ovis_server.engine.images import FILE_EXTENSIONS, MEDIA_TYPES, encode_image
 from ovis_server.engine.request import GenerationRequest
 from ovis_server.jobs.job import Job, StoredOutput
@@ -33,6 +35,19 @@ if TYPE_CHECKING:
     from ovis_server.engine.pipeline import Engine
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+# While the files store cannot take writes, the worker claims nothing and tries a test
+# write this often.
+WRITE_CHECK_SECONDS = 2.0
+# The longest pause between tries to record a job's end while the database is out.
+MAX_RECORD_DELAY_SECONDS = 5.0
+
+
+def database_cause(exc: BaseException) -> str:
+    """A database error in a few words for the log: the driver's, without SQL text."""
+    return str(getattr(exc, "orig", None) or type(exc).__name__)
 
 
 class _Stop(Enum):
@@ -56,6 +71,9 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
         )
     if isinstance(exc, InvalidJobError):
         return "invalid_input", str(exc)
+    if isinstance(exc, SQLAlchemyError):
+        # Its text holds SQL, parameters and worker ids: none of that reaches a client.
+        return "internal_error", "the server could not record this job's progress; retry"
     return "generation_error", f"{type(exc).__name__}: {exc}"
 
 
@@ -74,6 +92,8 @@ class Worker:
         max_attempts: int = 3,
         max_batch: int = 1,
         faults: FaultPlan | None = None,
+        write_check_seconds: float = WRITE_CHECK_SECONDS,
+        on_problem: Callable[[str | None], None] | None = None,
     ) -> None:
         self.store = store
         self.files = files
@@ -84,6 +104,11 @@ class Worker:
         self.max_attempts = max_attempts
         self.max_batch = max(1, max_batch)
         self.faults = faults or FaultPlan({})
+        self.write_check_seconds = write_check_seconds
+        # Why the files store cannot take this worker's outputs; None while it can. The
+        # heartbeat reports it, and /readyz answers 503 naming it.
+        self.output_problem: str | None = None
+        self.on_problem = on_problem
         # When the jobs in hand last moved (claimed, or a step done); None when idle.
         self._last_progress: float | None = None
 
@@ -96,18 +121,63 @@ class Worker:
         """Work until ``stop`` is set; jobs in hand when it is set go back to the queue."""
         logger.info("worker %s ready (batches of up to %d)", self.worker_id, self.max_batch)
         next_recovery = 0.0
+        self.check_output_writable()  # a store that refuses writes is known before a job runs
+        next_write_check = time.monotonic() + self.write_check_seconds
+        database_pause = self.poll_seconds
         while not stop.is_set():
-            if time.monotonic() >= next_recovery:
-                recovered = self.store.recover_expired(self.max_attempts)
-                if recovered:
-                    logger.warning("recovered %d job(s) whose worker stopped", recovered)
-                next_recovery = time.monotonic() + max(self.lease_seconds / 3, 0.5)
-            batch = self.store.claim_batch(self.worker_id, self.lease_seconds, self.max_batch)
+            if self.output_problem is not None:
+                if time.monotonic() >= next_write_check:
+                    self.check_output_writable()
+                    next_write_check = time.monotonic() + self.write_check_seconds
+                if self.output_problem is not None:
+                    stop.wait(min(self.poll_seconds, self.write_check_seconds))
+                    continue
+            try:
+                if time.monotonic() >= next_recovery:
+                    recovered = self.store.recover_expired(self.max_attempts)
+                    if recovered:
+                        logger.warning("recovered %d job(s) whose worker stopped", recovered)
+                    next_recovery = time.monotonic() + max(self.lease_seconds / 3, 0.5)
+                batch = self.store.claim_batch(self.worker_id, self.lease_seconds, self.max_batch)
+            except SQLAlchemyError as exc:
+                if not is_transient(exc):
+                    raise
+                logger.warning(
+                    "the database is unavailable (%s); trying again in %.1fs",
+                    database_cause(exc),
+                    database_pause,
+                )
+                stop.wait(database_pause)
+                database_pause = min(database_pause * 2, MAX_RECORD_DELAY_SECONDS)
+                continue
+            database_pause = self.poll_seconds
             if not batch:
                 stop.wait(self.poll_seconds)
                 continue
             self.run_jobs(batch, stop)
         logger.info("worker %s stopped", self.worker_id)
+
+    def check_output_writable(self) -> bool:
+        """A test write to the files store; clears ``output_problem`` when it succeeds."""
+        try:
+            self.files.check_writable()
+        except OSError as exc:
+            self._output_unwritable(exc)
+            return False
+        if self.output_problem is not None:
+            logger.warning("the files store takes writes again; claiming jobs again")
+            self.output_problem = None
+            if self.on_problem is not None:
+                self.on_problem(None)
+        return True
+
+    def _output_unwritable(self, exc: OSError) -> None:
+        problem = f"the worker cannot write outputs: {exc.strerror or exc}"
+        if problem != self.output_problem:
+            logger.error("%s; jobs wait in the queue until a test write succeeds", problem)
+            self.output_problem = problem
+            if self.on_problem is not None:
+                self.on_problem(problem)
 
     def generation_request(self, job: Job) -> GenerationRequest:
         spec = find_model(job.model_id)
@@ -129,10 +199,21 @@ class Worker:
                     runnable.append((job, self.generation_request(job)))
                 except InvalidJobError as exc:
                     self._fail(job, exc)
+                else:
+                    self._record_warnings(job, runnable[-1][1])
             if runnable:
                 self._run_batch(runnable, stop)
         finally:
             self._last_progress = None
+
+    def _record_warnings(self, job: Job, request: GenerationRequest) -> None:
+        """Tell the client, in its status and result, what the model will not read."""
+        try:
+            warnings = self.engine.prompt_warnings(request)
+            if warnings:
+                self.store.set_warnings(job.id, warnings)
+        except Exception:  # a note for the client must never stop the job
+            logger.exception("job %s: could not record its warnings", job.id)
 
     def _run_batch(self, batch: list[tuple[Job, GenerationRequest]], stop: threading.Event) -> None:
         from ovis_server.engine.pipeline import GenerationCancelled
@@ -147,9 +228,16 @@ class Worker:
                 for index in active:
                     self.faults.strike(str(jobs[index].input.get("prompt", "")))
             ids = [jobs[index].id for index in active]
-            cancel, lost = self.store.report_batch_progress(
-                ids, self.worker_id, step, self.lease_seconds
-            )
+            try:
+                cancel, lost = self.store.report_batch_progress(
+                    ids, self.worker_id, step, self.lease_seconds
+                )
+            except SQLAlchemyError as exc:
+                if not is_transient(exc):
+                    raise
+                # The database is out: go on computing; the end is recorded once it is back.
+                logger.warning("step %d not recorded: %s", step, database_cause(exc))
+                cancel, lost = set(), set()
             for index in active:
                 if jobs[index].id in lost:
                     why[index] = _Stop.LEASE_LOST
@@ -182,7 +270,8 @@ class Worker:
             image = images[index]
             try:
                 if image is not None:
-                    self._store_image(job, image)
+                    if not self._store_image(job, image):
+                        continue
                     logger.info(
                         "job %s succeeded in %.2fs (%d steps, %dx%d, batch of %d)",
                         job.id,
@@ -193,10 +282,10 @@ class Worker:
                         len(batch),
                     )
                 elif why.get(index) is _Stop.SHUTDOWN:
-                    self.store.release(job.id, self.worker_id)
+                    self._persist(self.store.release, job.id, self.worker_id)
                     logger.info("job %s put back in the queue: the worker is stopping", job.id)
                 elif why.get(index) is _Stop.CANCEL:
-                    self.store.mark_cancelled(job.id, self.worker_id)
+                    self._persist(self.store.mark_cancelled, job.id, self.worker_id)
                     logger.info("job %s cancelled", job.id)
                 else:
                     logger.warning("job %s: lease lost to another worker; dropping it", job.id)
@@ -205,15 +294,24 @@ class Worker:
             except Exception as exc:
                 self._fail(job, exc)
 
-    def _store_image(self, job: Job, image: Image.Image) -> None:
+    def _store_image(self, job: Job, image: Image.Image) -> bool:
+        """Store the image and complete the job; False if the files store could not take
+        it: the job then goes back to its place in the queue, the attempt not counted
+        (the job did nothing wrong), and the worker claims nothing until a test write
+        succeeds."""
         output_format = job.input.get("output_format", "png")
         media_type = MEDIA_TYPES[output_format]
         key = output_key(job.id, 0, FILE_EXTENSIONS[output_format])
-        self.files.put(key, encode_image(image, output_format), media_type)
         try:
-            self.store.complete(
-                job.id, self.worker_id, [StoredOutput(key, media_type, image.width, image.height)]
-            )
+            self.files.put(key, encode_image(image, output_format), media_type)
+        except OSError as exc:
+            self._output_unwritable(exc)
+            self._persist(self.store.release, job.id, self.worker_id)
+            logger.warning("job %s put back in the queue: %s", job.id, self.output_problem)
+            return False
+        output = StoredOutput(key, media_type, image.width, image.height)
+        try:
+            self._persist(self.store.complete, job.id, self.worker_id, [output])
         except LeaseLostError:
             # Deleted while it ran: leave no file behind. (Taken over by another worker
             # instead, the file under this key is that worker's too, and stays.)
@@ -221,14 +319,36 @@ class Worker:
                 self.files.delete_request(job.id)
                 logger.info("job %s was deleted while it ran; its file is removed", job.id)
             raise
+        return True
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         error_type, message = describe_failure(exc)
         logger.error("job %s failed: %s", job.id, message, exc_info=exc)
         try:
-            self.store.fail(job.id, self.worker_id, error_type, message)
+            self._persist(self.store.fail, job.id, self.worker_id, error_type, message)
         except LeaseLostError:
             logger.warning("job %s: lease lost before its failure was recorded", job.id)
+
+    def _persist(self, record: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Record a job's end however long the database stays locked or unreachable: the
+        store retries for a few seconds, this for as long as it takes (the job is done;
+        losing that would waste it). LeaseLostError and other errors pass through."""
+        delay = 0.5
+        while True:
+            try:
+                return record(*args, **kwargs)
+            except SQLAlchemyError as exc:
+                if not is_transient(exc):
+                    raise
+                logger.warning(
+                    "could not record a job's end (%s); trying again in %.1fs",
+                    database_cause(exc),
+                    delay,
+                )
+                # Waiting on the database, not stuck in model code: no stall watchdog.
+                self._last_progress = time.monotonic()
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_RECORD_DELAY_SECONDS)
 
     @contextmanager
     def _leases_kept(self, jobs: Sequence[Job]) -> Iterator[None]:

@@ -20,8 +20,9 @@ STABLE_SECONDS = 60.0
 
 def worker_environment(settings: Settings) -> dict[str, str]:
     """The worker's environment, with ``settings`` in it as JSON: the worker runs with the
-    very settings ``serve`` has, and the database URL's password does not show in ``ps``."""
-    return {**os.environ, SETTINGS_JSON_ENV: settings.model_dump_json()}
+    very settings ``serve`` has (less the /metrics token, which it has no use for), and the
+    database URL's password does not show in ``ps``."""
+    return {**os.environ, SETTINGS_JSON_ENV: settings.model_dump_json(exclude={"metrics_token"})}
 
 
 def worker_command() -> list[str]:
