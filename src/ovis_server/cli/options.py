@@ -72,7 +72,7 @@ def _click_type(field: FieldInfo, cli: Cli) -> Any:
 def _default(field: FieldInfo, cli: Cli) -> tuple[Any, str | bool]:
     """What ``--help`` shows as the default (click's default and show_default). The
     command passes on only the options given on its command line, never these."""
-    if field.default_factory is not None:
+    if cli.show_default is False or field.default_factory is not None:
         return None, cli.show_default or False
     if isinstance(cli.show_default, str):
         return cli.show_default, True
