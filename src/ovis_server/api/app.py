@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ovis_server import __version__
 from ovis_server.api import files, routes
 from ovis_server.api.errors import install_error_handlers
+from ovis_server.api.limits import AllowedHosts, BodySizeLimit, ConnectionLimit, TokenSlots
 from ovis_server.api.metrics import CONTENT_TYPE, render_metrics
 from ovis_server.api.protocol import Health, Readiness
 from ovis_server.api.serving import RequestService
@@ -66,8 +67,8 @@ def create_app(settings: Settings) -> FastAPI:
         interval_seconds=settings.cleanup_interval_seconds,
     )
 
-    hub = StatusHub(store)
     tokens = TokenStore(db)
+    hub = StatusHub(store, tokens)
     service = RequestService(store, file_store, settings)
     deliveries = DeliveryStore(db)
     dispatcher = WebhookDispatcher(deliveries, service, tokens, settings.webhook_schedule)
@@ -102,6 +103,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.service = service
     app.state.hub = hub
     install_error_handlers(app)
+    # The last added runs first: the server-wide cap, then the Host, then the body.
+    app.add_middleware(TokenSlots, per_token=settings.max_streams_per_token)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_size)
+    if settings.allowed_hosts:
+        app.add_middleware(AllowedHosts, allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(ConnectionLimit, limit=settings.max_connections)
     app.include_router(routes.router)
     app.include_router(files.router)
 

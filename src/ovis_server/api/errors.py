@@ -23,6 +23,11 @@ REQUEST_NOT_FOUND = 404001
 MODEL_NOT_FOUND = 400001
 INVALID_INPUT = 422001
 TOO_MANY = 429001
+# The HTTP edge (api/limits.py). 503002 is ours: the contract's 503001 means the job store
+# is briefly unavailable, while this is the server refusing more requests at once.
+HOST_REFUSED = 400000
+BODY_TOO_LARGE = 413001
+SERVER_BUSY = 503002
 
 
 class ApiError(Exception):

@@ -25,6 +25,7 @@ from ovis_server.api.errors import (
     too_many,
     validation_failed,
 )
+from ovis_server.api.limits import check_json_depth
 from ovis_server.api.protocol import (
     RESULT_WORDS,
     STATUS_WORDS,
@@ -196,6 +197,7 @@ class RequestService:
         webhook: Webhook | None = None,
     ) -> SubmitResponse:
         spec = self._spec(model_id)
+        check_json_depth(body)  # json.loads recurses, and a client's nesting is unbounded
         webhook = webhook or Webhook()
         fields: Any = None
         if b'"webhook' in body:
