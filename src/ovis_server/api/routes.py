@@ -71,8 +71,12 @@ def get_model(model_id: str, request: Request, _caller: CallerDep) -> ModelDetai
     responses={
         **_ERRORS,
         404: {"model": ErrorBody, "description": "Unknown model_id"},
+        413: {"model": ErrorBody, "description": "The body is over --max-body-size"},
         422: {"model": ErrorBody, "description": "The input does not match the schema"},
-        429: {"model": ErrorBody, "description": "Queue full or rate limited (Retry-After)"},
+        429: {
+            "model": ErrorBody,
+            "description": "Queue full, rate limited, or too many waits open (Retry-After)",
+        },
     },
     openapi_extra={
         "requestBody": {
