@@ -23,6 +23,7 @@ from ovis_server.config import (
     parse_duration,
     parse_memory_size,
     parse_schedule,
+    parse_size,
 )
 from ovis_server.engine.images import encode_image
 
@@ -233,6 +234,81 @@ class BatchLimit(click.ParamType):  # type: ignore[type-arg]
 
 
 BATCH_LIMIT = BatchLimit()
+
+
+class Size(click.ParamType):  # type: ignore[type-arg]
+    """Bytes, or a number with a unit: 1048576, 512KiB, 1MiB."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = Size()
+
+
+def _check_hosts(_ctx: click.Context, param: click.Parameter, value: str) -> str:
+    for name in value.split(","):
+        pattern = name.strip()
+        if "*" in pattern[1:] or (pattern.startswith("*") and not pattern.startswith("*.")):
+            raise click.BadParameter(
+                f"{pattern!r}: a wildcard stands alone or starts a name, as in *.example.com",
+                param=param,
+            )
+    return value
+
+
+def edge_options(func: Any) -> Any:
+    """What one client may send and hold open (api/limits.py)."""
+    func = click.option(
+        "--allowed-hosts",
+        callback=_check_hosts,
+        default="",
+        envvar=_env("ALLOWED_HOSTS"),
+        show_envvar=True,
+        help="Comma-separated Host names this server answers to (*.example.com allowed); "
+        "others get 400. Default: any, and absolute URLs follow the client's Host unless "
+        "--public-url.",
+    )(func)
+    func = click.option(
+        "--max-connections",
+        type=click.IntRange(min=0),
+        default=1000,
+        envvar=_env("MAX_CONNECTIONS"),
+        show_envvar=True,
+        show_default=True,
+        help="Requests in progress at once, server-wide, before 503 with Retry-After "
+        "(probes and /metrics excepted; 0: no limit).",
+    )(func)
+    func = click.option(
+        "--max-streams-per-token",
+        type=click.IntRange(min=0),
+        default=20,
+        envvar=_env("MAX_STREAMS_PER_TOKEN"),
+        show_envvar=True,
+        show_default=True,
+        help="Status streams and 'Prefer: wait' submits one token holds open at once "
+        "before 429 (0: no limit).",
+    )(func)
+    return click.option(
+        "--max-body-size",
+        type=SIZE,
+        default="1MiB",
+        envvar=_env("MAX_BODY_SIZE"),
+        show_envvar=True,
+        show_default=True,
+        help="Largest request body taken (1048576, 512KiB, 1MiB); larger ones get 413 "
+        "unread (0: no limit).",
+    )(func)
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def configure_logging(level: str = "info") -> None:
@@ -555,6 +631,7 @@ def worker_options(func: Any) -> Any:
     show_envvar=True,
     show_default=True,
 )
+@edge_options
 @model_options
 @worker_options
 @storage_options
@@ -578,6 +655,10 @@ def serve(
     metrics_token: str | None,
     metrics_public: bool,
     log_level: str,
+    max_body_size: int,
+    max_streams_per_token: int,
+    max_connections: int,
+    allowed_hosts: str,
     model: str,
     device: str,
     dtype: str,
@@ -597,6 +678,7 @@ def serve(
     """Serve the Model API, with a worker process beside it that runs the model."""
     import uvicorn
 
+    from ovis_server.api.access_log import redact_access_log
     from ovis_server.api.app import GRACEFUL_SHUTDOWN_SECONDS, ApiServer, create_app
     from ovis_server.worker.supervisor import (
         WorkerSupervisor,
@@ -635,6 +717,10 @@ def serve(
         allow_private_webhooks=allow_private_webhooks,
         metrics_token=metrics_token,
         metrics_public=metrics_public,
+        max_body_size=max_body_size,
+        max_streams_per_token=max_streams_per_token,
+        max_connections=max_connections,
+        allowed_hosts=tuple(name.strip() for name in allowed_hosts.split(",") if name.strip()),
     )
     if not no_worker:
         refuse_random_full_on_cpu(model, device)
@@ -644,6 +730,12 @@ def serve(
         app = create_app(settings)
     except ValueError as exc:  # a --storage or --database-url it cannot use
         raise click.ClickException(str(exc)) from None
+    if host not in LOOPBACK_HOSTS and not settings.public_url and not settings.allowed_hosts:
+        logger.warning(
+            "listening on %s without --public-url or --allowed-hosts: absolute URLs in "
+            "answers (status, result, file links) follow whatever Host header a client sends",
+            host,
+        )
     if no_auth:
         logger.warning("--no-auth: anyone who can reach %s:%d can use this server", host, port)
     elif app.state.tokens.count() == 0:
@@ -675,7 +767,11 @@ def serve(
             log_level=log_level,
             proxy_headers=True,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            # A backstop under the app's own cap (which answers 503 with the error body):
+            # connections, idle ones too, beyond twice it get uvicorn's bare 503.
+            limit_concurrency=2 * max_connections if max_connections else None,
         )
+        redact_access_log()  # after uvicorn.Config, which configures its loggers
         ApiServer(config, app.state.hub).run()
     finally:
         if supervisor is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,23 @@ MEMORY_CHOICES = (
 )
 
 
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+}  # fmt: skip
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)")
+
+
+def parse_size(text: str) -> int:
+    """Bytes, or a number with a unit: ``1MiB``, ``512KiB``, ``2MB``, ``1048576``."""
+    match = _SIZE.fullmatch(text.strip().lower())
+    if match is None or match.group(2) not in _BYTE_UNITS:
+        raise ValueError(f"{text!r} is not a size such as 1048576, 512KiB or 1MiB")
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
+
+
 def default_data_dir() -> Path:
     """ovis-server's folder under the user's data home (``~/.local/share/ovis-server``)."""
     return Path(platformdirs.user_data_dir("ovis-server", appauthor=False))
@@ -118,6 +136,11 @@ class Settings:
     # unless metrics_public opts out of the check.
     metrics_token: str | None = field(default=None, repr=False)
     metrics_public: bool = False
+    # The HTTP edge (see api/limits.py); 0 turns a cap off, no allowed_hosts allows any.
+    max_body_size: int = 1024 * 1024
+    max_streams_per_token: int = 20
+    max_connections: int = 1000
+    allowed_hosts: tuple[str, ...] = ()
 
     def batch_limit(self, device_type: str, planned: int | None = None) -> int:
         """``--max-batch``: auto batches up to 4 on CUDA, where it pays, and 1 elsewhere,
