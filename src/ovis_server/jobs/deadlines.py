@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
+from ovis_server.db.picks import locked_pick
 from ovis_server.db.retry import retried
 from ovis_server.db.schema import jobs
 from ovis_server.jobs.events import record_changes, utcnow
@@ -70,11 +71,7 @@ class DeadlineExpiry(JobQueries):
         found = select(jobs.c.seq).where(jobs.c.status == status, jobs.c.deadline < now)
         if status == JobStatus.RUNNING:
             found = found.where(jobs.c.cancel_requested.is_(False))
-        return (
-            found.with_for_update(skip_locked=True)
-            .cte(f"past_deadline_{status.value}")
-            .prefix_with("MATERIALIZED", dialect="postgresql")
-        )
+        return locked_pick(found, f"past_deadline_{status.value}")
 
 
 class DeadlineSweeper:

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, func, or_, select, update
 
+from ovis_server.db.picks import locked_pick
 from ovis_server.db.schema import webhook_deliveries as deliveries
 from ovis_server.jobs.events import utcnow
 from ovis_server.jobs.job import DeliveryState, JobStatus
@@ -48,7 +49,7 @@ class DeliveryStore:
         if limit <= 0:
             return []
         now = utcnow()
-        due = (
+        due_now = (
             select(deliveries.c.id)
             .where(
                 deliveries.c.state == DeliveryState.PENDING,
@@ -57,10 +58,8 @@ class DeliveryStore:
             )
             .order_by(deliveries.c.next_attempt_at)
             .limit(limit)
-            .with_for_update(skip_locked=True)
-            .cte("due")
-            .prefix_with("MATERIALIZED", dialect="postgresql")
         )
+        due = locked_pick(due_now, "due")
         stmt = (
             update(deliveries)
             .where(deliveries.c.id == due.c.id, deliveries.c.state == DeliveryState.PENDING)

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Row, and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from ovis_server.db.picks import locked_pick
 from ovis_server.db.retry import retried
 from ovis_server.db.schema import job_events, jobs, webhook_deliveries
 from ovis_server.jobs.events import record_changes, utcnow
@@ -213,16 +214,8 @@ class JobQueue(JobQueries):
         )
         if batch_key is not None:
             candidates = candidates.where(jobs.c.batch_key == batch_key)
-        # PostgreSQL: concurrent workers skip rows another is claiming, and the picked rows
-        # are materialised once (a plain IN (subquery) may be evaluated more than once and
-        # claim more than the limit). SQLite has one writer at a time and ignores both.
-        picked = (
-            candidates.order_by(jobs.c.seq)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .cte("picked")
-            .prefix_with("MATERIALIZED", dialect="postgresql")
-        )
+        # Concurrent workers skip the rows another is claiming (see locked_pick).
+        picked = locked_pick(candidates.order_by(jobs.c.seq).limit(limit), "picked")
         stmt = (
             update(jobs)
             .where(jobs.c.seq == picked.c.seq, jobs.c.status == JobStatus.QUEUED)
