@@ -18,7 +18,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from ovis_server.client import WebhookVerificationError, verify_webhook
-from ovis_server.client.webhooks import sign
+from ovis_server.client.webhook_verify import sign
 
 from .helpers import (
     Cluster,

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, RowMapping, func, insert, or_, select, update
 
-from ovis_server.client.webhooks import SECRET_PREFIX as WEBHOOK_SECRET_PREFIX
+from ovis_server.client.webhook_verify import SECRET_PREFIX as WEBHOOK_SECRET_PREFIX
 from ovis_server.db.keys import shared_secret
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import tokens

@@ -26,11 +26,11 @@ from ovis_server.api.protocol import Health, Readiness
 from ovis_server.api.security import SecurityHeadersMiddleware
 from ovis_server.api.serving import RequestService
 from ovis_server.api.stream import StatusHub
-from ovis_server.api.webhooks import WebhookDispatcher
+from ovis_server.api.webhook_sender import WebhookDispatcher
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.deadlines import DeadlineSweeper
-from ovis_server.jobs.deliveries import DeliveryStore
+from ovis_server.jobs.outbox import DeliveryStore
 from ovis_server.jobs.retention import RetentionSweeper
 from ovis_server.jobs.stats import StatsReader
 from ovis_server.jobs.store import JobStore
