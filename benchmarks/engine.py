@@ -17,9 +17,10 @@ from __future__ import annotations
 import sys
 
 # Run as a script, this folder comes first on sys.path, and its queue.py would hide the
-# standard library's queue module from torch and everything else imported below.
+# standard library's queue module from torch and everything else imported below: the
+# repository root takes its place, from which ``benchmarks.flops`` is imported.
 if sys.path and sys.path[0] == __file__.rsplit("/", 1)[0]:
-    del sys.path[0]
+    sys.path[0] = sys.path[0].rsplit("/", 1)[0]
 
 import argparse
 import datetime as dt
@@ -34,8 +35,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.flops import image_flops
 from ovis_server.catalogue import IMAGE_SIZE_PRESETS
-from ovis_server.engine.flops import image_flops
 from ovis_server.engine.pipeline import Engine, pick_device, pick_dtype, silence_loading_progress
 from ovis_server.engine.request import GenerationRequest
 

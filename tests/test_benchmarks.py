@@ -62,7 +62,7 @@ def test_random_full_has_the_real_sizes() -> None:
 
 
 def test_flop_count_matches_the_design_document() -> None:
-    from ovis_server.engine.flops import image_flops, transformer_forward_flops
+    from benchmarks.flops import image_flops, transformer_forward_flops
 
     transformer = build_full_size_pipeline("meta", torch.bfloat16).transformer
     assert abs(transformer_forward_flops(transformer, 4096, 256) / 1e12 - 51) < 0.5

@@ -1,7 +1,7 @@
 """Fault tests: killed workers and servers, failing and hanging model code, load.
 
 Every test runs real server processes; faults are real signals (kill -9) or faults the
-worker injects inside the pipeline when OVIS_SERVER_FAULTS asks it to.
+worker injects inside the pipeline through its test-only step hook (tests/faults.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from .faults import use_faults
 from .helpers import (
     Server,
     create_token,
@@ -126,7 +127,7 @@ def test_a_thousand_concurrent_submits_none_lost_none_duplicated(
 def test_model_failures_fail_only_their_job(
     tmp_path: Path, tiny_weights: Path, servers: list[Server], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("OVIS_SERVER_FAULTS", "BOOM=error,VRAM=oom")
+    use_faults(monkeypatch, "BOOM=error,VRAM=oom")
     server = start_server(tmp_path, tiny_weights)
     servers.append(server)
     with server.client(create_token(tmp_path, "f")) as client:
@@ -151,7 +152,7 @@ def test_model_failures_fail_only_their_job(
 def test_a_hang_in_model_code_is_ended_and_the_job_fails_after_max_attempts(
     tmp_path: Path, tiny_weights: Path, servers: list[Server], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("OVIS_SERVER_FAULTS", "FREEZE=hang")
+    use_faults(monkeypatch, "FREEZE=hang")
     server = start_server(
         tmp_path,
         tiny_weights,

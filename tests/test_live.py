@@ -18,7 +18,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from ovis_server.client import WebhookVerificationError, verify_webhook
-from ovis_server.client.webhooks import sign
+from ovis_server.client.webhook_verify import sign
 
 from .helpers import (
     Cluster,
@@ -150,7 +150,10 @@ def test_200_concurrent_streams_on_one_process_stay_correct(
     """200 streams on 20 queued jobs: each kept alive while they wait, each sees its job
     move up the queue, run every step and finish, and the server counts them open."""
     jobs, per_job, steps = 20, 10, 3
-    server = start_server(tmp_path, tiny_weights, "--no-worker", "--metrics-public")
+    # One token holds them all: past the default --max-streams-per-token (20).
+    server = start_server(
+        tmp_path, tiny_weights, "--no-worker", "--metrics-public", "--max-streams-per-token", "0"
+    )
     cluster.servers.append(server)
     token = create_token(tmp_path, "crowd")
     with server.client(token) as client:

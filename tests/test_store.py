@@ -16,8 +16,8 @@ from sqlalchemy import text
 
 from ovis_server.db.connect import alembic_config, connect, migrate, sqlite_url
 from ovis_server.db.schema import metadata
-from ovis_server.jobs.deliveries import DeliveryStore
 from ovis_server.jobs.job import CancelOutcome, JobStatus, StoredOutput
+from ovis_server.jobs.outbox import DeliveryStore
 from ovis_server.jobs.store import JobStore, LeaseLostError, utcnow
 
 from .conftest import BACKENDS, fresh_postgres_database

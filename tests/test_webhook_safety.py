@@ -106,10 +106,20 @@ def memory_kib(pid: int, field_name: str) -> int:
     return int(match.group(1))
 
 
-def messages(server: Server, state: str) -> int:
+def delivered_messages(server: Server) -> int:
+    """``ovis_webhook_messages_finished_total{state="delivered"}`` from /metrics."""
     text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
-    match = re.search(rf'^ovis_webhook_messages{{state="{state}"}} (\d+)', text, re.MULTILINE)
-    return int(match.group(1)) if match else 0
+    pattern = r'^ovis_webhook_messages_finished_total{state="delivered"} (\S+)'
+    match = re.search(pattern, text, re.MULTILINE)
+    return int(float(match.group(1))) if match else 0
+
+
+def pending_messages(server: Server) -> int:
+    """``ovis_webhook_messages_pending`` from /metrics (servers here run --metrics-public)."""
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    match = re.search(r"^ovis_webhook_messages_pending (\d+)", text, re.MULTILINE)
+    assert match is not None, text
+    return int(float(match.group(1)))
 
 
 # --- submit: URLs refused by themselves ------------------------------------------------
@@ -201,7 +211,9 @@ def test_a_name_that_resolves_to_loopback_is_refused_when_sending(
     turned that off: its message is refused at send time, after DNS, without connecting."""
     with receiving(answer_status(204)) as hooks:
         url = hooks.url.replace("127.0.0.1", "localhost") + "?token=SEKRET"
-        first = start_server(tmp_path, tiny_weights, "--no-worker", "--allow-private-webhooks")
+        first = start_server(
+            tmp_path, tiny_weights, "--no-worker", "--allow-private-webhooks", "--metrics-public"
+        )
         token = create_token(tmp_path, "rebound")
         with first.client(token) as client:
             response = client.post(SUBMIT, json={"prompt": "x", "webhook": url})
@@ -233,7 +245,9 @@ def test_a_gzip_bomb_answer_costs_the_api_no_memory(
         handler.end_headers()
         handler.wfile.write(bomb)
 
-    server = start_server(tmp_path, tiny_weights, "--no-worker", "--allow-private-webhooks")
+    server = start_server(
+        tmp_path, tiny_weights, "--no-worker", "--allow-private-webhooks", "--metrics-public"
+    )
     cluster.servers.append(server)
     pid = server.process.pid
     token = create_token(tmp_path, "bombed")
@@ -248,7 +262,7 @@ def test_a_gzip_bomb_answer_costs_the_api_no_memory(
             hooked_and_cancelled(client, hooks.url)
         slowest = 0.0
         deadline = time.monotonic() + 90
-        while messages(server, "delivered") < 3:
+        while delivered_messages(server) < 3:
             started = time.monotonic()
             assert httpx.get(f"{server.base_url}/healthz", timeout=5).status_code == 200
             slowest = max(slowest, time.monotonic() - started)
@@ -267,7 +281,9 @@ def test_a_hanging_receiver_does_not_delay_another_tokens_webhooks(
     def hang(handler: BaseHTTPRequestHandler) -> None:
         hanging.released.wait(120)
 
-    server = start_server(tmp_path, tiny_weights, "--no-worker", "--allow-private-webhooks")
+    server = start_server(
+        tmp_path, tiny_weights, "--no-worker", "--allow-private-webhooks", "--metrics-public"
+    )
     cluster.servers.append(server)
     token_a, token_b = create_token(tmp_path, "a"), create_token(tmp_path, "b")
     with (
@@ -293,14 +309,14 @@ def test_a_hanging_receiver_does_not_delay_another_tokens_webhooks(
         time.sleep(max(0.0, first + 25 - time.monotonic()))
         assert hanging.count() <= 6, f"{hanging.count()} calls to a failing destination"
         assert "failed 3 times in a row: pausing them for 30 s" in server.log()
-        assert messages(server, "pending") == 40
+        assert pending_messages(server) == 40
 
 
 def test_a_failing_message_does_not_keep_its_job_past_retention(
     tmp_path: Path, tiny_weights: Path, cluster: Cluster
 ) -> None:
     server = start_server(
-        tmp_path, tiny_weights, "--no-worker", "--allow-private-webhooks",
+        tmp_path, tiny_weights, "--no-worker", "--allow-private-webhooks", "--metrics-public",
         "--retention", "3s", "--cleanup-interval", "1s",
         "--webhook-retry-schedule", "0,1h", "--log-level", "debug",
     )  # fmt: skip
@@ -311,13 +327,13 @@ def test_a_failing_message_does_not_keep_its_job_past_retention(
         request_id = hooked_and_cancelled(client, url)
         wait_for(lambda: "attempt 1: HTTP 500" in server.log(), timeout=30)
         assert hooks.count() == 1
-        assert messages(server, "pending") == 1, "the next attempt is an hour away"
+        assert pending_messages(server) == 1, "the next attempt is an hour away"
 
         def gone() -> bool:
             return client.get(f"/v1/requests/{request_id}/status").status_code == 404
 
         wait_for(gone, timeout=30)
-        assert messages(server, "pending") == 0
+        assert pending_messages(server) == 0
     # Logs show where a webhook went, never its query string.
     log = server.log()
     assert f"{hooks.url}, attempt 1: HTTP 500" in log

@@ -10,6 +10,7 @@ these fields. Precedence: command line > environment > config file (``--config``
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,23 @@ MemoryChoice = Literal[
 MEMORY_CHOICES: tuple[str, ...] = get_args(MemoryChoice)
 # /metrics tokens are long random strings.
 MIN_METRICS_TOKEN = 16
+
+
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+}  # fmt: skip
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)")
+
+
+def parse_size(text: str) -> int:
+    """Bytes, or a number with a unit: ``1MiB``, ``512KiB``, ``2MB``, ``1048576``."""
+    match = _SIZE.fullmatch(text.strip().lower())
+    if match is None or match.group(2) not in _BYTE_UNITS:
+        raise ValueError(f"{text!r} is not a size such as 1048576, 512KiB or 1MiB")
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
 
 
 def default_data_dir() -> Path:
@@ -262,6 +280,32 @@ class Settings(BaseSettings):
         "connect.",
     )
     log_level: Annotated[Literal["debug", "info", "warning", "error"], Cli(WORKER)] = "info"
+    # The HTTP edge (see api/limits.py); 0 turns a cap off, no allowed_hosts allows any.
+    max_body_size: Annotated[int, Cli(SERVE, show_default="1MiB", metavar="SIZE")] = Field(
+        1024 * 1024,
+        description="Largest request body taken (1048576, 512KiB, 1MiB); larger ones get 413 "
+        "unread (0: no limit).",
+    )
+    max_streams_per_token: Annotated[int, Cli(SERVE)] = Field(
+        20,
+        ge=0,
+        description="Status streams and 'Prefer: wait' submits one token holds open at once "
+        "before 429 (0: no limit).",
+    )
+    max_connections: Annotated[int, Cli(SERVE)] = Field(
+        1000,
+        ge=0,
+        description="Requests in progress at once, server-wide, before 503 with Retry-After "
+        "(probes and /metrics excepted; 0: no limit).",
+    )
+    allowed_hosts: Annotated[tuple[str, ...], Cli(SERVE, show_default=False, metavar="TEXT")] = (
+        Field(
+            (),
+            description="Comma-separated Host names this server answers to (*.example.com "
+            "allowed); others get 400. Default: any, and absolute URLs follow the client's Host "
+            "unless --public-url.",
+        )
+    )
     model: Annotated[str, Cli(MODEL)] = Field(
         OVIS_IMAGE.default_weights,
         description="A hub id, a local diffusers directory, 'tiny' (a tiny random model, for "
@@ -378,6 +422,26 @@ class Settings(BaseSettings):
         if text != "auto" and not (text.isdigit() and int(text) >= 1):
             raise ValueError(f"{value!r} is neither 'auto' nor a whole number from 1")
         return text
+
+    @field_validator("max_body_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list | tuple):
+            return value
+        names = tuple(str(name).strip() for name in value if str(name).strip())
+        for pattern in names:
+            if "*" in pattern[1:] or (pattern.startswith("*") and not pattern.startswith("*.")):
+                raise ValueError(
+                    f"{pattern!r}: a wildcard stands alone or starts a name, as in *.example.com"
+                )
+        return names
 
     @field_validator("gpu_memory")
     @classmethod

@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, RowMapping, func, insert, or_, select, update
 
-from ovis_server.client.webhooks import SECRET_PREFIX as WEBHOOK_SECRET_PREFIX
+from ovis_server.client.webhook_verify import SECRET_PREFIX as WEBHOOK_SECRET_PREFIX
 from ovis_server.db.keys import shared_secret
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import tokens
@@ -140,6 +141,19 @@ class TokenStore:
         """The secret that signs the webhooks of this token's requests (made on first use,
         so tokens older than webhooks have one too)."""
         return shared_secret(self.engine, f"webhook:{token_id}", new_webhook_secret)
+
+    @retried
+    def revoked_among(self, token_ids: Collection[str]) -> set[str]:
+        """Which of these tokens are revoked (one query per 500)."""
+        ids = sorted(token_ids)
+        revoked: set[str] = set()
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                stmt = select(tokens.c.id).where(
+                    tokens.c.id.in_(ids[start : start + 500]), tokens.c.revoked_at.is_not(None)
+                )
+                revoked.update(conn.execute(stmt).scalars())
+        return revoked
 
     @retried
     def authenticate(self, secret: str) -> TokenInfo | None:

@@ -20,16 +20,17 @@ from ovis_server import __version__
 from ovis_server.api import files, openai_images, playground, routes
 from ovis_server.api.auth import authorize_metrics
 from ovis_server.api.errors import install_error_handlers
+from ovis_server.api.limits import AllowedHosts, BodySizeLimit, ConnectionLimit, TokenSlots
 from ovis_server.api.metrics import Metrics, OvisCollector
 from ovis_server.api.protocol import Health, Readiness
 from ovis_server.api.security import SecurityHeadersMiddleware
 from ovis_server.api.serving import RequestService
 from ovis_server.api.stream import StatusHub
-from ovis_server.api.webhooks import WebhookDispatcher
+from ovis_server.api.webhook_sender import WebhookDispatcher
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.deadlines import DeadlineSweeper
-from ovis_server.jobs.deliveries import DeliveryStore
+from ovis_server.jobs.outbox import DeliveryStore
 from ovis_server.jobs.retention import RetentionSweeper
 from ovis_server.jobs.stats import StatsReader
 from ovis_server.jobs.store import JobStore
@@ -71,8 +72,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
 
     deadlines = DeadlineSweeper(store)
-    hub = StatusHub(store)
     tokens = TokenStore(db)
+    hub = StatusHub(store, tokens)
     service = RequestService(store, file_store, settings)
     deliveries = DeliveryStore(db)
     dispatcher = WebhookDispatcher(
@@ -116,6 +117,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.hub = hub
     install_error_handlers(app)
     app.add_middleware(SecurityHeadersMiddleware)
+    # The last added runs first: the server-wide cap, then the Host, then the body.
+    app.add_middleware(TokenSlots, per_token=settings.max_streams_per_token)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_size)
+    if settings.allowed_hosts:
+        app.add_middleware(AllowedHosts, allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(ConnectionLimit, limit=settings.max_connections)
     app.include_router(routes.router)
     app.include_router(openai_images.router)
     app.include_router(files.router)

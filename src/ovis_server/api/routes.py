@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -9,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ovis_server.api.auth import Caller, authenticate
+from ovis_server.api.limits import hold_slot
 from ovis_server.api.protocol import (
     CancelResponse,
     CatalogueQuery,
@@ -80,8 +82,12 @@ def get_model(model_id: str, request: Request, _caller: CallerDep) -> ModelDetai
     responses={
         **_ERRORS,
         404: {"model": ErrorBody, "description": "Unknown model_id"},
+        413: {"model": ErrorBody, "description": "The body is over --max-body-size"},
         422: {"model": ErrorBody, "description": "The input does not match the schema"},
-        429: {"model": ErrorBody, "description": "Queue full or rate limited (Retry-After)"},
+        429: {
+            "model": ErrorBody,
+            "description": "Queue full, rate limited, or too many waits open (Retry-After)",
+        },
     },
     openapi_extra={
         "requestBody": {
@@ -130,6 +136,11 @@ async def submit(
         Query(description="Also POST the status body on every status change."),
     ] = None,
 ) -> SubmitResponse | ResultResponse:
+    # Settled before anything is queued: a refusal after it would leave a job behind
+    # that a client retrying the refused submit would queue again.
+    wait = wait_preference(prefer)
+    if wait:
+        hold_slot(request, caller.token_id)
     # The body is read here rather than declared, so that an unknown model answers 404
     # before its body is judged against a schema it does not have.
     body = await request.body()
@@ -143,10 +154,11 @@ async def submit(
         webhook=Webhook(webhook, webhook_intermediate_status),
         cancel_after=cancel_after,
     )
-    wait = wait_preference(prefer)
     if wait:
         svc = service(request)
-        finished = await wait_final(request.app.state.hub, svc.store, submitted.request_id, wait)
+        finished = await wait_final(
+            request.app.state.hub, svc.store, submitted.request_id, wait, caller.token_id
+        )
         if finished is not None:
             response.headers["Preference-Applied"] = f"wait={wait}"
             return svc.result_body(finished, base_url(request))
@@ -154,14 +166,19 @@ async def submit(
 
 
 MAX_WAIT_SECONDS = 60
+# wait=N: N in ASCII digits, quoted or not (RFC 7240 allows both), short enough to read.
+_WAIT_VALUE = re.compile(r'"?([0-9]{1,9})"?')
 
 
 def wait_preference(prefer: str | None) -> int:
-    """The seconds ``Prefer: wait=N`` asks for (capped at 60); 0 without it (RFC 7240)."""
+    """The seconds ``Prefer: wait=N`` asks for (capped at 60); 0 without it, and for a
+    value that is not a number (RFC 7240: a preference not understood is ignored)."""
     for preference in (prefer or "").split(","):
-        name, _, value = preference.strip().partition("=")
-        if name.strip().lower() == "wait" and value.strip().isdigit():
-            return min(int(value.strip()), MAX_WAIT_SECONDS)
+        name, _, value = preference.split(";", 1)[0].strip().partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        match = _WAIT_VALUE.fullmatch(value.strip())
+        return min(int(match.group(1)), MAX_WAIT_SECONDS) if match else 0
     return 0
 
 
@@ -203,6 +220,7 @@ def get_result(request_id: str, request: Request, caller: CallerDep) -> ResultRe
     response_class=StreamingResponse,
     responses={
         **_REQUEST_ERRORS,
+        429: {"model": ErrorBody, "description": "This token holds too many streams open"},
         200: {
             "description": "Server-sent events: `status` (the status body) on every change, "
             "then `result` (the result body) once final, then the stream ends; a "
@@ -214,9 +232,10 @@ def get_result(request_id: str, request: Request, caller: CallerDep) -> ResultRe
 async def stream_status(request_id: str, request: Request, caller: CallerDep) -> StreamingResponse:
     svc = service(request)
     await run_in_threadpool(svc.owned_job, caller.token_id, request_id)
+    hold_slot(request, caller.token_id)
     hub: StatusHub = request.app.state.hub
     return StreamingResponse(
-        status_events(svc, hub, request_id, base_url(request)),
+        status_events(svc, hub, request_id, base_url(request), caller.token_id),
         media_type="text/event-stream",
         # Proxies must pass each event on as it comes (nginx buffers unless told not to).
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},

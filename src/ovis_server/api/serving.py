@@ -24,6 +24,7 @@ from ovis_server.api.errors import (
     too_many,
     validation_failed,
 )
+from ovis_server.api.limits import check_json_depth
 from ovis_server.api.protocol import (
     RESULT_WORDS,
     STATUS_WORDS,
@@ -255,6 +256,7 @@ class RequestService:
     ) -> SubmitResponse:
         spec = self._spec(model_id)
         lifetime = None if cancel_after is None else parse_cancel_after(cancel_after)
+        check_json_depth(body)  # json.loads recurses, and a client's nesting is unbounded
         webhook = webhook or Webhook()
         fields: Any = None
         if b'"webhook' in body:

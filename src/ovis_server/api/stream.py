@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from ovis_server.api.serving import RequestService
 from ovis_server.jobs.job import Job, JobEvent, JobStatus
 from ovis_server.jobs.store import JobStore
+from ovis_server.tokens import TokenStore
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ ERROR_INTERVAL = 2.0
 GAP_SECONDS = 5.0
 MAX_HOLES = 1000
 BATCH = 1000
+# How often the tokens of open streams are checked for revocation (one query for all).
+REVOCATION_INTERVAL = 2.0
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,11 @@ class StatusHub:
     lock; ``open_streams`` is a plain counter that other threads may read.
     """
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobStore, tokens: TokenStore | None = None) -> None:
         self.store = store
+        self.tokens = tokens
         self.open_streams = 0
+        self._token_of: dict[asyncio.Queue[Update], str] = {}
         self._watchers: dict[str, set[asyncio.Queue[Update]]] = defaultdict(set)
         self._queued: set[str] = set()  # watched jobs that may be waiting in the queue
         self._positions: dict[str, int] = {}
@@ -79,19 +84,25 @@ class StatusHub:
         self._seen: set[int] = set()  # seqs above the cursor already handed out
         self._holes: dict[int, float] = {}  # seqs above the cursor not seen yet, since when
         self._task: asyncio.Task[None] | None = None
+        self._revocations: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._cursor = await asyncio.to_thread(self.store.last_event_seq)
         self._task = asyncio.create_task(self._run(), name="status-hub")
+        if self.tokens is not None:
+            self._revocations = asyncio.create_task(
+                self._close_revoked(self.tokens), name="status-hub-revocations"
+            )
 
     async def stop(self) -> None:
         self.close_streams()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._revocations):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def close_streams(self) -> None:
         """End every open stream (at shutdown)."""
@@ -104,11 +115,13 @@ class StatusHub:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.close_streams)
 
-    def subscribe(self, request_id: str) -> asyncio.Queue[Update]:
+    def subscribe(self, request_id: str, token_id: str | None = None) -> asyncio.Queue[Update]:
         """A queue that receives every later event of ``request_id``, and its moves in the
-        queue while it waits there."""
+        queue while it waits there; closed soon after ``token_id`` is revoked."""
         queue: asyncio.Queue[Update] = asyncio.Queue()
         self._watchers[request_id].add(queue)
+        if token_id is not None:
+            self._token_of[queue] = token_id
         self.open_streams += 1
         # Until the next count says otherwise, the job may be waiting in the queue.
         self._queued.add(request_id)
@@ -120,6 +133,7 @@ class StatusHub:
         if queues is None or queue not in queues:
             return
         queues.discard(queue)
+        self._token_of.pop(queue, None)
         self.open_streams -= 1
         if not queues:
             del self._watchers[request_id]
@@ -136,6 +150,24 @@ class StatusHub:
                 continue
             if not busy:
                 await asyncio.sleep(ACTIVE_INTERVAL if self._watchers else IDLE_INTERVAL)
+
+    async def _close_revoked(self, tokens: TokenStore) -> None:
+        """End the streams of tokens revoked since they opened (a revoked token must not
+        keep listening), checking every few seconds."""
+        while True:
+            await asyncio.sleep(REVOCATION_INTERVAL)
+            watching = set(self._token_of.values())
+            if not watching:
+                continue
+            try:
+                revoked = await asyncio.to_thread(tokens.revoked_among, watching)
+            except Exception:
+                logger.exception("checking the tokens of open streams failed; trying again")
+                continue
+            for queue, token_id in list(self._token_of.items()):
+                if token_id in revoked:
+                    del self._token_of[queue]
+                    queue.put_nowait(Closing())
 
     async def _tick(self) -> bool:
         """Read and hand out new events; True if there may be more to read at once."""
@@ -220,12 +252,12 @@ def _sse(event: str, body: BaseModel) -> str:
 
 
 async def follow(
-    hub: StatusHub, store: JobStore, request_id: str
+    hub: StatusHub, store: JobStore, request_id: str, token_id: str | None = None
 ) -> AsyncGenerator[tuple[Job, int | None] | None, None]:
     """A job as it changes: (job, queue position) now and on every change, None after each
     quiet 15 s; ends after the final state (the job's whole row: outputs, error), when the
-    job is gone, or at shutdown."""
-    queue = hub.subscribe(request_id)
+    job is gone, at shutdown, or once ``token_id`` is revoked."""
+    queue = hub.subscribe(request_id, token_id)
     try:
         # Subscribed first, read second: no event falls between the two.
         snapshot = await asyncio.to_thread(store.snapshot, request_id)
@@ -266,13 +298,17 @@ async def follow(
 
 
 async def status_events(
-    service: RequestService, hub: StatusHub, request_id: str, base_url: str
+    service: RequestService,
+    hub: StatusHub,
+    request_id: str,
+    base_url: str,
+    token_id: str | None = None,
 ) -> AsyncIterator[str]:
     """The server-sent events of one stream: a ``status`` event for the state the job is
     in and for every change after it, a keep-alive comment when nothing happened for 15 s,
     and once the job is final its ``result`` event, after which the stream ends."""
     sent = None
-    async with contextlib.aclosing(follow(hub, service.store, request_id)) as changes:
+    async with contextlib.aclosing(follow(hub, service.store, request_id, token_id)) as changes:
         async for change in changes:
             if change is None:
                 yield ": keep-alive\n\n"
@@ -289,13 +325,13 @@ async def status_events(
 
 
 async def wait_final(
-    hub: StatusHub, store: JobStore, request_id: str, seconds: float
+    hub: StatusHub, store: JobStore, request_id: str, seconds: float, token_id: str | None = None
 ) -> Job | None:
     """The job once it is final, or None if it is not within ``seconds``."""
     with contextlib.suppress(TimeoutError):
         async with (
             asyncio.timeout(seconds),
-            contextlib.aclosing(follow(hub, store, request_id)) as changes,
+            contextlib.aclosing(follow(hub, store, request_id, token_id)) as changes,
         ):
             async for change in changes:
                 if change is not None and change[0].status.is_final:

@@ -20,6 +20,8 @@ from ovis_server.cli.options import settings_options
 from ovis_server.config import Settings
 from ovis_server.engine.images import encode_image
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
 
 def refuse_random_full_on_cpu(model: str, device: str) -> None:
     """Say at once that ``--model random-full`` cannot run here, instead of starting a
@@ -42,6 +44,7 @@ def serve(settings: Settings) -> None:
     """Serve the Model API, with a worker process beside it that runs the model."""
     import uvicorn
 
+    from ovis_server.api.access_log import redact_access_log
     from ovis_server.api.app import GRACEFUL_SHUTDOWN_SECONDS, ApiServer, create_app
     from ovis_server.worker.supervisor import (
         WorkerSupervisor,
@@ -57,6 +60,13 @@ def serve(settings: Settings) -> None:
         app = create_app(settings)
     except ValueError as exc:  # a --storage or --database-url it cannot use
         raise click.ClickException(str(exc)) from None
+    host = settings.host
+    if host not in LOOPBACK_HOSTS and not settings.public_url and not settings.allowed_hosts:
+        logger.warning(
+            "listening on %s without --public-url or --allowed-hosts: absolute URLs in "
+            "answers (status, result, file links) follow whatever Host header a client sends",
+            host,
+        )
     if settings.no_auth:
         logger.warning(
             "--no-auth: anyone who can reach %s:%d can use this server",
@@ -92,7 +102,11 @@ def serve(settings: Settings) -> None:
             log_level=settings.log_level,
             proxy_headers=True,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            # A backstop under the app's own cap (which answers 503 with the error body):
+            # connections, idle ones too, beyond twice it get uvicorn's bare 503.
+            limit_concurrency=2 * settings.max_connections if settings.max_connections else None,
         )
+        redact_access_log()  # after uvicorn.Config, which configures its loggers
         ApiServer(config, app.state.hub).run()
     finally:
         if supervisor is not None:

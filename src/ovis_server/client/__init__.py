@@ -21,7 +21,7 @@ from ovis_server.client.errors import (
 )
 from ovis_server.client.models import Cancellation, Progress, Result, Status, Submission
 from ovis_server.client.sync import Client
-from ovis_server.client.webhooks import WebhookVerificationError, verify_webhook
+from ovis_server.client.webhook_verify import WebhookVerificationError, verify_webhook
 
 __all__ = [
     "ApiError",

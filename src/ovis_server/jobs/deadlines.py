@@ -9,12 +9,69 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
-from ovis_server.jobs.store import JobStore
+from sqlalchemy import select, update
+
+from ovis_server.db.picks import locked_pick
+from ovis_server.db.retry import retried
+from ovis_server.db.schema import jobs
+from ovis_server.jobs.events import record_changes, utcnow
+from ovis_server.jobs.job import JobStatus
+from ovis_server.jobs.queries import JobQueries
+
+if TYPE_CHECKING:
+    from ovis_server.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 1.0
+# The error a job carries when its deadline (the submit's Cancel-After) cancels it.
+DEADLINE_EXCEEDED = "deadline_exceeded"
+DEADLINE_MESSAGE = "the request did not complete before its Cancel-After deadline; it was cancelled"
+
+
+class DeadlineExpiry(JobQueries):
+    """The store's deadline pass (a part of ``JobStore``)."""
+
+    @retried
+    def expire_deadlines(self) -> tuple[int, int]:
+        """Act on the jobs whose deadline has passed: cancel the queued ones at once (they
+        leave the queue) and flag the running ones, which their worker stops at the next
+        step; both carry the reason as their error. Returns (cancelled, flagged).
+
+        Rows another transaction holds are skipped, not waited for: the next pass (about a
+        second later) takes them.
+        """
+        now = utcnow()
+        reason = {"error_type": DEADLINE_EXCEEDED, "error_message": DEADLINE_MESSAGE}
+        with self.engine.begin() as conn:
+            queued = conn.execute(
+                update(jobs)
+                .where(jobs.c.seq == self._past_deadline(now, JobStatus.QUEUED).c.seq)
+                .values(
+                    status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, **reason
+                )
+                .returning(*jobs.c)
+            ).all()
+            record_changes(conn, queued, now)
+            running = conn.execute(
+                update(jobs)
+                .where(jobs.c.seq == self._past_deadline(now, JobStatus.RUNNING).c.seq)
+                .values(cancel_requested=True, **reason)
+                .returning(jobs.c.seq)
+            ).all()
+        return len(queued), len(running)
+
+    @staticmethod
+    def _past_deadline(now: datetime, status: JobStatus) -> Any:
+        """The jobs in ``status`` whose deadline has passed (running ones not yet flagged),
+        locked for the update that acts on them (PostgreSQL; SQLite ignores it)."""
+        found = select(jobs.c.seq).where(jobs.c.status == status, jobs.c.deadline < now)
+        if status == JobStatus.RUNNING:
+            found = found.where(jobs.c.cancel_requested.is_(False))
+        return locked_pick(found, f"past_deadline_{status.value}")
 
 
 class DeadlineSweeper:

@@ -110,7 +110,7 @@ def load_engine(settings: Settings) -> Engine:
 
 def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     """Load the model, then take jobs until SIGTERM or SIGINT; the job in hand is put back."""
-    from ovis_server.worker.faults import FaultPlan
+    from ovis_server.worker.hooks import load_step_hook
 
     stop = threading.Event()
 
@@ -127,7 +127,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
             target=_watch_parent, args=(parent_pid, stop), name="parent-watch", daemon=True
         ).start()
 
-    faults = FaultPlan.from_env()
+    step_hook = load_step_hook()
     db = connect(settings.db_url)
     migrate(db)
     store = JobStore(db)
@@ -162,7 +162,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
                 lease_seconds=settings.lease_seconds,
                 max_attempts=settings.max_attempts,
                 max_batch=settings.batch_limit(engine.device.type, engine.memory.batch_limit),
-                faults=faults,
+                step_hook=step_hook,
                 on_problem=lambda problem: _report_problem(registry, worker_id, problem),
             )
         )

@@ -27,7 +27,7 @@ from ovis_server.engine.request import GenerationRequest
 from ovis_server.jobs.job import Job, StoredOutput
 from ovis_server.jobs.store import JobStore, LeaseLostError
 from ovis_server.storage.base import FileStore, output_key
-from ovis_server.worker.faults import FaultPlan
+from ovis_server.worker.hooks import StepHook
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -91,7 +91,7 @@ class Worker:
         poll_seconds: float = 0.2,
         max_attempts: int = 3,
         max_batch: int = 1,
-        faults: FaultPlan | None = None,
+        step_hook: StepHook | None = None,
         write_check_seconds: float = WRITE_CHECK_SECONDS,
         on_problem: Callable[[str | None], None] | None = None,
     ) -> None:
@@ -103,7 +103,8 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.max_attempts = max_attempts
         self.max_batch = max(1, max_batch)
-        self.faults = faults or FaultPlan({})
+        # Called with each job in hand after each step: tests only (worker/hooks.py).
+        self.step_hook = step_hook
         self.write_check_seconds = write_check_seconds
         # Why the files store cannot take this worker's outputs; None while it can. The
         # heartbeat reports it, and /readyz answers 503 naming it.
@@ -224,9 +225,9 @@ class Worker:
 
         def on_step(step: int, total: int, active: Sequence[int]) -> Collection[int]:
             self._last_progress = time.monotonic()
-            if step == 1:
+            if self.step_hook is not None:
                 for index in active:
-                    self.faults.strike(str(jobs[index].input.get("prompt", "")))
+                    self.step_hook(jobs[index], step)
             ids = [jobs[index].id for index in active]
             try:
                 cancel, lost = self.store.report_batch_progress(

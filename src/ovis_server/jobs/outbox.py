@@ -1,10 +1,12 @@
-"""Webhook messages waiting to be delivered: claimed under a hold, retried on a schedule.
+"""The webhook outbox: messages waiting to be delivered, claimed under a hold, retried on
+a schedule.
 
-``JobStore`` writes a message in the same transaction as the state change it announces,
-so none is lost to a crash. Any API process may send it: it claims the message for a
-while (on PostgreSQL skipping those another process is claiming), POSTs it, and records
-the attempt. A process that dies mid-send leaves a hold that runs out, and the message
-is sent again: delivery is at least once, and receivers deduplicate on ``webhook-id``.
+``record_changes`` (jobs/events.py) writes a message in the same transaction as the
+state change it announces, so none is lost to a crash. Any API process may send it: it
+claims the message for a while (on PostgreSQL skipping those another process is
+claiming), POSTs it, and records the attempt. A process that dies mid-send leaves a hold
+that runs out, and the message is sent again: delivery is at least once, and receivers
+deduplicate on ``webhook-id``.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, and_, func, or_, select, update
+from sqlalchemy import Engine, and_, func, or_, select, update
 
+from ovis_server.db.picks import locked_pick
 from ovis_server.db.schema import webhook_deliveries as deliveries
+from ovis_server.jobs.events import utcnow
 from ovis_server.jobs.job import DeliveryState, JobStatus
-from ovis_server.jobs.store import utcnow
+from ovis_server.jobs.rows import from_row
 
 
 @dataclass(frozen=True)
@@ -36,22 +40,6 @@ class Delivery:
     claimed_until: datetime | None
 
 
-def _delivery(row: Row[Any]) -> Delivery:
-    data = row._mapping
-    return Delivery(
-        id=data["id"],
-        request_id=data["request_id"],
-        token_id=data["token_id"],
-        url=data["url"],
-        status=JobStatus(data["status"]),
-        step=data["step"],
-        total=data["total"],
-        attempts=data["attempts"],
-        created_at=data["created_at"],
-        claimed_until=data["claimed_until"],
-    )
-
-
 class DeliveryStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -61,7 +49,7 @@ class DeliveryStore:
         if limit <= 0:
             return []
         now = utcnow()
-        due = (
+        due_now = (
             select(deliveries.c.id)
             .where(
                 deliveries.c.state == DeliveryState.PENDING,
@@ -70,10 +58,8 @@ class DeliveryStore:
             )
             .order_by(deliveries.c.next_attempt_at)
             .limit(limit)
-            .with_for_update(skip_locked=True)
-            .cte("due")
-            .prefix_with("MATERIALIZED", dialect="postgresql")
         )
+        due = locked_pick(due_now, "due")
         stmt = (
             update(deliveries)
             .where(deliveries.c.id == due.c.id, deliveries.c.state == DeliveryState.PENDING)
@@ -81,7 +67,7 @@ class DeliveryStore:
             .returning(*deliveries.c)
         )
         with self.engine.begin() as conn:
-            return [_delivery(row) for row in conn.execute(stmt)]
+            return [from_row(Delivery, row, status=JobStatus) for row in conn.execute(stmt)]
 
     def record_attempt(
         self, message: Delivery, error: str | None, schedule: Sequence[float]

@@ -1,8 +1,9 @@
-"""Fault injection for reliability tests: make the pipeline fail on purpose.
+"""Fault injection for the reliability tests: make the pipeline fail on purpose.
 
-Off unless ``OVIS_SERVER_FAULTS`` is set, as ``marker=fault`` pairs separated by commas.
-A job whose prompt contains a marker meets its fault inside the pipeline, at the first
-denoising step:
+The worker loads this module only when ``OVIS_SERVER_TEST_HOOKS`` names it (see
+``ovis_server.worker.hooks``); ``use_faults`` sets that up for a test's servers. Faults are
+``marker=fault`` pairs separated by commas in ``OVIS_SERVER_FAULTS``. A job whose prompt
+contains a marker meets its fault inside the pipeline, at the first denoising step:
 
 - ``error``: an exception from the model code (the job fails, the worker goes on);
 - ``oom``: ``torch.cuda.OutOfMemoryError``, as a GPU out of memory raises it;
@@ -14,9 +15,19 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ovis_server.jobs.job import Job
+from ovis_server.worker.hooks import ENV_VAR as HOOKS_VAR
+from ovis_server.worker.hooks import StepHook
+
+if TYPE_CHECKING:
+    import pytest
 
 ENV_VAR = "OVIS_SERVER_FAULTS"
 KINDS = ("error", "oom", "hang", "exit")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class InjectedFaultError(RuntimeError):
@@ -51,3 +62,23 @@ class FaultPlan:
                 threading.Event().wait()
             if kind == "exit":
                 os._exit(137)
+
+
+def step_hook() -> StepHook:
+    """The worker's step hook (named by OVIS_SERVER_TEST_HOOKS): faults at the first step."""
+    plan = FaultPlan.from_env()
+
+    def strike(job: Job, step: int) -> None:
+        if step == 1:
+            plan.strike(str(job.input.get("prompt", "")))
+
+    return strike
+
+
+def use_faults(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
+    """Servers started from now on in this test inject the faults ``spec`` names."""
+    monkeypatch.setenv(ENV_VAR, spec)
+    monkeypatch.setenv(HOOKS_VAR, f"{__name__}:step_hook")
+    # The worker imports this module: the repository root must be on its path.
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), path) if p))

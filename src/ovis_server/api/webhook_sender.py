@@ -36,10 +36,10 @@ import httpx
 from ovis_server import __version__
 from ovis_server.api.destinations import DestinationRefusedError, redacted, resolve
 from ovis_server.api.serving import RequestService
-from ovis_server.client.webhooks import sign
-from ovis_server.jobs.deliveries import Delivery, DeliveryStore
+from ovis_server.client.webhook_verify import sign
+from ovis_server.jobs.events import utcnow
 from ovis_server.jobs.job import JobStatus
-from ovis_server.jobs.store import utcnow
+from ovis_server.jobs.outbox import Delivery, DeliveryStore
 from ovis_server.tokens import TokenStore
 
 logger = logging.getLogger(__name__)

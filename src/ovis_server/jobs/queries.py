@@ -1,0 +1,151 @@
+"""The job store's read queries: a job, lists, queue positions, the event log, counts.
+
+Reads change nothing; each is retried within the store's retry window when the database
+is locked or unreachable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import Engine, func, select
+
+from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
+from ovis_server.db.schema import job_events, jobs
+from ovis_server.jobs.job import Job, JobEvent, JobStatus
+from ovis_server.jobs.rows import event_from_row, job_from_row
+
+
+class JobQueries:
+    """Read jobs and their events (the base of ``JobStore``, which also changes them)."""
+
+    def __init__(self, engine: Engine, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
+        self.engine = engine
+        # How long a call retries a locked or unreachable database before it raises.
+        self.retry_seconds = retry_seconds
+
+    @retried
+    def get(self, request_id: str) -> Job | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == request_id)).first()
+        return None if row is None else job_from_row(row)
+
+    @retried
+    def queue_position(self, job: Job) -> int:
+        """How many queued jobs run before this one: 0 means it is next."""
+        stmt = (
+            select(func.count())
+            .select_from(jobs)
+            .where(jobs.c.status == JobStatus.QUEUED, jobs.c.seq < job.seq)
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    @retried
+    def queue_positions(self, request_ids: Sequence[str]) -> dict[str, int]:
+        """The queue position of each of these jobs that is queued, in one query."""
+        if not request_ids:
+            return {}
+        ranked = (
+            select(
+                jobs.c.id,
+                (func.row_number().over(order_by=jobs.c.seq) - 1).label("position"),
+            )
+            .where(jobs.c.status == JobStatus.QUEUED)
+            .subquery()
+        )
+        stmt = select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(request_ids))
+        with self.engine.connect() as conn:
+            return {row.id: int(row.position) for row in conn.execute(stmt)}
+
+    @retried
+    def snapshot(self, request_id: str) -> tuple[Job, int] | None:
+        """The job and the seq of its latest event, read together."""
+        latest = (
+            select(func.coalesce(func.max(job_events.c.seq), 0))
+            .where(job_events.c.request_id == request_id)
+            .scalar_subquery()
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(jobs, latest.label("latest_event")).where(jobs.c.id == request_id)
+            ).first()
+        return None if row is None else (job_from_row(row), int(row._mapping["latest_event"]))
+
+    @retried
+    def events_after(self, seq: int, limit: int = 1000, also: Sequence[int] = ()) -> list[JobEvent]:
+        """Events of all jobs with a larger seq than ``seq`` (at most ``limit``), and those
+        of the seqs in ``also`` that exist by now, oldest first."""
+        newer = select(job_events).where(job_events.c.seq > seq).order_by(job_events.c.seq)
+        with self.engine.connect() as conn:
+            found = [event_from_row(row) for row in conn.execute(newer.limit(limit))]
+            if also:
+                late = select(job_events).where(job_events.c.seq.in_(list(also)))
+                found += [event_from_row(row) for row in conn.execute(late)]
+        return sorted(found, key=lambda event: event.seq)
+
+    @retried
+    def last_event_seq(self) -> int:
+        stmt = select(func.coalesce(func.max(job_events.c.seq), 0))
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    @retried
+    def list_for_token(self, token_id: str, limit: int, before_seq: int | None) -> list[Job]:
+        """The token's jobs, newest first, older than ``before_seq`` when given."""
+        stmt = select(jobs).where(jobs.c.token_id == token_id)
+        if before_seq is not None:
+            stmt = stmt.where(jobs.c.seq < before_seq)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt.order_by(jobs.c.seq.desc()).limit(limit))
+            return [job_from_row(row) for row in rows]
+
+    @retried
+    def status_counts(self) -> dict[JobStatus, int]:
+        stmt = select(jobs.c.status, func.count()).group_by(jobs.c.status)
+        with self.engine.connect() as conn:
+            counts = {JobStatus(status): int(count) for status, count in conn.execute(stmt)}
+        return {status: counts.get(status, 0) for status in JobStatus}
+
+    @retried
+    def timings(self) -> list[tuple[JobStatus, datetime, datetime | None, datetime | None, int]]:
+        """(status, created, started, finished, steps) of every job that has started."""
+        stmt = select(
+            jobs.c.status,
+            jobs.c.created_at,
+            jobs.c.started_at,
+            jobs.c.finished_at,
+            jobs.c.progress_total,
+        ).where(jobs.c.started_at.is_not(None))
+        with self.engine.connect() as conn:
+            return [
+                (JobStatus(row.status), row.created_at, row.started_at, row.finished_at,
+                 row.progress_total)
+                for row in conn.execute(stmt)
+            ]  # fmt: skip
+
+    @retried
+    def count_queued(self, token_id: str | None = None) -> int:
+        """Jobs waiting to run, in all or for one token."""
+        stmt = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
+        if token_id is not None:
+            stmt = stmt.where(jobs.c.token_id == token_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    @retried
+    def finished_before(self, cutoff: datetime, limit: int = 500) -> list[Job]:
+        """Jobs that reached a final state before ``cutoff``, oldest first. Webhook messages
+        they still owe do not keep them: retention is a promise about the data."""
+        stmt = (
+            select(jobs)
+            .where(
+                jobs.c.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]),
+                jobs.c.finished_at < cutoff,
+            )
+            .order_by(jobs.c.seq)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [job_from_row(row) for row in conn.execute(stmt)]

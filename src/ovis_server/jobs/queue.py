@@ -1,0 +1,433 @@
+"""The queue's state changes: submit, cancel, claim, progress, finish, release, recover.
+
+Every state change is one SQL statement whose WHERE clause states what must still hold
+(the job is queued; the job is running under this worker), so that concurrent API
+processes and workers never overwrite each other: the loser of a race changes no row
+and finds out from the row count. Each change is recorded (event log, webhook outbox)
+in its own transaction by ``record_changes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Row, and_, delete, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ovis_server.db.picks import locked_pick
+from ovis_server.db.retry import retried
+from ovis_server.db.schema import job_events, jobs, webhook_deliveries
+from ovis_server.jobs.events import record_changes, utcnow
+from ovis_server.jobs.job import CancelOutcome, Job, JobStatus, StoredOutput
+from ovis_server.jobs.limits import SubmitLimits, check_limits, submit_transaction
+from ovis_server.jobs.queries import JobQueries
+from ovis_server.jobs.rows import job_from_row
+
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+
+
+class LeaseLostError(Exception):
+    """The job is no longer this worker's: its lease ran out and another took it over."""
+
+
+class IdempotencyConflictError(Exception):
+    """The idempotency key was used in the last 24 hours for a different request."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(f"idempotency key already used by request {job.id}")
+        self.job = job
+
+
+class JobQueue(JobQueries):
+    """Submit, cancel, claim, run and finish jobs."""
+
+    # --- the API's side -------------------------------------------------------------
+
+    @retried
+    def submit(
+        self,
+        *,
+        request_id: str,
+        token_id: str,
+        model_id: str,
+        input: dict[str, Any],
+        seed: int,
+        total_steps: int,
+        batch_key: str,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        webhook_url: str | None = None,
+        webhook_intermediate: bool = False,
+        base_url: str | None = None,
+        deadline: datetime | None = None,
+        limits: SubmitLimits | None = None,
+    ) -> Job:
+        """Queue a job at the back of the queue (cancelled at ``deadline`` if unfinished).
+
+        With an idempotency key, a repeat of the same request (same ``request_hash``) by
+        the same token within 24 hours returns the job the first one made; a different
+        request under that key raises IdempotencyConflictError.
+
+        ``limits`` are checked and the job inserted in one transaction that no other
+        submit of this token (or, for the queue-wide cap, no other submit) interleaves
+        with: concurrent submits cannot all pass a check that only one of them may pass.
+        A refused submit raises LimitExceededError.
+        """
+        if idempotency_key is not None:
+            earlier = self.idempotent_twin(token_id, idempotency_key, request_hash)
+            if earlier is not None:
+                return earlier
+        now = utcnow()
+        stmt = (
+            insert(jobs)
+            .values(
+                id=request_id,
+                token_id=token_id,
+                model_id=model_id,
+                input=input,
+                seed=seed,
+                batch_key=batch_key,
+                status=JobStatus.QUEUED,
+                cancel_requested=False,
+                progress_step=0,
+                progress_total=total_steps,
+                attempts=0,
+                created_at=now,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+                webhook_url=webhook_url,
+                webhook_intermediate=webhook_intermediate,
+                base_url=base_url,
+                deadline=deadline,
+            )
+            .returning(*jobs.c)
+        )
+        try:
+            with submit_transaction(self.engine, token_id, limits or SubmitLimits()) as conn:
+                if limits is not None:
+                    check_limits(conn, token_id, limits, now)
+                row = conn.execute(stmt).one()
+                record_changes(conn, [row], now, notify=False)
+                return job_from_row(row)
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            # A concurrent twin with the same key was inserted first: answer with it.
+            twin = self.idempotent_twin(token_id, idempotency_key, request_hash)
+            if twin is None:
+                raise
+            return twin
+
+    @retried
+    def idempotent_twin(self, token_id: str, key: str, request_hash: str | None) -> Job | None:
+        """The job this token submitted under ``key`` in the last 24 hours, if the request
+        is the same (else IdempotencyConflictError); frees a key whose day has passed."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(jobs).where(jobs.c.token_id == token_id, jobs.c.idempotency_key == key)
+            ).first()
+            if row is None:
+                return None
+            job = job_from_row(row)
+            if job.created_at < utcnow() - IDEMPOTENCY_WINDOW:
+                conn.execute(update(jobs).where(jobs.c.seq == job.seq).values(idempotency_key=None))
+                return None
+        if job.request_hash != request_hash:
+            raise IdempotencyConflictError(job)
+        return job
+
+    @retried
+    def delete(self, request_ids: Sequence[str]) -> int:
+        if not request_ids:
+            return 0
+        with self.engine.begin() as conn:
+            conn.execute(delete(job_events).where(job_events.c.request_id.in_(request_ids)))
+            conn.execute(
+                delete(webhook_deliveries).where(webhook_deliveries.c.request_id.in_(request_ids))
+            )
+            return int(conn.execute(delete(jobs).where(jobs.c.id.in_(request_ids))).rowcount)
+
+    @retried
+    def request_cancel(self, request_id: str) -> tuple[Job, CancelOutcome] | None:
+        """Cancel a queued job at once, or flag a running one for its worker; None if unknown."""
+        with self.engine.connect() as conn:
+            seen = conn.execute(select(jobs).where(jobs.c.id == request_id)).first()
+        if seen is None:
+            return None
+        current = job_from_row(seen)
+        if current.status == JobStatus.RUNNING and current.cancel_requested:
+            # Already asked: a repeated cancel is a read, not another write to queue up.
+            return current, CancelOutcome.REQUESTED
+        if current.status.is_final:
+            if current.status == JobStatus.CANCELLED:
+                return current, CancelOutcome.CANCELLED
+            return current, CancelOutcome.NOT_CANCELLABLE
+        now = utcnow()
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == request_id, jobs.c.status == JobStatus.QUEUED)
+                .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now)
+                .returning(*jobs.c)
+            ).first()
+            if row is not None:
+                record_changes(conn, [row], now)
+                return job_from_row(row), CancelOutcome.CANCELLED
+            row = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == request_id, jobs.c.status == JobStatus.RUNNING)
+                .values(cancel_requested=True)
+                .returning(*jobs.c)
+            ).first()
+            if row is not None:
+                return job_from_row(row), CancelOutcome.REQUESTED
+            row = conn.execute(select(jobs).where(jobs.c.id == request_id)).first()
+        if row is None:
+            return None
+        job = job_from_row(row)
+        if job.status == JobStatus.CANCELLED:
+            return job, CancelOutcome.CANCELLED
+        return job, CancelOutcome.NOT_CANCELLABLE
+
+    # --- the worker's side ----------------------------------------------------------
+
+    @retried
+    def set_warnings(self, request_id: str, warnings: Sequence[str]) -> None:
+        """Keep notes for the job's client (shown in its status and result bodies)."""
+        stmt = update(jobs).where(jobs.c.id == request_id).values(warnings=list(warnings))
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    @retried
+    def _claim(
+        self, worker_id: str, lease_seconds: float, limit: int, batch_key: str | None = None
+    ) -> list[Job]:
+        """Move up to ``limit`` of the oldest queued jobs (of one batch key, if given) to
+        this worker under a lease, in one statement."""
+        now = utcnow()
+        # A job past its deadline is never started: expire_deadlines cancels it.
+        candidates = select(jobs.c.seq).where(
+            jobs.c.status == JobStatus.QUEUED,
+            or_(jobs.c.deadline.is_(None), jobs.c.deadline > now),
+        )
+        if batch_key is not None:
+            candidates = candidates.where(jobs.c.batch_key == batch_key)
+        # Concurrent workers skip the rows another is claiming (see locked_pick).
+        picked = locked_pick(candidates.order_by(jobs.c.seq).limit(limit), "picked")
+        stmt = (
+            update(jobs)
+            .where(jobs.c.seq == picked.c.seq, jobs.c.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.RUNNING,
+                worker_id=worker_id,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                started_at=now,
+                progress_step=0,
+                attempts=jobs.c.attempts + 1,
+            )
+            .returning(*jobs.c)
+        )
+        with self.engine.begin() as conn:
+            rows = conn.execute(stmt).all()
+            record_changes(conn, rows, now)
+            claimed = [job_from_row(row) for row in rows]
+        return sorted(claimed, key=lambda job: job.seq)
+
+    def claim_next(self, worker_id: str, lease_seconds: float) -> Job | None:
+        """Take the oldest queued job under a lease, or None when the queue is empty."""
+        claimed = self._claim(worker_id, lease_seconds, 1)
+        return claimed[0] if claimed else None
+
+    def claim_batch(self, worker_id: str, lease_seconds: float, max_batch: int) -> list[Job]:
+        """The oldest queued job and up to ``max_batch - 1`` more that share its batch key,
+        all under one lease; an empty list when the queue is empty."""
+        head = self.claim_next(worker_id, lease_seconds)
+        if head is None:
+            return []
+        if max_batch <= 1:
+            return [head]
+        return [head, *self._claim(worker_id, lease_seconds, max_batch - 1, head.batch_key)]
+
+    @retried
+    def report_batch_progress(
+        self, request_ids: Sequence[str], worker_id: str, step: int, lease_seconds: float
+    ) -> tuple[set[str], set[str]]:
+        """Record a step for several jobs at once and renew their leases.
+
+        Returns (the jobs to cancel, the jobs no longer this worker's).
+        """
+        now = utcnow()
+        stmt = (
+            update(jobs)
+            .where(self._held_by(worker_id, request_ids))
+            .values(progress_step=step, lease_expires_at=now + timedelta(seconds=lease_seconds))
+            .returning(*jobs.c)
+        )
+        with self.engine.begin() as conn:
+            rows = conn.execute(stmt).all()
+            record_changes(conn, rows, now)
+        held = {row.id for row in rows}
+        cancel = {row.id for row in rows if row.cancel_requested}
+        return cancel, set(request_ids) - held
+
+    @retried
+    def renew_leases(self, request_ids: Sequence[str], worker_id: str, lease_seconds: float) -> int:
+        stmt = (
+            update(jobs)
+            .where(self._held_by(worker_id, request_ids))
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        )
+        with self.engine.begin() as conn:
+            return int(conn.execute(stmt).rowcount)
+
+    @staticmethod
+    def _held_by(worker_id: str, request_ids: Sequence[str]) -> ColumnElement[bool]:
+        """The jobs among ``request_ids`` that run under ``worker_id``'s lease still."""
+        return and_(
+            jobs.c.id.in_(request_ids),
+            jobs.c.worker_id == worker_id,
+            jobs.c.status == JobStatus.RUNNING,
+        )
+
+    @retried
+    def _update_owned(
+        self, /, request_id: str, owner: str, record: bool = True, **values: Any
+    ) -> Row[Any]:
+        """Change a running job that ``owner`` still holds (logging the change unless
+        ``record`` is false), or raise LeaseLostError."""
+        stmt = (
+            update(jobs)
+            .where(self._held_by(owner, [request_id]))
+            .values(**values)
+            .returning(*jobs.c)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).first()
+            if row is not None and record:
+                record_changes(conn, [row], utcnow())
+        if row is None:
+            raise LeaseLostError(f"job {request_id} is no longer held by worker {owner}")
+        return row
+
+    def report_progress(
+        self, request_id: str, worker_id: str, step: int, lease_seconds: float
+    ) -> bool:
+        """Record a finished step and renew the lease; True if the job should be cancelled."""
+        row = self._update_owned(
+            request_id,
+            worker_id,
+            progress_step=step,
+            lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
+        )
+        return bool(row._mapping["cancel_requested"])
+
+    def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float) -> None:
+        self._update_owned(
+            request_id,
+            worker_id,
+            record=False,
+            lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
+        )
+
+    def complete(self, request_id: str, worker_id: str, outputs: Sequence[StoredOutput]) -> Job:
+        return job_from_row(
+            self._update_owned(
+                request_id,
+                worker_id,
+                status=JobStatus.SUCCEEDED,
+                outputs=[output.to_json() for output in outputs],
+                finished_at=utcnow(),
+                lease_expires_at=None,
+            )
+        )
+
+    def fail(self, request_id: str, worker_id: str, error_type: str, message: str) -> Job:
+        return job_from_row(
+            self._update_owned(
+                request_id,
+                worker_id,
+                status=JobStatus.FAILED,
+                error_type=error_type,
+                error_message=message,
+                finished_at=utcnow(),
+                lease_expires_at=None,
+            )
+        )
+
+    def mark_cancelled(self, request_id: str, worker_id: str) -> Job:
+        return job_from_row(
+            self._update_owned(
+                request_id,
+                worker_id,
+                status=JobStatus.CANCELLED,
+                finished_at=utcnow(),
+                lease_expires_at=None,
+            )
+        )
+
+    def release(self, request_id: str, worker_id: str) -> Job:
+        """Put a job this worker stops early back at its place in the queue.
+
+        The interrupted run does not count as an attempt: the job did nothing wrong.
+        """
+        return job_from_row(
+            self._update_owned(
+                request_id,
+                worker_id,
+                status=JobStatus.QUEUED,
+                worker_id=None,
+                lease_expires_at=None,
+                started_at=None,
+                progress_step=0,
+                attempts=jobs.c.attempts - 1,
+            )
+        )
+
+    @retried
+    def recover_expired(self, max_attempts: int) -> int:
+        """Handle jobs whose worker died: requeue them, or end them; returns how many.
+
+        A job cancelled while its worker was dead ends cancelled; one that has already
+        cost ``max_attempts`` workers fails instead of looping for ever.
+        """
+        now = utcnow()
+        expired = (jobs.c.status == JobStatus.RUNNING) & (jobs.c.lease_expires_at < now)
+        with self.engine.begin() as conn:
+            cancelled = conn.execute(
+                update(jobs)
+                .where(expired, jobs.c.cancel_requested.is_(True))
+                .values(status=JobStatus.CANCELLED, finished_at=now, lease_expires_at=None)
+                .returning(*jobs.c)
+            ).all()
+            failed = conn.execute(
+                update(jobs)
+                .where(expired, jobs.c.attempts >= max_attempts)
+                .values(
+                    status=JobStatus.FAILED,
+                    error_type="worker_lost",
+                    error_message=(
+                        f"the worker running this job stopped {max_attempts} times before "
+                        "finishing it; it was not retried again"
+                    ),
+                    finished_at=now,
+                    lease_expires_at=None,
+                )
+                .returning(*jobs.c)
+            ).all()
+            requeued = conn.execute(
+                update(jobs)
+                .where(expired)
+                .values(
+                    status=JobStatus.QUEUED,
+                    worker_id=None,
+                    lease_expires_at=None,
+                    started_at=None,
+                    progress_step=0,
+                )
+                .returning(*jobs.c)
+            ).all()
+            changed = [*cancelled, *failed, *requeued]
+            record_changes(conn, changed, now)
+        return len(changed)

@@ -1,0 +1,44 @@
+"""Rows to dataclasses, in one place: a column per field, of the same name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Row
+
+from ovis_server.jobs.job import Job, JobEvent, JobStatus, StoredOutput
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+D = TypeVar("D", bound="DataclassInstance")
+
+
+def from_row(cls: type[D], row: Row[Any], **convert: Callable[[Any], Any]) -> D:
+    """``cls`` from the row's columns named as its fields (extra columns ignored),
+    each passed through its converter in ``convert`` if it has one."""
+    data = row._mapping
+    values: dict[str, Any] = {}
+    for field in fields(cls):
+        value = data[field.name]
+        values[field.name] = convert[field.name](value) if field.name in convert else value
+    return cls(**values)
+
+
+def job_from_row(row: Row[Any]) -> Job:
+    return from_row(
+        Job,
+        row,
+        input=dict,
+        status=JobStatus,
+        cancel_requested=bool,
+        webhook_intermediate=bool,
+        outputs=lambda items: tuple(StoredOutput.from_json(item) for item in items or ()),
+        warnings=lambda items: tuple(str(item) for item in items or ()),
+    )
+
+
+def event_from_row(row: Row[Any]) -> JobEvent:
+    return from_row(JobEvent, row, status=JobStatus)
