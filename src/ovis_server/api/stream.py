@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
 
+from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 
 from ovis_server.api.serving import RequestService
@@ -228,6 +229,7 @@ class StatusHub:
 
 
 KEEPALIVE_SECONDS = 15.0
+KEEP_ALIVE = format_sse_event(comment="keep-alive")
 
 
 def _apply(job: Job, event: JobEvent) -> Job:
@@ -247,8 +249,8 @@ def _apply(job: Job, event: JobEvent) -> Job:
     )
 
 
-def _sse(event: str, body: BaseModel) -> str:
-    return f"event: {event}\ndata: {body.model_dump_json(exclude_none=True)}\n\n"
+def _sse(event: str, body: BaseModel) -> bytes:
+    return format_sse_event(event=event, data_str=body.model_dump_json(exclude_none=True))
 
 
 async def follow(
@@ -303,7 +305,7 @@ async def status_events(
     request_id: str,
     base_url: str,
     token_id: str | None = None,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     """The server-sent events of one stream: a ``status`` event for the state the job is
     in and for every change after it, a keep-alive comment when nothing happened for 15 s,
     and once the job is final its ``result`` event, after which the stream ends."""
@@ -311,7 +313,7 @@ async def status_events(
     async with contextlib.aclosing(follow(hub, service.store, request_id, token_id)) as changes:
         async for change in changes:
             if change is None:
-                yield ": keep-alive\n\n"
+                yield KEEP_ALIVE
                 continue
             job, position = change
             if job.status.is_final:
