@@ -11,7 +11,9 @@ from uuid import uuid4
 
 import pytest
 
+from ovis_server.db.connect import connect, migrate, sqlite_url
 from ovis_server.engine.pipeline import Engine
+from ovis_server.jobs.store import JobStore
 
 from .helpers import Cluster, run_cli
 
@@ -85,6 +87,25 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
 def module_database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
     with backend_environment(request.param) as url:
         yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    """A migrated job store, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        db = connect(sqlite_url(tmp_path))
+        migrate(db)
+        yield JobStore(db)
+        db.dispose()
+        return
+    url, drop = fresh_postgres_database()
+    db = connect(url)
+    migrate(db)
+    try:
+        yield JobStore(db)
+    finally:
+        db.dispose()
+        drop()
 
 
 @pytest.fixture

@@ -12,11 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from ovis_server.db.connect import connect, migrate, sqlite_url
 from ovis_server.jobs.job import JobStatus
 from ovis_server.jobs.store import DEADLINE_EXCEEDED, JobStore, utcnow
 
-from .conftest import BACKENDS, fresh_postgres_database
 from .helpers import Server, create_token, start_server, status_of, submit, wait_for, wait_result
 
 # A job the tiny model takes many seconds over on a CPU (quadratic attention at this size);
@@ -26,24 +24,6 @@ DEADLINE_ERROR = "deadline_exceeded"
 
 
 # --- the store ----------------------------------------------------------------------------
-
-
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    if request.param == "sqlite":
-        db = connect(sqlite_url(tmp_path))
-        migrate(db)
-        yield JobStore(db)
-        db.dispose()
-        return
-    url, drop = fresh_postgres_database()
-    db = connect(url)
-    migrate(db)
-    try:
-        yield JobStore(db)
-    finally:
-        db.dispose()
-        drop()
 
 
 def add(store: JobStore, request_id: str, deadline_in: float | None = None) -> None:

@@ -3,11 +3,9 @@ of the jobs), figures read back with prometheus_client's own parser."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,8 +21,6 @@ from ovis_server.jobs.stats import StatsReader
 from ovis_server.jobs.store import JobStore, utcnow
 from ovis_server.jobs.workers import WorkerRegistry
 
-from .conftest import BACKENDS, fresh_postgres_database
-
 METRICS_TOKEN = "scrape-" + "s3cret" * 4
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -35,25 +31,6 @@ def parse(exposition: str) -> Samples:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
-
-
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    """A migrated store, once on SQLite and once on PostgreSQL."""
-    if request.param == "sqlite":
-        db = connect(sqlite_url(tmp_path))
-        migrate(db)
-        yield JobStore(db)
-        db.dispose()
-        return
-    url, drop = fresh_postgres_database()
-    db = connect(url)
-    migrate(db)
-    try:
-        yield JobStore(db)
-    finally:
-        db.dispose()
-        drop()
 
 
 def add(store: JobStore, request_id: str) -> None:

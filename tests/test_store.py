@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,27 +18,6 @@ from ovis_server.db.schema import metadata
 from ovis_server.jobs.job import CancelOutcome, JobStatus, StoredOutput
 from ovis_server.jobs.outbox import DeliveryStore
 from ovis_server.jobs.store import JobStore, LeaseLostError, utcnow
-
-from .conftest import BACKENDS, fresh_postgres_database
-
-
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    """A migrated store, once on SQLite and once on PostgreSQL."""
-    if request.param == "sqlite":
-        db = connect(sqlite_url(tmp_path))
-        migrate(db)
-        yield JobStore(db)
-        db.dispose()
-        return
-    url, drop = fresh_postgres_database()
-    db = connect(url)
-    migrate(db)
-    try:
-        yield JobStore(db)
-    finally:
-        db.dispose()
-        drop()
 
 
 def add(store: JobStore, request_id: str, token: str = "tok_a", batch_key: str = "k") -> None:
