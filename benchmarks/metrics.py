@@ -16,9 +16,10 @@ from __future__ import annotations
 import sys
 
 # Run as a script, this file's folder comes first on sys.path, where queue.py would hide
-# the standard library's queue module from everything imported below.
+# the standard library's queue module from everything imported below: put the repository
+# root there instead, so that the benchmarks import each other as a package.
 if sys.path and sys.path[0] == __file__.rsplit("/", 1)[0]:
-    del sys.path[0]
+    sys.path[0] = sys.path[0].rsplit("/", 1)[0]
 
 import argparse
 import os
@@ -31,11 +32,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, insert, text
 
+from benchmarks.queue import drop_postgres, fresh_postgres
 from ovis_server.api.app import create_app
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate, sqlite_url
@@ -152,22 +153,6 @@ def measure(label: str, url: str, data_dir: Path, args: argparse.Namespace) -> l
         f"{p95:.1f} | {TARGET_MS:.0f} | {verdict} |",
         f"(filled in {fill:.0f} s)",
     ]
-
-
-def fresh_postgres(admin_url: str) -> tuple[str, str]:
-    import psycopg
-
-    name = "ovis_bench_" + uuid.uuid4().hex[:8]
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return urlunsplit(urlsplit(admin_url)._replace(path="/" + name)), name
-
-
-def drop_postgres(admin_url: str, name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def main(argv: list[str] | None = None) -> int:
