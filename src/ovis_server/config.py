@@ -92,8 +92,16 @@ def parse_schedule(text: str) -> tuple[float, ...]:
     return delays
 
 
-_SIZE_UNITS = {"": 1 << 30, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "m": 1 << 20, "mib": 1 << 20,
-               "mb": 10**6}  # fmt: skip
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+}  # fmt: skip
+# ``--gpu-memory`` units: a bare number is GiB (or, at most 1, a fraction of the GPU).
+_MEMORY_UNITS = {"": _BYTE_UNITS["gib"]} | {
+    unit: _BYTE_UNITS[unit] for unit in ("g", "gib", "gb", "m", "mib", "mb")
+}
 
 
 def parse_memory_size(text: str) -> float:
@@ -106,14 +114,14 @@ def parse_memory_size(text: str) -> float:
         value = float(number)
     except ValueError:
         value = float("nan")
-    if unit not in _SIZE_UNITS or not value > 0:
+    if unit not in _MEMORY_UNITS or not value > 0:
         raise ValueError(
             f"{text!r} is not a memory size such as 24GiB, 16GB, 12000MiB or a fraction "
             "of the GPU's memory such as 0.5"
         )
     if not unit and value <= 1:
         return value
-    return value * _SIZE_UNITS[unit]
+    return value * _MEMORY_UNITS[unit]
 
 
 # ``--memory``: auto, or a profile of ovis_server.engine.memory (kept here free of torch).
@@ -125,12 +133,6 @@ MEMORY_CHOICES: tuple[str, ...] = get_args(MemoryChoice)
 MIN_METRICS_TOKEN = 16
 
 
-_BYTE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1024, "kib": 1024, "kb": 1000,
-    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
-}  # fmt: skip
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)")
 
 

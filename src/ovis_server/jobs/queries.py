@@ -102,30 +102,6 @@ class JobQueries:
             return [job_from_row(row) for row in rows]
 
     @retried
-    def status_counts(self) -> dict[JobStatus, int]:
-        stmt = select(jobs.c.status, func.count()).group_by(jobs.c.status)
-        with self.engine.connect() as conn:
-            counts = {JobStatus(status): int(count) for status, count in conn.execute(stmt)}
-        return {status: counts.get(status, 0) for status in JobStatus}
-
-    @retried
-    def timings(self) -> list[tuple[JobStatus, datetime, datetime | None, datetime | None, int]]:
-        """(status, created, started, finished, steps) of every job that has started."""
-        stmt = select(
-            jobs.c.status,
-            jobs.c.created_at,
-            jobs.c.started_at,
-            jobs.c.finished_at,
-            jobs.c.progress_total,
-        ).where(jobs.c.started_at.is_not(None))
-        with self.engine.connect() as conn:
-            return [
-                (JobStatus(row.status), row.created_at, row.started_at, row.finished_at,
-                 row.progress_total)
-                for row in conn.execute(stmt)
-            ]  # fmt: skip
-
-    @retried
     def count_queued(self, token_id: str | None = None) -> int:
         """Jobs waiting to run, in all or for one token."""
         stmt = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
