@@ -193,7 +193,13 @@ def test_readyz_needs_a_worker_with_a_loaded_model(
         return response.json() if response.status_code == 200 else None
 
     ready = wait_for(readiness)
-    assert ready == {"status": "ready", "database": "ok", "workers_ready": 1, "workers_loading": 0}
+    assert ready == {
+        "status": "ready",
+        "database": "ok",
+        "workers_ready": 1,
+        "workers_loading": 0,
+        "workers": [{"device": "cpu", "phase": "ready", "memory_profile": "full"}],
+    }
     assert httpx.get(server.base_url + "/healthz").json() == {"status": "ok"}
 
 

@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -22,7 +23,7 @@ from ovis_server.api.auth import authorize_metrics
 from ovis_server.api.errors import install_error_handlers
 from ovis_server.api.limits import AllowedHosts, BodySizeLimit, ConnectionLimit, TokenSlots
 from ovis_server.api.metrics import Metrics, OvisCollector
-from ovis_server.api.protocol import Health, Readiness
+from ovis_server.api.protocol import Health, Readiness, WorkerProgress, WorkerReadiness
 from ovis_server.api.security import SecurityHeadersMiddleware
 from ovis_server.api.serving import RequestService
 from ovis_server.api.stream import StatusHub
@@ -34,7 +35,7 @@ from ovis_server.jobs.outbox import DeliveryStore
 from ovis_server.jobs.retention import RetentionSweeper
 from ovis_server.jobs.stats import StatsReader
 from ovis_server.jobs.store import JobStore
-from ovis_server.jobs.workers import WorkerRegistry
+from ovis_server.jobs.workers import WorkerInfo, WorkerRegistry
 from ovis_server.storage import open_file_store
 from ovis_server.tokens import TokenStore
 
@@ -54,6 +55,24 @@ class ApiServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         self.hub.close_streams_soon()
+
+
+def worker_readiness(worker: WorkerInfo) -> WorkerReadiness:
+    """A worker's row as /readyz shows it; details it cannot read are left out."""
+    detail = worker.detail if isinstance(worker.detail, dict) else {}
+    phase = worker.phase if worker.phase in ("downloading", "loading", "warming") else None
+    try:
+        progress = WorkerProgress.model_validate(detail.get("progress"))
+    except ValidationError:
+        progress = None
+    profile = detail.get("memory_profile")
+    return WorkerReadiness(
+        device=worker.device,
+        phase="ready" if worker.ready else (phase or "loading"),
+        progress=None if worker.ready else progress,
+        memory_profile=profile if isinstance(profile, str) else None,
+        problem=worker.problem,
+    )
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -175,6 +194,7 @@ def create_app(settings: Settings) -> FastAPI:
             workers_ready=ready,
             workers_loading=sum(1 for worker in alive if not worker.ready),
             reason=reason,
+            workers=[worker_readiness(worker) for worker in alive],
         )
 
     @app.get(

@@ -176,9 +176,37 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class WorkerProgress(BaseModel):
+    """How far a worker is in its phase: ``done`` of ``total`` ``unit``s (bytes of weights
+    downloaded, shapes compiled), ``rate`` units a second, ``eta_seconds`` left."""
+
+    done: float
+    total: float | None = None
+    unit: str = ""
+    rate: float | None = None
+    eta_seconds: float | None = None
+    text: str | None = None
+
+
+class WorkerReadiness(BaseModel):
+    """One alive worker as /readyz shows it (no ids, hosts, pids or weight paths: /readyz
+    is public)."""
+
+    device: str
+    phase: Literal["downloading", "loading", "warming", "ready"] = Field(
+        description="Downloading weights, loading the model, warming up (compiling), ready."
+    )
+    progress: WorkerProgress | None = None
+    memory_profile: str | None = Field(
+        default=None, description="The memory profile the worker runs (see --memory)."
+    )
+    problem: str | None = Field(default=None, description="Why it takes no jobs, if it takes none.")
+
+
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     database: Literal["ok", "unreachable"]
     workers_ready: int = Field(description="Workers alive with a loaded model.")
     workers_loading: int = Field(description="Workers alive, still loading the model.")
     reason: str | None = None
+    workers: list[WorkerReadiness] = Field(default_factory=list)

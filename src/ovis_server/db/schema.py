@@ -175,6 +175,10 @@ workers = Table(
     Column("heartbeat_at", UtcDateTime, nullable=False),
     # Why an alive worker takes no jobs (its files store refuses writes); None when well.
     Column("problem", String(500)),
+    # What the worker is doing before it takes jobs (downloading, loading, warming, ready),
+    # and the details /readyz shows: progress, memory profile, the sizes it can run.
+    Column("phase", String(20)),
+    Column("detail", JSON),
 )
 
 # Secrets the whole deployment shares (the URL signing key), so that every API replica

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import EllipsisType
+from typing import Any
 
 from sqlalchemy import Engine, delete, insert, select, update
 
@@ -24,6 +25,8 @@ class WorkerInfo:
     started_at: datetime
     heartbeat_at: datetime
     problem: str | None = None
+    phase: str | None = None
+    detail: dict[str, Any] | None = None
 
 
 class WorkerRegistry:
@@ -56,10 +59,21 @@ class WorkerRegistry:
         ready: bool | None = None,
         memory_bytes: int | None = None,
         problem: str | EllipsisType | None = ...,
+        phase: str | None = None,
+        detail: dict[str, Any] | None = None,
+        device: str | None = None,
     ) -> None:
         """Mark the worker alive now; ``problem`` (a string, or None once it is over)
-        says why it takes no jobs, and is left as it was when not given."""
+        says why it takes no jobs, and is left as it was when not given. ``phase`` and
+        ``detail`` (what /readyz shows of the worker) and ``device`` (once ``auto`` is
+        resolved) replace theirs when given."""
         values: dict[str, object] = {"heartbeat_at": datetime.now(UTC)}
+        if phase is not None:
+            values["phase"] = phase
+        if device is not None:
+            values["device"] = device
+        if detail is not None:
+            values["detail"] = detail
         if not isinstance(problem, EllipsisType):
             values["problem"] = problem[:500] if problem else None
         if ready is not None:

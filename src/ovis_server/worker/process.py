@@ -21,6 +21,7 @@ from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.store import JobStore
 from ovis_server.jobs.workers import WorkerRegistry
 from ovis_server.storage import open_file_store
+from ovis_server.worker.report import StateReport
 from ovis_server.worker.runner import Worker
 
 if TYPE_CHECKING:
@@ -64,12 +65,20 @@ def _beat(
     stop: threading.Event,
     runner: list[Worker],
     stall_timeout: float,
+    report: StateReport,
 ) -> None:
     """Keep the worker's row fresh; end the process if its job stops making progress."""
     while not stop.wait(interval):
         try:
             problem = runner[0].output_problem if runner else None
-            registry.heartbeat(worker_id, memory_bytes=memory_in_use(), problem=problem)
+            phase, detail = report.snapshot()
+            registry.heartbeat(
+                worker_id,
+                memory_bytes=memory_in_use(),
+                problem=problem,
+                phase=phase,
+                detail=detail,
+            )
         except Exception:
             logger.exception("heartbeat failed")
         if runner and runner[0].stalled_for() > stall_timeout:
@@ -135,6 +144,8 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     registry = WorkerRegistry(db)
     worker_id = new_worker_id()
     registry.register(worker_id, socket.gethostname(), os.getpid(), settings.model, settings.device)
+    report = StateReport(registry, worker_id)
+    report.phase("loading")
     runner: list[Worker] = []
     threading.Thread(
         target=_beat,
@@ -145,6 +156,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
             stop,
             runner,
             settings.stall_timeout_seconds,
+            report,
         ),
         name="heartbeat",
         daemon=True,
@@ -166,7 +178,10 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
                 on_problem=lambda problem: _report_problem(registry, worker_id, problem),
             )
         )
-        registry.heartbeat(worker_id, ready=True, memory_bytes=memory_in_use())
+        report.phase("ready", memory_profile=str(engine.memory.profile))
+        registry.heartbeat(
+            worker_id, ready=True, memory_bytes=memory_in_use(), device=str(engine.device)
+        )
         runner[0].run(stop)
     finally:
         registry.deregister(worker_id)

@@ -1,0 +1,94 @@
+"""What a worker tells /readyz about itself while it gets ready: its phase and details.
+
+The phase (downloading, loading, warming, ready) and details such as progress or the memory
+profile live in the worker's row of the workers table. A change of phase is written at once;
+progress at most once a second (a download reports many times a second); every heartbeat
+writes the latest again, so a write lost to a database blip is repaired by the next beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Literal
+
+from ovis_server.jobs.workers import WorkerRegistry
+
+logger = logging.getLogger(__name__)
+
+Phase = Literal["downloading", "loading", "warming", "ready"]
+
+
+class StateReport:
+    def __init__(self, registry: WorkerRegistry, worker_id: str, min_interval: float = 1.0) -> None:
+        self.registry = registry
+        self.worker_id = worker_id
+        self.min_interval = min_interval
+        self._lock = threading.Lock()
+        self._phase: Phase = "loading"
+        self._detail: dict[str, Any] = {}
+        self._written_at = 0.0
+
+    def snapshot(self) -> tuple[Phase, dict[str, Any]]:
+        with self._lock:
+            return self._phase, dict(self._detail)
+
+    def phase(self, phase: Phase, **detail: Any) -> None:
+        """Enter ``phase``: its progress starts anew; other details (None drops one) merge."""
+        with self._lock:
+            self._phase = phase
+            self._detail.pop("progress", None)
+            self._merge(detail)
+        self._write()
+
+    def progress(
+        self,
+        done: float,
+        total: float | None = None,
+        unit: str = "",
+        *,
+        rate: float | None = None,
+        text: str | None = None,
+        force: bool = False,
+    ) -> None:
+        """Progress of the current phase (``done`` of ``total`` ``unit``s; ``rate`` per
+        second), written at most every ``min_interval`` seconds unless ``force``."""
+        eta = None
+        if total is not None and rate:
+            eta = round(max(total - done, 0) / rate, 1)
+        entry = {
+            "done": done,
+            "total": total,
+            "unit": unit,
+            "rate": rate,
+            "eta_seconds": eta,
+            "text": text,
+        }
+        with self._lock:
+            self._detail["progress"] = {k: v for k, v in entry.items() if v is not None}
+            due = force or time.monotonic() - self._written_at >= self.min_interval
+        if due:
+            self._write()
+
+    def update(self, **detail: Any) -> None:
+        """Merge details (None drops one) without changing the phase."""
+        with self._lock:
+            self._merge(detail)
+        self._write()
+
+    def _merge(self, detail: dict[str, Any]) -> None:
+        for key, value in detail.items():
+            if value is None:
+                self._detail.pop(key, None)
+            else:
+                self._detail[key] = value
+
+    def _write(self) -> None:
+        phase, detail = self.snapshot()
+        try:
+            self.registry.heartbeat(self.worker_id, phase=phase, detail=detail)
+        except Exception:  # the heartbeat writes it again
+            logger.exception("could not report the worker's state")
+        with self._lock:
+            self._written_at = time.monotonic()
