@@ -1,9 +1,4 @@
-"""Jobs (the queue), API tokens, workers and server keys.
-
-Revision ID: 0001
-Revises:
-Create Date: 2026-11-23
-"""
+"""Jobs (the queue), API tokens, workers and server keys."""
 
 from __future__ import annotations
 
@@ -12,8 +7,6 @@ from alembic import op
 
 revision = "0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 _SEQ = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 _TIME = sa.DateTime(timezone=True)

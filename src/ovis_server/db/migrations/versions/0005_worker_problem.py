@@ -1,9 +1,4 @@
-"""A worker's problem: why it takes no jobs although alive (its files store refuses writes).
-
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-11-30
-"""
+"""A worker's problem: why it takes no jobs although alive (its files store refuses writes)."""
 
 from __future__ import annotations
 
@@ -12,8 +7,6 @@ from alembic import op
 
 revision = "0005"
 down_revision = "0004"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
