@@ -144,6 +144,38 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
 
 
+ALL_DEVICES = "all"
+_GPU_ENTRY = re.compile(r"(?:cuda:)?([0-9]+)")
+
+
+def parse_devices(text: str) -> tuple[str, ...]:
+    """``--devices``: ``("all",)``, or one entry per worker, each ``cpu`` or a GPU number
+    (``cuda:2`` is ``2``); a GPU listed twice is refused (two workers would each plan with
+    the whole GPU's memory)."""
+    entries = tuple(item.strip().lower() for item in text.split(","))
+    if entries == (ALL_DEVICES,):
+        return entries
+    normalized = []
+    for entry in entries:
+        match = _GPU_ENTRY.fullmatch(entry)
+        if entry == "cpu":
+            normalized.append(entry)
+        elif match is not None:
+            normalized.append(str(int(match.group(1))))
+        else:
+            raise ValueError(
+                f"{text!r}: give 'all', or a comma-separated list of GPU numbers (0,2 or "
+                "cuda:0,cuda:2) and 'cpu' entries (cpu,cpu for two CPU workers)"
+            )
+    for gpu in {entry for entry in normalized if entry != "cpu"}:
+        if normalized.count(gpu) > 1:
+            raise ValueError(
+                f"{text!r}: GPU {gpu} is listed twice; each GPU takes one worker, which "
+                "plans with that GPU's memory"
+            )
+    return tuple(normalized)
+
+
 def default_data_dir() -> Path:
     """ovis-server's folder under the user's data home (``~/.local/share/ovis-server``)."""
     return Path(platformdirs.user_data_dir("ovis-server", appauthor=False))
@@ -379,6 +411,14 @@ class Settings(BaseSettings):
         default_factory=default_data_dir,
         description="Where the job database, output files and built checkpoints live.",
     )
+    # serve's workers: one per device (see worker/supervisor.py).
+    devices: Annotated[str | None, Cli(SERVE, show_default="all", metavar="all|N,N|cpu")] = Field(
+        None,
+        description="The workers serve starts, one per entry: all (one per visible CUDA GPU, "
+        "or one worker where there is none), GPU numbers such as 0,2 (each worker pinned to "
+        "its GPU), or cpu (cpu,cpu starts two). --device instead picks one device for one "
+        "worker; not both.",
+    )
     # Not an option: tuned by tests and benchmarks that build Settings themselves.
     heartbeat_seconds: float = 5.0
 
@@ -444,6 +484,13 @@ class Settings(BaseSettings):
                     f"{pattern!r}: a wildcard stands alone or starts a name, as in *.example.com"
                 )
         return names
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            value = ",".join(str(item) for item in value)
+        return None if value is None else ",".join(parse_devices(str(value)))
 
     @field_validator("gpu_memory")
     @classmethod

@@ -117,8 +117,11 @@ def load_engine(settings: Settings) -> Engine:
     )
 
 
-def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
-    """Load the model, then take jobs until SIGTERM or SIGINT; the job in hand is put back."""
+def run_worker(
+    settings: Settings, parent_pid: int | None = None, device_label: str | None = None
+) -> None:
+    """Load the model, then take jobs until SIGTERM or SIGINT; the job in hand is put back.
+    ``device_label``: the device as serve numbers it (its GPU worker sees one GPU, cuda:0)."""
     from ovis_server.worker.hooks import load_step_hook
 
     stop = threading.Event()
@@ -143,7 +146,8 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     files = open_file_store(settings, db)
     registry = WorkerRegistry(db)
     worker_id = new_worker_id()
-    registry.register(worker_id, socket.gethostname(), os.getpid(), settings.model, settings.device)
+    device = device_label or settings.device
+    registry.register(worker_id, socket.gethostname(), os.getpid(), settings.model, device)
     report = StateReport(registry, worker_id)
     report.phase("loading")
     runner: list[Worker] = []
@@ -180,7 +184,10 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
         )
         report.phase("ready", memory_profile=str(engine.memory.profile))
         registry.heartbeat(
-            worker_id, ready=True, memory_bytes=memory_in_use(), device=str(engine.device)
+            worker_id,
+            ready=True,
+            memory_bytes=memory_in_use(),
+            device=device_label or str(engine.device),
         )
         runner[0].run(stop)
     finally:
