@@ -1,4 +1,6 @@
-"""serve's workers, one per device (``--devices``)."""
+"""serve's workers, one per device (``--devices``), and the first start's download of the
+weights (``ovis-server download``, and phase ``downloading`` in /readyz), against a stand-in
+for the Hugging Face hub on 127.0.0.1 (tests/fake_hub.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import functools
 import os
 import re
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from sqlalchemy import select
 from ovis_server.config import Settings, parse_devices
 from ovis_server.db.connect import connect, sqlite_url
 from ovis_server.db.schema import jobs
+from ovis_server.engine.weights import fetch_weights, select_files
 from ovis_server.jobs.workers import WorkerInfo, WorkerRegistry
 from ovis_server.worker.supervisor import (
     DevicesError,
@@ -25,7 +29,11 @@ from ovis_server.worker.supervisor import (
     worker_environment,
 )
 
-from .helpers import run_cli, start_server, wait_for
+from .fake_hub import FakeHub
+from .helpers import free_port, run_cli, start_server, wait_for
+
+REPO = "test-org/ovis-tiny"
+
 
 # -- which workers ------------------------------------------------------------------------
 
@@ -210,3 +218,207 @@ def test_serve_runs_one_worker_per_device_and_restarts_each_on_its_own(
                 os.kill(pid, 0)
     finally:
         server.kill()
+
+
+# -- the download -------------------------------------------------------------------------
+
+
+def test_the_files_the_pipeline_loads_are_chosen() -> None:
+    sizes = {
+        "model_index.json": 1,
+        "README.md": 2,
+        "ovis_image_comfyui.safetensors": 100,  # a single-file checkpoint: not the pipeline's
+        "assets/example.png": 3,
+        "scheduler/scheduler_config.json": 4,
+        "transformer/config.json": 5,
+        "transformer/diffusion_pytorch_model-00001-of-00002.safetensors": 10,
+        "transformer/diffusion_pytorch_model-00002-of-00002.safetensors": 10,
+        "transformer/diffusion_pytorch_model.safetensors.index.json": 6,
+        "transformer/diffusion_pytorch_model.fp16.safetensors": 10,
+        "transformer/diffusion_pytorch_model.bin": 20,
+        "transformer/diffusion_pytorch_model.bin.index.json": 7,
+        "text_encoder/model.safetensors": 30,
+        "text_encoder/flax_model.msgpack": 30,
+        "vae/diffusion_pytorch_model.bin": 8,  # only pickles: those are what loads
+    }
+    model_index = {
+        "_class_name": "OvisImagePipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "transformer": ["diffusers", "OvisImageTransformer2DModel"],
+        "text_encoder": ["transformers", "Qwen3Model"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+    }
+    assert sorted(select_files(sizes, model_index)) == [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/model.safetensors",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+        "vae/diffusion_pytorch_model.bin",
+    ]
+
+
+@pytest.fixture
+def hub_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Hugging Face home of the test's own, and no offline switch from outside."""
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    for name in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+def test_download_progress_in_bytes_rate_and_time_left(tmp_path: Path, tiny_weights: Path) -> None:
+    with FakeHub(REPO, tiny_weights) as sizing:
+        total = sizing.total_bytes
+    with FakeHub(REPO, tiny_weights, bytes_per_second=total / 4) as hub:
+        lines: list[str] = []
+        redrawn: list[str] = []
+        fetched = fetch_weights(
+            REPO,
+            log=lines.append,
+            status_line=redrawn.append,
+            interval=0.25,
+            cache_dir=str(tmp_path / "cache"),
+            endpoint=hub.url,
+        )
+    index_size = len(hub.files["model_index.json"])  # fetched first, to plan the rest
+    assert (fetched.total, fetched.downloaded, fetched.files) == (
+        total,
+        total - index_size,
+        len(hub.files),
+    )
+    assert lines[0].startswith(f"downloading {REPO}: ")
+    assert lines[0].endswith(f"in {len(hub.files) - 1} of {len(hub.files)} files, into "
+                             f"{tmp_path / 'cache' / 'models--test-org--ovis-tiny'}")  # fmt: skip
+    assert lines[-1].startswith(f"downloaded {REPO}: ")
+    line = re.compile(rf"downloading {REPO}: ([0-9.]+) (B|kB) of ([0-9.]+) kB \(([0-9.]+)%\)(.*)")
+    shown = [line.fullmatch(text) for text in redrawn]
+    assert all(shown), redrawn
+    matches = [match for match in shown if match]
+    done = [float(m.group(1)) * (1000 if m.group(2) == "kB" else 1) for m in matches]
+    assert done == sorted(done)
+    assert len(set(done)) >= 3  # it moved while it ran
+    assert all(m.group(3) == f"{total / 1e3:.1f}" for m in matches)
+    assert any("kB/s" in m.group(5) and "s left" in m.group(5) for m in matches)
+    assert redrawn[-1].startswith(f"downloading {REPO}: {total / 1e3:.1f} kB of")
+    snapshot = Path(fetched.folder)
+    for name, data in hub.files.items():
+        assert (snapshot / name).read_bytes() == data
+
+
+def test_download_command_fetches_once_then_finds_the_weights(
+    tmp_path: Path, tiny_weights: Path, hub_home: Path
+) -> None:
+    with FakeHub(REPO, tiny_weights) as sizing:
+        total = sizing.total_bytes
+    with FakeHub(REPO, tiny_weights, bytes_per_second=total / 2) as hub:
+        env = {"HF_ENDPOINT": hub.url}
+        first = run_cli("download", "--model", REPO, "--data-dir", str(tmp_path), env=env)
+        files = len(hub.files)
+        into = re.escape(f"{hub_home}/hub/models--test-org--ovis-tiny")
+        assert re.search(rf"^downloading {REPO}: [0-9.]+ kB in {files - 1} of {files} files, "
+                         rf"into {into}$", first.stdout, re.M)  # fmt: skip
+        assert re.search(
+            rf"^downloaded {REPO}: [0-9.]+ kB in \d+s \([0-9.]+ kB/s\)$", first.stdout, re.M
+        )
+        folder = Path(first.stdout.strip().splitlines()[-1].split(" load it from ")[1])
+        assert (folder / "model_index.json").read_bytes() == hub.files["model_index.json"]
+        fetched = len(hub.file_downloads())
+
+        again = run_cli("download", "--model", REPO, env=env)
+        assert f"{REPO} is in the cache ({folder})" in again.stdout
+        assert again.stdout.strip().endswith("nothing to download")
+        assert len(hub.file_downloads()) == fetched
+
+    # With the hub out of reach the cached copy serves; without one, a clear error.
+    offline = run_cli("download", "--model", REPO, env={"HF_HUB_OFFLINE": "1"})
+    assert f"{REPO} is in the cache ({folder}); the hub did not answer (HF_HUB_OFFLINE is set)" in (
+        offline.stdout
+    )
+    closed = f"http://127.0.0.1:{free_port()}"
+    unreachable = run_cli("download", "--model", "test-org/elsewhere", check=False,
+                          env={"HF_ENDPOINT": closed})  # fmt: skip
+    assert unreachable.returncode == 1
+    assert "Traceback" not in unreachable.stderr
+    assert (
+        f"Error: cannot download test-org/elsewhere: the Hugging Face hub at {closed} did not "
+        "answer (ConnectError"
+    ) in unreachable.stderr
+    assert "Run 'ovis-server download' where the hub can be reached" in unreachable.stderr
+
+
+def test_download_of_a_model_the_hub_does_not_have(
+    tmp_path: Path, tiny_weights: Path, hub_home: Path
+) -> None:
+    with FakeHub(REPO, tiny_weights) as hub:
+        missing = run_cli("download", "--model", "test-org/nothing", check=False,
+                          env={"HF_ENDPOINT": hub.url})  # fmt: skip
+    assert missing.returncode == 1
+    assert (
+        f"there is no model test-org/nothing on the Hugging Face hub at {hub.url}" in missing.stderr
+    )
+    assert "Traceback" not in missing.stderr
+    local = run_cli("download", "--model", str(tiny_weights))
+    assert "is a local directory: nothing to download" in local.stdout
+
+
+def test_two_processes_download_once(tmp_path: Path, tiny_weights: Path, hub_home: Path) -> None:
+    """serve's workers (one per GPU) start together: one downloads, the others wait for it."""
+    with FakeHub(REPO, tiny_weights) as sizing:
+        total = sizing.total_bytes
+    with FakeHub(REPO, tiny_weights, bytes_per_second=total / 3) as hub:
+        env = {"HF_ENDPOINT": hub.url}
+        outputs: list[str] = []
+
+        def download() -> None:
+            outputs.append(run_cli("download", "--model", REPO, env=env).stdout)
+
+        threads = [threading.Thread(target=download) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        gets = hub.file_downloads()
+    assert len(outputs) == 2
+    assert len(gets) == len(set(gets)) == len(hub.files)  # each file once
+    assert sorted(output.strip().splitlines()[-1].startswith("done:") for output in outputs) == [
+        False,
+        True,
+    ]
+
+
+def test_serve_shows_the_first_download_in_readyz(
+    tmp_path: Path, tiny_weights: Path, hub_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FakeHub(REPO, tiny_weights) as sizing:
+        total = sizing.total_bytes
+    with FakeHub(REPO, tiny_weights, bytes_per_second=total / 8) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        server = start_server(tmp_path / "data", REPO, "--no-auth", timeout=120)
+        try:
+            seen: list[dict[str, Any]] = []
+            with server.client() as client:
+
+                def ready() -> bool:
+                    body = client.get("/readyz").json()
+                    seen.extend(w for w in body.get("workers", []) if w["phase"] == "downloading")
+                    return bool(body["status"] == "ready")
+
+                wait_for(ready, timeout=300, interval=0.2)
+                run_jobs(client, 1)  # loaded from the downloaded snapshot
+        finally:
+            server.kill()
+    assert seen, "no /readyz answer showed the download"
+    progress = [w["progress"] for w in seen if "progress" in w]
+    assert progress
+    assert all(p["unit"] == "bytes" and p["total"] == total for p in progress)
+    assert all(0 <= p["done"] <= total for p in progress)
+    assert any(p.get("rate") and p.get("eta_seconds") is not None for p in progress)
+    assert progress[-1]["text"] == f"{len(hub.files)} files from the Hugging Face hub"
+    log = server.log()
+    assert f"downloading {REPO}: " in log
+    assert f"downloaded {REPO}: " in log

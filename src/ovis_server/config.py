@@ -34,7 +34,9 @@ SERVE = frozenset({"serve"})
 WORKER = frozenset({"serve", "worker"})
 MODEL = frozenset({"serve", "worker", "generate"})
 STORE = frozenset({"serve", "worker", "admin"})
-DATA = frozenset({"serve", "worker", "generate", "admin"})
+DATA = frozenset({"serve", "worker", "generate", "admin", "download"})
+# ``ovis-server download`` takes --model (and the data directory, for ``tiny``).
+DOWNLOAD = frozenset({"download"})
 
 
 @dataclass(frozen=True)
@@ -340,7 +342,7 @@ class Settings(BaseSettings):
             "unless --public-url.",
         )
     )
-    model: Annotated[str, Cli(MODEL)] = Field(
+    model: Annotated[str, Cli(MODEL | DOWNLOAD)] = Field(
         OVIS_IMAGE.default_weights,
         description="A hub id, a local diffusers directory, 'tiny' (a tiny random model, for "
         "trying it anywhere) or 'random-full' (the real 7B architecture with random weights, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -132,7 +133,7 @@ def worker(
     --database-url and --storage as the API replicas.
     """
     from ovis_server.engine.pipeline import EngineLoadError
-    from ovis_server.engine.weights import WeightsNotFoundError
+    from ovis_server.engine.weights import DownloadInterrupted, WeightsNotFoundError
     from ovis_server.worker.process import run_worker
 
     configure_logging(settings.log_level)
@@ -141,6 +142,11 @@ def worker(
     refuse_random_full_on_cpu(settings.model, settings.device)
     try:
         run_worker(settings, parent_pid=parent_pid, device_label=device_label)
+    except DownloadInterrupted:
+        # Stopped while downloading: what is downloaded stays in the cache. Download threads
+        # still busy with a file would hold the interpreter's exit until it is done.
+        logging.shutdown()
+        os._exit(0)
     except (EngineLoadError, WeightsNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -207,10 +213,16 @@ def generate(
         raise click.UsageError("; ".join(field_problems(exc.errors()))) from None
 
     configure_logging("warning")
+    # A first run downloads the weights: show its progress lines.
+    logging.getLogger("ovis_server.engine.weights").setLevel(logging.INFO)
     try:
         engine = load_engine(settings)
     except (EngineLoadError, WeightsNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        # Perhaps mid-download: its threads would hold the exit until their files are done.
+        click.echo("interrupted", err=True)
+        os._exit(130)
     click.echo(engine.memory.describe(), err=True)
 
     used_seed = request.resolved_seed()

@@ -101,13 +101,17 @@ def _report_problem(registry: WorkerRegistry, worker_id: str, problem: str | Non
         logger.exception("could not report the worker's problem")
 
 
-def load_engine(settings: Settings) -> Engine:
-    """The model as ``settings`` say: the worker's and ``generate``'s."""
+def load_engine(
+    settings: Settings, report: StateReport | None = None, stop: threading.Event | None = None
+) -> Engine:
+    """The model as ``settings`` say: the worker's and ``generate``'s. Weights named by a
+    hub id are downloaded first if the cache lacks them, with progress in the log and in
+    ``report`` (phase downloading); ``stop`` interrupts the download."""
     from ovis_server.engine.pipeline import Engine
-    from ovis_server.engine.weights import resolve_weights
+    from ovis_server.engine.weights import local_weights
 
     return Engine.load(
-        resolve_weights(settings.model, settings.data_dir),
+        local_weights(settings.model, settings.data_dir, report=report, stop=stop),
         device=settings.device,
         dtype=settings.dtype,
         compile=settings.compile_flag,
@@ -166,7 +170,7 @@ def run_worker(
         daemon=True,
     ).start()
     try:
-        engine = load_engine(settings)
+        engine = load_engine(settings, report, stop)
         if stop.is_set():
             return
         runner.append(
