@@ -28,6 +28,7 @@ from ovis_server.settings_sources import (
 from ovis_server.units import (
     DAY,
     DEFAULT_WEBHOOK_SCHEDULE,
+    parse_devices,
     parse_duration,
     parse_memory_size,
     parse_schedule,
@@ -43,7 +44,9 @@ SERVE = frozenset({"serve"})
 WORKER = frozenset({"serve", "worker"})
 MODEL = frozenset({"serve", "worker", "generate"})
 STORE = frozenset({"serve", "worker", "admin"})
-DATA = frozenset({"serve", "worker", "generate", "admin"})
+DATA = frozenset({"serve", "worker", "generate", "admin", "download"})
+# ``ovis-server download`` takes --model (and the data directory, for ``tiny``).
+DOWNLOAD = frozenset({"download"})
 
 
 def compile_choice(mode: str) -> bool | None:
@@ -166,7 +169,7 @@ class Settings(BaseSettings):
             "unless --public-url.",
         )
     )
-    model: Annotated[str, Cli(MODEL)] = Field(
+    model: Annotated[str, Cli(MODEL | DOWNLOAD)] = Field(
         OVIS_IMAGE.default_weights,
         description="A hub id, a local diffusers directory, 'tiny' (a tiny random model, for "
         "trying it anywhere) or 'random-full' (the real 7B architecture with random weights, "
@@ -237,6 +240,14 @@ class Settings(BaseSettings):
         default_factory=default_data_dir,
         description="Where the job database, output files and built checkpoints live.",
     )
+    # serve's workers: one per device (see worker/supervisor.py).
+    devices: Annotated[str | None, Cli(SERVE, show_default="all", metavar="all|N,N|cpu")] = Field(
+        None,
+        description="The workers serve starts, one per entry: all (one per visible CUDA GPU, "
+        "or one worker where there is none), GPU numbers such as 0,2 (each worker pinned to "
+        "its GPU), or cpu (cpu,cpu starts two). --device instead picks one device for one "
+        "worker; not both.",
+    )
     # Not an option: tuned by tests and benchmarks that build Settings themselves.
     heartbeat_seconds: float = 5.0
 
@@ -302,6 +313,13 @@ class Settings(BaseSettings):
                     f"{pattern!r}: a wildcard stands alone or starts a name, as in *.example.com"
                 )
         return names
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            value = ",".join(str(item) for item in value)
+        return None if value is None else ",".join(parse_devices(str(value)))
 
     @field_validator("gpu_memory")
     @classmethod

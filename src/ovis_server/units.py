@@ -75,3 +75,35 @@ def parse_size(text: str) -> int:
     if match is None or match.group(2) not in _BYTE_UNITS:
         raise ValueError(f"{text!r} is not a size such as 1048576, 512KiB or 1MiB")
     return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
+
+
+ALL_DEVICES = "all"
+_GPU_ENTRY = re.compile(r"(?:cuda:)?([0-9]+)")
+
+
+def parse_devices(text: str) -> tuple[str, ...]:
+    """``--devices``: ``("all",)``, or one entry per worker, each ``cpu`` or a GPU number
+    (``cuda:2`` is ``2``); a GPU listed twice is refused (two workers would each plan with
+    the whole GPU's memory)."""
+    entries = tuple(item.strip().lower() for item in text.split(","))
+    if entries == (ALL_DEVICES,):
+        return entries
+    normalized = []
+    for entry in entries:
+        match = _GPU_ENTRY.fullmatch(entry)
+        if entry == "cpu":
+            normalized.append(entry)
+        elif match is not None:
+            normalized.append(str(int(match.group(1))))
+        else:
+            raise ValueError(
+                f"{text!r}: give 'all', or a comma-separated list of GPU numbers (0,2 or "
+                "cuda:0,cuda:2) and 'cpu' entries (cpu,cpu for two CPU workers)"
+            )
+    for gpu in {entry for entry in normalized if entry != "cpu"}:
+        if normalized.count(gpu) > 1:
+            raise ValueError(
+                f"{text!r}: GPU {gpu} is listed twice; each GPU takes one worker, which "
+                "plans with that GPU's memory"
+            )
+    return tuple(normalized)

@@ -34,7 +34,7 @@ from sqlalchemy import Connection
 
 from ovis_server.jobs.job import DeliveryState, JobStatus
 from ovis_server.jobs.stats import FinishedJob, StatsReader
-from ovis_server.jobs.workers import WorkerRegistry
+from ovis_server.jobs.workers import WorkerInfo, WorkerRegistry
 
 WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 RUN_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -219,6 +219,7 @@ class OvisCollector(Collector):
             if worker.memory_bytes is not None:
                 memory.add_metric([worker.id, worker.device], worker.memory_bytes)
         yield memory
+        yield from worker_state_families(alive)
         yield GaugeMetricFamily(
             "ovis_webhook_messages_pending",
             "Webhook messages not yet taken by their receiver.",
@@ -238,6 +239,35 @@ class OvisCollector(Collector):
             "Status streams open on this API process.",
             self.open_streams(),
         )
+
+
+WORKER_PHASES = ("downloading", "loading", "warming", "ready")
+
+
+def worker_state_families(alive: Sequence[WorkerInfo]) -> Iterator[Metric]:
+    """Each worker's state, so that an operator sees each one (serve runs one per GPU):
+    ready or not, and its phase as a state set (1 for the phase it is in)."""
+    ready = GaugeMetricFamily(
+        "ovis_worker_ready",
+        "1 when the worker has its model loaded and takes jobs, else 0 (getting ready, or "
+        "unable to store outputs).",
+        labels=["worker", "device"],
+    )
+    phase = GaugeMetricFamily(
+        "ovis_worker_phase",
+        "The phase each worker is in: 1 for the current one (downloading, loading, warming, "
+        "ready), 0 for the others.",
+        labels=["worker", "device", "phase"],
+    )
+    for worker in alive:
+        takes_jobs = worker.ready and worker.problem is None
+        ready.add_metric([worker.id, worker.device], 1 if takes_jobs else 0)
+        current = "ready" if worker.ready else worker.phase
+        current = current if current in WORKER_PHASES else "loading"
+        for name in WORKER_PHASES:
+            phase.add_metric([worker.id, worker.device, name], 1 if name == current else 0)
+    yield ready
+    yield phase
 
 
 class Metrics:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import click
 
 from ovis_server import __version__
-from ovis_server.cli.admin import db, tiny_model, token
+from ovis_server.cli.admin import db, download, tiny_model, token
 from ovis_server.cli.common import parse_image_size
 from ovis_server.cli.remote import (
     cancel_remote,
@@ -29,6 +29,7 @@ def main() -> None:
 
 for command in (
     tiny_model,
+    download,
     generate,
     serve,
     worker,

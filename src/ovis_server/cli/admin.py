@@ -1,7 +1,9 @@
-"""Looking after a server's data: ``token``, ``db`` and ``tiny-model``."""
+"""Looking after a server's data: ``token``, ``db``, ``tiny-model`` and ``download``."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +30,79 @@ def tiny_model(directory: Path) -> None:
         raise click.UsageError(f"{directory} exists and is not empty")
     written = write_tiny_checkpoint(directory)
     click.echo(str(written))
+
+
+@click.command("download")
+@settings_options("download")
+def download(settings: Settings) -> None:
+    """Download the model's weights ahead of time (about 20 GB for Ovis-Image-7B), with
+    progress, into the Hugging Face cache that serve and worker load them from (HF_HOME,
+    by default ~/.cache/huggingface). Does nothing when they are there already."""
+    from ovis_server.engine.weights import (
+        RANDOM_FULL,
+        TINY,
+        WeightsNotFoundError,
+        fetch_weights,
+        is_hub_id,
+        resolve_weights,
+        tiny_checkpoint_dir,
+    )
+
+    if settings.model == RANDOM_FULL:
+        click.echo("random-full is built on the GPU when a worker starts: nothing to download")
+        return
+    existed = (tiny_checkpoint_dir(settings.data_dir) / "model_index.json").is_file()
+    try:
+        weights = resolve_weights(settings.model, settings.data_dir)
+    except WeightsNotFoundError as exc:
+        raise click.UsageError(str(exc)) from None
+    if settings.model == TINY:
+        click.echo(f"the tiny model is {'already' if existed else 'now'} at {weights}")
+        return
+    if not is_hub_id(weights):
+        click.echo(f"{weights} is a local directory: nothing to download")
+        return
+    console = _Console(sys.stdout.isatty())
+    try:
+        fetched = fetch_weights(
+            weights,
+            log=console.line,
+            status_line=console.redraw if console.tty else None,
+            interval=0.5 if console.tty else 1.0,
+        )
+    except KeyboardInterrupt:
+        console.line("interrupted: the files downloaded stay in the cache; run again for the rest")
+        # Download threads busy with a file would hold the exit until it is done.
+        sys.stdout.flush()
+        os._exit(130)
+    except WeightsNotFoundError as exc:
+        console.end_redraw()
+        raise click.ClickException(str(exc)) from None
+    if fetched.downloaded:
+        click.echo(f"done: serve and worker with --model {weights} load it from {fetched.folder}")
+    else:
+        click.echo("nothing to download")
+
+
+class _Console:
+    """Lines, and on a terminal one progress line redrawn in place."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.drawn = 0
+
+    def redraw(self, text: str) -> None:
+        click.echo("\r" + text.ljust(self.drawn), nl=False)
+        self.drawn = len(text)
+
+    def end_redraw(self) -> None:
+        if self.drawn:
+            click.echo()
+            self.drawn = 0
+
+    def line(self, text: str) -> None:
+        self.end_redraw()
+        click.echo(text)
 
 
 @click.group()

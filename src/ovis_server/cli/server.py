@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 from pathlib import Path
 
 import click
@@ -41,21 +43,22 @@ def refuse_random_full_on_cpu(model: str, device: str) -> None:
 @click.command()
 @settings_options("serve")
 def serve(settings: Settings) -> None:
-    """Serve the Model API, with a worker process beside it that runs the model."""
+    """Serve the Model API, with worker processes beside it that run the model: one per
+    GPU by default (--devices)."""
     import uvicorn
 
     from ovis_server.api.access_log import redact_access_log
     from ovis_server.api.app import GRACEFUL_SHUTDOWN_SECONDS, ApiServer, create_app
-    from ovis_server.worker.supervisor import (
-        WorkerSupervisor,
-        worker_command,
-        worker_environment,
-    )
+    from ovis_server.worker.supervisor import DevicesError, WorkerPool, plan_workers
 
     configure_logging(settings.log_level)
     logger = logging.getLogger("ovis_server.serve")
-    if not settings.no_worker:
-        refuse_random_full_on_cpu(settings.model, settings.device)
+    try:
+        slots = plan_workers(settings)
+    except DevicesError as exc:
+        raise click.UsageError(str(exc)) from None
+    for device in sorted({slot.device for slot in slots}):
+        refuse_random_full_on_cpu(settings.model, device)
     try:
         app = create_app(settings)
     except ValueError as exc:  # a --storage or --database-url it cannot use
@@ -82,18 +85,20 @@ def serve(settings: Settings) -> None:
             "The token is shown only this once; send it as 'Authorization: Bearer <token>':\n"
             f"{secret}"
         )
-    supervisor = (
-        None
-        if settings.no_worker
-        else WorkerSupervisor(worker_command(), worker_environment(settings))
+    registry = app.state.workers
+    hostname = socket.gethostname()
+    # A worker seen to exit leaves /readyz at once, not when its heartbeat goes stale.
+    workers = WorkerPool.for_slots(
+        settings, slots, on_exit=lambda pid: registry.forget_process(hostname, pid)
     )
+    if len(slots) > 1:
+        logger.info("starting %d workers: %s", len(slots), ", ".join(slot.name for slot in slots))
     # uvicorn shuts down on SIGINT/SIGTERM, then restores the handlers it found and raises
     # the signal again. Finding these, the signal ends here and the worker is stopped in
     # order below instead of being orphaned by an abrupt exit.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda _signum, _frame: None)
-    if supervisor is not None:
-        supervisor.start()
+    workers.start()
     try:
         config = uvicorn.Config(
             app,
@@ -109,29 +114,49 @@ def serve(settings: Settings) -> None:
         redact_access_log()  # after uvicorn.Config, which configures its loggers
         ApiServer(config, app.state.hub).run()
     finally:
-        if supervisor is not None:
-            supervisor.stop()
+        workers.stop()
 
 
 @click.command()
 @click.option("--parent-pid", type=int, default=None, hidden=True)
+# Set by serve: the worker's device as serve numbers it (a GPU worker sees only its own GPU,
+# as cuda:0), and the worker's name in its log lines when serve runs several.
+@click.option("--device-label", default=None, hidden=True)
+@click.option("--log-name", default=None, hidden=True)
 @settings_options("worker", from_json=True)
-def worker(settings: Settings, parent_pid: int | None) -> None:
+def worker(
+    settings: Settings, parent_pid: int | None, device_label: str | None, log_name: str | None
+) -> None:
     """Run a worker: load the model on one device and take jobs from the queue.
 
     Run one per GPU (--device cuda:N) on any number of hosts, pointed at the same
     --database-url and --storage as the API replicas.
     """
     from ovis_server.engine.pipeline import EngineLoadError
-    from ovis_server.engine.weights import WeightsNotFoundError
+    from ovis_server.engine.weights import DownloadInterrupted, WeightsNotFoundError
     from ovis_server.worker.process import run_worker
 
     configure_logging(settings.log_level)
+    if log_name:
+        name_log_lines(log_name)
     refuse_random_full_on_cpu(settings.model, settings.device)
     try:
-        run_worker(settings, parent_pid=parent_pid)
+        run_worker(settings, parent_pid=parent_pid, device_label=device_label)
+    except DownloadInterrupted:
+        # Stopped while downloading: what is downloaded stays in the cache. Download threads
+        # still busy with a file would hold the interpreter's exit until it is done.
+        logging.shutdown()
+        os._exit(0)
     except (EngineLoadError, WeightsNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def name_log_lines(name: str) -> None:
+    """Start every log line with the worker's name (serve's console mixes its workers')."""
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
+        )
 
 
 @click.command()
@@ -188,10 +213,16 @@ def generate(
         raise click.UsageError("; ".join(field_problems(exc.errors()))) from None
 
     configure_logging("warning")
+    # A first run downloads the weights: show its progress lines.
+    logging.getLogger("ovis_server.engine.weights").setLevel(logging.INFO)
     try:
         engine = load_engine(settings)
     except (EngineLoadError, WeightsNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        # Perhaps mid-download: its threads would hold the exit until their files are done.
+        click.echo("interrupted", err=True)
+        os._exit(130)
     click.echo(engine.memory.describe(), err=True)
 
     used_seed = request.resolved_seed()

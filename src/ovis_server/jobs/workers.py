@@ -99,6 +99,14 @@ class WorkerRegistry:
             return [WorkerInfo(**row) for row in rows]
 
     @retried
+    def forget_process(self, host: str, pid: int) -> int:
+        """Drop the rows of a worker process known to be gone (serve saw its child exit), so
+        that /readyz stops counting it at once rather than when its heartbeat goes stale."""
+        with self.engine.begin() as conn:
+            gone = delete(workers).where(workers.c.host == host, workers.c.pid == pid)
+            return int(conn.execute(gone).rowcount)
+
+    @retried
     def forget_silent(self, silent_seconds: float) -> int:
         """Drop rows of workers silent this long (killed without a chance to deregister)."""
         since = datetime.now(UTC) - timedelta(seconds=silent_seconds)

@@ -101,13 +101,17 @@ def _report_problem(registry: WorkerRegistry, worker_id: str, problem: str | Non
         logger.exception("could not report the worker's problem")
 
 
-def load_engine(settings: Settings) -> Engine:
-    """The model as ``settings`` say: the worker's and ``generate``'s."""
+def load_engine(
+    settings: Settings, report: StateReport | None = None, stop: threading.Event | None = None
+) -> Engine:
+    """The model as ``settings`` say: the worker's and ``generate``'s. Weights named by a
+    hub id are downloaded first if the cache lacks them, with progress in the log and in
+    ``report`` (phase downloading); ``stop`` interrupts the download."""
     from ovis_server.engine.pipeline import Engine
-    from ovis_server.engine.weights import resolve_weights
+    from ovis_server.engine.weights import local_weights
 
     return Engine.load(
-        resolve_weights(settings.model, settings.data_dir),
+        local_weights(settings.model, settings.data_dir, report=report, stop=stop),
         device=settings.device,
         dtype=settings.dtype,
         compile=settings.compile_flag,
@@ -117,8 +121,11 @@ def load_engine(settings: Settings) -> Engine:
     )
 
 
-def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
-    """Load the model, then take jobs until SIGTERM or SIGINT; the job in hand is put back."""
+def run_worker(
+    settings: Settings, parent_pid: int | None = None, device_label: str | None = None
+) -> None:
+    """Load the model, then take jobs until SIGTERM or SIGINT; the job in hand is put back.
+    ``device_label``: the device as serve numbers it (its GPU worker sees one GPU, cuda:0)."""
     from ovis_server.worker.hooks import load_step_hook
 
     stop = threading.Event()
@@ -143,7 +150,8 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     files = open_file_store(settings, db)
     registry = WorkerRegistry(db)
     worker_id = new_worker_id()
-    registry.register(worker_id, socket.gethostname(), os.getpid(), settings.model, settings.device)
+    device = device_label or settings.device
+    registry.register(worker_id, socket.gethostname(), os.getpid(), settings.model, device)
     report = StateReport(registry, worker_id)
     report.phase("loading")
     runner: list[Worker] = []
@@ -162,7 +170,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
         daemon=True,
     ).start()
     try:
-        engine = load_engine(settings)
+        engine = load_engine(settings, report, stop)
         if stop.is_set():
             return
         runner.append(
@@ -180,7 +188,10 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
         )
         report.phase("ready", memory_profile=str(engine.memory.profile))
         registry.heartbeat(
-            worker_id, ready=True, memory_bytes=memory_in_use(), device=str(engine.device)
+            worker_id,
+            ready=True,
+            memory_bytes=memory_in_use(),
+            device=device_label or str(engine.device),
         )
         runner[0].run(stop)
     finally:
