@@ -118,3 +118,19 @@ def test_cancel_load_benchmark_prints_its_table() -> None:
     lines = result.stdout.splitlines()
     assert "| requests | count | p50 ms | p99 ms | max ms |" in lines
     assert any(line.startswith("| cancel of a running job (token A) | 10 |") for line in lines)
+
+
+def test_startup_benchmark_prints_its_tables() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/startup.py", "--model", "tiny", "--device", "cpu",
+         "--compile", "off", "--warmup", "off", "--sizes", "square", "--steps", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| start", "| cold cache", "| warm cache", "| size", "| square"
+    ]  # fmt: skip
+    # The worker's own times come from its log: a changed log line would show as "?".
+    assert "?" not in rows[1]
+    assert rows[1].endswith("| off | - | - |")
+    assert re.search(r"first / second, worst: \d+\.\d\d$", result.stdout)

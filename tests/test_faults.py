@@ -198,7 +198,9 @@ def test_readyz_needs_a_worker_with_a_loaded_model(
         "database": "ok",
         "workers_ready": 1,
         "workers_loading": 0,
-        "workers": [{"device": "cpu", "phase": "ready", "memory_profile": "full"}],
+        "workers": [
+            {"device": "cpu", "phase": "ready", "memory_profile": "full", "batch_limit": 1}
+        ],
     }
     assert httpx.get(server.base_url + "/healthz").json() == {"status": "ok"}
 

@@ -201,6 +201,19 @@ class Settings(BaseSettings):
         "such as 0.5); the allocator is capped to it, so a large GPU can stand in for a small "
         "one. Default: what is free.",
     )
+    # Warm-up before ready, and how torch.compile shapes its graphs (engine/warmup.py).
+    warmup: Annotated[Literal["auto", "on", "off"], Cli(WORKER)] = Field(
+        "auto",
+        description="Before reporting ready, run the default image size at every batch size "
+        "the worker will form, and each preset size once, so that no request waits for "
+        "torch.compile; auto: when compiling.",
+    )
+    compile_dynamic: Annotated[bool, Cli(MODEL)] = Field(
+        False,
+        description="Compile with dynamic shapes from the first call (one graph for every batch "
+        "and image size: fewer compiles, speed not yet measured); default: torch's automatic "
+        "dynamic shapes, static first.",
+    )
     lease_seconds: Annotated[float, Cli(WORKER)] = Field(
         30.0,
         ge=0.5,
@@ -380,6 +393,15 @@ class Settings(BaseSettings):
     @property
     def compile_flag(self) -> bool | None:
         return compile_choice(self.compile)
+
+    def warms_up(self, compiling: bool) -> bool:
+        """``--warmup``: auto warms up when the engine compiles."""
+        return self.warmup == "on" or (self.warmup == "auto" and compiling)
+
+    @property
+    def compile_cache_dir(self) -> Path:
+        """Where torch.compile keeps what it compiled, across restarts."""
+        return self.data_dir / "compile-cache"
 
     @property
     def db_url(self) -> str:

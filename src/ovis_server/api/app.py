@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ovis_server import __version__
 from ovis_server.api import files, openai_images, playground, routes
 from ovis_server.api.auth import authorize_metrics
+from ovis_server.api.capacity import SizeCapacity, worker_max_pixels
 from ovis_server.api.errors import install_error_handlers
 from ovis_server.api.limits import AllowedHosts, BodySizeLimit, ConnectionLimit, TokenSlots
 from ovis_server.api.metrics import Metrics, OvisCollector
@@ -66,11 +67,14 @@ def worker_readiness(worker: WorkerInfo) -> WorkerReadiness:
     except ValidationError:
         progress = None
     profile = detail.get("memory_profile")
+    batch_limit = detail.get("batch_limit")
     return WorkerReadiness(
         device=worker.device,
         phase="ready" if worker.ready else (phase or "loading"),
         progress=None if worker.ready else progress,
         memory_profile=profile if isinstance(profile, str) else None,
+        batch_limit=batch_limit if type(batch_limit) is int and batch_limit > 0 else None,
+        max_pixels=worker_max_pixels(worker),
         problem=worker.problem,
     )
 
@@ -148,6 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     # A worker counts as alive while its last heartbeat is this recent.
     alive_within = 3 * settings.heartbeat_seconds + 5
+    service.capacity = SizeCapacity(registry, alive_within)
 
     exposition = Metrics(
         OvisCollector(StatsReader(db), registry, alive_within, lambda: hub.open_streams)

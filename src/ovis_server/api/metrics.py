@@ -220,6 +220,8 @@ class OvisCollector(Collector):
                 memory.add_metric([worker.id, worker.device], worker.memory_bytes)
         yield memory
         yield from worker_state_families(alive)
+
+        yield from worker_plan_families(alive)
         yield GaugeMetricFamily(
             "ovis_webhook_messages_pending",
             "Webhook messages not yet taken by their receiver.",
@@ -268,6 +270,57 @@ def worker_state_families(alive: Sequence[WorkerInfo]) -> Iterator[Metric]:
             phase.add_metric([worker.id, worker.device, name], 1 if name == current else 0)
     yield ready
     yield phase
+
+
+def _detail_number(worker: WorkerInfo, key: str) -> float | None:
+    detail = worker.detail if isinstance(worker.detail, dict) else {}
+    value = detail.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def worker_plan_families(alive: Sequence[WorkerInfo]) -> Iterator[Metric]:
+    """Each worker's memory plan and start-up, from the details it reports (report.py)."""
+    info = GaugeMetricFamily(
+        "ovis_worker_info",
+        "1 for each alive worker, labelled with its device and memory profile (--memory).",
+        labels=["worker", "device", "memory_profile"],
+    )
+    batch = GaugeMetricFamily(
+        "ovis_worker_batch_limit",
+        "The most requests a worker runs as one batch.",
+        labels=["worker"],
+    )
+    budget = GaugeMetricFamily(
+        "ovis_worker_memory_budget_bytes",
+        "GPU memory a worker plans with (--gpu-memory, or what was free at its start).",
+        labels=["worker"],
+    )
+    pixels = GaugeMetricFamily(
+        "ovis_worker_max_pixels",
+        "The largest image (pixels, batch of 1) a worker's memory plan fits; absent: no limit.",
+        labels=["worker"],
+    )
+    startup = GaugeMetricFamily(
+        "ovis_worker_startup_seconds",
+        "Seconds from a worker's start to ready (loading and warm-up).",
+        labels=["worker"],
+    )
+    for worker in alive:
+        detail = worker.detail if isinstance(worker.detail, dict) else {}
+        profile = detail.get("memory_profile")
+        info.add_metric([worker.id, worker.device, profile if isinstance(profile, str) else ""], 1)
+        for family, key in (
+            (batch, "batch_limit"),
+            (budget, "memory_budget_bytes"),
+            (pixels, "max_pixels"),
+            (startup, "startup_seconds"),
+        ):
+            value = _detail_number(worker, key)
+            if value is not None:
+                family.add_metric([worker.id], value)
+    yield from (info, batch, budget, pixels, startup)
 
 
 class Metrics:

@@ -200,6 +200,14 @@ class WorkerReadiness(BaseModel):
     memory_profile: str | None = Field(
         default=None, description="The memory profile the worker runs (see --memory)."
     )
+    batch_limit: int | None = Field(
+        default=None, description="The most requests the worker runs as one batch."
+    )
+    max_pixels: int | None = Field(
+        default=None,
+        description="The largest image (width x height, at a batch of 1) its memory plan "
+        "fits; absent where there is no limit (a CPU). Larger submits get 422.",
+    )
     problem: str | None = Field(default=None, description="Why it takes no jobs, if it takes none.")
 
 

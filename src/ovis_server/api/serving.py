@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ovis_server.api.capacity import SizeCapacity
 from ovis_server.api.destinations import url_problem
 from ovis_server.api.errors import (
     FORBIDDEN,
@@ -184,6 +185,7 @@ class RequestService:
         self.store = store
         self.files = files
         self.settings = settings
+        self.capacity: SizeCapacity | None = None  # app.py sets it: capacity.py
 
     # --- the catalogue ----------------------------------------------------------------
 
@@ -290,6 +292,8 @@ class RequestService:
                 twin = self.store.idempotent_twin(token_id, idempotency_key, request_hash)
                 if twin is not None:
                     return SubmitResponse(request_id=twin.id, **self._urls(base_url, twin.id))
+            if self.capacity is not None:
+                self.capacity.check(spec.model_id, *validated.dimensions())
             job = self.store.submit(
                 request_id=str(uuid.uuid4()),
                 token_id=token_id,

@@ -200,6 +200,37 @@ def planned_peak(
     return int(max(phases))
 
 
+# Beyond this many pixels the search stops: far more than any request can ask for.
+PIXEL_SEARCH_LIMIT = 64 * 1024 * 1024
+
+
+def largest_image_pixels(
+    sizes: ModelSizes, profile: MemoryProfile, budget_bytes: int | None
+) -> int | None:
+    """The most pixels one image (a batch of 1) may have for ``profile``'s planned peak to
+    fit ``budget_bytes`` less the margin; None without a budget (a CPU: no limit), 0 when
+    not even the weights fit. Activations grow with the pixel count alone, not the shape."""
+    if budget_bytes is None:
+        return None
+    usable = budget_bytes - margin(budget_bytes)
+
+    def fits(pixels: int) -> bool:
+        return planned_peak(sizes, profile, width=pixels, height=1) <= usable
+
+    if fits(PIXEL_SEARCH_LIMIT):
+        return PIXEL_SEARCH_LIMIT
+    low, high = 0, PIXEL_SEARCH_LIMIT  # fits(high) is False
+    if not fits(low):
+        return 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 # --- the plan -------------------------------------------------------------------------------
 
 

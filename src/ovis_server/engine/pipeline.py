@@ -32,7 +32,9 @@ from ovis_server.engine.memory import (
     MemoryPlan,
     MemoryProfile,
     MemoryProfileError,
+    ModelSizes,
     gpu_budget,
+    largest_image_pixels,
     model_sizes,
     plan,
 )
@@ -160,6 +162,8 @@ class Engine:
         self.dtype = dtype
         self.load_seconds = 0.0
         self.prompts = PromptCache(self._encode_prompt, prompt_cache_size)
+        self.compiled = False  # whether optimize() compiled the transformer's blocks
+        self.sizes: ModelSizes | None = None  # the parameter sizes the plan was made from
         # Which memory profile the weights were placed by, and why (Engine.load plans it).
         self.memory = MemoryPlan(
             MemoryProfile.FULL, None, 0, 1, "placed by the caller, not planned"
@@ -176,6 +180,7 @@ class Engine:
         fp8: bool = False,
         memory: str = AUTO,
         gpu_memory: float | None = None,
+        compile_dynamic: bool = False,
     ) -> Engine:
         """Load ``weights`` (a hub id, a local diffusers directory, or ``random-full``)
         onto ``device``.
@@ -185,7 +190,8 @@ class Engine:
         memory.py or ``auto`` (planned from the free GPU memory, or ``gpu_memory``: bytes, or
         a fraction of the GPU's memory when at most 1). ``compile`` (default: on CUDA, unless
         the profile offloads groups of layers) compiles the repeated transformer blocks;
-        ``fp8`` quantizes the transformer's matmuls to FP8 with torchao (Hopper-class GPUs).
+        ``fp8`` quantizes the transformer's matmuls to FP8 with torchao (Hopper-class GPUs);
+        ``compile_dynamic`` compiles with dynamic shapes from the first call.
         """
         silence_loading_progress()
         target = pick_device(device)
@@ -229,17 +235,28 @@ class Engine:
         pipeline.set_progress_bar_config(disable=True)
         engine = cls(pipeline, target, torch_dtype)
         engine.memory = memory_plan
+        engine.sizes = sizes
         if compile is None:
             compile = target.type == "cuda" and not profile.offloads_groups
-        engine.optimize(compile=compile, fp8=fp8 and profile is not MemoryProfile.EIGHT_BIT)
+        engine.optimize(
+            compile=compile,
+            fp8=fp8 and profile is not MemoryProfile.EIGHT_BIT,
+            dynamic=compile_dynamic,
+        )
         engine.load_seconds = time.perf_counter() - started
         logger.info(
             "loaded %s on %s (%s) in %.1fs", weights, target, torch_dtype, engine.load_seconds
         )
         return engine
 
-    def optimize(self, *, compile: bool, fp8: bool) -> None:
-        """Speed-ups that leave the model's arithmetic as it is, plus opt-in FP8."""
+    def optimize(self, *, compile: bool, fp8: bool, dynamic: bool = False) -> None:
+        """Speed-ups that leave the model's arithmetic as it is, plus opt-in FP8.
+
+        ``dynamic`` compiles with dynamic shapes from the first call (the weights' shapes
+        stay static, as torch keeps parameters' shapes static: what varies is the batch
+        and the image tokens); by default torch compiles static graphs first and makes a
+        dimension dynamic once it has seen it change (its automatic dynamic shapes), which
+        the warm-up (warmup.py) brings about before the worker reports ready."""
         pipe = self.pipeline
         if fp8:
             if self.device.type != "cuda":
@@ -260,7 +277,17 @@ class Engine:
         if compile:
             # Regional compile: each repeated block compiles once and is reused 33 times,
             # so the warm-up stays short.
-            pipe.transformer.compile_repeated_blocks(fullgraph=True)
+            pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic or None)
+            self.compiled = True
+
+    @property
+    def max_pixels(self) -> int | None:
+        """The largest image (pixels, at a batch of 1) the memory plan fits in its budget;
+        None where there is no budget to fit (a CPU)."""
+        if self.memory.budget_bytes is None:
+            return None
+        sizes = self.sizes or model_sizes(self.pipeline)
+        return largest_image_pixels(sizes, self.memory.profile, self.memory.budget_bytes)
 
     # --- prompts ----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 from types import FrameType
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
+from ovis_server.engine.compile_cache import use_compile_cache
 from ovis_server.jobs.store import JobStore
 from ovis_server.jobs.workers import WorkerRegistry
 from ovis_server.storage import open_file_store
@@ -118,15 +120,19 @@ def load_engine(
         fp8=settings.fp8,
         memory=settings.memory,
         gpu_memory=settings.gpu_memory_bytes,
+        compile_dynamic=settings.compile_dynamic,
     )
 
 
 def run_worker(
     settings: Settings, parent_pid: int | None = None, device_label: str | None = None
 ) -> None:
-    """Load the model, then take jobs until SIGTERM or SIGINT; the job in hand is put back.
-    ``device_label``: the device as serve numbers it (its GPU worker sees one GPU, cuda:0)."""
+    """Load the model, warm it up, then take jobs until SIGTERM or SIGINT; the job in hand
+    is put back. ``device_label``: the device as serve numbers it (its GPU worker sees one
+    GPU, cuda:0)."""
     from ovis_server.worker.hooks import load_step_hook
+
+    started = time.perf_counter()
 
     stop = threading.Event()
 
@@ -170,9 +176,22 @@ def run_worker(
         daemon=True,
     ).start()
     try:
+        # Before anything compiles: torch reads where its caches are when it first needs them.
+        cache = use_compile_cache(settings.compile_cache_dir) if settings.compile != "off" else None
         engine = load_engine(settings, report, stop)
         if stop.is_set():
             return
+        from ovis_server.worker.warmup import memory_detail, warm_up_worker
+
+        max_batch = settings.batch_limit(engine.device.type, engine.memory.batch_limit)
+        warmup_seconds = None
+        if settings.warms_up(engine.compiled):
+            report.update(**memory_detail(engine, max_batch))
+            warmed = warm_up_worker(engine, report, max_batch, stop, cache)
+            if warmed.stopped or stop.is_set():
+                return
+            max_batch = min(max_batch, warmed.batch_limit or max_batch)
+            warmup_seconds = round(warmed.seconds, 1)
         runner.append(
             Worker(
                 store=store,
@@ -181,12 +200,24 @@ def run_worker(
                 worker_id=worker_id,
                 lease_seconds=settings.lease_seconds,
                 max_attempts=settings.max_attempts,
-                max_batch=settings.batch_limit(engine.device.type, engine.memory.batch_limit),
+                max_batch=max_batch,
                 step_hook=step_hook,
                 on_problem=lambda problem: _report_problem(registry, worker_id, problem),
             )
         )
-        report.phase("ready", memory_profile=str(engine.memory.profile))
+        startup_seconds = round(time.perf_counter() - started, 1)
+        report.phase(
+            "ready",
+            **memory_detail(engine, max_batch),
+            startup_seconds=startup_seconds,
+            warmup_seconds=warmup_seconds,
+        )
+        logger.info(
+            "ready %.1fs after the worker started (loading %.1fs, warm-up %s)",
+            startup_seconds,
+            engine.load_seconds,
+            "off" if warmup_seconds is None else f"{warmup_seconds:.1f}s",
+        )
         registry.heartbeat(
             worker_id,
             ready=True,
