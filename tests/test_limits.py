@@ -17,7 +17,7 @@ import pytest
 
 from ovis_server.api.access_log import redact_query
 from ovis_server.api.limits import json_depth
-from ovis_server.config import parse_size
+from ovis_server.units import parse_size
 
 from .helpers import Server, create_token, run_cli, start_server, submit, wait_for
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from ovis_server import config
-from ovis_server.config import SETTINGS_JSON_ENV, Settings, parse_memory_size
+from ovis_server.config import SETTINGS_JSON_ENV, Settings
 from ovis_server.engine import memory
 from ovis_server.engine.memory import GiB, MemoryProfile, ModelSizes, model_sizes, plan
 from ovis_server.engine.pipeline import Engine, EngineLoadError
 from ovis_server.engine.random_full import build_full_size_pipeline
 from ovis_server.engine.request import GenerationRequest
+from ovis_server.units import parse_memory_size
 from ovis_server.worker.supervisor import worker_environment
 
 from .helpers import run_cli

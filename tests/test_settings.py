@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from ovis_server.cli import main
-from ovis_server.config import SETTINGS_JSON_ENV, Settings, cli_of, env_name, option_name
+from ovis_server.config import SETTINGS_JSON_ENV, Settings
+from ovis_server.config_sources import cli_of, env_name, option_name
 from ovis_server.worker.supervisor import worker_command, worker_environment
 
 

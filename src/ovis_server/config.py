@@ -1,33 +1,34 @@
 """Every setting of ``serve``, ``worker``, ``generate`` and the admin commands, in one place.
 
 Each field of :class:`Settings` is the single source of a setting's type, default, check and
-help text; its :class:`Cli` metadata names the option (``--url-ttl``), and with it the
-environment variable (``OVIS_SERVER_URL_TTL``) and the config file key (``url_ttl``), and
-says which commands take it. ``ovis_server.cli.options`` builds the click options from
+help text; its ``Cli`` metadata (config_sources.py) names the option (``--url-ttl``), and with
+it the environment variable (``OVIS_SERVER_URL_TTL``) and the config file key (``url_ttl``),
+and says which commands take it. ``ovis_server.cli.options`` builds the click options from
 these fields. Precedence: command line > environment > config file (``--config``) > defaults.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import platformdirs
 from pydantic import Field, field_validator, model_validator
-from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ovis_server.catalogue import OVIS_IMAGE
+from ovis_server.config_sources import (
+    ENV_PREFIX,
+    Cli,
+    MappingSource,
+    environment_values,
+    file_values,
+)
+from ovis_server.units import DAY, parse_duration, parse_memory_size, parse_schedule, parse_size
 
-ENV_PREFIX = "OVIS_SERVER_"
 # How ``serve`` hands the worker it starts its whole Settings, as JSON (not argv: the
 # database URL's password must not show in ``ps``).
 SETTINGS_JSON_ENV = ENV_PREFIX + "SETTINGS_JSON"
-DAY = 24 * 3600
 
 # Which commands take a setting: "admin" is the token and db commands.
 SERVE = frozenset({"serve"})
@@ -37,29 +38,6 @@ STORE = frozenset({"serve", "worker", "admin"})
 DATA = frozenset({"serve", "worker", "generate", "admin"})
 
 
-@dataclass(frozen=True)
-class Cli:
-    """How a Settings field shows on the command line."""
-
-    commands: frozenset[str]
-    name: str | None = None  # the option without its dashes; default: the field's name
-    show_default: str | bool | None = None  # None: the default itself, when there is one
-    metavar: str | None = None
-
-
-def cli_of(field: FieldInfo) -> Cli | None:
-    return next((item for item in field.metadata if isinstance(item, Cli)), None)
-
-
-def option_name(field_name: str, cli: Cli) -> str:
-    """``url-ttl``: the option without dashes, for ``--url-ttl``."""
-    return cli.name or field_name.replace("_", "-")
-
-
-def env_name(field_name: str, cli: Cli) -> str:
-    return ENV_PREFIX + option_name(field_name, cli).upper().replace("-", "_")
-
-
 def compile_choice(mode: str) -> bool | None:
     """``--compile auto|on|off``: None lets the engine decide (compile on CUDA)."""
     return None if mode == "auto" else mode == "on"
@@ -67,62 +45,6 @@ def compile_choice(mode: str) -> bool | None:
 
 # Standard Webhooks' suggestion: at once, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 DEFAULT_WEBHOOK_SCHEDULE = "0,5s,5m,30m,2h,5h,10h,10h"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": DAY}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds, or a number with a unit: ``90s``, ``30m``, ``12h``, ``7d``."""
-    text = text.strip().lower()
-    factor = _UNITS.get(text[-1:])
-    try:
-        seconds = float(text[:-1] if factor else text) * (factor or 1)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a duration such as 3600, 90s, 30m, 12h or 7d") from None
-    if not seconds >= 0:
-        raise ValueError(f"{text!r}: a duration cannot be negative")
-    return seconds
-
-
-def parse_schedule(text: str) -> tuple[float, ...]:
-    """``--webhook-retry-schedule``: each attempt's delay after the one before, as
-    durations (``0,5s,5m,2h``); the first attempt is sent at once, so the first is 0."""
-    delays = tuple(parse_duration(item) for item in text.split(","))
-    if delays[0] != 0:
-        raise ValueError("the first attempt is sent at once: start the schedule with 0")
-    return delays
-
-
-_BYTE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1024, "kib": 1024, "kb": 1000,
-    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
-}  # fmt: skip
-# ``--gpu-memory`` units: a bare number is GiB (or, at most 1, a fraction of the GPU).
-_MEMORY_UNITS = {"": _BYTE_UNITS["gib"]} | {
-    unit: _BYTE_UNITS[unit] for unit in ("g", "gib", "gb", "m", "mib", "mb")
-}
-
-
-def parse_memory_size(text: str) -> float:
-    """``--gpu-memory``: a size (``24GiB``, ``24G`` or ``24`` are GiB; ``24GB`` is 10^9
-    bytes; ``MiB``, ``MB``) in bytes, or a fraction of the GPU's memory (``0.5``)."""
-    cleaned = text.strip().lower().replace(" ", "")
-    number = cleaned.rstrip("gimb")
-    unit = cleaned[len(number) :]
-    try:
-        value = float(number)
-    except ValueError:
-        value = float("nan")
-    if unit not in _MEMORY_UNITS or not value > 0:
-        raise ValueError(
-            f"{text!r} is not a memory size such as 24GiB, 16GB, 12000MiB or a fraction "
-            "of the GPU's memory such as 0.5"
-        )
-    if not unit and value <= 1:
-        return value
-    return value * _MEMORY_UNITS[unit]
-
 
 # ``--memory``: auto, or a profile of ovis_server.engine.memory (kept here free of torch).
 MemoryChoice = Literal[
@@ -133,78 +55,9 @@ MEMORY_CHOICES: tuple[str, ...] = get_args(MemoryChoice)
 MIN_METRICS_TOKEN = 16
 
 
-_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)")
-
-
-def parse_size(text: str) -> int:
-    """Bytes, or a number with a unit: ``1MiB``, ``512KiB``, ``2MB``, ``1048576``."""
-    match = _SIZE.fullmatch(text.strip().lower())
-    if match is None or match.group(2) not in _BYTE_UNITS:
-        raise ValueError(f"{text!r} is not a size such as 1048576, 512KiB or 1MiB")
-    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
-
-
 def default_data_dir() -> Path:
     """ovis-server's folder under the user's data home (``~/.local/share/ovis-server``)."""
     return Path(platformdirs.user_data_dir("ovis-server", appauthor=False))
-
-
-class SettingsFileError(ValueError):
-    """A config file that cannot be read, or that names a setting there is none of."""
-
-
-def _option_fields() -> dict[str, str]:
-    """Config file key / option name (with underscores) -> field name."""
-    names = {}
-    for field_name, field in Settings.model_fields.items():
-        cli = cli_of(field)
-        if cli is not None and field_name != "config_file":
-            names[option_name(field_name, cli).replace("-", "_")] = field_name
-    return names
-
-
-class _MappingSource(PydanticBaseSettingsSource):
-    """A source whose values are already known, keyed by field name."""
-
-    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
-        super().__init__(settings_cls)
-        self.values = values
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self.values.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self.values)
-
-
-def environment_values() -> dict[str, Any]:
-    """The settings given as ``OVIS_SERVER_*`` variables (empty ones count as unset)."""
-    values = {}
-    for field_name, field in Settings.model_fields.items():
-        cli = cli_of(field)
-        if cli is not None and os.environ.get(env_name(field_name, cli)):
-            values[field_name] = os.environ[env_name(field_name, cli)]
-    return values
-
-
-def file_values(path: Path | str | None) -> dict[str, Any]:
-    """The settings in a TOML config file: keys are the options' names (``url_ttl = 3600``,
-    ``no_auth = true``); dashes and underscores both do."""
-    if path is None:
-        return {}
-    try:
-        with Path(path).expanduser().open("rb") as file:
-            data = tomllib.load(file)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SettingsFileError(f"cannot read config file {path}: {exc}") from None
-    fields = _option_fields()
-    values = {}
-    for key, value in data.items():
-        field_name = fields.get(key.replace("-", "_"))
-        if field_name is None:
-            raise SettingsFileError(f"config file {path}: there is no setting {key!r}")
-        values[field_name] = value
-    return values
 
 
 class Settings(BaseSettings):
@@ -392,13 +245,13 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Arguments > ``OVIS_SERVER_*`` > the ``--config`` file > defaults."""
-        environment = environment_values()
+        environment = environment_values(cls.model_fields)
         given = getattr(init_settings, "init_kwargs", {})
         config = given.get("config_file") or environment.get("config_file")
         return (
             init_settings,
-            _MappingSource(settings_cls, environment),
-            _MappingSource(settings_cls, file_values(config)),
+            MappingSource(settings_cls, environment),
+            MappingSource(settings_cls, file_values(config, cls.model_fields)),
         )
 
     @field_validator("retention_seconds", "cleanup_interval_seconds", "stall_timeout_seconds",

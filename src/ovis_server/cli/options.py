@@ -16,15 +16,8 @@ from click.core import ParameterSource
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from ovis_server.config import (
-    SETTINGS_JSON_ENV,
-    Cli,
-    Settings,
-    SettingsFileError,
-    cli_of,
-    env_name,
-    option_name,
-)
+from ovis_server.config import SETTINGS_JSON_ENV, Settings
+from ovis_server.config_sources import Cli, SettingsFileError, cli_of, env_name, option_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 

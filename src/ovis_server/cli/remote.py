@@ -11,7 +11,7 @@ import click
 
 from ovis_server.catalogue import IMAGE_SIZE_PRESETS, OVIS_IMAGE
 from ovis_server.cli.common import SUFFIX_FORMATS, output_options, parse_image_size
-from ovis_server.config import ENV_PREFIX
+from ovis_server.config_sources import ENV_PREFIX
 
 
 def client_options(func: Any) -> Any:
