@@ -1,0 +1,24 @@
+"""Claims by model: a worker takes only the queued jobs of the model it has loaded, oldest
+first, from an index on (status, model_id, seq) rather than a scan past other models' jobs.
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-01
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_index("ix_jobs_status_model_id_seq", "jobs", ["status", "model_id", "seq"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_jobs_status_model_id_seq", table_name="jobs")
