@@ -19,14 +19,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from ovis_server import __version__
 from ovis_server.api import files, openai_images, playground, routes
 from ovis_server.api.auth import authorize_metrics
+from ovis_server.api.bodies import BodyRenderer
+from ovis_server.api.catalogue_pages import CataloguePages
 from ovis_server.api.errors import install_error_handlers
 from ovis_server.api.limits import AllowedHosts, BodySizeLimit, ConnectionLimit, TokenSlots
 from ovis_server.api.metrics import Metrics, OvisCollector
+from ovis_server.api.owned_requests import OwnedRequests
 from ovis_server.api.protocol import Health, Readiness
 from ovis_server.api.security import SecurityHeadersMiddleware
-from ovis_server.api.serving import RequestService
 from ovis_server.api.stream import StatusHub
+from ovis_server.api.submissions import Submissions
 from ovis_server.api.webhook_sender import WebhookDispatcher
+from ovis_server.catalogue.registry import ModelRegistry
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.deadlines import DeadlineSweeper
@@ -56,8 +60,10 @@ class ApiServer(uvicorn.Server):
         self.hub.close_streams_soon()
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The API over the database and file store that ``settings`` name (migrated first)."""
+def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastAPI:
+    """The API over the database and file store that ``settings`` name (migrated first),
+    offering ``models`` (by default the settings' models)."""
+    models = models or ModelRegistry.from_settings(settings)
     db = connect(settings.db_url)
     migrate(db)
     store = JobStore(db)
@@ -74,11 +80,13 @@ def create_app(settings: Settings) -> FastAPI:
     deadlines = DeadlineSweeper(store)
     tokens = TokenStore(db)
     hub = StatusHub(store, tokens)
-    service = RequestService(store, file_store, settings)
+    catalogue = CataloguePages(models)
+    bodies = BodyRenderer(file_store, models, settings)
     deliveries = DeliveryStore(db)
     dispatcher = WebhookDispatcher(
         deliveries,
-        service,
+        store,
+        bodies,
         tokens,
         settings.webhook_schedule,
         allow_private=settings.allow_private_webhooks,
@@ -113,7 +121,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.tokens = tokens
     app.state.workers = registry
     app.state.files = file_store
-    app.state.service = service
+    app.state.models = models
+    app.state.catalogue = catalogue
+    app.state.submissions = Submissions(store, catalogue, settings)
+    app.state.requests = OwnedRequests(store, bodies)
     app.state.hub = hub
     install_error_handlers(app)
     app.add_middleware(SecurityHeadersMiddleware)
@@ -206,10 +217,12 @@ def create_app(settings: Settings) -> FastAPI:
                 title=app.title, version=app.version, summary=app.summary, routes=app.routes
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, model in routes.INPUT_SCHEMAS.items():
+            inputs = {spec.input_model.__name__: spec.input_model for spec in models}
+            for name, model in inputs.items():
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[name] = model_schema
+            routes.document_submit_body(schema, list(inputs))
             schema["components"]["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer"}
             }

@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
-from ovis_server.catalogue import IMAGE_SIZE_PRESETS, OvisImageInput, field_problems
+from ovis_server.catalogue.ovis_image import IMAGE_SIZE_PRESETS
+from ovis_server.catalogue.registry import ModelRegistry, UnknownModelError
+from ovis_server.catalogue.spec import ModelSpec, field_problems
 from ovis_server.cli.common import (
     SUFFIX_FORMATS,
     configure_logging,
@@ -23,19 +25,25 @@ from ovis_server.engine.images import encode_image
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
-def refuse_random_full_on_cpu(model: str, device: str) -> None:
-    """Say at once that ``--model random-full`` cannot run here, instead of starting a
-    worker that fails to load it and is restarted over and over."""
+def served_model(models: ModelRegistry, settings: Settings) -> ModelSpec:
+    """The model ``--model-id`` names, or a usage error. Says at once that ``--model
+    random-full`` cannot run here, instead of starting a worker that fails to load it and
+    is restarted over and over."""
     from ovis_server.engine.weights import RANDOM_FULL
 
-    if model != RANDOM_FULL:
-        return
+    try:
+        model = models.served(settings)
+    except UnknownModelError as exc:
+        raise click.UsageError(str(exc)) from None
+    if model.weights(settings) != RANDOM_FULL:
+        return model
     from ovis_server.engine.pipeline import EngineLoadError, check_random_full_device, pick_device
 
     try:
-        check_random_full_device(pick_device(device))
+        check_random_full_device(pick_device(settings.device))
     except EngineLoadError as exc:
         raise click.ClickException(str(exc)) from None
+    return model
 
 
 @click.command()
@@ -54,10 +62,11 @@ def serve(settings: Settings) -> None:
 
     configure_logging(settings.log_level)
     logger = logging.getLogger("ovis_server.serve")
+    models = ModelRegistry.from_settings(settings)
     if not settings.no_worker:
-        refuse_random_full_on_cpu(settings.model, settings.device)
+        served_model(models, settings)
     try:
-        app = create_app(settings)
+        app = create_app(settings, models)
     except ValueError as exc:  # a --storage or --database-url it cannot use
         raise click.ClickException(str(exc)) from None
     host = settings.host
@@ -127,9 +136,10 @@ def worker(settings: Settings, parent_pid: int | None) -> None:
     from ovis_server.worker.process import run_worker
 
     configure_logging(settings.log_level)
-    refuse_random_full_on_cpu(settings.model, settings.device)
+    models = ModelRegistry.from_settings(settings)
+    served_model(models, settings)
     try:
-        run_worker(settings, parent_pid=parent_pid)
+        run_worker(settings, parent_pid=parent_pid, models=models)
     except (EngineLoadError, WeightsNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -164,7 +174,6 @@ def generate(
 
     from ovis_server.engine.pipeline import EngineLoadError
     from ovis_server.engine.weights import WeightsNotFoundError
-    from ovis_server.worker.process import load_engine
 
     chosen_format = output_format or SUFFIX_FORMATS.get(output.suffix.lower())
     if chosen_format is None:
@@ -172,8 +181,9 @@ def generate(
             f"cannot tell the image format from {output.name!r}: use a .png, .jpg or .webp "
             "name, or --output-format"
         )
+    model = served_model(ModelRegistry.from_settings(settings), settings)
     try:
-        request = OvisImageInput.model_validate(
+        request = model.input_model.model_validate(
             {
                 "prompt": prompt,
                 "negative_prompt": negative_prompt,
@@ -189,21 +199,23 @@ def generate(
 
     configure_logging("warning")
     try:
-        engine = load_engine(settings)
+        engine = model.load_engine(settings)
     except (EngineLoadError, WeightsNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(engine.memory.describe(), err=True)
 
     used_seed = request.resolved_seed()
-    with tqdm(total=request.num_inference_steps, unit="step", desc="denoising") as bar:
+    generation = request.to_generation_request(used_seed)
+    with tqdm(total=generation.num_inference_steps, unit="step", desc="denoising") as bar:
 
         def on_step(step: int, total: int) -> bool:
             bar.update(step - bar.n)
             return True
 
-        image = engine.generate(request.to_generation_request(used_seed), on_step=on_step)
+        image = engine.generate(generation, on_step=on_step)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_bytes(encode_image(image, request.output_format))
+    # As the worker reads it from a job's input.
+    output.write_bytes(encode_image(image, request.model_dump().get("output_format", "png")))
     click.echo(
         f"seed {used_seed}: wrote {image.width}x{image.height} {chosen_format} to {output}",
         err=True,

@@ -14,17 +14,14 @@ import threading
 import uuid
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
 
+from ovis_server.catalogue.registry import ModelRegistry
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.store import JobStore
 from ovis_server.jobs.workers import WorkerRegistry
 from ovis_server.storage import open_file_store
 from ovis_server.worker.runner import Worker
-
-if TYPE_CHECKING:
-    from ovis_server.engine.pipeline import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -92,25 +89,14 @@ def _report_problem(registry: WorkerRegistry, worker_id: str, problem: str | Non
         logger.exception("could not report the worker's problem")
 
 
-def load_engine(settings: Settings) -> Engine:
-    """The model as ``settings`` say: the worker's and ``generate``'s."""
-    from ovis_server.engine.pipeline import Engine
-    from ovis_server.engine.weights import resolve_weights
-
-    return Engine.load(
-        resolve_weights(settings.model, settings.data_dir),
-        device=settings.device,
-        dtype=settings.dtype,
-        compile=settings.compile_flag,
-        fp8=settings.fp8,
-        memory=settings.memory,
-        gpu_memory=settings.gpu_memory_bytes,
-    )
-
-
-def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
-    """Load the model, then take jobs until SIGTERM or SIGINT; the job in hand is put back."""
+def run_worker(
+    settings: Settings, parent_pid: int | None = None, models: ModelRegistry | None = None
+) -> None:
+    """Load the model ``--model-id`` names (among ``models``, by default the settings'),
+    then take its jobs until SIGTERM or SIGINT; the job in hand is put back."""
     from ovis_server.worker.hooks import load_step_hook
+
+    model = (models or ModelRegistry.from_settings(settings)).served(settings)
 
     stop = threading.Event()
 
@@ -134,7 +120,9 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     files = open_file_store(settings, db)
     registry = WorkerRegistry(db)
     worker_id = new_worker_id()
-    registry.register(worker_id, socket.gethostname(), os.getpid(), settings.model, settings.device)
+    registry.register(
+        worker_id, socket.gethostname(), os.getpid(), model.weights(settings), settings.device
+    )
     runner: list[Worker] = []
     threading.Thread(
         target=_beat,
@@ -150,7 +138,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
         daemon=True,
     ).start()
     try:
-        engine = load_engine(settings)
+        engine = model.load_engine(settings)
         if stop.is_set():
             return
         runner.append(
@@ -158,6 +146,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
                 store=store,
                 files=files,
                 engine=engine,
+                model=model,
                 worker_id=worker_id,
                 lease_seconds=settings.lease_seconds,
                 max_attempts=settings.max_attempts,
