@@ -51,9 +51,12 @@ def test_suggested_square() -> None:
     assert suggested_square(512 * 512 - 1) == 496
 
 
-def fake_worker(registry: WorkerRegistry, worker_id: str, **detail: object) -> None:
-    """A worker row as a ready worker writes it (worker/process.py), with ``detail``."""
-    registry.register(worker_id, "host", 1, "weights", "cuda:0")
+def fake_worker(
+    registry: WorkerRegistry, worker_id: str, model: str = "aidc-ai/ovis-image", **detail: object
+) -> None:
+    """A worker row as a ready worker of ``model`` writes it (worker/process.py), with
+    ``detail``."""
+    registry.register(worker_id, "host", 1, model, "cuda:0")
     registry.heartbeat(worker_id, ready=True, phase="ready", detail=dict(detail))
 
 
@@ -70,6 +73,12 @@ def test_capacity_reads_the_workers_table_at_most_once_a_second(tmp_path: Path) 
     with pytest.raises(Exception, match="2048x2048"):
         capacity.check("aidc-ai/ovis-image", 2048, 2048)
     assert largest_fitting(capacity.workers(), "aidc-ai/ovis-image") == 512 * 512
+    # Only the workers of the model asked for count: another model's small worker does not.
+    fake_worker(registry, "other", model="someone/other", max_pixels=256 * 256)
+    now[0] = 3.0
+    assert largest_fitting(capacity.workers(), "aidc-ai/ovis-image") == 512 * 512
+    assert largest_fitting(capacity.workers(), "someone/other") == 256 * 256
+    assert largest_fitting(capacity.workers(), "nobody/serves-this") is None
 
 
 def test_too_large_a_size_is_refused_at_submit(

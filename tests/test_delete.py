@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ovis_server.catalogue import OVIS_IMAGE
 from ovis_server.client import AsyncClient, Client, NotFoundError
 from ovis_server.db.connect import connect, migrate, sqlite_url
 from ovis_server.engine.pipeline import Engine
@@ -157,7 +158,7 @@ def test_a_job_deleted_while_its_file_is_stored_leaves_no_orphan(
         total_steps=1,
         batch_key="k",
     )
-    worker = Worker(store=store, files=files, engine=engine, worker_id="w1")
+    worker = Worker(store=store, files=files, engine=engine, model=OVIS_IMAGE, worker_id="w1")
     batch = store.claim_batch("w1", lease_seconds=30, max_batch=1)
     assert [job.id for job in batch] == ["doomed"]
     worker.run_jobs(batch, threading.Event())

@@ -199,7 +199,13 @@ def test_readyz_needs_a_worker_with_a_loaded_model(
         "workers_ready": 1,
         "workers_loading": 0,
         "workers": [
-            {"device": "cpu", "phase": "ready", "memory_profile": "full", "batch_limit": 1}
+            {
+                "model": "aidc-ai/ovis-image",
+                "device": "cpu",
+                "phase": "ready",
+                "memory_profile": "full",
+                "batch_limit": 1,
+            }
         ],
     }
     assert httpx.get(server.base_url + "/healthz").json() == {"status": "ok"}

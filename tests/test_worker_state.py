@@ -14,7 +14,7 @@ def registry_at(tmp_path: Path) -> WorkerRegistry:
     db = connect(f"sqlite:///{tmp_path / 'state.db'}")
     migrate(db)
     registry = WorkerRegistry(db)
-    registry.register("w1", "host", 1, "/secret/weights", "cuda:0")
+    registry.register("w1", "secret-host", 4242, "aidc-ai/ovis-image", "cuda:0")
     return registry
 
 
@@ -38,7 +38,9 @@ def test_phases_and_progress_reach_readyz(tmp_path: Path) -> None:
     registry.heartbeat("w1", ready=True)
     shown = worker_readiness(registry.alive(60)[0])
     assert shown.phase == "ready"
-    assert "/secret/weights" not in shown.model_dump_json()
+    assert shown.model == "aidc-ai/ovis-image"
+    assert "secret-host" not in shown.model_dump_json()
+    assert "4242" not in shown.model_dump_json()
 
 
 def test_unreadable_details_are_left_out(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import platformdirs
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from ovis_server.catalogue import OVIS_IMAGE
+from ovis_server.catalogue.registry import DEFAULT_MODEL_ID, parse_extra_models
 from ovis_server.settings_sources import (
     ENV_PREFIX,
     Cli,
@@ -169,11 +169,25 @@ class Settings(BaseSettings):
             "unless --public-url.",
         )
     )
-    model: Annotated[str, Cli(MODEL | DOWNLOAD)] = Field(
-        OVIS_IMAGE.default_weights,
-        description="A hub id, a local diffusers directory, 'tiny' (a tiny random model, for "
-        "trying it anywhere) or 'random-full' (the real 7B architecture with random weights, "
-        "built on the GPU without a download, for load tests). Random models' images are noise.",
+    model: Annotated[str | None, Cli(MODEL | DOWNLOAD, show_default=False)] = Field(
+        None,
+        description="The weights to load: a hub id, a local diffusers directory, 'tiny' (a tiny "
+        "random model, for trying it anywhere) or 'random-full' (the real 7B architecture with "
+        "random weights, built on the GPU without a download, for load tests); random models' "
+        "images are noise. Default: the --model-id's own (AIDC-AI/Ovis-Image-7B).",
+    )
+    # Which catalogue entry a worker runs, and the operator's own (catalogue/registry.py).
+    model_id: Annotated[str, Cli(MODEL | DOWNLOAD)] = Field(
+        DEFAULT_MODEL_ID,
+        description="The model (its catalogue id) to run: a worker takes only its jobs.",
+    )
+    extra_models: Annotated[
+        tuple[str, ...], Cli(MODEL | DOWNLOAD, show_default=False, metavar="ID=WEIGHTS,...")
+    ] = Field(
+        (),
+        description="More catalogue entries: Ovis-Image checkpoints (fine-tunes) under ids of "
+        "their own, comma-separated ID=WEIGHTS, WEIGHTS as --model takes them. Give the API and "
+        "its workers the same list; run a worker with --model-id ID for each.",
     )
     device: Annotated[str, Cli(MODEL)] = Field(
         "auto", description="cpu, cuda, cuda:N or mps; auto picks CUDA when present."
@@ -333,6 +347,16 @@ class Settings(BaseSettings):
         if isinstance(value, list | tuple):
             value = ",".join(str(item) for item in value)
         return None if value is None else ",".join(parse_devices(str(value)))
+
+    @field_validator("extra_models", mode="before")
+    @classmethod
+    def _extra_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            value = tuple(str(item).strip() for item in value if str(item).strip())
+            parse_extra_models(value)
+        return value
 
     @field_validator("gpu_memory")
     @classmethod

@@ -20,15 +20,19 @@ from sqlalchemy.exc import SQLAlchemyError
 from ovis_server import __version__
 from ovis_server.api import files, openai_images, playground, routes
 from ovis_server.api.auth import authorize_metrics
+from ovis_server.api.bodies import BodyRenderer
 from ovis_server.api.capacity import SizeCapacity, worker_max_pixels
+from ovis_server.api.catalogue_pages import CataloguePages
 from ovis_server.api.errors import install_error_handlers
 from ovis_server.api.limits import AllowedHosts, BodySizeLimit, ConnectionLimit, TokenSlots
 from ovis_server.api.metrics import Metrics, OvisCollector
+from ovis_server.api.owned_requests import OwnedRequests
 from ovis_server.api.protocol import Health, Readiness, WorkerProgress, WorkerReadiness
 from ovis_server.api.security import SecurityHeadersMiddleware
-from ovis_server.api.serving import RequestService
 from ovis_server.api.stream import StatusHub
+from ovis_server.api.submissions import Submissions
 from ovis_server.api.webhook_sender import WebhookDispatcher
+from ovis_server.catalogue.registry import ModelRegistry
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.deadlines import DeadlineSweeper
@@ -69,6 +73,7 @@ def worker_readiness(worker: WorkerInfo) -> WorkerReadiness:
     profile = detail.get("memory_profile")
     batch_limit = detail.get("batch_limit")
     return WorkerReadiness(
+        model=worker.model,
         device=worker.device,
         phase="ready" if worker.ready else (phase or "loading"),
         progress=None if worker.ready else progress,
@@ -79,8 +84,10 @@ def worker_readiness(worker: WorkerInfo) -> WorkerReadiness:
     )
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The API over the database and file store that ``settings`` name (migrated first)."""
+def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastAPI:
+    """The API over the database and file store that ``settings`` name (migrated first),
+    offering ``models`` (by default the settings' models)."""
+    models = models or ModelRegistry.from_settings(settings)
     db = connect(settings.db_url)
     migrate(db)
     store = JobStore(db)
@@ -97,11 +104,13 @@ def create_app(settings: Settings) -> FastAPI:
     deadlines = DeadlineSweeper(store)
     tokens = TokenStore(db)
     hub = StatusHub(store, tokens)
-    service = RequestService(store, file_store, settings)
+    catalogue = CataloguePages(models)
+    bodies = BodyRenderer(file_store, models, settings)
     deliveries = DeliveryStore(db)
     dispatcher = WebhookDispatcher(
         deliveries,
-        service,
+        store,
+        bodies,
         tokens,
         settings.webhook_schedule,
         allow_private=settings.allow_private_webhooks,
@@ -136,7 +145,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.tokens = tokens
     app.state.workers = registry
     app.state.files = file_store
-    app.state.service = service
+    app.state.models = models
+    app.state.catalogue = catalogue
+    # A worker counts as alive while its last heartbeat is this recent.
+    alive_within = 3 * settings.heartbeat_seconds + 5
+    capacity = SizeCapacity(registry, alive_within)
+    app.state.submissions = Submissions(store, catalogue, settings, capacity)
+    app.state.requests = OwnedRequests(store, bodies)
     app.state.hub = hub
     install_error_handlers(app)
     app.add_middleware(SecurityHeadersMiddleware)
@@ -149,10 +164,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(openai_images.router)
     app.include_router(files.router)
-
-    # A worker counts as alive while its last heartbeat is this recent.
-    alive_within = 3 * settings.heartbeat_seconds + 5
-    service.capacity = SizeCapacity(registry, alive_within)
 
     exposition = Metrics(
         OvisCollector(StatsReader(db), registry, alive_within, lambda: hub.open_streams)
@@ -231,10 +242,12 @@ def create_app(settings: Settings) -> FastAPI:
                 title=app.title, version=app.version, summary=app.summary, routes=app.routes
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, model in routes.INPUT_SCHEMAS.items():
+            inputs = {spec.input_model.__name__: spec.input_model for spec in models}
+            for name, model in inputs.items():
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[name] = model_schema
+            routes.document_submit_body(schema, list(inputs))
             schema["components"]["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer"}
             }

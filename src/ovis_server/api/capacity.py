@@ -40,11 +40,13 @@ def worker_max_pixels(worker: WorkerInfo) -> int | None:
 
 
 def largest_fitting(workers: Sequence[WorkerInfo], model_id: str) -> int | None:
-    """The most pixels some alive, ready worker fits; None when any has no limit, or when
-    none is ready. Every worker serves every model of the catalogue (``model_id`` is where
-    that would narrow)."""
-    del model_id
-    ready = [worker for worker in workers if worker.ready and worker.problem is None]
+    """The most pixels some alive, ready worker of ``model_id`` fits; None when any has no
+    limit, or when none is ready."""
+    ready = [
+        worker
+        for worker in workers
+        if worker.ready and worker.problem is None and worker.model == model_id
+    ]
     limits = [worker_max_pixels(worker) for worker in ready]
     if not limits or any(limit is None for limit in limits):
         return None

@@ -1,6 +1,6 @@
 """OpenAI's Images API over the same queue: ``POST /v1/images/generations``.
 
-A generation submits ``n`` jobs through ``RequestService.submit`` (same tokens, limits,
+A generation submits ``n`` jobs through ``Submissions.submit`` (same tokens, limits,
 metrics and request list as any submit), waits for them as ``Prefer: wait`` does, and
 answers synchronously in OpenAI's shape. Errors on these routes are OpenAI's
 ``{"error": {"message", "type", "param", "code"}}`` with OpenAI's status codes, so that
@@ -26,21 +26,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ovis_server.api.auth import Caller, authenticate
+from ovis_server.api.bodies import BodyRenderer
 from ovis_server.api.errors import MODEL_NOT_FOUND, ApiError
-from ovis_server.api.routes import base_url, service
-from ovis_server.api.serving import RequestService
+from ovis_server.api.routes import base_url, owned_requests, submissions
 from ovis_server.api.stream import StatusHub, wait_final
-from ovis_server.catalogue import (
-    CATALOGUE,
+from ovis_server.catalogue.ovis_image import (
     MAX_SIDE,
     MIN_SIDE,
     OVIS_IMAGE_MODEL_ID,
     SIZE_MULTIPLE,
-    ModelSpec,
     OutputFormat,
-    find_model_or_alias,
 )
+from ovis_server.catalogue.registry import ModelRegistry
+from ovis_server.catalogue.spec import ModelSpec
 from ovis_server.jobs.job import Job, JobStatus
+from ovis_server.jobs.store import JobStore
 
 MAX_IMAGES = 4
 # How long a generation waits for its jobs: generous for a queue, and below the OpenAI
@@ -270,10 +270,11 @@ def job_inputs(body: ImageGenerationRequest) -> list[dict[str, Any]]:
     ]
 
 
-def model_for(name: str) -> ModelSpec:
-    spec = find_model_or_alias(name)
+def model_for(models: ModelRegistry, name: str) -> ModelSpec:
+    """The model an OpenAI ``model`` names, by id or alias; 404 in OpenAI's words if none."""
+    spec = models.resolve(name)
     if spec is None:
-        known = ", ".join([*CATALOGUE, *(a for s in CATALOGUE.values() for a in s.aliases)])
+        known = ", ".join(models.names())
         raise OpenAIError(
             404,
             f"The model {name[:200]!r} does not exist on this server; it offers: {known}",
@@ -283,10 +284,11 @@ def model_for(name: str) -> ModelSpec:
     return spec
 
 
-async def generate(
-    svc: RequestService, hub: StatusHub, token_id: str, body: ImageGenerationRequest, base: str
-) -> ImagesResponse:
-    spec = model_for(body.model)
+async def generate(request: Request, token_id: str, body: ImageGenerationRequest) -> ImagesResponse:
+    taker, bodies, base = submissions(request), owned_requests(request).bodies, base_url(request)
+    hub: StatusHub = request.app.state.hub
+    spec = model_for(taker.catalogue.models, body.model)
+    store = taker.store
     if body.stream:
         raise OpenAIError(
             400, "streaming is not supported: leave stream out", param="stream", code=None
@@ -295,7 +297,7 @@ async def generate(
     try:
         for job_input in job_inputs(body):
             submitted = await run_in_threadpool(
-                svc.submit,
+                taker.submit,
                 token_id=token_id,
                 model_id=spec.model_id,
                 body=json.dumps(job_input).encode(),
@@ -303,18 +305,18 @@ async def generate(
             )
             request_ids.append(submitted.request_id)
     except ApiError:
-        await _cancel(svc, request_ids)  # all n or none: the answer would miss the rest
+        await _cancel(store, request_ids)  # all n or none: the answer would miss the rest
         raise
     started = time.monotonic()
     finished = await asyncio.gather(
-        *(wait_final(hub, svc.store, request_id, WAIT_SECONDS) for request_id in request_ids)
+        *(wait_final(hub, store, request_id, WAIT_SECONDS) for request_id in request_ids)
     )
     jobs = [job for job in finished if job is not None]
     if len(jobs) < len(request_ids):
         if time.monotonic() - started < WAIT_SECONDS - 1:
             # Not a timeout: a job was deleted, or the server is shutting down.
             for request_id in request_ids:
-                if await run_in_threadpool(svc.store.get, request_id) is None:
+                if await run_in_threadpool(store.get, request_id) is None:
                     raise OpenAIError(
                         404,
                         f"request {request_id} was deleted before its image was made",
@@ -328,7 +330,7 @@ async def generate(
                 headers={"Retry-After": "10"},
             )
         # Nobody would see these images: they leave the queue to those who wait less.
-        await _cancel(svc, request_ids)
+        await _cancel(store, request_ids)
         raise OpenAIError(
             504,
             f"the images were not ready within {WAIT_SECONDS} s (the queue is long); "
@@ -339,7 +341,7 @@ async def generate(
     for job in jobs:
         _check_succeeded(job)
     data = [
-        ImageData(seed=job.seed, **await run_in_threadpool(_image, svc, job, body, base))
+        ImageData(seed=job.seed, **await run_in_threadpool(_image, bodies, job, body, base))
         for job in jobs
     ]
     size = requested_size(body.size)
@@ -352,9 +354,9 @@ async def generate(
     )
 
 
-async def _cancel(svc: RequestService, request_ids: list[str]) -> None:
+async def _cancel(store: JobStore, request_ids: list[str]) -> None:
     for request_id in request_ids:
-        await run_in_threadpool(svc.store.request_cancel, request_id)
+        await run_in_threadpool(store.request_cancel, request_id)
 
 
 def _check_succeeded(job: Job) -> None:
@@ -375,12 +377,12 @@ def _check_succeeded(job: Job) -> None:
 
 
 def _image(
-    svc: RequestService, job: Job, body: ImageGenerationRequest, base: str
+    bodies: BodyRenderer, job: Job, body: ImageGenerationRequest, base: str
 ) -> dict[str, str]:
     (output, *_) = job.outputs
     if body.response_format == "b64_json":
         try:
-            data = svc.files.read(output.key)
+            data = bodies.files.read(output.key)
         except FileNotFoundError:
             raise OpenAIError(
                 404,
@@ -388,9 +390,7 @@ def _image(
                 code="not_found",
             ) from None
         return {"b64_json": base64.b64encode(data).decode()}
-    return {
-        "url": svc.files.url(output.key, base_url=base, expires_in=svc.settings.url_ttl_seconds)
-    }
+    return {"url": bodies.output_url(output.key, base)}
 
 
 # --- the routes ---------------------------------------------------------------------------
@@ -418,8 +418,7 @@ async def create_images(
 ) -> ImagesResponse:
     """Make 1 to 4 images and answer once they are done, as OpenAI's API does. The jobs go
     through the same queue and show in ``GET /v1/requests``."""
-    hub: StatusHub = request.app.state.hub
-    return await generate(service(request), hub, caller.token_id, body, base_url(request))
+    return await generate(request, caller.token_id, body)
 
 
 def _unsupported(operation: str) -> OpenAIError:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from ovis_server.api.protocol import ModelDetail
-from ovis_server.api.serving import RequestService
+from ovis_server.api.routes import catalogue
 
 STATIC = Path(__file__).parent / "static"
 
@@ -26,5 +26,4 @@ def playground() -> FileResponse:
 
 @router.get("/playground/models/{model_id:path}", response_model_exclude_none=True)
 def playground_model(model_id: str, request: Request) -> ModelDetail:
-    service: RequestService = request.app.state.service
-    return service.model(model_id)
+    return catalogue(request).model(model_id)

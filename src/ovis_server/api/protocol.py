@@ -192,6 +192,7 @@ class WorkerReadiness(BaseModel):
     """One alive worker as /readyz shows it (no ids, hosts, pids or weight paths: /readyz
     is public)."""
 
+    model: str = Field(description="The model (catalogue id) the worker runs.")
     device: str
     phase: Literal["downloading", "loading", "warming", "ready"] = Field(
         description="Downloading weights, loading the model, warming up (compiling), ready."

@@ -1,4 +1,5 @@
-"""The /v1 endpoints: thin handlers over RequestService."""
+"""The /v1 endpoints: thin handlers over the catalogue pages, submissions and a token's
+requests (catalogue_pages.py, submissions.py, owned_requests.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ovis_server.api.auth import Caller, authenticate
+from ovis_server.api.catalogue_pages import CataloguePages
 from ovis_server.api.limits import hold_slot
+from ovis_server.api.owned_requests import OwnedRequests
 from ovis_server.api.protocol import (
     CancelResponse,
     CatalogueQuery,
@@ -23,9 +26,8 @@ from ovis_server.api.protocol import (
     StatusResponse,
     SubmitResponse,
 )
-from ovis_server.api.serving import RequestService, Webhook
 from ovis_server.api.stream import StatusHub, status_events, wait_final
-from ovis_server.catalogue import OvisImageInput
+from ovis_server.api.submissions import Submissions, Webhook
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
 
@@ -43,9 +45,19 @@ router = APIRouter(prefix="/v1", tags=["Model API"])
 # while queued, output only when succeeded, error only when failed.
 
 
-def service(request: Request) -> RequestService:
-    svc: RequestService = request.app.state.service
-    return svc
+def catalogue(request: Request) -> CataloguePages:
+    pages: CataloguePages = request.app.state.catalogue
+    return pages
+
+
+def submissions(request: Request) -> Submissions:
+    taker: Submissions = request.app.state.submissions
+    return taker
+
+
+def owned_requests(request: Request) -> OwnedRequests:
+    requests: OwnedRequests = request.app.state.requests
+    return requests
 
 
 def base_url(request: Request) -> str:
@@ -59,13 +71,13 @@ def list_models(
     request: Request, _caller: CallerDep, query: Annotated[CatalogueQuery, Query()]
 ) -> ModelList:
     """The catalogue, filtered and paged as RunComfy's CLI asks; also OpenAI's model list."""
-    return service(request).list_models(query)
+    return catalogue(request).list_models(query)
 
 
 # Before the model-id route below, which would read "categories" as a model id.
 @router.get("/models/categories", responses=_ERRORS)
 def list_categories(request: Request, _caller: CallerDep) -> CategoryList:
-    return service(request).categories()
+    return catalogue(request).categories()
 
 
 @router.get(
@@ -74,7 +86,7 @@ def list_categories(request: Request, _caller: CallerDep) -> CategoryList:
     response_model_exclude_none=True,
 )
 def get_model(model_id: str, request: Request, _caller: CallerDep) -> ModelDetail:
-    return service(request).model(model_id)
+    return catalogue(request).model(model_id)
 
 
 @router.post(
@@ -89,14 +101,7 @@ def get_model(model_id: str, request: Request, _caller: CallerDep) -> ModelDetai
             "description": "Queue full, rate limited, or too many waits open (Retry-After)",
         },
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/OvisImageInput"}}
-            },
-        }
-    },
+    # The body: the input schema of the model (document_submit_body).
     response_model_exclude_none=True,
 )
 async def submit(
@@ -145,7 +150,7 @@ async def submit(
     # before its body is judged against a schema it does not have.
     body = await request.body()
     submitted = await run_in_threadpool(
-        service(request).submit,
+        submissions(request).submit,
         token_id=caller.token_id,
         model_id=model_id,
         body=body,
@@ -155,13 +160,14 @@ async def submit(
         cancel_after=cancel_after,
     )
     if wait:
-        svc = service(request)
+        hub: StatusHub = request.app.state.hub
+        requests = owned_requests(request)
         finished = await wait_final(
-            request.app.state.hub, svc.store, submitted.request_id, wait, caller.token_id
+            hub, requests.store, submitted.request_id, wait, caller.token_id
         )
         if finished is not None:
             response.headers["Preference-Applied"] = f"wait={wait}"
-            return svc.result_body(finished, base_url(request))
+            return requests.bodies.result_body(finished, base_url(request))
     return submitted
 
 
@@ -193,7 +199,7 @@ def list_requests(
     ] = None,
 ) -> RequestList:
     """The calling token's requests, newest first (the playground's gallery)."""
-    return service(request).list_requests(caller.token_id, limit, cursor, base_url(request))
+    return owned_requests(request).list_requests(caller.token_id, limit, cursor, base_url(request))
 
 
 @router.get(
@@ -205,14 +211,14 @@ def get_status(
     caller: CallerDep,
     logs: Annotated[bool, Query(description="Add the job's timestamped log lines.")] = False,
 ) -> StatusResponse:
-    return service(request).status(caller.token_id, request_id, base_url(request), logs)
+    return owned_requests(request).status(caller.token_id, request_id, base_url(request), logs)
 
 
 @router.get(
     "/requests/{request_id}/result", responses=_REQUEST_ERRORS, response_model_exclude_none=True
 )
 def get_result(request_id: str, request: Request, caller: CallerDep) -> ResultResponse:
-    return service(request).result(caller.token_id, request_id, base_url(request))
+    return owned_requests(request).result(caller.token_id, request_id, base_url(request))
 
 
 @router.get(
@@ -230,12 +236,15 @@ def get_result(request_id: str, request: Request, caller: CallerDep) -> ResultRe
     },
 )
 async def stream_status(request_id: str, request: Request, caller: CallerDep) -> StreamingResponse:
-    svc = service(request)
-    await run_in_threadpool(svc.owned_job, caller.token_id, request_id)
+    requests = owned_requests(request)
+    await run_in_threadpool(requests.owned_job, caller.token_id, request_id)
     hold_slot(request, caller.token_id)
     hub: StatusHub = request.app.state.hub
+    events = status_events(
+        requests.bodies, requests.store, hub, request_id, base_url(request), caller.token_id
+    )
     return StreamingResponse(
-        status_events(svc, hub, request_id, base_url(request), caller.token_id),
+        events,
         media_type="text/event-stream",
         # Proxies must pass each event on as it comes (nginx buffers unless told not to).
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
@@ -249,15 +258,22 @@ async def stream_status(request_id: str, request: Request, caller: CallerDep) ->
     response_model_exclude_none=True,
 )
 def cancel(request_id: str, request: Request, caller: CallerDep) -> CancelResponse:
-    return service(request).cancel(caller.token_id, request_id)
+    return owned_requests(request).cancel(caller.token_id, request_id)
 
 
 @router.delete("/requests/{request_id}", status_code=204, responses=_REQUEST_ERRORS)
 def delete_request(request_id: str, request: Request, caller: CallerDep) -> Response:
     """Remove the request and its output files at once (their URLs stop working); a running
     job stops. Later calls about it answer 404."""
-    service(request).delete(caller.token_id, request_id)
+    owned_requests(request).delete(caller.token_id, request_id)
     return Response(status_code=204)
 
 
-INPUT_SCHEMAS = {"OvisImageInput": OvisImageInput}
+def document_submit_body(openapi: dict[str, Any], input_names: list[str]) -> None:
+    """Say in the OpenAPI document that a submit's body is one of the served models'
+    input schemas (``input_names``: components/schemas entries)."""
+    refs = [{"$ref": f"#/components/schemas/{name}"} for name in input_names]
+    openapi["paths"]["/v1/models/{model_id}"]["post"]["requestBody"] = {
+        "required": True,
+        "content": {"application/json": {"schema": refs[0] if len(refs) == 1 else {"oneOf": refs}}},
+    }

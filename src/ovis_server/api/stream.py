@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 
-from ovis_server.api.serving import RequestService
+from ovis_server.api.bodies import BodyRenderer, wire_json
 from ovis_server.jobs.job import Job, JobEvent, JobStatus
 from ovis_server.jobs.store import JobStore
 from ovis_server.tokens import TokenStore
@@ -250,7 +250,7 @@ def _apply(job: Job, event: JobEvent) -> Job:
 
 
 def _sse(event: str, body: BaseModel) -> bytes:
-    return format_sse_event(event=event, data_str=body.model_dump_json(exclude_none=True))
+    return format_sse_event(event=event, data_str=wire_json(body))
 
 
 async def follow(
@@ -300,7 +300,8 @@ async def follow(
 
 
 async def status_events(
-    service: RequestService,
+    bodies: BodyRenderer,
+    store: JobStore,
     hub: StatusHub,
     request_id: str,
     base_url: str,
@@ -310,17 +311,17 @@ async def status_events(
     in and for every change after it, a keep-alive comment when nothing happened for 15 s,
     and once the job is final its ``result`` event, after which the stream ends."""
     sent = None
-    async with contextlib.aclosing(follow(hub, service.store, request_id, token_id)) as changes:
+    async with contextlib.aclosing(follow(hub, store, request_id, token_id)) as changes:
         async for change in changes:
             if change is None:
                 yield KEEP_ALIVE
                 continue
             job, position = change
             if job.status.is_final:
-                yield _sse("status", service.status_body(job, base_url, None))
-                yield _sse("result", service.result_body(job, base_url))
+                yield _sse("status", bodies.status_body(job, base_url, None))
+                yield _sse("result", bodies.result_body(job, base_url))
                 return
-            current = _sse("status", service.status_body(job, base_url, position))
+            current = _sse("status", bodies.status_body(job, base_url, position))
             if current != sent:
                 sent = current
                 yield current

@@ -28,18 +28,18 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import httpx
 
 from ovis_server import __version__
+from ovis_server.api.bodies import BodyRenderer
 from ovis_server.api.destinations import DestinationRefusedError, redacted, resolve
-from ovis_server.api.serving import RequestService
 from ovis_server.client.webhook_verify import sign
 from ovis_server.jobs.events import utcnow
-from ovis_server.jobs.job import JobStatus
 from ovis_server.jobs.outbox import Delivery, DeliveryStore
+from ovis_server.jobs.store import JobStore
 from ovis_server.tokens import TokenStore
 
 logger = logging.getLogger(__name__)
@@ -118,14 +118,16 @@ class WebhookDispatcher:
     def __init__(
         self,
         deliveries: DeliveryStore,
-        service: RequestService,
+        store: JobStore,
+        bodies: BodyRenderer,
         tokens: TokenStore,
         schedule: Sequence[float],
         *,
         allow_private: bool = False,
     ) -> None:
         self.deliveries = deliveries
-        self.service = service
+        self.store = store
+        self.bodies = bodies
         self.tokens = tokens
         self.schedule = tuple(schedule)
         self.allow_private = allow_private
@@ -272,28 +274,11 @@ class WebhookDispatcher:
             )  # fmt: skip
 
     def _render(self, message: Delivery) -> bytes | None:
-        """The body: the result body for a final state, else the status body then."""
-        job = self.service.store.get(message.request_id)
+        """The body of the message, made now: None if its job is gone."""
+        job = self.store.get(message.request_id)
         if job is None:
             return None
-        base_url = job.base_url or self.service.settings.public_url or ""
-        if message.status.is_final:
-            return (
-                self.service.result_body(job, base_url).model_dump_json(exclude_none=True).encode()
-            )
-        then = replace(
-            job,
-            status=message.status,
-            progress_step=message.step,
-            progress_total=message.total,
-            started_at=job.started_at if message.status == JobStatus.RUNNING else None,
-            finished_at=None,
-        )
-        return (
-            self.service.status_body(then, base_url, None)
-            .model_dump_json(exclude_none=True)
-            .encode()
-        )
+        return self.bodies.webhook_body(job, message.status, message.step, message.total)
 
     async def _post(self, message: Delivery, body: bytes, secret: str) -> str | None:
         """POST the message once; None if the receiver took it, else what went wrong."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ovis_server.catalogue.registry import ModelRegistry, UnknownModelError
 from ovis_server.cli.options import settings_options
 from ovis_server.config import Settings
 
@@ -48,15 +49,19 @@ def download(settings: Settings) -> None:
         tiny_checkpoint_dir,
     )
 
-    if settings.model == RANDOM_FULL:
+    try:
+        model = ModelRegistry.from_settings(settings).served(settings).weights(settings)
+    except UnknownModelError as exc:
+        raise click.UsageError(str(exc)) from None
+    if model == RANDOM_FULL:
         click.echo("random-full is built on the GPU when a worker starts: nothing to download")
         return
     existed = (tiny_checkpoint_dir(settings.data_dir) / "model_index.json").is_file()
     try:
-        weights = resolve_weights(settings.model, settings.data_dir)
+        weights = resolve_weights(model, settings.data_dir)
     except WeightsNotFoundError as exc:
         raise click.UsageError(str(exc)) from None
-    if settings.model == TINY:
+    if model == TINY:
         click.echo(f"the tiny model is {'already' if existed else 'now'} at {weights}")
         return
     if not is_hub_id(weights):

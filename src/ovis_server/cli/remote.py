@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from ovis_server.catalogue import IMAGE_SIZE_PRESETS, OVIS_IMAGE
+from ovis_server.catalogue.ovis_image import IMAGE_SIZE_PRESETS
+from ovis_server.catalogue.registry import DEFAULT_MODEL_ID
 from ovis_server.cli.common import SUFFIX_FORMATS, output_options, parse_image_size
 from ovis_server.settings_sources import ENV_PREFIX
 
@@ -61,7 +62,7 @@ def _client_errors(func: Any) -> Any:
 @click.option("--num-inference-steps", "--steps", type=int, default=None)
 @click.option("--guidance-scale", type=float, default=None)
 @click.option("--seed", type=int, default=None)
-@click.option("--model-id", default=OVIS_IMAGE.model_id, show_default=True)
+@click.option("--model-id", default=DEFAULT_MODEL_ID, show_default=True)
 @client_options
 @_client_errors
 def run_remote(

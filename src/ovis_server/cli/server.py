@@ -6,12 +6,15 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 import click
 from pydantic import ValidationError
 
-from ovis_server.catalogue import IMAGE_SIZE_PRESETS, OvisImageInput, field_problems
+from ovis_server.catalogue.ovis_image import IMAGE_SIZE_PRESETS
+from ovis_server.catalogue.registry import ModelRegistry, UnknownModelError
+from ovis_server.catalogue.spec import ModelSpec, field_problems
 from ovis_server.cli.common import (
     SUFFIX_FORMATS,
     configure_logging,
@@ -25,19 +28,28 @@ from ovis_server.engine.images import encode_image
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
-def refuse_random_full_on_cpu(model: str, device: str) -> None:
-    """Say at once that ``--model random-full`` cannot run here, instead of starting a
-    worker that fails to load it and is restarted over and over."""
+def served_model(
+    models: ModelRegistry, settings: Settings, devices: Iterable[str] = ()
+) -> ModelSpec:
+    """The model ``--model-id`` names, or a usage error. Says at once that ``--model
+    random-full`` cannot run on one of ``devices`` (default: ``--device``), instead of
+    starting a worker that fails to load it and is restarted over and over."""
     from ovis_server.engine.weights import RANDOM_FULL
 
-    if model != RANDOM_FULL:
-        return
+    try:
+        model = models.served(settings)
+    except UnknownModelError as exc:
+        raise click.UsageError(str(exc)) from None
+    if model.weights(settings) != RANDOM_FULL:
+        return model
     from ovis_server.engine.pipeline import EngineLoadError, check_random_full_device, pick_device
 
-    try:
-        check_random_full_device(pick_device(device))
-    except EngineLoadError as exc:
-        raise click.ClickException(str(exc)) from None
+    for device in sorted(set(devices)) or [settings.device]:
+        try:
+            check_random_full_device(pick_device(device))
+        except EngineLoadError as exc:
+            raise click.ClickException(str(exc)) from None
+    return model
 
 
 @click.command()
@@ -53,14 +65,15 @@ def serve(settings: Settings) -> None:
 
     configure_logging(settings.log_level)
     logger = logging.getLogger("ovis_server.serve")
+    models = ModelRegistry.from_settings(settings)
     try:
         slots = plan_workers(settings)
     except DevicesError as exc:
         raise click.UsageError(str(exc)) from None
-    for device in sorted({slot.device for slot in slots}):
-        refuse_random_full_on_cpu(settings.model, device)
+    if not settings.no_worker:
+        served_model(models, settings, [slot.device for slot in slots])
     try:
-        app = create_app(settings)
+        app = create_app(settings, models)
     except ValueError as exc:  # a --storage or --database-url it cannot use
         raise click.ClickException(str(exc)) from None
     host = settings.host
@@ -139,9 +152,10 @@ def worker(
     configure_logging(settings.log_level)
     if log_name:
         name_log_lines(log_name)
-    refuse_random_full_on_cpu(settings.model, settings.device)
+    models = ModelRegistry.from_settings(settings)
+    served_model(models, settings)
     try:
-        run_worker(settings, parent_pid=parent_pid, device_label=device_label)
+        run_worker(settings, parent_pid=parent_pid, device_label=device_label, models=models)
     except DownloadInterrupted:
         # Stopped while downloading: what is downloaded stays in the cache. Download threads
         # still busy with a file would hold the interpreter's exit until it is done.
@@ -189,7 +203,6 @@ def generate(
 
     from ovis_server.engine.pipeline import EngineLoadError
     from ovis_server.engine.weights import WeightsNotFoundError
-    from ovis_server.worker.process import load_engine
 
     chosen_format = output_format or SUFFIX_FORMATS.get(output.suffix.lower())
     if chosen_format is None:
@@ -197,8 +210,9 @@ def generate(
             f"cannot tell the image format from {output.name!r}: use a .png, .jpg or .webp "
             "name, or --output-format"
         )
+    model = served_model(ModelRegistry.from_settings(settings), settings)
     try:
-        request = OvisImageInput.model_validate(
+        request = model.input_model.model_validate(
             {
                 "prompt": prompt,
                 "negative_prompt": negative_prompt,
@@ -216,7 +230,7 @@ def generate(
     # A first run downloads the weights: show its progress lines.
     logging.getLogger("ovis_server.engine.weights").setLevel(logging.INFO)
     try:
-        engine = load_engine(settings)
+        engine = model.load_engine(settings)
     except (EngineLoadError, WeightsNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
@@ -226,15 +240,17 @@ def generate(
     click.echo(engine.memory.describe(), err=True)
 
     used_seed = request.resolved_seed()
-    with tqdm(total=request.num_inference_steps, unit="step", desc="denoising") as bar:
+    generation = request.to_generation_request(used_seed)
+    with tqdm(total=generation.num_inference_steps, unit="step", desc="denoising") as bar:
 
         def on_step(step: int, total: int) -> bool:
             bar.update(step - bar.n)
             return True
 
-        image = engine.generate(request.to_generation_request(used_seed), on_step=on_step)
+        image = engine.generate(generation, on_step=on_step)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_bytes(encode_image(image, request.output_format))
+    # As the worker reads it from a job's input.
+    output.write_bytes(encode_image(image, request.model_dump().get("output_format", "png")))
     click.echo(
         f"seed {used_seed}: wrote {image.width}x{image.height} {chosen_format} to {output}",
         err=True,

@@ -107,6 +107,8 @@ jobs = Table(
     # When an unfinished job is cancelled (the submit's Cancel-After); None: never.
     Column("deadline", UtcDateTime),
     Index("ix_jobs_status_seq", "status", "seq"),
+    # A worker claims the oldest queued job of its model (jobs of others may wait long).
+    Index("ix_jobs_status_model_id_seq", "status", "model_id", "seq"),
     Index("ix_jobs_deadline", "deadline"),
     # Notes for the client that are not errors (the prompt was cut to what the model reads).
     Column("warnings", JSON),

@@ -142,11 +142,6 @@ def silence_loading_progress() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def batch_key(request: GenerationRequest) -> tuple[int, int, int, float]:
-    """Requests with the same key can share one batched call."""
-    return (request.width, request.height, request.num_inference_steps, request.guidance_scale)
-
-
 class Engine:
     """One loaded pipeline on one device; generates images for validated requests."""
 
@@ -350,7 +345,7 @@ class Engine:
         """
         if not requests:
             return []
-        if len({batch_key(request) for request in requests}) != 1:
+        if len({request.batch_shape() for request in requests}) != 1:
             raise IncompatibleBatchError("a batch needs one size, step count and guidance")
         from diffusers.pipelines.ovis_image.pipeline_ovis_image import (
             calculate_shift,

@@ -32,3 +32,8 @@ class GenerationRequest:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    def batch_shape(self) -> str:
+        """What requests that share one batched call have in common: size, steps and
+        guidance (a job's batch key is its model and this)."""
+        return f"{self.width}x{self.height}:{self.num_inference_steps}:{self.guidance_scale!r}"

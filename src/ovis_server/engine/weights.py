@@ -41,7 +41,6 @@ TINY = "tiny"
 # The real architecture with random weights, built on the device (Engine.load): no download,
 # for load tests on a GPU. Its images are noise.
 RANDOM_FULL = "random-full"
-DEFAULT_WEIGHTS = "AIDC-AI/Ovis-Image-7B"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 MODEL_INDEX = "model_index.json"
 # Weight formats torch does not load, and pickled ones that safetensors make unneeded.
@@ -104,7 +103,7 @@ def resolve_weights(model: str, data_dir: Path) -> str:
         return model
     raise WeightsNotFoundError(
         f"--model {model!r} is neither 'tiny', 'random-full', an existing directory, nor a hub "
-        f"id such as {DEFAULT_WEIGHTS}"
+        "id such as AIDC-AI/Ovis-Image-7B"
     )
 
 

@@ -9,7 +9,7 @@ in its own transaction by ``record_changes``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -202,10 +202,15 @@ class JobQueue(JobQueries):
 
     @retried
     def _claim(
-        self, worker_id: str, lease_seconds: float, limit: int, batch_key: str | None = None
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        limit: int,
+        batch_key: str | None = None,
+        model_ids: Collection[str] | None = None,
     ) -> list[Job]:
-        """Move up to ``limit`` of the oldest queued jobs (of one batch key, if given) to
-        this worker under a lease, in one statement."""
+        """Move up to ``limit`` of the oldest queued jobs (of one batch key, of these
+        models, if given) to this worker under a lease, in one statement."""
         now = utcnow()
         # A job past its deadline is never started: expire_deadlines cancels it.
         candidates = select(jobs.c.seq).where(
@@ -214,6 +219,8 @@ class JobQueue(JobQueries):
         )
         if batch_key is not None:
             candidates = candidates.where(jobs.c.batch_key == batch_key)
+        if model_ids is not None:
+            candidates = candidates.where(jobs.c.model_id.in_(model_ids))
         # Concurrent workers skip the rows another is claiming (see locked_pick).
         picked = locked_pick(candidates.order_by(jobs.c.seq).limit(limit), "picked")
         stmt = (
@@ -235,15 +242,24 @@ class JobQueue(JobQueries):
             claimed = [job_from_row(row) for row in rows]
         return sorted(claimed, key=lambda job: job.seq)
 
-    def claim_next(self, worker_id: str, lease_seconds: float) -> Job | None:
-        """Take the oldest queued job under a lease, or None when the queue is empty."""
-        claimed = self._claim(worker_id, lease_seconds, 1)
+    def claim_next(
+        self, worker_id: str, lease_seconds: float, model_ids: Collection[str] | None = None
+    ) -> Job | None:
+        """Take the oldest queued job (of one of ``model_ids``, if given: the models the
+        worker has loaded) under a lease, or None when there is none."""
+        claimed = self._claim(worker_id, lease_seconds, 1, model_ids=model_ids)
         return claimed[0] if claimed else None
 
-    def claim_batch(self, worker_id: str, lease_seconds: float, max_batch: int) -> list[Job]:
-        """The oldest queued job and up to ``max_batch - 1`` more that share its batch key,
-        all under one lease; an empty list when the queue is empty."""
-        head = self.claim_next(worker_id, lease_seconds)
+    def claim_batch(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        max_batch: int,
+        model_ids: Collection[str] | None = None,
+    ) -> list[Job]:
+        """The oldest queued job (as ``claim_next`` picks it) and up to ``max_batch - 1``
+        more that share its batch key, all under one lease; an empty list when there is none."""
+        head = self.claim_next(worker_id, lease_seconds, model_ids)
         if head is None:
             return []
         if max_batch <= 1:

@@ -15,8 +15,8 @@ import time
 import uuid
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
 
+from ovis_server.catalogue.registry import ModelRegistry
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.engine.compile_cache import use_compile_cache
@@ -25,9 +25,6 @@ from ovis_server.jobs.workers import WorkerRegistry
 from ovis_server.storage import open_file_store
 from ovis_server.worker.report import StateReport
 from ovis_server.worker.runner import Worker
-
-if TYPE_CHECKING:
-    from ovis_server.engine.pipeline import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -103,36 +100,19 @@ def _report_problem(registry: WorkerRegistry, worker_id: str, problem: str | Non
         logger.exception("could not report the worker's problem")
 
 
-def load_engine(
-    settings: Settings, report: StateReport | None = None, stop: threading.Event | None = None
-) -> Engine:
-    """The model as ``settings`` say: the worker's and ``generate``'s. Weights named by a
-    hub id are downloaded first if the cache lacks them, with progress in the log and in
-    ``report`` (phase downloading); ``stop`` interrupts the download."""
-    from ovis_server.engine.pipeline import Engine
-    from ovis_server.engine.weights import local_weights
-
-    return Engine.load(
-        local_weights(settings.model, settings.data_dir, report=report, stop=stop),
-        device=settings.device,
-        dtype=settings.dtype,
-        compile=settings.compile_flag,
-        fp8=settings.fp8,
-        memory=settings.memory,
-        gpu_memory=settings.gpu_memory_bytes,
-        compile_dynamic=settings.compile_dynamic,
-    )
-
-
 def run_worker(
-    settings: Settings, parent_pid: int | None = None, device_label: str | None = None
+    settings: Settings,
+    parent_pid: int | None = None,
+    device_label: str | None = None,
+    models: ModelRegistry | None = None,
 ) -> None:
-    """Load the model, warm it up, then take jobs until SIGTERM or SIGINT; the job in hand
-    is put back. ``device_label``: the device as serve numbers it (its GPU worker sees one
-    GPU, cuda:0)."""
+    """Load the model ``--model-id`` names (among ``models``, by default the settings'), warm
+    it up, then take its jobs until SIGTERM or SIGINT; the job in hand is put back.
+    ``device_label``: the device as serve numbers it (its GPU worker sees one GPU, cuda:0)."""
     from ovis_server.worker.hooks import load_step_hook
 
     started = time.perf_counter()
+    model = (models or ModelRegistry.from_settings(settings)).served(settings)
 
     stop = threading.Event()
 
@@ -157,7 +137,7 @@ def run_worker(
     registry = WorkerRegistry(db)
     worker_id = new_worker_id()
     device = device_label or settings.device
-    registry.register(worker_id, socket.gethostname(), os.getpid(), settings.model, device)
+    registry.register(worker_id, socket.gethostname(), os.getpid(), model.model_id, device)
     report = StateReport(registry, worker_id)
     report.phase("loading")
     runner: list[Worker] = []
@@ -178,7 +158,7 @@ def run_worker(
     try:
         # Before anything compiles: torch reads where its caches are when it first needs them.
         cache = use_compile_cache(settings.compile_cache_dir) if settings.compile != "off" else None
-        engine = load_engine(settings, report, stop)
+        engine = model.load_engine(settings, report, stop)
         if stop.is_set():
             return
         from ovis_server.worker.warmup import memory_detail, warm_up_worker
@@ -187,7 +167,7 @@ def run_worker(
         warmup_seconds = None
         if settings.warms_up(engine.compiled):
             report.update(**memory_detail(engine, max_batch))
-            warmed = warm_up_worker(engine, report, max_batch, stop, cache)
+            warmed = warm_up_worker(model, engine, report, max_batch, stop, cache)
             if warmed.stopped or stop.is_set():
                 return
             max_batch = min(max_batch, warmed.batch_limit or max_batch)
@@ -197,6 +177,7 @@ def run_worker(
                 store=store,
                 files=files,
                 engine=engine,
+                model=model,
                 worker_id=worker_id,
                 lease_seconds=settings.lease_seconds,
                 max_attempts=settings.max_attempts,

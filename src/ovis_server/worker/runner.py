@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from ovis_server.catalogue import find_model
 from ovis_server.db.retry import is_transient
 from ovis_server.engine.images import FILE_EXTENSIONS, MEDIA_TYPES, encode_image
 from ovis_server.engine.request import GenerationRequest
@@ -32,6 +31,7 @@ from ovis_server.worker.hooks import StepHook
 if TYPE_CHECKING:
     from PIL import Image
 
+    from ovis_server.catalogue.spec import ModelSpec
     from ovis_server.engine.pipeline import Engine
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Worker:
         store: JobStore,
         files: FileStore,
         engine: Engine,
+        model: ModelSpec,
         worker_id: str,
         lease_seconds: float = 30.0,
         poll_seconds: float = 0.2,
@@ -98,6 +99,7 @@ class Worker:
         self.store = store
         self.files = files
         self.engine = engine
+        self.model = model  # the model of ``engine``: the worker claims only its jobs
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
@@ -139,7 +141,9 @@ class Worker:
                     if recovered:
                         logger.warning("recovered %d job(s) whose worker stopped", recovered)
                     next_recovery = time.monotonic() + max(self.lease_seconds / 3, 0.5)
-                batch = self.store.claim_batch(self.worker_id, self.lease_seconds, self.max_batch)
+                batch = self.store.claim_batch(
+                    self.worker_id, self.lease_seconds, self.max_batch, [self.model.model_id]
+                )
             except SQLAlchemyError as exc:
                 if not is_transient(exc):
                     raise
@@ -181,11 +185,10 @@ class Worker:
                 self.on_problem(problem)
 
     def generation_request(self, job: Job) -> GenerationRequest:
-        spec = find_model(job.model_id)
-        if spec is None:
+        if job.model_id != self.model.model_id:
             raise InvalidJobError(f"this worker does not serve model {job.model_id!r}")
         try:
-            validated = spec.input_model.model_validate(job.input)
+            validated = self.model.input_model.model_validate(job.input)
         except ValidationError as exc:
             raise InvalidJobError(f"stored input no longer validates: {exc}") from exc
         return validated.to_generation_request(job.seed)

@@ -11,7 +11,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ovis_server.catalogue import IMAGE_SIZE_PRESETS, OVIS_IMAGE
+from ovis_server.catalogue import IMAGE_SIZE_PRESETS
 from ovis_server.engine.compile_cache import CompileCache, cache_counters
 from ovis_server.engine.warmup import (
     WARMUP_PROMPT,
@@ -24,6 +24,7 @@ from ovis_server.engine.warmup import (
 from ovis_server.worker.report import StateReport
 
 if TYPE_CHECKING:
+    from ovis_server.catalogue.spec import ModelSpec
     from ovis_server.engine.pipeline import Engine
 
 logger = logging.getLogger(__name__)
@@ -42,16 +43,21 @@ def memory_detail(engine: Engine, batch_limit: int) -> dict[str, Any]:
     }
 
 
-def default_shapes(batch_limit: int, max_pixels: int | None) -> tuple[list[WarmupShape], float]:
-    """The shapes to warm up and the guidance to run them at: the catalogue's defaults."""
-    defaults = OVIS_IMAGE.input_model.model_validate({"prompt": WARMUP_PROMPT})
+def default_shapes(
+    spec: ModelSpec, batch_limit: int, max_pixels: int | None
+) -> tuple[list[WarmupShape], float]:
+    """The shapes to warm up and the guidance to run them at: the model's defaults (what a
+    request with only a prompt gets), and the preset sizes."""
+    defaults = spec.input_model.model_validate({"prompt": WARMUP_PROMPT})
+    request = defaults.to_generation_request(0)
     shapes = warmup_shapes(
-        defaults.dimensions(), IMAGE_SIZE_PRESETS.values(), batch_limit, max_pixels
+        (request.width, request.height), IMAGE_SIZE_PRESETS.values(), batch_limit, max_pixels
     )
-    return shapes, defaults.guidance_scale
+    return shapes, request.guidance_scale
 
 
 def warm_up_worker(
+    spec: ModelSpec,
     engine: Engine,
     report: StateReport,
     batch_limit: int,
@@ -59,7 +65,7 @@ def warm_up_worker(
     cache: CompileCache | None,
 ) -> WarmupResult:
     """Run the warm-up in phase ``warming``, reporting each shape as it starts."""
-    shapes, guidance = default_shapes(batch_limit, engine.max_pixels)
+    shapes, guidance = default_shapes(spec, batch_limit, engine.max_pixels)
     verb = "compiling" if engine.compiled else "running"
     report.phase("warming")
     total = len(shapes)

@@ -1,4 +1,4 @@
-"""The models this server offers: ids, input schemas, presets and prices.
+"""Ovis-Image-7B: its input schema, presets, and its entry in the catalogue.
 
 The input schema is part of the wire contract (see the README): field names, bounds,
 enums and defaults are what RunComfy's clients send, so they live here once and every
@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -26,7 +24,12 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
+from ovis_server.catalogue.spec import ModelInput, ModelSpec, field_problems
 from ovis_server.engine.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from ovis_server.config import Settings
+    from ovis_server.engine.pipeline import Engine
 
 OVIS_IMAGE_MODEL_ID = "aidc-ai/ovis-image"
 
@@ -65,14 +68,6 @@ MAX_PROMPT_CHARS = 20_000
 MAX_SEED = 2**63 - 1
 # A seed drawn for a request that gave none: 32 bits, exact in any JSON client.
 RANDOM_SEED_BOUND = 2**32
-
-
-def field_problems(errors: Iterable[Mapping[str, Any]], empty: str = "body") -> list[str]:
-    """Pydantic's errors as "field.path: message" lines (``empty`` names a field-less one)."""
-    return [
-        f"{'.'.join(str(part) for part in error.get('loc', ())) or empty}: {error['msg']}"
-        for error in errors
-    ]
 
 
 EXAMPLE_PROMPT = (
@@ -137,7 +132,7 @@ class ImageDimensions(BaseModel):
     height: int = Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
 
 
-class OvisImageInput(BaseModel):
+class OvisImageInput(ModelInput):
     # The seed page's schema, field for field; the description below is what clients see.
     model_config = ConfigDict(
         extra="forbid",
@@ -261,16 +256,9 @@ class OvisImageInput(BaseModel):
         return IMAGE_SIZE_PRESETS[self.image_size]
 
     def resolved_seed(self) -> int:
-        """The seed asked for, or a random one to use and report back."""
         return self.seed if self.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
 
-    def batch_key(self, model_id: str) -> str:
-        """Jobs with equal keys share size, steps and guidance: one batched call runs them."""
-        width, height = self.dimensions()
-        return f"{model_id}:{width}x{height}:{self.num_inference_steps}:{self.guidance_scale!r}"
-
     def to_generation_request(self, seed: int) -> GenerationRequest:
-        """The engine's view of this input, with the seed resolved."""
         width, height = self.dimensions()
         return GenerationRequest(
             prompt=self.prompt,
@@ -283,60 +271,21 @@ class OvisImageInput(BaseModel):
         )
 
 
-OUTPUT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "image": {"type": "string", "format": "uri", "description": "The generated image."},
-        "images": {
-            "type": "array",
-            "description": "The generated images.",
-            "items": {"type": "string", "format": "uri"},
-        },
-        "video": {"type": "string", "format": "uri", "description": "A generated video."},
-        "videos": {
-            "type": "array",
-            "description": "Generated videos.",
-            "items": {"type": "string", "format": "uri"},
-        },
-    },
-}
+def load_ovis_image(weights: str, settings: Settings) -> Engine:
+    """diffusers' OvisImagePipeline on ``weights`` (a directory, or random-full), placed and
+    optimised as ``settings`` say."""
+    from ovis_server.engine.pipeline import Engine
 
-
-ModelKind = Literal["model", "workflow", "inference"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One entry of the catalogue."""
-
-    model_id: str
-    display_name: str
-    description: str
-    input_model: type[OvisImageInput]
-    default_weights: str
-    # Capabilities, as RunComfy's catalogue files models: "text-to-image", ...
-    categories: tuple[str, ...] = ()
-    kind: ModelKind = "model"
-    owned_by: str = ""
-    # When the entry was added (unix seconds): OpenAI's model list reports it.
-    created: int = 0
-    # Short names that OpenAI-style clients may send as ``model``.
-    aliases: tuple[str, ...] = ()
-
-    def input_schema(self) -> dict[str, Any]:
-        return self.input_model.model_json_schema()
-
-    def matches(self, search: str | None, category: str | None, kind: str | None) -> bool:
-        """Whether this entry passes the catalogue filters of ``GET /v1/models``."""
-        if kind is not None and kind != self.kind:
-            return False
-        if category and category.strip().lower() not in self.categories:
-            return False
-        if search:
-            needle = search.strip().lower()
-            haystack = (self.model_id, self.display_name, self.description)
-            return any(needle in text.lower() for text in haystack)
-        return True
+    return Engine.load(
+        weights,
+        device=settings.device,
+        dtype=settings.dtype,
+        compile=settings.compile_flag,
+        fp8=settings.fp8,
+        memory=settings.memory,
+        gpu_memory=settings.gpu_memory_bytes,
+        compile_dynamic=settings.compile_dynamic,
+    )
 
 
 OVIS_IMAGE = ModelSpec(
@@ -347,34 +296,9 @@ OVIS_IMAGE = ModelSpec(
     ),
     input_model=OvisImageInput,
     default_weights="AIDC-AI/Ovis-Image-7B",
+    engine_factory=load_ovis_image,
     categories=("text-to-image",),
     owned_by="aidc-ai",
     created=1764547200,  # 2025-12-01
     aliases=("ovis-image",),
 )
-
-CATALOGUE: dict[str, ModelSpec] = {OVIS_IMAGE.model_id: OVIS_IMAGE}
-
-
-def find_model(model_id: str) -> ModelSpec | None:
-    """The catalogue entry for ``model_id``, or None."""
-    return CATALOGUE.get(model_id)
-
-
-def find_model_or_alias(name: str) -> ModelSpec | None:
-    """The entry whose id or one of whose aliases is ``name``, or None."""
-    return find_model(name) or next(
-        (spec for spec in CATALOGUE.values() if name in spec.aliases), None
-    )
-
-
-def search_catalogue(
-    search: str | None = None, category: str | None = None, kind: str | None = None
-) -> list[ModelSpec]:
-    """The entries that pass the filters, in catalogue order."""
-    return [spec for spec in CATALOGUE.values() if spec.matches(search, category, kind)]
-
-
-def all_categories() -> list[str]:
-    """Every category some entry is filed under, sorted."""
-    return sorted({category for spec in CATALOGUE.values() for category in spec.categories})

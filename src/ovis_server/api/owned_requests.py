@@ -1,0 +1,78 @@
+"""What a token may do with the requests it submitted: read their status and result, list
+them, cancel and delete them. Another token's request is a 403, an unknown one a 404."""
+
+from __future__ import annotations
+
+from ovis_server.api.bodies import BodyRenderer
+from ovis_server.api.errors import FORBIDDEN, INVALID_INPUT, ApiError, request_not_found
+from ovis_server.api.protocol import (
+    STATUS_WORDS,
+    CancelResponse,
+    RequestList,
+    ResultResponse,
+    StatusResponse,
+)
+from ovis_server.jobs.job import Job, JobStatus
+from ovis_server.jobs.store import JobStore
+from ovis_server.storage.base import REQUEST_ID_PATTERN
+
+
+class OwnedRequests:
+    def __init__(self, store: JobStore, bodies: BodyRenderer) -> None:
+        self.store = store
+        self.bodies = bodies
+
+    def owned_job(self, token_id: str, request_id: str) -> Job:
+        job = self.store.get(request_id) if REQUEST_ID_PATTERN.fullmatch(request_id) else None
+        if job is None:
+            raise request_not_found(request_id)
+        if job.token_id != token_id:
+            raise ApiError(403, FORBIDDEN, f"request {request_id!r} belongs to another token")
+        return job
+
+    def status(
+        self, token_id: str, request_id: str, base_url: str, logs: bool = False
+    ) -> StatusResponse:
+        job = self.owned_job(token_id, request_id)
+        position = self.store.queue_position(job) if job.status == JobStatus.QUEUED else None
+        return self.bodies.status_body(job, base_url, position, logs)
+
+    def result(self, token_id: str, request_id: str, base_url: str) -> ResultResponse:
+        return self.bodies.result_body(self.owned_job(token_id, request_id), base_url)
+
+    def list_requests(
+        self, token_id: str, limit: int, cursor: str | None, base_url: str
+    ) -> RequestList:
+        before = None
+        if cursor is not None:
+            if not cursor.isdigit():
+                raise ApiError(422, INVALID_INPUT, "cursor: not a cursor this API handed out")
+            before = int(cursor)
+        page = self.store.list_for_token(token_id, limit + 1, before)
+        more = len(page) > limit
+        page = page[:limit]
+        return RequestList(
+            requests=[self.bodies.result_body(job, base_url) for job in page],
+            next_cursor=str(page[-1].seq) if more else None,
+        )
+
+    def cancel(self, token_id: str, request_id: str) -> CancelResponse:
+        """Cancel a queued job at once; flag a running one for its worker and answer at
+        once with ``cancellation_requested`` (the client reads the final state from status:
+        waiting here would hold a server thread for up to a step)."""
+        self.owned_job(token_id, request_id)
+        answer = self.store.request_cancel(request_id)
+        if answer is None:
+            raise request_not_found(request_id)
+        job, outcome = answer
+        return CancelResponse(request_id=job.id, status=STATUS_WORDS[job.status], outcome=outcome)
+
+    def delete(self, token_id: str, request_id: str) -> None:
+        """Remove a request and its files at once. A running job loses its row, so its
+        worker stops at the next step (and removes a file it stores after this)."""
+        self.owned_job(token_id, request_id)
+        # The row first: a worker that stores the file after this finds its job gone and
+        # removes the file itself; one that stored it before has it removed here.
+        if not self.store.delete([request_id]):
+            raise request_not_found(request_id)
+        self.bodies.files.delete_request(request_id)

@@ -1,0 +1,219 @@
+"""Taking a submit: the model's input schema, webhook parameters, Cancel-After, the
+idempotency key and the submit limits, then the job in the queue."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from ovis_server.api.bodies import request_urls
+from ovis_server.api.capacity import SizeCapacity
+from ovis_server.api.catalogue_pages import CataloguePages
+from ovis_server.api.destinations import url_problem
+from ovis_server.api.errors import INVALID_INPUT, ApiError, too_many, validation_failed
+from ovis_server.api.limits import check_json_depth
+from ovis_server.api.protocol import SubmitResponse
+from ovis_server.config import Settings
+from ovis_server.jobs.store import (
+    IdempotencyConflictError,
+    JobStore,
+    LimitExceededError,
+    SubmitLimits,
+    utcnow,
+)
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
+# A full queue clears at the pace of the GPU; clients come back after this long.
+QUEUE_FULL_RETRY_SECONDS = 10
+WEBHOOK_FIELDS = frozenset({"webhook", "webhook_url", "webhook_intermediate_status"})
+# Cancel-After: seconds, or a duration in Go's notation as Replicate takes it (90s, 5m,
+# 1h30m, 1500ms), from one second to seven days.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+CANCEL_AFTER_BOUNDS = (1.0, 7 * 24 * 3600.0)
+
+
+def parse_cancel_after(value: str) -> timedelta:
+    """The ``Cancel-After`` header as a duration, or a 422 naming it."""
+    text = value.strip().lower()
+    seconds: float | None = None
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        seconds = float(text)
+    elif text and _DURATION_PART.sub("", text) == "":
+        seconds = sum(
+            float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text)
+        )
+    low, high = CANCEL_AFTER_BOUNDS
+    if seconds is None or not low <= seconds <= high:
+        raise ApiError(
+            422,
+            INVALID_INPUT,
+            f"Cancel-After: {value[:50]!r} is not a duration from 1 second to 7 days; send "
+            "seconds (90) or a duration such as 90s, 5m or 1h30m",
+        )
+    return timedelta(seconds=seconds)
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where a job's webhooks go: from the submit's query, or else from its body."""
+
+    url: str | None = None
+    intermediate: bool | None = None
+
+    def merged(self, body: dict[str, Any]) -> Webhook:
+        """Take the webhook fields out of ``body`` and settle what the submit asks for."""
+        url = body.pop("webhook", None)
+        alias = body.pop("webhook_url", None)  # what some clients call it
+        if url is None:
+            url = alias
+        elif alias is not None and alias != url:
+            raise ApiError(422, INVALID_INPUT, "webhook_url: differs from webhook; send one")
+        intermediate = body.pop("webhook_intermediate_status", None)
+        if url is not None and not isinstance(url, str):
+            raise ApiError(422, INVALID_INPUT, "webhook: must be a URL string")
+        if intermediate is not None and not isinstance(intermediate, bool):
+            raise ApiError(422, INVALID_INPUT, "webhook_intermediate_status: must be a boolean")
+        merged = Webhook(
+            self.url if self.url is not None else url,
+            self.intermediate if self.intermediate is not None else intermediate,
+        )
+        if merged.url is None and merged.intermediate:
+            raise ApiError(
+                422, INVALID_INPUT, "webhook_intermediate_status: needs a webhook URL too"
+            )
+        return merged
+
+
+def check_webhook_url(url: str, *, allow_private: bool = False) -> None:
+    """Refuse at submit what the destination policy refuses from the URL alone."""
+    problem = url_problem(url, allow_private=allow_private)
+    if problem is not None:
+        raise ApiError(422, INVALID_INPUT, f"webhook: {problem}")
+
+
+class Submissions:
+    def __init__(
+        self,
+        store: JobStore,
+        catalogue: CataloguePages,
+        settings: Settings,
+        capacity: SizeCapacity | None = None,
+    ) -> None:
+        self.store = store
+        self.catalogue = catalogue
+        self.settings = settings
+        self.capacity = capacity  # a size no worker fits gets a 422 (capacity.py)
+
+    def submit(
+        self,
+        token_id: str,
+        model_id: str,
+        body: bytes,
+        base_url: str,
+        idempotency_key: str | None = None,
+        webhook: Webhook | None = None,
+        cancel_after: str | None = None,
+    ) -> SubmitResponse:
+        spec = self.catalogue.spec(model_id)
+        lifetime = None if cancel_after is None else parse_cancel_after(cancel_after)
+        check_json_depth(body)  # json.loads recurses, and a client's nesting is unbounded
+        webhook = webhook or Webhook()
+        fields: Any = None
+        if b'"webhook' in body:
+            with contextlib.suppress(ValueError):
+                fields = json.loads(body)
+        if isinstance(fields, dict) and WEBHOOK_FIELDS & fields.keys():
+            webhook = webhook.merged(fields)  # takes them out: they are not model input
+            body = json.dumps(fields).encode()
+        else:
+            webhook = webhook.merged({})
+        if webhook.url is not None:
+            check_webhook_url(webhook.url, allow_private=self.settings.allow_private_webhooks)
+        try:
+            validated = spec.input_model.model_validate_json(body or b"{}")
+        except ValidationError as exc:
+            raise validation_failed(exc.errors(include_url=False)) from None
+        canonical = validated.model_dump_json()
+        seed = validated.resolved_seed()
+        generation = validated.to_generation_request(seed)
+        asked = f"{spec.model_id}\n{canonical}"
+        if webhook.url is not None:
+            # Part of what is asked: a retry that changes the webhook is a new request.
+            asked += f"\n{webhook.url}\n{bool(webhook.intermediate)}"
+        request_hash = hashlib.sha256(asked.encode()).hexdigest()
+        try:
+            if idempotency_key is not None:
+                if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+                    raise ApiError(
+                        422,
+                        INVALID_INPUT,
+                        "Idempotency-Key must be 1 to 200 printable ASCII characters",
+                    )
+                twin = self.store.idempotent_twin(token_id, idempotency_key, request_hash)
+                if twin is not None:
+                    return SubmitResponse(request_id=twin.id, **request_urls(base_url, twin.id))
+            if self.capacity is not None:
+                self.capacity.check(spec.model_id, generation.width, generation.height)
+            job = self.store.submit(
+                request_id=str(uuid.uuid4()),
+                token_id=token_id,
+                model_id=spec.model_id,
+                input=json.loads(canonical),
+                seed=seed,
+                total_steps=generation.num_inference_steps,
+                batch_key=spec.batch_key(generation),
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+                webhook_url=webhook.url,
+                webhook_intermediate=bool(webhook.intermediate),
+                base_url=base_url,
+                deadline=None if lifetime is None else utcnow() + lifetime,
+                limits=self._limits(),
+            )
+        except LimitExceededError as exc:
+            raise self._refusal(exc) from None
+        except IdempotencyConflictError as exc:
+            raise ApiError(
+                422,
+                INVALID_INPUT,
+                f"Idempotency-Key was used in the last 24 hours for request {exc.job.id} with "
+                "a different body; use a new key for a new request",
+            ) from None
+        return SubmitResponse(request_id=job.id, **request_urls(base_url, job.id))
+
+    def _limits(self) -> SubmitLimits:
+        settings = self.settings
+        return SubmitLimits(
+            per_minute=max(0, settings.rate_limit_per_minute),
+            queued_per_token=max(0, settings.max_queued_per_token),
+            queued=max(0, settings.max_queued),
+        )
+
+    def _refusal(self, exc: LimitExceededError) -> ApiError:
+        """Backpressure: 429 with Retry-After when the queue or this token is over its limit."""
+        if exc.kind == "rate":
+            return too_many(
+                f"rate limit: this token may submit {self.settings.rate_limit_per_minute} "
+                "requests a minute; retry after the Retry-After seconds",
+                math.ceil(exc.retry_after),
+            )
+        if exc.kind == "token_queue":
+            return too_many(
+                f"this token has {exc.count} requests waiting, the most allowed; "
+                "retry when some have run",
+                QUEUE_FULL_RETRY_SECONDS,
+            )
+        return too_many(
+            f"the queue is full ({exc.count} requests waiting); retry later",
+            QUEUE_FULL_RETRY_SECONDS,
+        )

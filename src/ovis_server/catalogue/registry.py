@@ -1,0 +1,127 @@
+"""The models one deployment serves, built from its settings: the built-in ones, and an
+operator's own Ovis-Image checkpoints under ids of their own (``--extra-models``).
+
+The API lists and takes these, the OpenAI route resolves its ``model`` names among them,
+and a worker loads the one ``--model-id`` names and claims only that model's jobs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from ovis_server.catalogue.ovis_image import OVIS_IMAGE
+from ovis_server.catalogue.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from ovis_server.config import Settings
+
+BUILT_IN: tuple[ModelSpec, ...] = (OVIS_IMAGE,)
+DEFAULT_MODEL_ID = OVIS_IMAGE.model_id
+# Path segments of letters, digits, '.', '_' and '-' (a model id is part of the submit URL);
+# at most the 200 characters the jobs table keeps.
+MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+MAX_MODEL_ID = 200
+# GET /v1/models/categories is a route of its own.
+RESERVED_IDS = frozenset({"categories"})
+
+
+class UnknownModelError(ValueError):
+    """A model id this deployment does not serve."""
+
+
+def parse_extra_models(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``--extra-models``: (model id, weights) of each ``ID=WEIGHTS``; ValueError naming
+    what is wrong (a malformed or taken id, no weights)."""
+    taken = {name for spec in BUILT_IN for name in (spec.model_id, *spec.aliases)}
+    pairs = []
+    for item in items:
+        model_id, equals, weights = (part.strip() for part in item.partition("="))
+        if not equals or not weights:
+            raise ValueError(f"{item!r}: give ID=WEIGHTS, e.g. acme/ovis-ft=/models/ovis-ft")
+        if not MODEL_ID_PATTERN.fullmatch(model_id) or len(model_id) > MAX_MODEL_ID:
+            raise ValueError(
+                f"{model_id!r}: a model id is letters, digits, '.', '_' and '-' in "
+                "'/'-separated parts, such as acme/ovis-ft"
+            )
+        if model_id in taken or model_id in RESERVED_IDS:
+            raise ValueError(f"{model_id!r}: that id is taken")
+        taken.add(model_id)
+        pairs.append((model_id, weights))
+    return pairs
+
+
+def extra_model(model_id: str, weights: str) -> ModelSpec:
+    """An Ovis-Image checkpoint of the operator's (a fine-tune, say) under its own id: the
+    same input schema and engine, its own weights."""
+    return replace(
+        OVIS_IMAGE,
+        model_id=model_id,
+        display_name=model_id,
+        description=f"An Ovis-Image checkpoint served as {model_id}: text-to-image.",
+        default_weights=weights,
+        owned_by=model_id.partition("/")[0],
+        aliases=(),
+    )
+
+
+class ModelRegistry:
+    """The served models, in catalogue order, by id and by alias."""
+
+    def __init__(self, specs: Iterable[ModelSpec]) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+        self._aliases: dict[str, ModelSpec] = {}
+        for spec in specs:
+            for name in (spec.model_id, *spec.aliases):
+                if self.resolve(name) is not None:
+                    raise ValueError(f"two models are called {name!r}")
+            self._specs[spec.model_id] = spec
+            self._aliases.update(dict.fromkeys(spec.aliases, spec))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelRegistry:
+        """The built-in models and ``--extra-models``, priced at ``--base-price-usd``."""
+        extras = [extra_model(*pair) for pair in parse_extra_models(settings.extra_models)]
+        return cls(
+            replace(spec, base_price_usd=settings.base_price_usd) for spec in (*BUILT_IN, *extras)
+        )
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self._specs.values())
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        """The model with this id, or None."""
+        return self._specs.get(model_id)
+
+    def resolve(self, name: str) -> ModelSpec | None:
+        """The model with this id or alias, or None."""
+        return self._specs.get(name) or self._aliases.get(name)
+
+    def ids(self) -> list[str]:
+        return list(self._specs)
+
+    def names(self) -> list[str]:
+        """Every id, then every alias: what a ``model`` name may be."""
+        return [*self._specs, *self._aliases]
+
+    def served(self, settings: Settings) -> ModelSpec:
+        """The model ``--model-id`` names: the one a worker loads and takes jobs of."""
+        spec = self.get(settings.model_id)
+        if spec is None:
+            raise UnknownModelError(
+                f"--model-id {settings.model_id!r} is not a model of this server; it has "
+                f"{', '.join(self._specs)} (add one with --extra-models ID=WEIGHTS)"
+            )
+        return spec
+
+    def search(
+        self, search: str | None = None, category: str | None = None, kind: str | None = None
+    ) -> list[ModelSpec]:
+        """The entries that pass the filters, in catalogue order."""
+        return [spec for spec in self if spec.matches(search, category, kind)]
+
+    def categories(self) -> list[str]:
+        """Every category some entry is filed under, sorted."""
+        return sorted({category for spec in self for category in spec.categories})
