@@ -19,6 +19,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from ovis_server.config import Settings
+from ovis_server.db.connect import connect, migrate
+from ovis_server.tokens import TokenStore
+
 T = TypeVar("T")
 
 FINAL_RESULT_STATES = {"succeeded", "failed", "cancelled"}
@@ -58,16 +62,28 @@ def wait_for(check: Callable[[], T | None], timeout: float = 120, interval: floa
 
 
 def create_token(data_dir: Path, name: str) -> str:
-    """A new token's secret, read from the last line of ``token create``."""
+    """A new token's secret, made as ``token create`` makes it (tests/test_cli.py runs that
+    command itself)."""
     return create_token_with_webhook_secret(data_dir, name)[0]
 
 
 def create_token_with_webhook_secret(data_dir: Path, name: str) -> tuple[str, str]:
-    """A new token's secret and its webhook signing secret, as ``token create`` prints them."""
-    printed = run_cli("token", "create", "--name", name, "--data-dir", str(data_dir)).stdout
-    secret = printed.strip().splitlines()[-1]
-    webhook_secret = printed.split("webhook signing secret: ")[1].split()[0]
-    return secret, webhook_secret
+    """A new token's secret and its webhook signing secret: on its own connection to the
+    database of ``data_dir`` (or of ``OVIS_SERVER_DATABASE_URL``), as ``token create`` does,
+    without the cost of starting that command."""
+    return new_token(Settings(data_dir=data_dir).db_url, name)
+
+
+def new_token(db_url: str, name: str) -> tuple[str, str]:
+    """A new token in the database at ``db_url``: its secret and webhook signing secret."""
+    db = connect(db_url)
+    try:
+        migrate(db)
+        store = TokenStore(db)
+        info, secret = store.create(name)
+        return secret, store.webhook_secret(info.id)
+    finally:
+        db.dispose()
 
 
 @dataclass

@@ -16,6 +16,7 @@ def test_token_create_list_revoke(tmp_path: Path) -> None:
     assert secret.startswith("ovis_")
     assert len(secret) > 40
     assert secret == created.stdout.splitlines()[-1]  # alone on its line
+    assert "webhook signing secret: whsec_" in created.stdout
 
     listing = run_cli("token", "list", "--data-dir", str(tmp_path)).stdout
     assert "ci bot" in listing
