@@ -81,15 +81,15 @@ def backend_environment(backend: str) -> Iterator[str | None]:
 
 
 @pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+def backend(request: pytest.FixtureRequest) -> str:
     """The test runs once on SQLite and once on PostgreSQL."""
-    with backend_environment(request.param) as url:
-        yield url
+    return str(request.param)
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def module_database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    with backend_environment(request.param) as url:
+@pytest.fixture
+def database_url(backend: str) -> Iterator[str | None]:
+    """The test runs once on SQLite and once on PostgreSQL, each a new database."""
+    with backend_environment(backend) as url:
         yield url
 
 

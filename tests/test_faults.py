@@ -179,14 +179,16 @@ def test_a_hang_in_model_code_is_ended_and_the_job_fails_after_max_attempts(
     assert len(worker_pids(server)) >= 3
 
 
-def test_readyz_needs_a_worker_with_a_loaded_model(fresh_server: ServerFactory) -> None:
+def test_readyz_needs_a_worker_with_a_loaded_model(
+    backend: str, fresh_server: ServerFactory, shared_server: ServerFactory
+) -> None:
     api_only = fresh_server(no_worker=True)
     not_ready = httpx.get(api_only.base_url + "/readyz")
     assert not_ready.status_code == 503
     assert not_ready.json()["workers_ready"] == 0
     api_only.stop()
 
-    server = fresh_server()
+    server = shared_server(backend=backend)
 
     def readiness() -> dict[str, Any] | None:
         response = httpx.get(server.base_url + "/readyz")
@@ -297,8 +299,10 @@ def raw_get(server: InProcessServer, path: str) -> tuple[int, bytes]:
         connection.close()
 
 
-def test_file_route_refuses_traversal_and_forged_ids(fresh_server: ServerFactory) -> None:
-    server = fresh_server()
+def test_file_route_refuses_traversal_and_forged_ids(
+    backend: str, shared_server: ServerFactory
+) -> None:
+    server = shared_server(backend=backend)
     token = server.token("files")
     with server.client(token) as client:
         url = wait_result(client, submit(client, **FAST))["output"]["image"]
@@ -320,8 +324,10 @@ def test_file_route_refuses_traversal_and_forged_ids(fresh_server: ServerFactory
         assert b"SQLite" not in body
     assert raw_get(server, url.removeprefix(server.base_url))[0] == 200
     # Tokens never reach the logs, whichever way they were sent.
+    refused = '"GET /v1/models HTTP/1.1" 401'
+    before = server.log().count(refused)
     httpx.get(server.base_url + "/v1/models", headers={"Authorization": "Bearer " + token + "x"})
-    server.stop()
+    wait_for(lambda: server.log().count(refused) > before, timeout=10)  # logged by now
     assert token not in server.log()
     assert token[5:] not in server.log()
 
