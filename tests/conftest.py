@@ -1,4 +1,6 @@
-"""Fixtures shared by the suite: the tiny checkpoint and a loaded engine."""
+"""Fixtures shared by the suite: the tiny checkpoint, a loaded engine, job stores on both
+databases, and the server: in this process (``shared_server``, ``fresh_server``) wherever
+the process boundary is not what a test is about."""
 
 from __future__ import annotations
 
@@ -6,16 +8,18 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
 import pytest
 
+from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate, sqlite_url
 from ovis_server.engine.pipeline import Engine
 from ovis_server.jobs.store import JobStore
 
-from .helpers import Cluster, run_cli
+from .helpers import Cluster, InProcessServer, ServerFactory, run_cli, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -77,15 +81,15 @@ def backend_environment(backend: str) -> Iterator[str | None]:
 
 
 @pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+def backend(request: pytest.FixtureRequest) -> str:
     """The test runs once on SQLite and once on PostgreSQL."""
-    with backend_environment(request.param) as url:
-        yield url
+    return str(request.param)
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def module_database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    with backend_environment(request.param) as url:
+@pytest.fixture
+def database_url(backend: str) -> Iterator[str | None]:
+    """The test runs once on SQLite and once on PostgreSQL, each a new database."""
+    with backend_environment(backend) as url:
         yield url
 
 
@@ -114,3 +118,68 @@ def cluster() -> Iterator[Cluster]:
     started = Cluster()
     yield started
     started.close()
+
+
+def tiny_settings(tiny_weights: Path, data_dir: Path, **options: Any) -> Settings:
+    """``serve --model TINY --data-dir DATA_DIR`` with ``options`` (Settings' field names);
+    the environment counts as it does for ``serve``."""
+    return Settings(model=str(tiny_weights), data_dir=data_dir, **options)
+
+
+@pytest.fixture(scope="session")
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path
+) -> Iterator[ServerFactory]:
+    """``shared_server(backend="sqlite", **options)``: the in-process server (and its worker
+    process, unless ``no_worker=True``) with these Settings, started the first time a test
+    asks for it and shared for the rest of the session by every test that asks for the same.
+    With a worker, it is handed out ready and with no job queued or running. Tests keep to
+    tokens of their own; state that is not per token (counters, the queue) they read as
+    changes."""
+    started: dict[tuple[Any, ...], InProcessServer] = {}
+    drops: list[Callable[[], None]] = []
+
+    def get(backend: str = "sqlite", **options: Any) -> InProcessServer:
+        key = (backend, *sorted(options.items()))
+        server = started.get(key)
+        if server is None:
+            database_url = None
+            if backend == "postgresql":
+                database_url, drop = fresh_postgres_database()
+                drops.append(drop)
+            settings = tiny_settings(
+                tiny_weights,
+                tmp_path_factory.mktemp("shared"),
+                database_url=database_url,
+                **options,
+            )
+            server = started[key] = InProcessServer(settings)
+            if server.worker is not None:
+                server.wait_until_ready()
+        if server.worker is not None:
+            running = server
+            wait_for(lambda: running.unfinished_jobs() == 0, timeout=600, interval=0.2)
+        return server
+
+    yield get
+    for server in started.values():
+        server.stop()
+    for drop in drops:
+        drop()
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path, tiny_weights: Path) -> Iterator[ServerFactory]:
+    """``fresh_server(data_dir=tmp_path, **options)``: a new in-process server (see
+    ``shared_server``) for this test alone, stopped at its end; the database is the
+    environment's (``database_url``), as for ``serve``."""
+    started: list[InProcessServer] = []
+
+    def start(data_dir: Path = tmp_path, **options: Any) -> InProcessServer:
+        server = InProcessServer(tiny_settings(tiny_weights, data_dir, **options))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

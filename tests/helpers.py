@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +20,14 @@ from typing import IO, Any, TypeVar
 import httpx
 import numpy as np
 from PIL import Image
+
+from ovis_server.api.access_log import redact_access_log
+from ovis_server.api.app import ApiServer, create_app, server_config
+from ovis_server.config import Settings
+from ovis_server.db.connect import connect, migrate
+from ovis_server.jobs.stats import StatsReader
+from ovis_server.tokens import TokenStore
+from ovis_server.worker.supervisor import worker_command, worker_environment
 
 T = TypeVar("T")
 
@@ -58,16 +68,28 @@ def wait_for(check: Callable[[], T | None], timeout: float = 120, interval: floa
 
 
 def create_token(data_dir: Path, name: str) -> str:
-    """A new token's secret, read from the last line of ``token create``."""
+    """A new token's secret, made as ``token create`` makes it (tests/test_cli.py runs that
+    command itself)."""
     return create_token_with_webhook_secret(data_dir, name)[0]
 
 
 def create_token_with_webhook_secret(data_dir: Path, name: str) -> tuple[str, str]:
-    """A new token's secret and its webhook signing secret, as ``token create`` prints them."""
-    printed = run_cli("token", "create", "--name", name, "--data-dir", str(data_dir)).stdout
-    secret = printed.strip().splitlines()[-1]
-    webhook_secret = printed.split("webhook signing secret: ")[1].split()[0]
-    return secret, webhook_secret
+    """A new token's secret and its webhook signing secret: on its own connection to the
+    database of ``data_dir`` (or of ``OVIS_SERVER_DATABASE_URL``), as ``token create`` does,
+    without the cost of starting that command."""
+    return new_token(Settings(data_dir=data_dir).db_url, name)
+
+
+def new_token(db_url: str, name: str) -> tuple[str, str]:
+    """A new token in the database at ``db_url``: its secret and webhook signing secret."""
+    db = connect(db_url)
+    try:
+        migrate(db)
+        store = TokenStore(db)
+        info, secret = store.create(name)
+        return secret, store.webhook_secret(info.id)
+    finally:
+        db.dispose()
 
 
 @dataclass
@@ -130,6 +152,138 @@ def start_server(
         server.kill()
         raise
     return server
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # serve's
+
+
+class LogRecorder(logging.Handler):
+    """Keeps what this process logs, formatted as ``serve`` writes it to stderr."""
+
+    def __init__(self, level: str) -> None:
+        super().__init__(level.upper())
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def text(self) -> str:
+        with self.lock or contextlib.nullcontext():
+            return "".join(line + "\n" for line in self.lines)
+
+
+class InProcessServer:
+    """What ``serve`` runs, with its API in this process: ``create_app`` under uvicorn, as
+    ``serve`` configures it, on a free loopback port, in a thread; and (unless
+    ``settings.no_worker``) its worker as a real ``ovis-server worker`` process, started as
+    ``serve`` starts it. Tests of crashes, kills and restarts use ``start_server`` instead."""
+
+    def __init__(self, settings: Settings) -> None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        port: int = listening.getsockname()[1]
+        self.settings = settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
+        self.data_dir = settings.data_dir
+        self.base_url = f"http://127.0.0.1:{port}"
+        try:
+            self.app = create_app(settings)
+        except BaseException:
+            listening.close()
+            raise
+        # The test run's logging stays as it is: uvicorn's loggers are not configured, and
+        # what the server logs is recorded as well as shown by pytest.
+        config = server_config(self.app, settings, log_config=None)
+        redact_access_log()
+        self._recorder = LogRecorder(settings.log_level)
+        for name in ("ovis_server", "uvicorn"):
+            logger = logging.getLogger(name)
+            logger.setLevel(min(logger.getEffectiveLevel(), self._recorder.level))
+        logging.getLogger().addHandler(self._recorder)
+        self._uvicorn = ApiServer(config, self.app.state.hub)
+        self._thread = threading.Thread(
+            target=self._uvicorn.run, args=([listening],), name=f"api-{port}", daemon=True
+        )
+        self._thread.start()
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker_log_path = self.data_dir / f"worker-{port}.log"
+        try:
+            wait_for(self._started, timeout=60, interval=0.02)
+            if not settings.no_worker:
+                with self.worker_log_path.open("wb") as log:
+                    self.worker = subprocess.Popen(
+                        worker_command(),
+                        env=worker_environment(settings),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+        except BaseException:
+            self.stop()
+            listening.close()
+            raise
+
+    def _started(self) -> bool:
+        if not self._thread.is_alive():
+            raise RuntimeError(f"the API did not start:\n{self.log()}")
+        return bool(self._uvicorn.started)
+
+    def client(self, token: str | None = None, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60, **kwargs)
+
+    def token(self, name: str) -> str:
+        """A new token's secret (see ``create_token``)."""
+        return new_token(self.settings.db_url, name)[0]
+
+    def token_with_webhook_secret(self, name: str) -> tuple[str, str]:
+        return new_token(self.settings.db_url, name)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``ovis-server ARGS`` on this server's data directory and database."""
+        env = {"OVIS_SERVER_DATABASE_URL": self.settings.database_url or ""}
+        return run_cli(*args, "--data-dir", str(self.data_dir), check=check, env=env)
+
+    def log(self) -> str:
+        """What this process logged while the server ran (all of it: other servers in this
+        process too), then its worker's log."""
+        worker = self.worker_log_path.read_text(errors="replace") if self.worker else ""
+        return self._recorder.text() + worker
+
+    def unfinished_jobs(self) -> int:
+        with self.app.state.db.connect() as conn:
+            return sum(StatsReader(self.app.state.db).unfinished_counts(conn).values())
+
+    def wait_until_ready(self, timeout: float = 120) -> None:
+        """Until /readyz answers 200: a worker has loaded the model."""
+
+        def ready() -> bool:
+            if self.worker is not None and self.worker.poll() is not None:
+                code = self.worker.returncode
+                raise RuntimeError(f"the worker exited with {code}:\n{self.log()}")
+            return httpx.get(f"{self.base_url}/readyz", timeout=10).status_code == 200
+
+        wait_for(ready, timeout=timeout, interval=0.1)
+
+    def stop(self) -> None:
+        """As ``serve`` stops: the API, then its worker (SIGTERM: it puts its job back)."""
+        if self._thread.is_alive():
+            self._uvicorn.handle_exit(signal.SIGTERM, None)
+            self._thread.join(60)
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(60)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait(30)
+        logging.getLogger().removeHandler(self._recorder)
+        self.app.state.db.dispose()
+
+
+# The fixtures ``shared_server`` and ``fresh_server`` (tests/conftest.py).
+ServerFactory = Callable[..., InProcessServer]
 
 
 @dataclass

@@ -1,11 +1,11 @@
-"""The wire contract over real HTTP: a real server process, a real worker, the tiny model."""
+"""The wire contract over real HTTP: the API on a real port, a real worker process, the tiny
+model."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
 
@@ -15,13 +15,12 @@ import pytest
 
 from ovis_server.catalogue import IMAGE_SIZE_PRESETS
 
+from .conftest import BACKENDS
 from .helpers import (
-    Server,
-    create_token,
+    InProcessServer,
+    ServerFactory,
     download,
     pixels,
-    run_cli,
-    start_server,
     status_of,
     submit,
     wait_for,
@@ -31,27 +30,21 @@ from .helpers import (
 MODEL_PATH = "/v1/models/aidc-ai/ovis-image"
 
 
-@pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, module_database_url: str | None
-) -> Iterator[Server]:
-    """One server per backend: every test here runs on SQLite and on PostgreSQL."""
-    running = start_server(
-        tmp_path_factory.mktemp("contract"), tiny_weights, "--base-price-usd", "0.01"
-    )
-    yield running
-    running.stop()
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request: pytest.FixtureRequest, shared_server: ServerFactory) -> InProcessServer:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return shared_server(backend=request.param, base_price_usd=0.01)
 
 
 @pytest.fixture(scope="module")
-def alice(server: Server) -> Iterator[httpx.Client]:
-    with server.client(create_token(server.data_dir, "alice")) as client:
+def alice(server: InProcessServer) -> Iterator[httpx.Client]:
+    with server.client(server.token("alice")) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def bob(server: Server) -> Iterator[httpx.Client]:
-    with server.client(create_token(server.data_dir, "bob")) as client:
+def bob(server: InProcessServer) -> Iterator[httpx.Client]:
+    with server.client(server.token("bob")) as client:
         yield client
 
 
@@ -237,11 +230,11 @@ def test_unknown_request(alice: httpx.Client) -> None:
         assert error_of(response)[:2] == (404, 404001)
 
 
-def test_token_failures_are_401(server: Server, alice: httpx.Client) -> None:
-    victim = create_token(server.data_dir, "soon-revoked")
+def test_token_failures_are_401(server: InProcessServer, alice: httpx.Client) -> None:
+    victim = server.token("soon-revoked")
     with server.client(victim) as client:
         assert client.get("/v1/models").status_code == 200
-    run_cli("token", "revoke", "soon-revoked", "--data-dir", str(server.data_dir))
+    server.cli("token", "revoke", "soon-revoked")
     attempts = [
         {},
         {"Authorization": "Bearer"},
@@ -379,7 +372,7 @@ def test_catalogue(alice: httpx.Client) -> None:
     assert set(detail["output_schema"]["properties"]) == {"image", "images", "video", "videos"}
 
 
-def test_openapi_describes_the_api(server: Server) -> None:
+def test_openapi_describes_the_api(server: InProcessServer) -> None:
     spec = httpx.get(server.base_url + "/openapi.json").json()
     paths = spec["paths"]
     assert "/v1/models/{model_id}" in paths

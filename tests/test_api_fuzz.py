@@ -3,8 +3,6 @@ every answer matches the schema the API publishes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,17 +12,15 @@ from hypothesis import strategies as st
 from schemathesis.checks import negative_data_rejection, not_a_server_error
 from schemathesis.core.result import Ok
 
-from .helpers import Server, create_token, start_server
+from .helpers import InProcessServer, ServerFactory
 
 MODES = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
+def fuzz_server(shared_server: ServerFactory) -> InProcessServer:
     # No worker: generated submits only queue; nothing needs to render them.
-    server = start_server(tmp_path_factory.mktemp("fuzz"), tiny_weights, "--no-worker")
-    yield server
-    server.stop()
+    return shared_server(no_worker=True)
 
 
 def fuzz(operation: Any, base_url: str, token: str, examples: int = 40) -> None:
@@ -55,8 +51,8 @@ def fuzz(operation: Any, base_url: str, token: str, examples: int = 40) -> None:
     check()
 
 
-def test_api_matches_its_openapi(fuzz_server: Server) -> None:
-    token = create_token(fuzz_server.data_dir, "fuzz")
+def test_api_matches_its_openapi(fuzz_server: InProcessServer) -> None:
+    token = fuzz_server.token("fuzz")
     schema = schemathesis.openapi.from_url(f"{fuzz_server.base_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations() if isinstance(result, Ok)]
     labels = {operation.label for operation in operations}

@@ -51,8 +51,11 @@ def test_suggested_square() -> None:
     assert suggested_square(512 * 512 - 1) == 496
 
 
+OVIS_MODEL_ID = "aidc-ai/ovis-image"
+
+
 def fake_worker(
-    registry: WorkerRegistry, worker_id: str, model: str = "aidc-ai/ovis-image", **detail: object
+    registry: WorkerRegistry, worker_id: str, model: str = OVIS_MODEL_ID, **detail: object
 ) -> None:
     """A worker row as a ready worker of ``model`` writes it (worker/process.py), with
     ``detail``."""
@@ -74,7 +77,7 @@ def test_capacity_reads_the_workers_table_at_most_once_a_second(tmp_path: Path) 
         capacity.check("aidc-ai/ovis-image", 2048, 2048)
     assert largest_fitting(capacity.workers(), "aidc-ai/ovis-image") == 512 * 512
     # Only the workers of the model asked for count: another model's small worker does not.
-    fake_worker(registry, "other", model="someone/other", max_pixels=256 * 256)
+    fake_worker(registry, "other", "someone/other", max_pixels=256 * 256)
     now[0] = 3.0
     assert largest_fitting(capacity.workers(), "aidc-ai/ovis-image") == 512 * 512
     assert largest_fitting(capacity.workers(), "someone/other") == 256 * 256
@@ -92,8 +95,13 @@ def test_too_large_a_size_is_refused_at_submit(
             # No worker alive: the submit queues, as any does.
             assert client.post(OVIS, json=square_hd).status_code == 200
 
-            plan = {"memory_profile": "group-offload-block", "memory_budget_bytes": 8 * GiB}
-            fake_worker(registry, "small", max_pixels=512 * 512, batch_limit=2, **plan)
+            plan: dict[str, object] = {
+                "memory_profile": "group-offload-block",
+                "memory_budget_bytes": 8 * GiB,
+                "max_pixels": 512 * 512,
+                "batch_limit": 2,
+            }
+            fake_worker(registry, "small", OVIS_MODEL_ID, **plan)
 
             def refused() -> dict[str, object] | None:
                 response = client.post(OVIS, json=square_hd)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from .helpers import create_token, run_cli, start_server, submit, wait_result
+from .helpers import ServerFactory, create_token, run_cli, start_server, submit, wait_result
 
 
 def test_token_create_list_revoke(tmp_path: Path) -> None:
@@ -16,6 +16,7 @@ def test_token_create_list_revoke(tmp_path: Path) -> None:
     assert secret.startswith("ovis_")
     assert len(secret) > 40
     assert secret == created.stdout.splitlines()[-1]  # alone on its line
+    assert "webhook signing secret: whsec_" in created.stdout
 
     listing = run_cli("token", "list", "--data-dir", str(tmp_path)).stdout
     assert "ci bot" in listing
@@ -71,32 +72,28 @@ def test_no_auth_serves_without_tokens_and_warns(tmp_path: Path, tiny_weights: P
         server.stop()
 
 
-def test_public_url_and_url_expiry(tmp_path: Path, tiny_weights: Path) -> None:
+def test_public_url_and_url_expiry(fresh_server: ServerFactory) -> None:
     public = "https://images.example.com/api"
-    server = start_server(tmp_path, tiny_weights, "--public-url", public + "/", "--url-ttl", "2")
-    try:
-        with server.client(create_token(tmp_path, "p")) as client:
-            answer = client.post(
-                "/v1/models/aidc-ai/ovis-image", json={"prompt": "x", "num_inference_steps": 1}
-            ).json()
-            assert answer["status_url"].startswith(public + "/v1/requests/")
-            result = wait_result(client, answer["request_id"])
-            url = result["output"]["image"]
-            assert url.startswith(public + "/files/")
-            local = url.replace(public, server.base_url)
-            assert httpx.get(local).status_code == 200
-            time.sleep(3)
-            expired = httpx.get(local)
-            assert expired.status_code == 403
-            assert expired.json()["error_code"] == 403002
-            fresh = client.get(f"/v1/requests/{answer['request_id']}/result").json()
-            assert (
-                httpx.get(fresh["output"]["image"].replace(public, server.base_url)).status_code
-                == 200
-            )
-            assert submit(client, num_inference_steps=1)
-    finally:
-        server.stop()
+    server = fresh_server(public_url=public + "/", url_ttl_seconds=2)
+    with server.client(server.token("p")) as client:
+        answer = client.post(
+            "/v1/models/aidc-ai/ovis-image", json={"prompt": "x", "num_inference_steps": 1}
+        ).json()
+        assert answer["status_url"].startswith(public + "/v1/requests/")
+        result = wait_result(client, answer["request_id"])
+        url = result["output"]["image"]
+        assert url.startswith(public + "/files/")
+        local = url.replace(public, server.base_url)
+        assert httpx.get(local).status_code == 200
+        time.sleep(3)
+        expired = httpx.get(local)
+        assert expired.status_code == 403
+        assert expired.json()["error_code"] == 403002
+        fresh = client.get(f"/v1/requests/{answer['request_id']}/result").json()
+        assert (
+            httpx.get(fresh["output"]["image"].replace(public, server.base_url)).status_code == 200
+        )
+        assert submit(client, num_inference_steps=1)
 
 
 def test_serve_refuses_a_model_it_cannot_find(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,24 +29,30 @@ from ovis_server.client import (
     WaitTimeoutError,
 )
 
-from .helpers import Server, create_token, free_port, run_cli, start_server, wait_for
+from .helpers import (
+    InProcessServer,
+    ServerFactory,
+    free_port,
+    run_cli,
+    wait_for,
+)
 
 FAST = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("client"), tiny_weights)
-    yield running
-    running.stop()
+def server(shared_server: ServerFactory) -> InProcessServer:
+    return shared_server()
 
 
 @pytest.fixture(scope="module")
-def token(server: Server) -> str:
-    return create_token(server.data_dir, "sdk")
+def token(server: InProcessServer) -> str:
+    return server.token("sdk")
 
 
-def test_run_reports_progress_and_downloads(server: Server, token: str, tmp_path: Path) -> None:
+def test_run_reports_progress_and_downloads(
+    server: InProcessServer, token: str, tmp_path: Path
+) -> None:
     seen: list[Status] = []
     with Client(server.base_url, token) as client:
         result = client.run(
@@ -68,7 +73,7 @@ def test_run_reports_progress_and_downloads(server: Server, token: str, tmp_path
     assert steps == list(range(steps[0], 13))
 
 
-def test_typed_errors_carry_error_codes(server: Server, token: str) -> None:
+def test_typed_errors_carry_error_codes(server: InProcessServer, token: str) -> None:
     with (
         Client(server.base_url, "ovis_wrong") as stranger,
         pytest.raises(AuthenticationError) as bad,
@@ -84,13 +89,15 @@ def test_typed_errors_carry_error_codes(server: Server, token: str) -> None:
         assert invalid.value.error_code == 422001
         assert "num_inference_steps" in invalid.value.message
         mine = client.submit({"prompt": "mine", **FAST}).request_id
-    with Client(server.base_url, create_token(server.data_dir, "other")) as other:
+    with Client(server.base_url, server.token("other")) as other:
         with pytest.raises(PermissionDeniedError) as foreign:
             other.cancel(mine)
         assert foreign.value.error_code == 403001
 
 
-def test_a_cancelled_run_raises_and_a_slow_wait_times_out(server: Server, token: str) -> None:
+def test_a_cancelled_run_raises_and_a_slow_wait_times_out(
+    server: InProcessServer, token: str
+) -> None:
     slow = {"prompt": "slow", "image_size": "square_hd", "num_inference_steps": 50}
     with Client(server.base_url, token) as client:
         cancelled: list[str] = []
@@ -110,7 +117,7 @@ def test_a_cancelled_run_raises_and_a_slow_wait_times_out(server: Server, token:
         client.cancel(submission.request_id)
 
 
-def test_async_client(server: Server, token: str, tmp_path: Path) -> None:
+def test_async_client(server: InProcessServer, token: str, tmp_path: Path) -> None:
     async def scenario() -> tuple[str, tuple[int, int]]:
         async with AsyncClient(server.base_url, token) as client:
             seen: list[str] = []
@@ -208,7 +215,7 @@ def test_wait_polls_where_the_server_has_no_stream() -> None:
         plain.server_close()
 
 
-def test_cli_run_status_result_cancel(server: Server, token: str, tmp_path: Path) -> None:
+def test_cli_run_status_result_cancel(server: InProcessServer, token: str, tmp_path: Path) -> None:
     env = {"OVIS_SERVER_URL": server.base_url, "OVIS_SERVER_TOKEN": token}
     out = tmp_path / "cli.webp"
     done = run_cli("run", "a red door", "-o", str(out), "--image-size", "128x64", "--steps", "3",
@@ -228,7 +235,7 @@ def test_cli_run_status_result_cancel(server: Server, token: str, tmp_path: Path
     assert "404001" in missing.stderr
 
 
-def test_ctrl_c_cancels_the_remote_job(server: Server, token: str, tmp_path: Path) -> None:
+def test_ctrl_c_cancels_the_remote_job(server: InProcessServer, token: str, tmp_path: Path) -> None:
     env = {"OVIS_SERVER_URL": server.base_url, "OVIS_SERVER_TOKEN": token}
     process = subprocess.Popen(
         [sys.executable, "-m", "ovis_server", "run", "slow", "-o", str(tmp_path / "x.png"),
@@ -251,7 +258,7 @@ def test_ctrl_c_cancels_the_remote_job(server: Server, token: str, tmp_path: Pat
         assert client.wait(request_id).status == "cancelled"
 
 
-def test_wait_mode(server: Server, token: str) -> None:
+def test_wait_mode(server: InProcessServer, token: str) -> None:
     path = "/v1/models/aidc-ai/ovis-image"
     with server.client(token) as client:
         fast = client.post(path, json={"prompt": "quick", **FAST}, headers={"Prefer": "wait=30"})
@@ -269,7 +276,7 @@ def test_wait_mode(server: Server, token: str) -> None:
         client.post(f"/v1/requests/{slow.json()['request_id']}/cancel")
 
 
-def test_status_timestamps_and_logs(server: Server, token: str) -> None:
+def test_status_timestamps_and_logs(server: InProcessServer, token: str) -> None:
     with Client(server.base_url, token) as client:
         result = client.run({"prompt": "logged", **FAST}, poll_interval=0.05)
     with server.client(token) as http:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +14,14 @@ import pytest
 from ovis_server.jobs.job import JobStatus
 from ovis_server.jobs.store import DEADLINE_EXCEEDED, JobStore, utcnow
 
-from .helpers import Server, create_token, start_server, status_of, submit, wait_for, wait_result
+from .helpers import (
+    InProcessServer,
+    ServerFactory,
+    status_of,
+    submit,
+    wait_for,
+    wait_result,
+)
 
 # A job the tiny model takes many seconds over on a CPU (quadratic attention at this size);
 # the tests cancel or expire them after a few.
@@ -91,15 +97,13 @@ def test_store_cancels_a_flagged_job_its_worker_put_back_in_the_queue(store: Job
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("deadlines"), tiny_weights)
-    yield running
-    running.stop()
+def server(shared_server: ServerFactory) -> InProcessServer:
+    return shared_server()
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> Iterator[httpx.Client]:
-    with server.client(create_token(server.data_dir, "deadlines")) as opened:
+def client(server: InProcessServer) -> Iterator[httpx.Client]:
+    with server.client(server.token("deadlines")) as opened:
         yield opened
 
 

@@ -20,10 +20,9 @@ from ovis_server.storage.signing import UrlSigner
 from ovis_server.worker.runner import Worker
 
 from .helpers import (
-    Server,
-    create_token,
+    InProcessServer,
+    ServerFactory,
     run_cli,
-    start_server,
     status_of,
     submit,
     wait_for,
@@ -34,26 +33,24 @@ SLOW = {"image_size": {"width": 1536, "height": 1536}, "num_inference_steps": 50
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("delete"), tiny_weights)
-    yield running
-    running.stop()
+def server(shared_server: ServerFactory) -> InProcessServer:
+    return shared_server()
 
 
 @pytest.fixture(scope="module")
-def alice_token(server: Server) -> str:
-    return create_token(server.data_dir, "alice")
+def alice_token(server: InProcessServer) -> str:
+    return server.token("alice")
 
 
 @pytest.fixture(scope="module")
-def alice(server: Server, alice_token: str) -> Iterator[httpx.Client]:
+def alice(server: InProcessServer, alice_token: str) -> Iterator[httpx.Client]:
     with server.client(alice_token) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def bob(server: Server) -> Iterator[httpx.Client]:
-    with server.client(create_token(server.data_dir, "bob")) as client:
+def bob(server: InProcessServer) -> Iterator[httpx.Client]:
+    with server.client(server.token("bob")) as client:
         yield client
 
 
@@ -62,7 +59,7 @@ def error_code(response: httpx.Response) -> tuple[int, int]:
 
 
 def test_delete_removes_the_files_and_the_request(
-    server: Server, alice: httpx.Client, bob: httpx.Client
+    server: InProcessServer, alice: httpx.Client, bob: httpx.Client
 ) -> None:
     request_id = submit(alice, num_inference_steps=1)
     url = wait_result(alice, request_id)["output"]["image"]
@@ -86,7 +83,7 @@ def test_delete_removes_the_files_and_the_request(
 
 
 def test_deleting_a_running_job_stops_it_and_leaves_no_file(
-    server: Server, alice: httpx.Client
+    server: InProcessServer, alice: httpx.Client
 ) -> None:
     request_id = submit(alice, **SLOW)
     wait_for(lambda: status_of(alice, request_id)["status"] == "in_progress", interval=0.05)
@@ -100,7 +97,7 @@ def test_deleting_a_running_job_stops_it_and_leaves_no_file(
 
 
 def test_the_clients_and_the_cli_delete(
-    server: Server, alice: httpx.Client, alice_token: str
+    server: InProcessServer, alice: httpx.Client, alice_token: str
 ) -> None:
     first, second, third = (submit(alice, num_inference_steps=1) for _ in range(3))
     for request_id in (first, second, third):

@@ -24,7 +24,7 @@ from ovis_server.storage.local import LocalFileStore
 from ovis_server.storage.s3 import S3FileStore
 from ovis_server.storage.signing import UrlSigner
 
-from .helpers import Server, create_token, download, start_server, wait_result
+from .helpers import InProcessServer, ServerFactory, download, wait_result
 
 MODEL_ID = "aidc-ai/ovis-image"
 MODEL_PATH = f"/v1/models/{MODEL_ID}"
@@ -32,19 +32,17 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("dialects"), tiny_weights)
-    yield running
-    running.stop()
+def server(shared_server: ServerFactory) -> InProcessServer:
+    return shared_server()
 
 
 @pytest.fixture(scope="module")
-def token(server: Server) -> str:
-    return create_token(server.data_dir, "dialects")
+def token(server: InProcessServer) -> str:
+    return server.token("dialects")
 
 
 @pytest.fixture(scope="module")
-def client(server: Server, token: str) -> Iterator[httpx.Client]:
+def client(server: InProcessServer, token: str) -> Iterator[httpx.Client]:
     with server.client(token) as client:
         yield client
 
@@ -150,7 +148,7 @@ def test_model_list_is_also_openais_list(client: httpx.Client) -> None:
     assert model["owned_by"]
 
 
-def test_catalogue_needs_a_token(server: Server) -> None:
+def test_catalogue_needs_a_token(server: InProcessServer) -> None:
     for path in ("/v1/models/categories", "/v1/models?search=ovis"):
         assert httpx.get(server.base_url + path).status_code == 401
 
@@ -249,12 +247,12 @@ def test_webhook_url_in_the_body_is_the_webhook_parameter(
 # --- OpenAI's Images API, through the official SDK ------------------------------------------
 
 
-def sdk_client(server: Server, token: str) -> openai.OpenAI:
+def sdk_client(server: InProcessServer, token: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=token, max_retries=0)
 
 
 @pytest.fixture(scope="module")
-def openai_client(server: Server, token: str) -> Iterator[openai.OpenAI]:
+def openai_client(server: InProcessServer, token: str) -> Iterator[openai.OpenAI]:
     with sdk_client(server, token) as sdk:
         yield sdk
 
@@ -384,7 +382,7 @@ def test_openai_unknown_model_is_a_404(openai_client: openai.OpenAI) -> None:
     assert error["param"] == "model"
 
 
-def test_openai_bad_token_is_a_401(server: Server) -> None:
+def test_openai_bad_token_is_a_401(server: InProcessServer) -> None:
     with (
         sdk_client(server, "ovis_nope") as bad,
         pytest.raises(openai.AuthenticationError) as caught,
@@ -440,24 +438,19 @@ def test_file_stores_read_back_what_they_keep(
             assert store.read(key) == b"\x89PNG..."
 
 
-def test_openai_over_the_limit_is_a_429_and_submits_none(
-    tmp_path: Path, tiny_weights: Path
-) -> None:
+def test_openai_over_the_limit_is_a_429_and_submits_none(fresh_server: ServerFactory) -> None:
     # One queued request per token, and no worker to run it: n=2 gets one job in, then
     # the limit; the answer is OpenAI's 429 and the job already in leaves the queue.
-    server = start_server(tmp_path, tiny_weights, "--no-worker", "--max-queued-per-token", "1")
-    try:
-        token = create_token(server.data_dir, "limited")
-        with sdk_client(server, token) as sdk, pytest.raises(openai.RateLimitError) as caught:
-            sdk.images.generate(model="ovis-image", prompt="x", n=2, size="256x256")
-        assert caught.value.response.headers["Retry-After"]
-        assert isinstance(caught.value.body, dict)
-        assert caught.value.body["code"] == "rate_limit_exceeded"
-        with server.client(token) as client:
-            (request,) = client.get("/v1/requests").json()["requests"]
-        assert request["status"] == "cancelled"
-    finally:
-        server.stop()
+    server = fresh_server(no_worker=True, max_queued_per_token=1)
+    token = server.token("limited")
+    with sdk_client(server, token) as sdk, pytest.raises(openai.RateLimitError) as caught:
+        sdk.images.generate(model="ovis-image", prompt="x", n=2, size="256x256")
+    assert caught.value.response.headers["Retry-After"]
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["code"] == "rate_limit_exceeded"
+    with server.client(token) as client:
+        (request,) = client.get("/v1/requests").json()["requests"]
+    assert request["status"] == "cancelled"
 
 
 # --- the README's examples work as written --------------------------------------------------
@@ -481,7 +474,7 @@ def readme_block(marker: str, language: str) -> str:
 )
 def test_readme_examples_run_as_written(
     tmp_path: Path,
-    server: Server,
+    server: InProcessServer,
     token: str,
     marker: str,
     language: str,

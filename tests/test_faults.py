@@ -1,7 +1,9 @@
-"""Fault tests: killed workers and servers, failing and hanging model code, load.
+"""Fault tests: killed workers and servers, failing and hanging model code, load, limits.
 
-Every test runs real server processes; faults are real signals (kill -9) or faults the
-worker injects inside the pipeline through its test-only step hook (tests/faults.py).
+The faults are real: signals (kill -9) to real server processes, or faults the worker
+injects inside the pipeline through its test-only step hook (tests/faults.py). Tests of
+what a running server answers (readiness, limits, retention, file routes) run its API in
+this process.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import pytest
 
 from .faults import use_faults
 from .helpers import (
+    InProcessServer,
     Server,
+    ServerFactory,
     create_token,
     start_server,
     status_of,
@@ -176,17 +180,15 @@ def test_a_hang_in_model_code_is_ended_and_the_job_fails_after_max_attempts(
 
 
 def test_readyz_needs_a_worker_with_a_loaded_model(
-    tmp_path: Path, tiny_weights: Path, servers: list[Server]
+    backend: str, fresh_server: ServerFactory, shared_server: ServerFactory
 ) -> None:
-    api_only = start_server(tmp_path, tiny_weights, "--no-worker")
-    servers.append(api_only)
+    api_only = fresh_server(no_worker=True)
     not_ready = httpx.get(api_only.base_url + "/readyz")
     assert not_ready.status_code == 503
     assert not_ready.json()["workers_ready"] == 0
     api_only.stop()
 
-    server = start_server(tmp_path, tiny_weights)
-    servers.append(server)
+    server = shared_server(backend=backend)
 
     def readiness() -> dict[str, Any] | None:
         response = httpx.get(server.base_url + "/readyz")
@@ -211,16 +213,11 @@ def test_readyz_needs_a_worker_with_a_loaded_model(
     assert httpx.get(server.base_url + "/healthz").json() == {"status": "ok"}
 
 
-def test_backpressure_answers_429_with_retry_after(
-    tmp_path: Path, tiny_weights: Path, servers: list[Server]
-) -> None:
-    server = start_server(
-        tmp_path,
-        tiny_weights,
-        *("--no-worker", "--max-queued", "3", "--max-queued-per-token", "2", "--rate-limit", "0"),
+def test_backpressure_answers_429_with_retry_after(fresh_server: ServerFactory) -> None:
+    server = fresh_server(
+        no_worker=True, max_queued=3, max_queued_per_token=2, rate_limit_per_minute=0
     )
-    servers.append(server)
-    alice, bob = create_token(tmp_path, "alice"), create_token(tmp_path, "bob")
+    alice, bob = server.token("alice"), server.token("bob")
     body = {"prompt": "x", **FAST}
     path = "/v1/models/aidc-ai/ovis-image"
     with server.client(alice) as a, server.client(bob) as b:
@@ -241,14 +238,11 @@ def test_backpressure_answers_429_with_retry_after(
         assert b.post(path, json=body).status_code == 200
 
 
-def test_rate_limit_per_token(tmp_path: Path, tiny_weights: Path, servers: list[Server]) -> None:
-    server = start_server(
-        tmp_path,
-        tiny_weights,
-        *("--no-worker", "--rate-limit", "3", "--max-queued", "0", "--max-queued-per-token", "0"),
+def test_rate_limit_per_token(fresh_server: ServerFactory) -> None:
+    server = fresh_server(
+        no_worker=True, rate_limit_per_minute=3, max_queued=0, max_queued_per_token=0
     )
-    servers.append(server)
-    first, second = create_token(tmp_path, "r"), create_token(tmp_path, "other")
+    first, second = server.token("r"), server.token("other")
     with server.client(first) as client, server.client(second) as other:
         for _ in range(3):
             submit(client, **FAST)
@@ -260,10 +254,9 @@ def test_rate_limit_per_token(tmp_path: Path, tiny_weights: Path, servers: list[
         submit(other, **FAST)  # the limit is per token
 
 
-def test_idempotency_key(tmp_path: Path, tiny_weights: Path, servers: list[Server]) -> None:
-    server = start_server(tmp_path, tiny_weights, "--no-worker")
-    servers.append(server)
-    alice, bob = create_token(tmp_path, "a"), create_token(tmp_path, "b")
+def test_idempotency_key(fresh_server: ServerFactory) -> None:
+    server = fresh_server(no_worker=True)
+    alice, bob = server.token("a"), server.token("b")
     body: dict[str, Any] = {"prompt": "same", **FAST}
     key = {"Idempotency-Key": "order-1234"}
     path = "/v1/models/aidc-ai/ovis-image"
@@ -288,12 +281,9 @@ def test_idempotency_key(tmp_path: Path, tiny_weights: Path, servers: list[Serve
         assert bad_key.status_code == 422
 
 
-def test_retention_deletes_results_and_files(
-    tmp_path: Path, tiny_weights: Path, servers: list[Server]
-) -> None:
-    server = start_server(tmp_path, tiny_weights, "--retention", "3s", "--cleanup-interval", "1s")
-    servers.append(server)
-    with server.client(create_token(tmp_path, "t")) as client:
+def test_retention_deletes_results_and_files(tmp_path: Path, fresh_server: ServerFactory) -> None:
+    server = fresh_server(retention_seconds="3s", cleanup_interval_seconds="1s")
+    with server.client(server.token("t")) as client:
         request_id = submit(client, **FAST)
         url = wait_result(client, request_id)["output"]["image"]
         assert httpx.get(url).status_code == 200
@@ -310,7 +300,7 @@ def test_retention_deletes_results_and_files(
     assert "retention: removed 1 job(s)" in server.log()
 
 
-def raw_get(server: Server, path: str) -> tuple[int, bytes]:
+def raw_get(server: InProcessServer, path: str) -> tuple[int, bytes]:
     """A GET with the path sent byte for byte, as no HTTP library would normalise it."""
     host, port = server.base_url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -324,11 +314,10 @@ def raw_get(server: Server, path: str) -> tuple[int, bytes]:
 
 
 def test_file_route_refuses_traversal_and_forged_ids(
-    tmp_path: Path, tiny_weights: Path, servers: list[Server]
+    backend: str, shared_server: ServerFactory
 ) -> None:
-    server = start_server(tmp_path, tiny_weights)
-    servers.append(server)
-    token = create_token(tmp_path, "files")
+    server = shared_server(backend=backend)
+    token = server.token("files")
     with server.client(token) as client:
         url = wait_result(client, submit(client, **FAST))["output"]["image"]
     query = url.split("?", 1)[1]
@@ -349,8 +338,10 @@ def test_file_route_refuses_traversal_and_forged_ids(
         assert b"SQLite" not in body
     assert raw_get(server, url.removeprefix(server.base_url))[0] == 200
     # Tokens never reach the logs, whichever way they were sent.
+    refused = '"GET /v1/models HTTP/1.1" 401'
+    before = server.log().count(refused)
     httpx.get(server.base_url + "/v1/models", headers={"Authorization": "Bearer " + token + "x"})
-    server.stop()
+    wait_for(lambda: server.log().count(refused) > before, timeout=10)  # logged by now
     assert token not in server.log()
     assert token[5:] not in server.log()
 

@@ -1,4 +1,4 @@
-"""The HTTP edge against a real ``serve`` process: body size, JSON depth, Prefer, per-token
+"""The HTTP edge of a real server on a real port: body size, JSON depth, Prefer, per-token
 and server-wide caps, revoked tokens' streams, the Host header and the access log."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +18,18 @@ from ovis_server.api.access_log import redact_query
 from ovis_server.api.limits import json_depth
 from ovis_server.units import parse_size
 
-from .helpers import Server, create_token, run_cli, start_server, submit, wait_for
+from .helpers import InProcessServer, ServerFactory, create_token, start_server, submit, wait_for
 
 SUBMIT = "/v1/models/aidc-ai/ovis-image"
 FAST = {"prompt": "a lighthouse at dusk", "num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
+def server(shared_server: ServerFactory) -> InProcessServer:
     """No worker: submitted jobs stay queued, so their streams stay open."""
-    data_dir = tmp_path_factory.mktemp("edge")
-    running = start_server(
-        data_dir,
-        tiny_weights,
-        "--no-worker",
-        "--max-streams-per-token", "2",
-        "--allowed-hosts", "127.0.0.1,localhost",
-    )  # fmt: skip
-    yield running
-    running.stop()
+    return shared_server(
+        no_worker=True, max_streams_per_token=2, allowed_hosts="127.0.0.1,localhost"
+    )
 
 
 def queued(client: httpx.Client) -> int:
@@ -54,9 +46,9 @@ def assert_error(response: httpx.Response, status: int, code: int) -> dict[str, 
     return body
 
 
-def server_rss(server: Server) -> int:
-    """The server process's resident memory, in bytes."""
-    status = Path(f"/proc/{server.process.pid}/status").read_text()
+def server_rss() -> int:
+    """The resident memory of this process, where the server runs, in bytes."""
+    status = Path("/proc/self/status").read_text()
     line = next(row for row in status.splitlines() if row.startswith("VmRSS:"))
     return int(line.split()[1]) * 1024
 
@@ -64,8 +56,8 @@ def server_rss(server: Server) -> int:
 # --- body size ---------------------------------------------------------------------------
 
 
-def test_a_body_over_the_limit_is_refused_before_it_is_read(server: Server) -> None:
-    token = create_token(server.data_dir, "big-body")
+def test_a_body_over_the_limit_is_refused_before_it_is_read(server: InProcessServer) -> None:
+    token = server.token("big-body")
     with server.client(token) as client:
         prompt = "x" * (2 * 1024 * 1024)
         response = client.post(SUBMIT, json={"prompt": prompt})
@@ -74,7 +66,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server: Server) -> N
         assert client.post(SUBMIT, json=FAST).status_code == 200
 
 
-def chunked_upload(server: Server, token: str, total: int) -> tuple[bytes, int]:
+def chunked_upload(server: InProcessServer, token: str, total: int) -> tuple[bytes, int]:
     """POST a chunked JSON body of ``total`` bytes over a raw socket, stopping as soon as
     the server answers; returns its answer and how many body bytes were sent."""
     port = int(server.base_url.rsplit(":", 1)[1])
@@ -108,9 +100,11 @@ def chunked_upload(server: Server, token: str, total: int) -> tuple[bytes, int]:
     return answer, sent
 
 
-def test_a_chunked_body_is_cut_off_at_the_limit_and_memory_stays_flat(server: Server) -> None:
-    token = create_token(server.data_dir, "chunked")
-    before = server_rss(server)
+def test_a_chunked_body_is_cut_off_at_the_limit_and_memory_stays_flat(
+    server: InProcessServer,
+) -> None:
+    token = server.token("chunked")
+    before = server_rss()
     answer, _ = chunked_upload(server, token, 5 * 1024 * 1024)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), answer[:300]
@@ -129,7 +123,7 @@ def test_a_chunked_body_is_cut_off_at_the_limit_and_memory_stays_flat(server: Se
     for upload in uploads:
         upload.join(120)
     assert [answer[:12] for answer, _ in results] == [b"HTTP/1.1 413"] * 4
-    assert server_rss(server) - before < 40 * 1024 * 1024
+    assert server_rss() - before < 40 * 1024 * 1024
     with server.client(token) as client:
         assert queued(client) == 0
 
@@ -151,8 +145,8 @@ def test_a_chunked_body_is_cut_off_at_the_limit_and_memory_stays_flat(server: Se
     ],
     ids=["in-body", "in-webhook", "beside-webhook", "unterminated"],
 )
-def test_deeply_nested_json_is_a_422_never_a_500(server: Server, body: str) -> None:
-    token = create_token(server.data_dir, "nested")
+def test_deeply_nested_json_is_a_422_never_a_500(server: InProcessServer, body: str) -> None:
+    token = server.token("nested")
     with server.client(token) as client:
         response = client.post(SUBMIT, content=body, headers={"Content-Type": "application/json"})
         assert_error(response, 422, 422001)
@@ -175,9 +169,9 @@ def test_json_depth_skips_strings() -> None:
     ids=["superscript", "5000-digits", "negative", "exponent", "quoted-word"],
 )
 def test_a_prefer_wait_it_cannot_read_is_ignored_and_queues_once(
-    server: Server, prefer: bytes
+    server: InProcessServer, prefer: bytes
 ) -> None:
-    token = create_token(server.data_dir, "prefer")
+    token = server.token("prefer")
     with server.client(token) as client:
         response = client.post(SUBMIT, json=FAST, headers={b"Prefer": prefer})
         assert response.status_code == 200, response.text
@@ -185,8 +179,8 @@ def test_a_prefer_wait_it_cannot_read_is_ignored_and_queues_once(
         assert queued(client) == 1
 
 
-def test_prefer_wait_is_still_honoured(server: Server) -> None:
-    token = create_token(server.data_dir, "prefer-ok")
+def test_prefer_wait_is_still_honoured(server: InProcessServer) -> None:
+    token = server.token("prefer-ok")
     with server.client(token) as client:
         started = time.monotonic()
         response = client.post(SUBMIT, json=FAST, headers={"Prefer": 'respond-async, wait="1"'})
@@ -198,9 +192,9 @@ def test_prefer_wait_is_still_honoured(server: Server) -> None:
 # --- per-token slots and revocation ---------------------------------------------------------
 
 
-def test_a_token_holds_at_most_its_streams_and_waits_open(server: Server) -> None:
-    token = create_token(server.data_dir, "streams")
-    other = create_token(server.data_dir, "streams-other")
+def test_a_token_holds_at_most_its_streams_and_waits_open(server: InProcessServer) -> None:
+    token = server.token("streams")
+    other = server.token("streams-other")
     with server.client(token) as client, server.client(other) as other_client:
         request_id = submit(client, **FAST)
         path = f"/v1/requests/{request_id}/stream"
@@ -226,8 +220,8 @@ def test_a_token_holds_at_most_its_streams_and_waits_open(server: Server) -> Non
         wait_for(reopened, timeout=15, interval=0.5)
 
 
-def test_a_revoked_tokens_stream_ends_within_seconds(server: Server) -> None:
-    token = create_token(server.data_dir, "revoked")
+def test_a_revoked_tokens_stream_ends_within_seconds(server: InProcessServer) -> None:
+    token = server.token("revoked")
     headers = {"Authorization": f"Bearer {token}"}
     timeout = httpx.Timeout(10, read=20)
     with httpx.Client(base_url=server.base_url, headers=headers, timeout=timeout) as client:
@@ -236,7 +230,7 @@ def test_a_revoked_tokens_stream_ends_within_seconds(server: Server) -> None:
             assert stream.status_code == 200
             lines = stream.iter_lines()
             assert next(lines).startswith("event: status")
-            run_cli("token", "revoke", "revoked", "--data-dir", str(server.data_dir))
+            server.cli("token", "revoke", "revoked")
             revoked_at = time.monotonic()
             for _ in lines:
                 pass  # until the server ends the stream (a ReadTimeout if it never does)
@@ -247,7 +241,7 @@ def test_a_revoked_tokens_stream_ends_within_seconds(server: Server) -> None:
 # --- Host -----------------------------------------------------------------------------------
 
 
-def test_a_host_not_allowed_gets_400(server: Server) -> None:
+def test_a_host_not_allowed_gets_400(server: InProcessServer) -> None:
     with server.client() as client:
         refused = client.get("/v1/models", headers={"Host": "evil.example.com"})
         body = assert_error(refused, 400, 400000)
@@ -259,8 +253,8 @@ def test_a_host_not_allowed_gets_400(server: Server) -> None:
 # --- the access log -------------------------------------------------------------------------
 
 
-def test_the_access_log_carries_no_signatures_or_webhook_urls(server: Server) -> None:
-    token = create_token(server.data_dir, "logs")
+def test_the_access_log_carries_no_signatures_or_webhook_urls(server: InProcessServer) -> None:
+    token = server.token("logs")
     with server.client(token) as client:
         client.get("/files/abc/out.png", params={"expires": "1", "signature": "sekrit-sig"})
         client.post(

@@ -1,4 +1,5 @@
-"""Live feedback: status streams (server-sent events) and signed webhooks, on real servers."""
+"""Live feedback: status streams (server-sent events) and signed webhooks, on real servers
+(processes where a test stops or restarts them)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ovis_server.client.webhook_verify import sign
 
 from .helpers import (
     Cluster,
+    ServerFactory,
     create_token,
     create_token_with_webhook_secret,
     download,
@@ -82,11 +84,14 @@ def check_story(events: list[tuple[str, Any]], total: int) -> None:
 
 
 def test_stream_delivers_every_step_in_order_then_the_result(
-    tmp_path: Path, tiny_weights: Path, database_url: str | None, cluster: Cluster
+    tmp_path: Path,
+    tiny_weights: Path,
+    database_url: str | None,
+    cluster: Cluster,
+    fresh_server: ServerFactory,
 ) -> None:
-    server = start_server(tmp_path, tiny_weights, "--no-worker")
-    cluster.servers.append(server)
-    token = create_token(tmp_path, "streams")
+    server = fresh_server(no_worker=True)
+    token = server.token("streams")
     with server.client(token) as client:
         ahead = submit(client, **FAST, num_inference_steps=3)
         watched = submit(client, **FAST, num_inference_steps=5)
@@ -112,7 +117,7 @@ def test_stream_delivers_every_step_in_order_then_the_result(
             ended = [name for name, _ in sse_events(response.iter_lines())]
         assert ended == ["status", "result"]
         assert client.get("/v1/requests/no-such-request/stream").json()["error_code"] == 404001
-    other = create_token(tmp_path, "other")
+    other = server.token("other")
     with server.client(other) as stranger:
         assert stranger.get(f"/v1/requests/{ahead}/stream").status_code == 403
     assert httpx.get(f"{server.base_url}/v1/requests/{ahead}/stream").status_code == 401
@@ -307,10 +312,9 @@ def test_webhooks_are_signed_retried_through_a_restart_and_deduplicable(
     assert steps == list(range(5)), "one message per status change, each step included"
 
 
-def test_bad_webhooks_are_refused(tmp_path: Path, tiny_weights: Path, cluster: Cluster) -> None:
-    server = start_server(tmp_path, tiny_weights, "--no-worker")
-    cluster.servers.append(server)
-    token = create_token(tmp_path, "refused")
+def test_bad_webhooks_are_refused(tmp_path: Path, fresh_server: ServerFactory) -> None:
+    server = fresh_server(no_worker=True)
+    token = server.token("refused")
     with server.client(token) as client:
         cases: list[tuple[dict[str, str], dict[str, Any]]] = [
             ({"webhook": "ftp://example.com/x"}, {}),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ovis_server.db.connect import SQLITE_FILE
 
-from .helpers import Server, create_token, start_server, status_of, submit, wait_for, wait_result
+from .helpers import InProcessServer, ServerFactory, status_of, submit, wait_for, wait_result
 
 FAST = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
 METRICS_TOKEN = "prometheus-" + "0123456789abcdef" * 2
@@ -23,15 +22,11 @@ SCRAPER = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
-    running = start_server(
-        tmp_path_factory.mktemp("ops"), tiny_weights, "--metrics-token", METRICS_TOKEN
-    )
-    yield running
-    running.stop()
+def server(shared_server: ServerFactory) -> InProcessServer:
+    return shared_server(metrics_token=METRICS_TOKEN)
 
 
-def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(server: InProcessServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     response = httpx.get(server.base_url + "/metrics", headers=SCRAPER)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -42,8 +37,8 @@ def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
     return samples
 
 
-def test_metrics_parse_and_move_with_jobs(server: Server) -> None:
-    with server.client(create_token(server.data_dir, "metrics")) as client:
+def test_metrics_parse_and_move_with_jobs(server: InProcessServer) -> None:
+    with server.client(server.token("metrics")) as client:
         wait_for(lambda: httpx.get(server.base_url + "/readyz").status_code == 200)
         before = scrape(server)
         done = wait_result(client, submit(client, **FAST))
@@ -71,11 +66,11 @@ def test_metrics_parse_and_move_with_jobs(server: Server) -> None:
     assert memory[0] > 0
 
 
-def test_list_my_requests_newest_first_with_a_cursor(server: Server) -> None:
-    mine = create_token(server.data_dir, "lister")
+def test_list_my_requests_newest_first_with_a_cursor(server: InProcessServer) -> None:
+    mine = server.token("lister")
     with (
         server.client(mine) as client,
-        server.client(create_token(server.data_dir, "someone-else")) as other,
+        server.client(server.token("someone-else")) as other,
     ):
         submit(other, **FAST)
         ids = [submit(client, seed=n, **FAST) for n in range(5)]
@@ -93,8 +88,8 @@ def test_list_my_requests_newest_first_with_a_cursor(server: Server) -> None:
         assert httpx.get(server.base_url + "/v1/requests").status_code == 401
 
 
-def test_status_reports_progress_while_running(server: Server) -> None:
-    with server.client(create_token(server.data_dir, "progress")) as client:
+def test_status_reports_progress_while_running(server: InProcessServer) -> None:
+    with server.client(server.token("progress")) as client:
         request_id = submit(client, image_size="square_hd", num_inference_steps=30)
         seen: list[int] = []
 
@@ -112,8 +107,8 @@ def test_status_reports_progress_while_running(server: Server) -> None:
         assert seen == sorted(seen)
 
 
-def test_metrics_are_closed_to_anyone_without_the_metrics_token(server: Server) -> None:
-    api_token = create_token(server.data_dir, "not-a-scraper")
+def test_metrics_are_closed_to_anyone_without_the_metrics_token(server: InProcessServer) -> None:
+    api_token = server.token("not-a-scraper")
     for headers in ({}, {"Authorization": f"Bearer {api_token}"}, {"Authorization": "Bearer x"}):
         response = httpx.get(server.base_url + "/metrics", headers=headers)
         assert response.status_code == 401
@@ -122,11 +117,13 @@ def test_metrics_are_closed_to_anyone_without_the_metrics_token(server: Server) 
     assert httpx.get(server.base_url + "/metrics", headers=SCRAPER).status_code == 200
 
 
-def test_a_prompt_longer_than_the_model_reads_completes_with_a_warning(server: Server) -> None:
+def test_a_prompt_longer_than_the_model_reads_completes_with_a_warning(
+    server: InProcessServer,
+) -> None:
     # The tiny checkpoint's tokenizer makes a token of every byte, and the pipeline reads
     # 256 text tokens after the template's opening: 2,000 characters are far beyond that.
     long_prompt = "a shop sign that reads OVIS, " * 70
-    with server.client(create_token(server.data_dir, "long-prompt")) as client:
+    with server.client(server.token("long-prompt")) as client:
         long_id = submit(client, prompt=long_prompt, **FAST)
         short_id = submit(client, **FAST)
         long_result = wait_result(client, long_id)
@@ -145,12 +142,12 @@ def test_a_prompt_longer_than_the_model_reads_completes_with_a_warning(server: S
 
 
 def test_healthz_answers_on_the_event_loop_while_the_database_is_locked(
-    tmp_path: Path, tiny_weights: Path
+    tmp_path: Path, fresh_server: ServerFactory
 ) -> None:
     """Submits that wait for a locked database fill the API's thread pool; /healthz still
     answers at once, because it needs neither (it waited behind them when it did)."""
-    server = start_server(tmp_path, tiny_weights, "--no-worker")
-    token = create_token(tmp_path, "blocked")
+    server = fresh_server(no_worker=True)
+    token = server.token("blocked")
     lock = sqlite3.connect(tmp_path / SQLITE_FILE, timeout=30, isolation_level=None)
     try:
         lock.execute("BEGIN IMMEDIATE")  # no other writer until this ends
@@ -190,4 +187,3 @@ def test_healthz_answers_on_the_event_loop_while_the_database_is_locked(
         if lock.in_transaction:
             lock.execute("ROLLBACK")
         lock.close()
-        server.stop()

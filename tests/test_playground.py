@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from .helpers import Server, create_token, start_server
+from .helpers import InProcessServer, ServerFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "playground.png"
@@ -39,10 +39,8 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("playground"), tiny_weights)
-    yield running
-    running.stop()
+def server(shared_server: ServerFactory) -> InProcessServer:
+    return shared_server()
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +54,10 @@ def browser() -> Iterator[Any]:
         launched.close()
 
 
-def test_generate_watch_progress_cancel_and_screenshot(server: Server, browser: Any) -> None:
-    token = create_token(server.data_dir, "browser")
+def test_generate_watch_progress_cancel_and_screenshot(
+    server: InProcessServer, browser: Any
+) -> None:
+    token = server.token("browser")
     page = browser.new_page(viewport={"width": 390, "height": 900})  # a phone-sized screen
     page.goto(server.base_url + "/")
     page.fill("#token", token)
@@ -121,7 +121,7 @@ def test_generate_watch_progress_cancel_and_screenshot(server: Server, browser: 
     page.close()
 
 
-def test_a_bad_token_gets_a_clear_message(server: Server, browser: Any) -> None:
+def test_a_bad_token_gets_a_clear_message(server: InProcessServer, browser: Any) -> None:
     page = browser.new_page()
     page.goto(server.base_url + "/")
     page.fill("#token", "ovis_this-token-does-not-exist")
@@ -153,9 +153,9 @@ def storage(page: Any) -> dict[str, str | None]:
 
 
 def test_the_form_shows_before_a_token_and_submitting_asks_for_one(
-    server: Server, browser: Any
+    server: InProcessServer, browser: Any
 ) -> None:
-    token = create_token(server.data_dir, "no-token-yet")
+    token = server.token("no-token-yet")
     context = browser.new_context()
     page = context.new_page()
     console: list[str] = []
@@ -212,8 +212,8 @@ def test_the_form_shows_before_a_token_and_submitting_asks_for_one(
     context.close()
 
 
-def test_every_response_carries_the_security_headers(server: Server) -> None:
-    token = create_token(server.data_dir, "headers")
+def test_every_response_carries_the_security_headers(server: InProcessServer) -> None:
+    token = server.token("headers")
     with server.client(token) as client:
         for path in ("/healthz", "/v1/models", "/v1/requests/unknown/status", "/openapi.json"):
             response = client.get(path)

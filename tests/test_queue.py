@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import create_token, start_server, status_of, submit, wait_for, wait_result
+from .helpers import (
+    ServerFactory,
+    create_token,
+    start_server,
+    status_of,
+    submit,
+    wait_for,
+    wait_result,
+)
 
 # Every test here runs on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.usefixtures("database_url")
@@ -27,51 +35,51 @@ def standalone_worker(tiny_weights: Path) -> Iterator[list[subprocess.Popen[byte
 
 
 def test_queue_positions_count_down_and_a_cancelled_job_never_runs(
-    tmp_path: Path, tiny_weights: Path, standalone_worker: list[subprocess.Popen[bytes]]
+    tmp_path: Path,
+    tiny_weights: Path,
+    standalone_worker: list[subprocess.Popen[bytes]],
+    fresh_server: ServerFactory,
 ) -> None:
-    server = start_server(tmp_path, tiny_weights, "--no-worker")
-    try:
-        with server.client(create_token(tmp_path, "q")) as client:
-            jobs = [submit(client, image_size="square_hd", num_inference_steps=6) for _ in range(5)]
-            positions = [status_of(client, rid)["queue_position"] for rid in jobs]
-            assert positions == [0, 1, 2, 3, 4]
+    server = fresh_server(no_worker=True)
+    with server.client(server.token("q")) as client:
+        jobs = [submit(client, image_size="square_hd", num_inference_steps=6) for _ in range(5)]
+        positions = [status_of(client, rid)["queue_position"] for rid in jobs]
+        assert positions == [0, 1, 2, 3, 4]
 
-            cancelled = client.post(f"/v1/requests/{jobs[1]}/cancel").json()
-            assert cancelled == {
-                "request_id": jobs[1],
-                "status": "cancelled",
-                "outcome": "cancelled",
-            }
-            remaining = [jobs[0], *jobs[2:]]
-            assert [status_of(client, rid)["queue_position"] for rid in remaining] == [0, 1, 2, 3]
-            assert "queue_position" not in status_of(client, jobs[1])
+        cancelled = client.post(f"/v1/requests/{jobs[1]}/cancel").json()
+        assert cancelled == {
+            "request_id": jobs[1],
+            "status": "cancelled",
+            "outcome": "cancelled",
+        }
+        remaining = [jobs[0], *jobs[2:]]
+        assert [status_of(client, rid)["queue_position"] for rid in remaining] == [0, 1, 2, 3]
+        assert "queue_position" not in status_of(client, jobs[1])
 
-            worker_argv = [sys.executable, "-m", "ovis_server", "worker"]
-            worker_argv += ["--model", str(tiny_weights), "--data-dir", str(tmp_path)]
-            standalone_worker.append(
-                subprocess.Popen(worker_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            )
-            seen: list[int] = []
+        worker_argv = [sys.executable, "-m", "ovis_server", "worker"]
+        worker_argv += ["--model", str(tiny_weights), "--data-dir", str(tmp_path)]
+        standalone_worker.append(
+            subprocess.Popen(worker_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+        seen: list[int] = []
 
-            def last_job_done() -> bool:
-                status = status_of(client, jobs[-1])
-                if status["status"] == "in_queue":
-                    seen.append(status["queue_position"])
-                return bool(status["status"] == "completed")
+        def last_job_done() -> bool:
+            status = status_of(client, jobs[-1])
+            if status["status"] == "in_queue":
+                seen.append(status["queue_position"])
+            return bool(status["status"] == "completed")
 
-            wait_for(last_job_done, timeout=240, interval=0.05)
-            assert seen == sorted(seen, reverse=True), "positions only ever go down"
-            assert seen[0] == 3
-            assert len(set(seen)) >= 3, f"saw the countdown: {sorted(set(seen), reverse=True)}"
+        wait_for(last_job_done, timeout=240, interval=0.05)
+        assert seen == sorted(seen, reverse=True), "positions only ever go down"
+        assert seen[0] == 3
+        assert len(set(seen)) >= 3, f"saw the countdown: {sorted(set(seen), reverse=True)}"
 
-            never_ran = client.get(f"/v1/requests/{jobs[1]}/result").json()
-            assert never_ran["status"] == "cancelled"
-            assert "started_at" not in never_ran
-            assert "output" not in never_ran
-            for rid in remaining:
-                assert wait_result(client, rid)["status"] == "succeeded"
-    finally:
-        server.stop()
+        never_ran = client.get(f"/v1/requests/{jobs[1]}/result").json()
+        assert never_ran["status"] == "cancelled"
+        assert "started_at" not in never_ran
+        assert "output" not in never_ran
+        for rid in remaining:
+            assert wait_result(client, rid)["status"] == "succeeded"
 
 
 def test_jobs_queued_at_a_restart_all_complete(tmp_path: Path, tiny_weights: Path) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
-from .helpers import Server, create_token, start_server
+from .helpers import ServerFactory
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -24,18 +22,12 @@ def readme_block(marker: str) -> str:
     return match.group(1)
 
 
-@pytest.fixture
-def server(tmp_path: Path, tiny_weights: Path) -> Iterator[Server]:
-    running = start_server(tmp_path / "data", tiny_weights)
-    yield running
-    running.stop()
-
-
-def test_curl_session_runs_as_written(tmp_path: Path, server: Server) -> None:
+def test_curl_session_runs_as_written(tmp_path: Path, shared_server: ServerFactory) -> None:
+    server = shared_server()
     env = {
         **os.environ,
         "OVIS_SERVER_URL": server.base_url,
-        "OVIS_SERVER_TOKEN": create_token(server.data_dir, "readme"),
+        "OVIS_SERVER_TOKEN": server.token("readme"),
     }
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", readme_block("curl-session")],

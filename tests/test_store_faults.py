@@ -23,7 +23,9 @@ from ovis_server.db.connect import SQLITE_FILE
 from ovis_server.worker.runner import describe_failure
 
 from .helpers import (
+    InProcessServer,
     Server,
+    ServerFactory,
     create_token,
     run_cli,
     start_server,
@@ -86,7 +88,7 @@ def servers() -> Iterator[list[Server]]:
         server.kill()
 
 
-def concurrent_submits(server: Server, token: str, count: int) -> list[httpx.Response]:
+def concurrent_submits(server: InProcessServer, token: str, count: int) -> list[httpx.Response]:
     """``count`` submits of one token, all in flight at once."""
     barrier = threading.Barrier(count)
 
@@ -103,20 +105,18 @@ def concurrent_submits(server: Server, token: str, count: int) -> list[httpx.Res
 @pytest.mark.parametrize(
     "limit",
     [
-        ("--rate-limit", "--max-queued-per-token", "--max-queued"),
-        ("--max-queued-per-token", "--rate-limit", "--max-queued"),
-        ("--max-queued", "--rate-limit", "--max-queued-per-token"),
+        ("rate_limit_per_minute", "max_queued_per_token", "max_queued"),
+        ("max_queued_per_token", "rate_limit_per_minute", "max_queued"),
+        ("max_queued", "rate_limit_per_minute", "max_queued_per_token"),
     ],
     ids=["rate-limit", "max-queued-per-token", "max-queued"],
 )
 def test_twenty_concurrent_submits_at_a_limit_of_five_accept_exactly_five(
-    tmp_path: Path, tiny_weights: Path, servers: list[Server], limit: tuple[str, str, str]
+    fresh_server: ServerFactory, limit: tuple[str, str, str]
 ) -> None:
     tested, *others = limit
-    options = [tested, "5", *(item for other in others for item in (other, "0"))]
-    server = start_server(tmp_path, tiny_weights, "--no-worker", *options)
-    servers.append(server)
-    answers = concurrent_submits(server, create_token(tmp_path, "burst"), 20)
+    server = fresh_server(no_worker=True, **{tested: 5}, **dict.fromkeys(others, 0))
+    answers = concurrent_submits(server, server.token("burst"), 20)
     codes = sorted(answer.status_code for answer in answers)
     assert codes == [200] * 5 + [429] * 15, [answer.text for answer in answers]
     for answer in answers:

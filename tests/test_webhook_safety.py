@@ -1,5 +1,6 @@
-"""What a webhook receiver, or a webhook URL, can do to the server: real servers, real
-receivers on loopback (reached with --allow-private-webhooks where a test needs them)."""
+"""What a webhook receiver, or a webhook URL, can do to the server: real servers (a process
+where the test measures its memory), real receivers on loopback (reached with
+--allow-private-webhooks where a test needs them)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ from typing import Any
 import httpx
 import pytest
 
-from .helpers import Cluster, Server, create_token, start_server, wait_for
+from .helpers import (
+    Cluster,
+    InProcessServer,
+    Server,
+    ServerFactory,
+    create_token,
+    start_server,
+    wait_for,
+)
 
 SUBMIT = "/v1/models/aidc-ai/ovis-image"
 BOMB_BYTES = 1 << 30  # what the receiver's gzip answer inflates to: 1 GiB of zeros
@@ -106,7 +115,7 @@ def memory_kib(pid: int, field_name: str) -> int:
     return int(match.group(1))
 
 
-def delivered_messages(server: Server) -> int:
+def delivered_messages(server: Server | InProcessServer) -> int:
     """``ovis_webhook_messages_finished_total{state="delivered"}`` from /metrics."""
     text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
     pattern = r'^ovis_webhook_messages_finished_total{state="delivered"} (\S+)'
@@ -114,7 +123,7 @@ def delivered_messages(server: Server) -> int:
     return int(float(match.group(1))) if match else 0
 
 
-def pending_messages(server: Server) -> int:
+def pending_messages(server: InProcessServer) -> int:
     """``ovis_webhook_messages_pending`` from /metrics (servers here run --metrics-public)."""
     text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
     match = re.search(r"^ovis_webhook_messages_pending (\d+)", text, re.MULTILINE)
@@ -126,16 +135,14 @@ def pending_messages(server: Server) -> int:
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[Server]:
+def guarded(shared_server: ServerFactory) -> InProcessServer:
     """A server with the default policy (no private destinations)."""
-    server = start_server(tmp_path_factory.mktemp("guarded"), tiny_weights, "--no-worker")
-    yield server
-    server.stop()
+    return shared_server(no_worker=True)
 
 
 @pytest.fixture(scope="module")
-def guarded_client(guarded: Server) -> Iterator[httpx.Client]:
-    with guarded.client(create_token(guarded.data_dir, "guarded")) as client:
+def guarded_client(guarded: InProcessServer) -> Iterator[httpx.Client]:
+    with guarded.client(guarded.token("guarded")) as client:
         yield client
 
 
@@ -205,23 +212,20 @@ def test_public_webhook_urls_are_taken(guarded_client: httpx.Client, url: str) -
 
 
 def test_a_name_that_resolves_to_loopback_is_refused_when_sending(
-    tmp_path: Path, tiny_weights: Path, cluster: Cluster
+    fresh_server: ServerFactory,
 ) -> None:
     """The operator allowed private receivers, a job asked for one, then the operator
     turned that off: its message is refused at send time, after DNS, without connecting."""
     with receiving(answer_status(204)) as hooks:
         url = hooks.url.replace("127.0.0.1", "localhost") + "?token=SEKRET"
-        first = start_server(
-            tmp_path, tiny_weights, "--no-worker", "--allow-private-webhooks", "--metrics-public"
-        )
-        token = create_token(tmp_path, "rebound")
+        first = fresh_server(no_worker=True, allow_private_webhooks=True, metrics_public=True)
+        token = first.token("rebound")
         with first.client(token) as client:
             response = client.post(SUBMIT, json={"prompt": "x", "webhook": url})
             assert response.status_code == 200, response.text
             request_id = response.json()["request_id"]
-        assert first.stop() == 0
-        server = start_server(tmp_path, tiny_weights, "--no-worker", "--log-level", "debug")
-        cluster.servers.append(server)
+        first.stop()
+        server = fresh_server(no_worker=True, log_level="debug")
         with server.client(token) as client:
             assert client.post(f"/v1/requests/{request_id}/cancel").status_code == 202
         wait_for(lambda: "attempt 1: not sent" in server.log(), timeout=30)
@@ -276,16 +280,13 @@ def test_a_gzip_bomb_answer_costs_the_api_no_memory(
 
 
 def test_a_hanging_receiver_does_not_delay_another_tokens_webhooks(
-    tmp_path: Path, tiny_weights: Path, cluster: Cluster
+    fresh_server: ServerFactory,
 ) -> None:
     def hang(handler: BaseHTTPRequestHandler) -> None:
         hanging.released.wait(120)
 
-    server = start_server(
-        tmp_path, tiny_weights, "--no-worker", "--allow-private-webhooks", "--metrics-public"
-    )
-    cluster.servers.append(server)
-    token_a, token_b = create_token(tmp_path, "a"), create_token(tmp_path, "b")
+    server = fresh_server(no_worker=True, allow_private_webhooks=True, metrics_public=True)
+    token_a, token_b = server.token("a"), server.token("b")
     with (
         receiving(hang) as hanging,
         receiving(answer_status(204)) as prompt,
@@ -313,15 +314,14 @@ def test_a_hanging_receiver_does_not_delay_another_tokens_webhooks(
 
 
 def test_a_failing_message_does_not_keep_its_job_past_retention(
-    tmp_path: Path, tiny_weights: Path, cluster: Cluster
+    fresh_server: ServerFactory,
 ) -> None:
-    server = start_server(
-        tmp_path, tiny_weights, "--no-worker", "--allow-private-webhooks", "--metrics-public",
-        "--retention", "3s", "--cleanup-interval", "1s",
-        "--webhook-retry-schedule", "0,1h", "--log-level", "debug",
+    server = fresh_server(
+        no_worker=True, allow_private_webhooks=True, metrics_public=True,
+        retention_seconds="3s", cleanup_interval_seconds="1s",
+        webhook_retry_schedule="0,1h", log_level="debug",
     )  # fmt: skip
-    cluster.servers.append(server)
-    token = create_token(tmp_path, "retained")
+    token = server.token("retained")
     with receiving(answer_status(500)) as hooks, server.client(token) as client:
         url = hooks.url + "?token=SEKRET"
         request_id = hooked_and_cancelled(client, url)

@@ -62,6 +62,22 @@ class ApiServer(uvicorn.Server):
         self.hub.close_streams_soon()
 
 
+def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """How ``serve`` runs ``app`` under uvicorn (the tests run it so in their own process,
+    with ``overrides``)."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "proxy_headers": True,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
+        # A backstop under the app's own cap (which answers 503 with the error body):
+        # connections, idle ones too, beyond twice it get uvicorn's bare 503.
+        "limit_concurrency": 2 * settings.max_connections if settings.max_connections else None,
+    }
+    return uvicorn.Config(app, **(options | overrides))
+
+
 def worker_readiness(worker: WorkerInfo) -> WorkerReadiness:
     """A worker's row as /readyz shows it; details it cannot read are left out."""
     detail = worker.detail if isinstance(worker.detail, dict) else {}

@@ -57,10 +57,8 @@ def served_model(
 def serve(settings: Settings) -> None:
     """Serve the Model API, with worker processes beside it that run the model: one per
     GPU by default (--devices)."""
-    import uvicorn
-
     from ovis_server.api.access_log import redact_access_log
-    from ovis_server.api.app import GRACEFUL_SHUTDOWN_SECONDS, ApiServer, create_app
+    from ovis_server.api.app import ApiServer, create_app, server_config
     from ovis_server.worker.supervisor import DevicesError, WorkerPool, plan_workers
 
     configure_logging(settings.log_level)
@@ -113,17 +111,7 @@ def serve(settings: Settings) -> None:
         signal.signal(signum, lambda _signum, _frame: None)
     workers.start()
     try:
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            proxy_headers=True,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-            # A backstop under the app's own cap (which answers 503 with the error body):
-            # connections, idle ones too, beyond twice it get uvicorn's bare 503.
-            limit_concurrency=2 * settings.max_connections if settings.max_connections else None,
-        )
+        config = server_config(app, settings)
         redact_access_log()  # after uvicorn.Config, which configures its loggers
         ApiServer(config, app.state.hub).run()
     finally:
