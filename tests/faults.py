@@ -8,25 +8,32 @@ contains a marker meets its fault inside the pipeline, at the first denoising st
 - ``error``: an exception from the model code (the job fails, the worker goes on);
 - ``oom``: ``torch.cuda.OutOfMemoryError``, as a GPU out of memory raises it;
 - ``hang``: the step never returns (the stall watchdog ends the worker);
-- ``exit``: the worker process dies at once, as under ``kill -9`` or the OOM killer.
+- ``exit``: the worker process dies at once, as under ``kill -9`` or the OOM killer;
+- ``slow_store``: not at a step but when the worker's finisher is about to store the job's
+  image, it waits ``OVIS_SERVER_FAULT_SECONDS`` (default 5) first, as a slow disk or bucket.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ovis_server.jobs.job import Job
 from ovis_server.worker.hooks import ENV_VAR as HOOKS_VAR
-from ovis_server.worker.hooks import StepHook
+from ovis_server.worker.hooks import Hooks, StepHook
 
 if TYPE_CHECKING:
     import pytest
 
 ENV_VAR = "OVIS_SERVER_FAULTS"
-KINDS = ("error", "oom", "hang", "exit")
+SECONDS_VAR = "OVIS_SERVER_FAULT_SECONDS"
+KINDS = ("error", "oom", "hang", "exit", "slow_store")
+
+logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,7 +57,7 @@ class FaultPlan:
     def strike(self, prompt: str) -> None:
         """Raise, hang or die if ``prompt`` carries a marker; otherwise nothing."""
         for marker, kind in self.faults.items():
-            if marker not in prompt:
+            if marker not in prompt or kind == "slow_store":
                 continue
             if kind == "error":
                 raise InjectedFaultError(f"injected fault for prompts containing {marker!r}")
@@ -63,16 +70,29 @@ class FaultPlan:
             if kind == "exit":
                 os._exit(137)
 
+    def before_store(self, job: Job) -> None:
+        """Wait before the image of a job whose prompt carries a ``slow_store`` marker is
+        stored."""
+        prompt = str(job.input.get("prompt", ""))
+        for marker, kind in self.faults.items():
+            if kind == "slow_store" and marker in prompt:
+                seconds = float(os.environ.get(SECONDS_VAR, "5"))
+                logger.warning(
+                    "slow store: job %s waits %.1fs before its image is stored", job.id, seconds
+                )
+                time.sleep(seconds)
+
 
 def step_hook() -> StepHook:
-    """The worker's step hook (named by OVIS_SERVER_TEST_HOOKS): faults at the first step."""
+    """The worker's hooks (named by OVIS_SERVER_TEST_HOOKS): faults at the first step, and
+    before a job's image is stored."""
     plan = FaultPlan.from_env()
 
     def strike(job: Job, step: int) -> None:
         if step == 1:
             plan.strike(str(job.input.get("prompt", "")))
 
-    return strike
+    return Hooks(step=strike, before_store=plan.before_store)
 
 
 def use_faults(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:

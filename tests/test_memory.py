@@ -12,13 +12,25 @@ import pytest
 import torch
 
 from ovis_server import config
+from ovis_server.catalogue import OVIS_IMAGE
 from ovis_server.config import SETTINGS_JSON_ENV, Settings
 from ovis_server.engine import memory
-from ovis_server.engine.memory import GiB, MemoryProfile, ModelSizes, model_sizes, plan
+from ovis_server.engine.memory import (
+    GiB,
+    MemoryPlan,
+    MemoryProfile,
+    ModelSizes,
+    model_sizes,
+    plan,
+)
 from ovis_server.engine.pipeline import Engine, EngineLoadError
 from ovis_server.engine.random_full import build_full_size_pipeline
 from ovis_server.engine.request import GenerationRequest
+from ovis_server.jobs.store import JobStore
+from ovis_server.storage.local import LocalFileStore
+from ovis_server.storage.signing import UrlSigner
 from ovis_server.units import parse_memory_size
+from ovis_server.worker.runner import Worker
 from ovis_server.worker.supervisor import worker_environment
 
 from .helpers import run_cli
@@ -176,3 +188,60 @@ def test_memory_sizes_and_choices() -> None:
     assert settings.batch_limit("cuda", planned=2) == 2
     assert settings.batch_limit("cuda", planned=9) == 4
     assert settings.batch_limit("cpu", planned=4) == 1
+
+
+# --- the batch cap: how many of a size fit ----------------------------------------------------
+
+
+def test_the_plan_caps_a_batch_by_the_size_of_its_images(full_size: ModelSizes) -> None:
+    # A 24 GB card: two 1024x1024 images fit in one batch, four 512x512, one 2048x2048.
+    card = plan(full_size, 24 * GiB)
+    assert card.profile is MemoryProfile.FULL
+    assert card.batch_fitting(1024, 1024, 4) == 2 == card.batch_limit
+    assert card.batch_fitting(512, 512, 4) == 4
+    assert card.batch_fitting(2048, 2048, 4) == 1
+    assert card.batch_fitting(512, 512, 2) == 2  # never above the setting
+    # Each batch the cap allows is planned to fit, and one more is not.
+    usable = memory.usable_bytes(24 * GiB)
+    assert memory.planned_peak(full_size, MemoryProfile.FULL, 1024, 1024, 2) <= usable
+    assert memory.planned_peak(full_size, MemoryProfile.FULL, 1024, 1024, 3) > usable
+    # On a CPU there is no budget: the setting is the cap.
+    assert plan(full_size, None, device_type="cpu").batch_fitting(2048, 2048, 8) == 8
+
+
+def test_the_worker_forms_batches_the_plan_has_room_for(
+    store: JobStore, engine: Engine, tmp_path: Path, full_size: ModelSizes
+) -> None:
+    for size, preset in ((1024, "square_hd"), (512, "square")):
+        for n in range(4):
+            store.submit(
+                request_id=f"{preset}-{n}",
+                token_id="tok_cap",
+                model_id="aidc-ai/ovis-image",
+                input={"prompt": f"a kite {n}", "image_size": preset, "num_inference_steps": 2},
+                seed=n,
+                total_steps=2,
+                batch_key=f"{size}:2",
+            )
+    files = LocalFileStore(tmp_path / "files", UrlSigner("cap"))
+
+    def worker(plan_made: MemoryPlan | None) -> Worker:
+        return Worker(
+            store=store,
+            files=files,
+            engine=engine,
+            model=OVIS_IMAGE,
+            worker_id="w-cap",
+            max_batch=4,
+            memory_plan=plan_made,
+        )
+
+    # The real model's sizes on a 24 GB card, though the tiny model is loaded: the cap
+    # reads the plan, not the device.
+    on_24gb = worker(plan(full_size, 24 * GiB))
+    assert [len(on_24gb.claim()) for _ in range(3)] == [2, 2, 4]
+    assert on_24gb.claim() == []
+    # Without a budget (the CPU's plan), --max-batch alone caps it.
+    head = store.get("square_hd-0")
+    assert head is not None
+    assert worker(None).batch_cap(head) == 4

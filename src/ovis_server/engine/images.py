@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 from PIL import Image
 
 ImageFormat = Literal["jpeg", "png", "webp"]
@@ -16,6 +17,11 @@ MEDIA_TYPES: dict[str, str] = {
 }
 
 FILE_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+def to_image(pixels: np.ndarray[Any, np.dtype[np.uint8]]) -> Image.Image:
+    """The RGB image of a height x width x 3 uint8 array (``Engine.generate_pixels``)."""
+    return Image.fromarray(pixels)
 
 
 def encode_image(image: Image.Image, image_format: ImageFormat) -> bytes:

@@ -234,16 +234,45 @@ def largest_image_pixels(
 # --- the plan -------------------------------------------------------------------------------
 
 
+def usable_bytes(budget: int) -> int:
+    """What a plan may fill of ``budget``: all of it less the margin."""
+    return budget - margin(budget)
+
+
+def batch_fitting(
+    sizes: ModelSizes, profile: MemoryProfile, usable: int, width: int, height: int, limit: int
+) -> int:
+    """The largest batch of ``width`` x ``height`` images, up to ``limit``, planned to peak
+    within ``usable`` bytes; 1 when not even one is (a single job always runs: an
+    out-of-memory error then frees memory and retries it lighter, worker/runner.py)."""
+    fitting = [
+        n for n in range(1, limit + 1) if planned_peak(sizes, profile, width, height, n) <= usable
+    ]
+    return max(fitting, default=1)
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     profile: MemoryProfile
     budget_bytes: int | None  # None where there is no GPU memory to plan (a CPU)
     peak_bytes: int  # planned, at 1024x1024 and a batch of 1
-    batch_limit: int  # the largest batch planned to fit (at most the device's default)
+    batch_limit: int  # the largest batch planned to fit at 1024x1024 (at most the device's default)
     reason: str
+    # The model's sizes the plan was made from; None for a plan made by hand.
+    sizes: ModelSizes | None = None
 
     def describe(self) -> str:
         return f"memory profile {self.profile}: {self.reason}"
+
+    def batch_fitting(self, width: int, height: int, limit: int) -> int:
+        """How many ``width`` x ``height`` images one batch may hold: ``limit``, or fewer
+        where the budget has no room for that many (a batch costs more the larger its
+        images: on the real model four at 1024x1024 plan 7 GiB more than one). Without a
+        budget (a CPU) or sizes, ``limit``."""
+        if self.budget_bytes is None or self.sizes is None:
+            return limit
+        usable = usable_bytes(self.budget_bytes)
+        return batch_fitting(self.sizes, self.profile, usable, width, height, limit)
 
 
 def gib(size: float) -> str:
@@ -281,12 +310,12 @@ def plan(
             if requested == AUTO
             else f"asked for with --memory; on {device_type} it saves no GPU memory"
         )
-        return MemoryPlan(profile, None, peak(profile), limit, why)
+        return MemoryPlan(profile, None, peak(profile), limit, why, sizes)
 
-    usable = budget_bytes - margin(budget_bytes)
+    usable = usable_bytes(budget_bytes)
 
-    def batch_fitting(profile: MemoryProfile) -> int:
-        return max([n for n in range(1, limit + 1) if peak(profile, n) <= usable], default=1)
+    def fitting(profile: MemoryProfile) -> int:
+        return batch_fitting(sizes, profile, usable, width, height, limit)
 
     budget_text = f"{gib(budget_bytes)} (less a margin of {gib(margin(budget_bytes))})"
     if requested != AUTO:
@@ -295,15 +324,15 @@ def plan(
         why = f"asked for with --memory; planned peak {gib(peak(profile))} at {size} " + (
             f"fits {budget_text}" if fits else f"DOES NOT fit {budget_text}: expect out-of-memory"
         )
-        batch = batch_fitting(profile)
+        batch = fitting(profile)
         return MemoryPlan(
-            profile, budget_bytes, peak(profile), batch, f"{why}; batch up to {batch}"
+            profile, budget_bytes, peak(profile), batch, f"{why}; batch up to {batch}", sizes
         )
 
     for profile in MemoryProfile:
         if not profile.keeps_image or peak(profile) > usable:
             continue
-        batch = batch_fitting(profile)
+        batch = fitting(profile)
         why = f"planned peak {gib(peak(profile))} at {size} fits {budget_text}; batch up to {batch}"
         order = list(MemoryProfile)
         faster = [
@@ -314,13 +343,13 @@ def plan(
                 f" ({faster[0]} would fit too, {gib(peak(faster[0]))}, and runs faster, "
                 f"but changes the image a seed gives: --memory {faster[0]})"
             )
-        return MemoryPlan(profile, budget_bytes, peak(profile), batch, why)
+        return MemoryPlan(profile, budget_bytes, peak(profile), batch, why, sizes)
     smallest = MemoryProfile.GROUP_OFFLOAD_LEAF
     why = (
         f"nothing fits {budget_text} at {size}: the smallest profile plans "
         f"{gib(peak(smallest))}; expect out-of-memory (a smaller image may fit)"
     )
-    return MemoryPlan(smallest, budget_bytes, peak(smallest), 1, why)
+    return MemoryPlan(smallest, budget_bytes, peak(smallest), 1, why, sizes)
 
 
 # --- the budget -----------------------------------------------------------------------------

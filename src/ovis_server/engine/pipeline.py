@@ -11,7 +11,11 @@ loop around it, to make it faster without changing the image a seed gives:
   generator, so each image equals the image it would get alone; a cancelled request
   leaves the batch at the next step and the others go on;
 - on CUDA, optionally, the repeated transformer blocks are compiled and the VAE runs
-  channels-last; FP8 matmuls (torchao) are opt-in because they change the numerics.
+  channels-last; FP8 matmuls (torchao) are opt-in because they change the numerics;
+- the images come back as uint8 pixels made on the device (``generate_pixels``), so that
+  the worker can turn them into files on another thread while the next batch runs; a
+  ``light`` run, the worker's retry after an out-of-memory error, runs the guidance
+  branches one after the other and decodes in tiles.
 
 ``generate_stock`` keeps the plain pipeline call, for the benchmark and the fidelity tests.
 """
@@ -20,13 +24,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ovis_server.engine.images import to_image
 from ovis_server.engine.memory import (
     AUTO,
     MemoryPlan,
@@ -140,6 +146,26 @@ def silence_loading_progress() -> None:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+
+
+# Tile size, in pixels, of the VAE decode of a light run (Engine.generate_pixels).
+LIGHT_TILE = 512
+
+
+@contextmanager
+def tiled_decode(vae: Any, tile: int | None) -> Iterator[None]:
+    """Decode in ``tile`` x ``tile`` pixel tiles for the duration (None: as configured)."""
+    if tile is None:
+        yield
+        return
+    saved = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+    vae.use_tiling = True
+    vae.tile_sample_min_size = tile
+    vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
+    try:
+        yield
+    finally:
+        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
 
 
 class Engine:
@@ -332,7 +358,6 @@ class Engine:
             raise GenerationCancelled
         return image
 
-    @torch.no_grad()
     def generate_batch(
         self,
         requests: Sequence[GenerationRequest],
@@ -342,6 +367,28 @@ class Engine:
 
         An entry is None for a request the callback stopped. Raises GenerationCancelled
         when the callback stops them all (nothing is decoded then).
+        """
+        return [
+            None if pixels is None else to_image(pixels)
+            for pixels in self.generate_pixels(requests, on_step)
+        ]
+
+    @torch.no_grad()
+    def generate_pixels(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: BatchStepCallback | None = None,
+        *,
+        light: bool = False,
+    ) -> list[np.ndarray[Any, np.dtype[np.uint8]] | None]:
+        """``generate_batch``'s images as height x width x 3 uint8 arrays in host memory,
+        the pixels the stock pipeline's PIL images hold: what is left to make a file of
+        them (``to_image``, then encode) is CPU work the worker does on another thread.
+
+        ``light`` uses less device memory, for a retry after running out of it: the two
+        guidance branches run one after the other (as the stock pipeline runs them), and
+        the VAE decodes in tiles of ``LIGHT_TILE`` pixels, which changes the pixels of an
+        image larger than one tile slightly where the tiles are blended.
         """
         if not requests:
             return []
@@ -387,21 +434,29 @@ class Engine:
         timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, self.device, sigmas=sigmas, mu=mu)
         pipe.scheduler.set_begin_index(0)
 
-        active = list(range(len(requests)))
-        for index, t in enumerate(timesteps):
-            embeds = cond if uncond is None else torch.cat([cond, uncond])
-            model_input = latents if uncond is None else torch.cat([latents, latents])
-            timestep = t.expand(model_input.shape[0]).to(latents.dtype)
-            noise = pipe.transformer(
-                hidden_states=model_input,
+        def predict(hidden: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            timestep = t.expand(hidden.shape[0]).to(hidden.dtype)
+            noise: torch.Tensor = pipe.transformer(
+                hidden_states=hidden,
                 timestep=timestep / 1000,
                 encoder_hidden_states=embeds,
                 txt_ids=text_ids,
                 img_ids=image_ids,
                 return_dict=False,
             )[0]
-            if uncond is not None:
-                noise_cond, noise_uncond = noise.chunk(2)
+            return noise
+
+        active = list(range(len(requests)))
+        for index, t in enumerate(timesteps):
+            if uncond is None:
+                noise = predict(latents, cond, t)
+            else:
+                if light:  # two forwards of half the batch each
+                    noise_cond = predict(latents, cond, t)
+                    noise_uncond = predict(latents, uncond, t)
+                else:  # one forward carries both branches
+                    both = predict(torch.cat([latents, latents]), torch.cat([cond, uncond]), t)
+                    noise_cond, noise_uncond = both.chunk(2)
                 noise = noise_uncond + guidance * (noise_cond - noise_uncond)
             latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
 
@@ -419,11 +474,15 @@ class Engine:
 
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        decoded = pipe.vae.decode(latents, return_dict=False)[0]
-        pictures = pipe.image_processor.postprocess(decoded, output_type="pil")
-        images: list[Image.Image | None] = [None] * len(requests)
-        for original, picture in zip(active, pictures, strict=True):
-            images[original] = picture
+        with tiled_decode(pipe.vae, LIGHT_TILE if light else None):
+            decoded = pipe.vae.decode(latents, return_dict=False)[0]
+        # The stock postprocess's arithmetic, on the device: [-1, 1] to [0, 1] in the
+        # model's dtype, then x255 and round half to even in float32 as numpy does it.
+        unit = pipe.image_processor.postprocess(decoded, output_type="pt")
+        rows = (unit.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images: list[np.ndarray[Any, np.dtype[np.uint8]] | None] = [None] * len(requests)
+        for original, pixels in zip(active, rows, strict=True):
+            images[original] = pixels
         return images
 
     def generate_stock(self, request: GenerationRequest) -> Image.Image:

@@ -9,7 +9,7 @@ in its own transaction by ``record_changes``.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -254,17 +254,20 @@ class JobQueue(JobQueries):
         self,
         worker_id: str,
         lease_seconds: float,
-        max_batch: int,
+        max_batch: int | Callable[[Job], int],
         model_ids: Collection[str] | None = None,
     ) -> list[Job]:
         """The oldest queued job (as ``claim_next`` picks it) and up to ``max_batch - 1``
-        more that share its batch key, all under one lease; an empty list when there is none."""
+        more that share its batch key, all under one lease; an empty list when there is none.
+        ``max_batch`` may be a function of that oldest job (the worker's: how many of its size
+        fit in memory)."""
         head = self.claim_next(worker_id, lease_seconds, model_ids)
         if head is None:
             return []
-        if max_batch <= 1:
+        limit = max_batch(head) if callable(max_batch) else max_batch
+        if limit <= 1:
             return [head]
-        return [head, *self._claim(worker_id, lease_seconds, max_batch - 1, head.batch_key)]
+        return [head, *self._claim(worker_id, lease_seconds, limit - 1, head.batch_key)]
 
     @retried
     def report_batch_progress(

@@ -1,10 +1,13 @@
-"""A hook into the step loop, for tests only: off unless ``OVIS_SERVER_TEST_HOOKS`` is set.
+"""Hooks into the worker, for tests only: off unless ``OVIS_SERVER_TEST_HOOKS`` is set.
 
 ``OVIS_SERVER_TEST_HOOKS=package.module:function`` names a function the worker calls once
-at start; what it returns (a ``StepHook``, or None) is called with each job in hand after
-each denoising step, inside the pipeline, where it may raise, hang or end the process as
-model code could. The reliability tests use it (tests/faults.py) to inject faults; a
-server that does not set the variable imports nothing and runs no hook.
+at start; what it returns (a ``StepHook``, a ``Hooks``, or None) is called with each job in
+hand after each denoising step, inside the pipeline, where it may raise, hang or end the
+process as model code could. A ``Hooks`` can also carry ``before_store``, which the
+worker's finisher thread calls with each job whose image it is about to encode and write
+(to slow the files store down, or stall it). The reliability tests use them
+(tests/faults.py) to inject faults; a server that does not set the variable imports
+nothing and runs no hook.
 """
 
 from __future__ import annotations
@@ -18,6 +21,24 @@ from ovis_server.jobs.job import Job
 ENV_VAR = "OVIS_SERVER_TEST_HOOKS"
 
 StepHook = Callable[[Job, int], None]
+StoreHook = Callable[[Job], None]
+
+
+class Hooks:
+    """A step hook that carries hooks at other points of the worker as well."""
+
+    def __init__(self, step: StepHook | None = None, before_store: StoreHook | None = None):
+        self.step = step
+        self.before_store = before_store
+
+    def __call__(self, job: Job, step: int) -> None:
+        if self.step is not None:
+            self.step(job, step)
+
+
+def store_hook(hook: StepHook | None) -> StoreHook | None:
+    """The ``before_store`` hook that ``hook`` carries, if any."""
+    return hook.before_store if isinstance(hook, Hooks) else None
 
 
 def load_step_hook() -> StepHook | None:
