@@ -37,7 +37,8 @@ import torch
 
 from benchmarks.flops import image_flops
 from ovis_server.catalogue import IMAGE_SIZE_PRESETS
-from ovis_server.engine.pipeline import Engine, pick_device, pick_dtype, silence_loading_progress
+from ovis_server.engine.loading import pick_device, pick_dtype, silence_loading_progress
+from ovis_server.engine.pipeline import Engine
 from ovis_server.engine.request import GenerationRequest
 
 PROMPTS = [

@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch
 
-from ovis_server.engine.memory import AUTO, GiB, MemoryProfile, model_sizes, plan
-from ovis_server.engine.pipeline import (
-    Engine,
+from ovis_server.engine.loading import (
     EngineLoadError,
     pick_device,
     pick_dtype,
     silence_loading_progress,
 )
+from ovis_server.engine.memory import AUTO, GiB, MemoryProfile, model_sizes, plan
+from ovis_server.engine.pipeline import Engine
 from ovis_server.engine.random_full import build_full_size_pipeline
 from ovis_server.engine.request import GenerationRequest
 

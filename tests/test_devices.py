@@ -19,7 +19,7 @@ from sqlalchemy import select
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, sqlite_url
 from ovis_server.db.schema import jobs
-from ovis_server.engine.weights import fetch_weights, select_files
+from ovis_server.engine.download import fetch_weights, select_files
 from ovis_server.jobs.workers import WorkerInfo, WorkerRegistry
 from ovis_server.units import parse_devices
 from ovis_server.worker.supervisor import (

@@ -13,7 +13,8 @@ from PIL import Image
 
 from ovis_server.catalogue import IMAGE_SIZE_PRESETS
 from ovis_server.engine.images import encode_image
-from ovis_server.engine.pipeline import Engine, EngineLoadError, GenerationCancelled
+from ovis_server.engine.loading import EngineLoadError
+from ovis_server.engine.pipeline import Engine, GenerationCancelled
 from ovis_server.engine.request import GenerationRequest
 from ovis_server.engine.weights import WeightsNotFoundError, resolve_weights
 

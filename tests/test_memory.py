@@ -15,6 +15,7 @@ from ovis_server import config
 from ovis_server.catalogue import OVIS_IMAGE
 from ovis_server.config import SETTINGS_JSON_ENV, Settings
 from ovis_server.engine import memory
+from ovis_server.engine.loading import EngineLoadError
 from ovis_server.engine.memory import (
     GiB,
     MemoryPlan,
@@ -23,7 +24,7 @@ from ovis_server.engine.memory import (
     model_sizes,
     plan,
 )
-from ovis_server.engine.pipeline import Engine, EngineLoadError
+from ovis_server.engine.pipeline import Engine
 from ovis_server.engine.random_full import build_full_size_pipeline
 from ovis_server.engine.request import GenerationRequest
 from ovis_server.jobs.store import JobStore

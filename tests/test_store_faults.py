@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server.db.connect import SQLITE_FILE
-from ovis_server.worker.runner import describe_failure
+from ovis_server.worker.failures import describe_failure
 
 from .helpers import (
     InProcessServer,

@@ -39,11 +39,11 @@ def download(settings: Settings) -> None:
     """Download the model's weights ahead of time (about 20 GB for Ovis-Image-7B), with
     progress, into the Hugging Face cache that serve and worker load them from (HF_HOME,
     by default ~/.cache/huggingface). Does nothing when they are there already."""
+    from ovis_server.engine.download import fetch_weights
     from ovis_server.engine.weights import (
         RANDOM_FULL,
         TINY,
         WeightsNotFoundError,
-        fetch_weights,
         is_hub_id,
         resolve_weights,
         tiny_checkpoint_dir,

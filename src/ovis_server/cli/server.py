@@ -42,7 +42,7 @@ def served_model(
         raise click.UsageError(str(exc)) from None
     if model.weights(settings) != RANDOM_FULL:
         return model
-    from ovis_server.engine.pipeline import EngineLoadError, check_random_full_device, pick_device
+    from ovis_server.engine.loading import EngineLoadError, check_random_full_device, pick_device
 
     for device in sorted(set(devices)) or [settings.device]:
         try:
@@ -133,8 +133,9 @@ def worker(
     Run one per GPU (--device cuda:N) on any number of hosts, pointed at the same
     --database-url and --storage as the API replicas.
     """
-    from ovis_server.engine.pipeline import EngineLoadError
-    from ovis_server.engine.weights import DownloadInterrupted, WeightsNotFoundError
+    from ovis_server.engine.download import DownloadInterrupted
+    from ovis_server.engine.loading import EngineLoadError
+    from ovis_server.engine.weights import WeightsNotFoundError
     from ovis_server.worker.process import run_worker
 
     configure_logging(settings.log_level)
@@ -189,7 +190,7 @@ def generate(
     """Generate one image locally, with a progress bar, and write it to OUTPUT."""
     from tqdm import tqdm
 
-    from ovis_server.engine.pipeline import EngineLoadError
+    from ovis_server.engine.loading import EngineLoadError
     from ovis_server.engine.weights import WeightsNotFoundError
 
     chosen_format = output_format or SUFFIX_FORMATS.get(output.suffix.lower())
@@ -216,7 +217,7 @@ def generate(
 
     configure_logging("warning")
     # A first run downloads the weights: show its progress lines.
-    logging.getLogger("ovis_server.engine.weights").setLevel(logging.INFO)
+    logging.getLogger("ovis_server.engine.download").setLevel(logging.INFO)
     try:
         engine = model.load_engine(settings)
     except (EngineLoadError, WeightsNotFoundError) as exc:

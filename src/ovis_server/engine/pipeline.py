@@ -33,6 +33,15 @@ import torch
 from PIL import Image
 
 from ovis_server.engine.images import to_image
+from ovis_server.engine.loading import (
+    EngineLoadError,
+    build_random_full,
+    check_random_full_device,
+    from_pretrained,
+    pick_device,
+    pick_dtype,
+    silence_loading_progress,
+)
 from ovis_server.engine.memory import (
     AUTO,
     MemoryPlan,
@@ -44,7 +53,7 @@ from ovis_server.engine.memory import (
     model_sizes,
     plan,
 )
-from ovis_server.engine.memory import apply as apply_memory_profile
+from ovis_server.engine.memory_apply import apply as apply_memory_profile
 from ovis_server.engine.prompts import DEFAULT_CAPACITY, PromptCache, prompt_overflow
 from ovis_server.engine.random_full import build_full_size_pipeline
 from ovis_server.engine.request import GenerationRequest
@@ -67,85 +76,8 @@ class GenerationCancelled(Exception):  # noqa: N818 - a signal, not a failure
     """The step callback asked to stop; no image was decoded."""
 
 
-class EngineLoadError(RuntimeError):
-    """The weights could not be loaded."""
-
-
 class IncompatibleBatchError(ValueError):
     """Requests of one batch must share size, steps and guidance."""
-
-
-def pick_device(requested: str | None = None) -> torch.device:
-    """``requested`` if given (``cpu``, ``cuda``, ``cuda:1``, ``mps``), else the best present."""
-    if requested and requested != "auto":
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise EngineLoadError(f"device {requested!r} asked for, but CUDA is not available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
-    """bf16 on CUDA (what the model was trained in), float32 elsewhere, unless asked."""
-    if requested and requested != "auto":
-        try:
-            return _DTYPES[requested]
-        except KeyError:
-            raise EngineLoadError(
-                f"unknown dtype {requested!r}: choose one of {', '.join(_DTYPES)}"
-            ) from None
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def check_random_full_device(device: torch.device) -> None:
-    """Refuse ``--model random-full`` where it cannot be of use: on a CPU."""
-    if device.type == "cpu":
-        raise EngineLoadError(
-            "--model random-full builds the real Ovis-Image-7B architecture (about 9.2B "
-            "parameters: some 36 GB in float32, and many minutes per image on a CPU) and is "
-            "meant for load tests on a GPU: pass --device cuda on a machine with one, or use "
-            "--model tiny to try the server on a CPU"
-        )
-
-
-def build_random_full(device: torch.device, dtype: torch.dtype) -> Any:
-    """The real architecture with random weights, built on ``device`` (random_full.py)."""
-    logger.warning(
-        "--model random-full: the real Ovis-Image-7B architecture with RANDOM weights on %s "
-        "(%s), for load tests; its images are noise",
-        device,
-        dtype,
-    )
-    return build_full_size_pipeline(device, dtype)
-
-
-def _from_pretrained(weights: str, dtype: torch.dtype) -> Any:
-    """The pipeline on the CPU; the memory profile puts it on the device."""
-    from diffusers import OvisImagePipeline
-
-    try:
-        return OvisImagePipeline.from_pretrained(weights, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise EngineLoadError(
-            f"could not load Ovis-Image weights from {weights!r}: {exc}. Pass --model with "
-            "a local diffusers directory if this machine cannot reach the Hugging Face hub."
-        ) from exc
-
-
-def silence_loading_progress() -> None:
-    """Turn off the per-shard progress bars diffusers and transformers draw while loading."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
 
 
 # Tile size, in pixels, of the VAE decode of a light run (Engine.generate_pixels).
@@ -228,7 +160,7 @@ class Engine:
             check_random_full_device(target)
             sizes = model_sizes(build_full_size_pipeline("meta", torch_dtype))
         else:
-            pipeline = _from_pretrained(weights, torch_dtype)
+            pipeline = from_pretrained(weights, torch_dtype)
             sizes = model_sizes(pipeline)
         memory_plan = plan(sizes, budget, memory, device_type=target.type)
         profile = memory_plan.profile

@@ -135,7 +135,7 @@ def write_tiny_checkpoint(directory: Path) -> Path:
     The checkpoint is written beside the target and renamed into place, so a reader never
     sees half of one and two processes building it at once both end with a whole one.
     """
-    from ovis_server.engine.pipeline import silence_loading_progress
+    from ovis_server.engine.loading import silence_loading_progress
 
     silence_loading_progress()
     directory = directory.expanduser().resolve()

@@ -26,6 +26,14 @@ from ovis_server.jobs.queries import JobQueries
 from ovis_server.jobs.rows import job_from_row
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
+# A running job put back at its place in the queue (its seq is unchanged).
+BACK_IN_QUEUE: dict[str, Any] = {
+    "status": JobStatus.QUEUED,
+    "worker_id": None,
+    "lease_expires_at": None,
+    "started_at": None,
+    "progress_step": 0,
+}
 
 
 class LeaseLostError(Exception):
@@ -395,11 +403,7 @@ class JobQueue(JobQueries):
             self._update_owned(
                 request_id,
                 worker_id,
-                status=JobStatus.QUEUED,
-                worker_id=None,
-                lease_expires_at=None,
-                started_at=None,
-                progress_step=0,
+                **BACK_IN_QUEUE,
                 attempts=jobs.c.attempts - 1,
             )
         )
@@ -436,16 +440,7 @@ class JobQueue(JobQueries):
                 .returning(*jobs.c)
             ).all()
             requeued = conn.execute(
-                update(jobs)
-                .where(expired)
-                .values(
-                    status=JobStatus.QUEUED,
-                    worker_id=None,
-                    lease_expires_at=None,
-                    started_at=None,
-                    progress_step=0,
-                )
-                .returning(*jobs.c)
+                update(jobs).where(expired).values(**BACK_IN_QUEUE).returning(*jobs.c)
             ).all()
             changed = [*cancelled, *failed, *requeued]
             record_changes(conn, changed, now)

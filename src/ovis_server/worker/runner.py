@@ -24,23 +24,26 @@ import gc
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server.db.retry import is_transient
-from ovis_server.engine.images import FILE_EXTENSIONS, MEDIA_TYPES, encode_image, to_image
 from ovis_server.engine.request import GenerationRequest
-from ovis_server.jobs.job import Job, StoredOutput
-from ovis_server.jobs.store import JobStore, LeaseLostError
-from ovis_server.storage.base import FileStore, output_key
+from ovis_server.jobs.job import Job
+from ovis_server.jobs.store import JobStore
+from ovis_server.storage.base import FileStore
+from ovis_server.worker.failures import (
+    OUT_OF_MEMORY_MESSAGE,
+    InvalidJobError,
+    database_cause,
+    describe_failure,
+)
+from ovis_server.worker.finisher import Finisher, LeaseKeeper, Outcome, Stop
 from ovis_server.worker.hooks import StepHook, store_hook
+from ovis_server.worker.recording import MAX_RECORD_DELAY_SECONDS, JobRecorder
 
 if TYPE_CHECKING:
     import numpy as np
@@ -53,188 +56,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-P = ParamSpec("P")
 # While the files store cannot take writes, the worker claims nothing and tries a test
 # write this often.
 WRITE_CHECK_SECONDS = 2.0
-# The longest pause between tries to record a job's end while the database is out.
-MAX_RECORD_DELAY_SECONDS = 5.0
 # Batches handed to the finisher and not yet recorded, the one it works on included, at
 # which the device's thread stops claiming until one is recorded.
 FINISH_QUEUE_BATCHES = 2
 
-OUT_OF_MEMORY_MESSAGE = (
-    "the GPU ran out of memory for this request, also when retried with a lighter "
-    "setting; try a smaller image_size"
-)
 
-
-def database_cause(exc: BaseException) -> str:
-    """A database error in a few words for the log: the driver's, without SQL text."""
-    return str(getattr(exc, "orig", None) or type(exc).__name__)
-
-
-class _Stop(Enum):
-    CANCEL = "cancel"
-    SHUTDOWN = "shutdown"
-    LEASE_LOST = "lease_lost"
-
-
-class InvalidJobError(ValueError):
-    """A stored job whose input the model cannot take."""
-
-
-def describe_failure(exc: BaseException) -> tuple[str, str]:
-    """(error type, message) for a job the model could not run, as clients will read it."""
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError):  # torch.cuda.OutOfMemoryError is this class
-        return "out_of_memory", OUT_OF_MEMORY_MESSAGE
-    if isinstance(exc, InvalidJobError):
-        return "invalid_input", str(exc)
-    if isinstance(exc, SQLAlchemyError):
-        # Its text holds SQL, parameters and worker ids: none of that reaches a client.
-        return "internal_error", "the server could not record this job's progress; retry"
-    return "generation_error", f"{type(exc).__name__}: {exc}"
-
-
-@dataclass
-class _Outcome:
-    """How one claimed job's run ended, handed from the device's thread to the finisher:
-    pixels to store, or why there are none. Never an exception: its traceback would keep
-    the failed run's device memory alive."""
-
-    job: Job
-    started: float  # time.perf_counter() at the start of the run
-    batch_size: int = 1
-    steps: int = 0
-    pixels: Pixels | None = None
-    stop: _Stop | None = None
-    failure: tuple[str, str] | None = None  # (error type, message)
-
-
-class _LeaseKeeper:
-    """Renews, from a thread of its own, the leases of the jobs the worker holds: from the
-    claim until the finisher has recorded their end (prompt encoding, the VAE decode, a
-    first compile and the wait for the finisher can each outlast a step's renewal)."""
-
-    def __init__(self, store: JobStore, worker_id: str, lease_seconds: float) -> None:
-        self.store = store
-        self.worker_id = worker_id
-        self.lease_seconds = lease_seconds
-        self._ids: set[str] = set()
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def hold(self, ids: Collection[str]) -> None:
-        with self._lock:
-            self._ids.update(ids)
-
-    def drop(self, ids: Collection[str]) -> None:
-        with self._lock:
-            self._ids.difference_update(ids)
-
-    @contextmanager
-    def running(self) -> Iterator[None]:
-        """Renew while inside (nested uses share the one thread)."""
-        if self._thread is not None:
-            yield
-            return
-        self._done.clear()
-        self._thread = threading.Thread(target=self._renew, name="lease-keeper", daemon=True)
-        self._thread.start()
-        try:
-            yield
-        finally:
-            self._done.set()
-            self._thread.join()
-            self._thread = None
-
-    def _renew(self) -> None:
-        interval = max(self.lease_seconds / 3, 0.05)
-        while not self._done.wait(interval):
-            with self._lock:
-                ids = sorted(self._ids)
-            if not ids:
-                continue
-            try:
-                self.store.renew_leases(ids, self.worker_id, self.lease_seconds)
-            except Exception:
-                logger.exception("could not renew the leases of %s", ", ".join(ids))
-
-
-class _Finisher:
-    """One thread that finishes batches the device's thread hands over, in order."""
-
-    def __init__(self, finish: Callable[[list[_Outcome]], None], capacity: int) -> None:
-        self.finish = finish
-        self.capacity = max(1, capacity)
-        self._queue: deque[list[_Outcome]] = deque()
-        self._cond = threading.Condition()
-        self._batches = 0  # handed over and not yet finished, the one in hand included
-        self._jobs = 0  # the same counted in jobs
-        self._closed = False
-        self.failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="finisher", daemon=True)
-        self._thread.start()
-
-    @property
-    def jobs_pending(self) -> int:
-        """Jobs handed over whose end is not recorded yet."""
-        return self._jobs
-
-    def has_room(self) -> bool:
-        with self._cond:
-            return self._batches < self.capacity
-
-    def wait_for_room(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._batches < self.capacity, timeout)
-
-    def put(self, outcomes: list[_Outcome]) -> None:
-        if not outcomes:
-            return
-        with self._cond:
-            self._queue.append(outcomes)
-            self._batches += 1
-            self._jobs += len(outcomes)
-            self._cond.notify_all()
-
-    def raise_failure(self) -> None:
-        """Re-raise, on the caller's thread, what broke finishing (a database that refuses
-        a job's end for good): the worker ends as it did when it recorded jobs itself."""
-        if self.failure is not None:
-            raise self.failure
-
-    def close(self) -> None:
-        """Finish every batch handed over, then stop the thread."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: bool(self._queue) or self._closed)
-                if not self._queue:
-                    return
-                outcomes = self._queue.popleft()
-            try:
-                self.finish(outcomes)
-            except BaseException as exc:  # the device's thread re-raises it
-                logger.exception("could not record the end of a batch")
-                self.failure = exc
-            finally:
-                with self._cond:
-                    self._batches -= 1
-                    self._jobs -= len(outcomes)
-                    self._cond.notify_all()
-
-
-class Worker:
+class Worker(JobRecorder):
     """Runs jobs from the store on one engine, oldest first, in batches of compatible jobs."""
 
     def __init__(
@@ -280,8 +110,8 @@ class Worker:
         self._last_progress: float | None = None
         self._finishing_since: float | None = None
         self._finishing_thread: int | None = None
-        self._leases = _LeaseKeeper(store, worker_id, lease_seconds)
-        self._finisher: _Finisher | None = None
+        self._leases = LeaseKeeper(store, worker_id, lease_seconds)
+        self._finisher: Finisher | None = None
 
     def stalled_for(self) -> float:
         """Seconds the jobs in hand, on the device or in the finisher, have gone without
@@ -299,7 +129,7 @@ class Worker:
         """Work until ``stop`` is set; jobs in hand when it is set go back to the queue,
         and images already made are stored and recorded before this returns."""
         logger.info("worker %s ready (batches of up to %d)", self.worker_id, self.max_batch)
-        finisher = self._finisher = _Finisher(self._finish, self.finish_queue)
+        finisher = self._finisher = Finisher(self._finish, self.finish_queue)
         try:
             with self._leases.running():
                 try:
@@ -311,7 +141,7 @@ class Worker:
             self._finisher = None
         logger.info("worker %s stopped", self.worker_id)
 
-    def _loop(self, stop: threading.Event, finisher: _Finisher) -> None:
+    def _loop(self, stop: threading.Event, finisher: Finisher) -> None:
         next_recovery = 0.0
         self.check_output_writable()  # a store that refuses writes is known before a job runs
         next_write_check = time.monotonic() + self.write_check_seconds
@@ -381,28 +211,6 @@ class Worker:
             )
         return cap
 
-    def check_output_writable(self) -> bool:
-        """A test write to the files store; clears ``output_problem`` when it succeeds."""
-        try:
-            self.files.check_writable()
-        except OSError as exc:
-            self._output_unwritable(exc)
-            return False
-        if self.output_problem is not None:
-            logger.warning("the files store takes writes again; claiming jobs again")
-            self.output_problem = None
-            if self.on_problem is not None:
-                self.on_problem(None)
-        return True
-
-    def _output_unwritable(self, exc: OSError) -> None:
-        problem = f"the worker cannot write outputs: {exc.strerror or exc}"
-        if problem != self.output_problem:
-            logger.error("%s; jobs wait in the queue until a test write succeeds", problem)
-            self.output_problem = problem
-            if self.on_problem is not None:
-                self.on_problem(problem)
-
     def generation_request(self, job: Job) -> GenerationRequest:
         if job.model_id != self.model.model_id:
             raise InvalidJobError(f"this worker does not serve model {job.model_id!r}")
@@ -420,13 +228,13 @@ class Worker:
 
     # --- the device's thread ---------------------------------------------------------------
 
-    def _run_claimed(self, jobs: Sequence[Job], stop: threading.Event) -> list[_Outcome]:
+    def _run_claimed(self, jobs: Sequence[Job], stop: threading.Event) -> list[Outcome]:
         """Run claimed jobs on the engine; how each ended, for the finisher to record."""
         self._leases.hold([job.id for job in jobs])
         self._last_progress = time.monotonic()
         started = time.perf_counter()
         try:
-            outcomes: list[_Outcome] = []
+            outcomes: list[Outcome] = []
             runnable: list[tuple[Job, GenerationRequest]] = []
             for job in jobs:
                 try:
@@ -450,10 +258,10 @@ class Worker:
         except Exception:  # a note for the client must never stop the job
             logger.exception("job %s: could not record its warnings", job.id)
 
-    def _failed(self, job: Job, exc: BaseException, started: float) -> _Outcome:
+    def _failed(self, job: Job, exc: BaseException, started: float) -> Outcome:
         error_type, message = describe_failure(exc)
         logger.error("job %s failed: %s", job.id, message, exc_info=exc)
-        return _Outcome(job, started, failure=(error_type, message))
+        return Outcome(job, started, failure=(error_type, message))
 
     def _run_batch(
         self,
@@ -461,14 +269,14 @@ class Worker:
         stop: threading.Event,
         *,
         light: bool = False,
-    ) -> list[_Outcome]:
+    ) -> list[Outcome]:
         import torch
 
         from ovis_server.engine.pipeline import GenerationCancelled
 
         started = time.perf_counter()
         jobs = [job for job, _ in batch]
-        why: dict[int, _Stop] = {}
+        why: dict[int, Stop] = {}
 
         def on_step(step: int, total: int, active: Sequence[int]) -> Collection[int]:
             self._last_progress = time.monotonic()
@@ -488,11 +296,11 @@ class Worker:
                 cancel, lost = set(), set()
             for index in active:
                 if jobs[index].id in lost:
-                    why[index] = _Stop.LEASE_LOST
+                    why[index] = Stop.LEASE_LOST
                 elif jobs[index].id in cancel:
-                    why[index] = _Stop.CANCEL
+                    why[index] = Stop.CANCEL
                 elif stop.is_set():
-                    why[index] = _Stop.SHUTDOWN
+                    why[index] = Stop.SHUTDOWN
             return [index for index in active if index in why]
 
         requests = [request for _, request in batch]
@@ -517,7 +325,7 @@ class Worker:
                 )
         if pixels is not None:
             return [
-                _Outcome(
+                Outcome(
                     job,
                     started,
                     batch_size=len(batch),
@@ -530,7 +338,7 @@ class Worker:
 
         self._release_device_memory()
         if failure is not None:
-            return [_Outcome(jobs[0], started, failure=failure)]
+            return [Outcome(jobs[0], started, failure=failure)]
         if len(batch) > 1:  # a batch failed: each job alone, so only a faulty one fails
             if out_of_memory:
                 logger.warning(
@@ -546,7 +354,7 @@ class Worker:
             )
             return self._run_batch(batch, stop, light=True)
         logger.error("job %s failed: %s", jobs[0].id, OUT_OF_MEMORY_MESSAGE)
-        return [_Outcome(jobs[0], started, failure=("out_of_memory", OUT_OF_MEMORY_MESSAGE))]
+        return [Outcome(jobs[0], started, failure=("out_of_memory", OUT_OF_MEMORY_MESSAGE))]
 
     @staticmethod
     def _release_device_memory() -> None:
@@ -557,114 +365,3 @@ class Worker:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    # --- the finisher ----------------------------------------------------------------------
-
-    def _finish(self, outcomes: list[_Outcome]) -> None:
-        """Store the images of a batch's run and record how each job ended."""
-        self._finishing_thread = threading.get_ident()
-        try:
-            for outcome in outcomes:
-                self._finishing_since = time.monotonic()
-                try:
-                    self._record(outcome)
-                except LeaseLostError:
-                    logger.warning("job %s: lease lost before its end was recorded", outcome.job.id)
-                except Exception as exc:
-                    error_type, message = describe_failure(exc)
-                    logger.error("job %s failed: %s", outcome.job.id, message, exc_info=exc)
-                    self._record_failure(outcome.job, error_type, message)
-                finally:
-                    self._leases.drop([outcome.job.id])
-        finally:
-            self._finishing_since = None
-
-    def _record(self, outcome: _Outcome) -> None:
-        job = outcome.job
-        if outcome.pixels is not None:
-            stored = self._store_image(job, outcome.pixels)
-            if stored is not None:
-                logger.info(
-                    "job %s succeeded in %.2fs (%d steps, %dx%d, batch of %d)",
-                    job.id,
-                    time.perf_counter() - outcome.started,
-                    outcome.steps,
-                    stored.width,
-                    stored.height,
-                    outcome.batch_size,
-                )
-        elif outcome.failure is not None:
-            self._record_failure(job, *outcome.failure)
-        elif outcome.stop is _Stop.SHUTDOWN:
-            self._persist(self.store.release, job.id, self.worker_id)
-            logger.info("job %s put back in the queue: the worker is stopping", job.id)
-        elif outcome.stop is _Stop.CANCEL:
-            self._persist(self.store.mark_cancelled, job.id, self.worker_id)
-            logger.info("job %s cancelled", job.id)
-        else:
-            logger.warning("job %s: lease lost to another worker; dropping it", job.id)
-
-    def _store_image(self, job: Job, pixels: Pixels) -> StoredOutput | None:
-        """Store the image and complete the job; None if the files store could not take
-        it: the job then goes back to its place in the queue, the attempt not counted
-        (the job did nothing wrong), and the worker claims nothing until a test write
-        succeeds."""
-        if self.store_hook is not None:
-            self.store_hook(job)
-        output_format = job.input.get("output_format", "png")
-        media_type = MEDIA_TYPES[output_format]
-        key = output_key(job.id, 0, FILE_EXTENSIONS[output_format])
-        image = to_image(pixels)
-        try:
-            self.files.put(key, encode_image(image, output_format), media_type)
-        except OSError as exc:
-            self._output_unwritable(exc)
-            self._persist(self.store.release, job.id, self.worker_id)
-            logger.warning("job %s put back in the queue: %s", job.id, self.output_problem)
-            return None
-        output = StoredOutput(key, media_type, image.width, image.height)
-        try:
-            self._persist(self.store.complete, job.id, self.worker_id, [output])
-        except LeaseLostError:
-            # Deleted while it ran: leave no file behind. (Taken over by another worker
-            # instead, the file under this key is that worker's too, and stays.)
-            if self.store.get(job.id) is None:
-                self.files.delete_request(job.id)
-                logger.info("job %s was deleted while it ran; its file is removed", job.id)
-            raise
-        return output
-
-    def _record_failure(self, job: Job, error_type: str, message: str) -> None:
-        try:
-            self._persist(self.store.fail, job.id, self.worker_id, error_type, message)
-        except LeaseLostError:
-            logger.warning("job %s: lease lost before its failure was recorded", job.id)
-
-    def _persist(self, record: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Record a job's end however long the database stays locked or unreachable: the
-        store retries for a few seconds, this for as long as it takes (the job is done;
-        losing that would waste it). LeaseLostError and other errors pass through."""
-        delay = 0.5
-        while True:
-            try:
-                return record(*args, **kwargs)
-            except SQLAlchemyError as exc:
-                if not is_transient(exc):
-                    raise
-                logger.warning(
-                    "could not record a job's end (%s); trying again in %.1fs",
-                    database_cause(exc),
-                    delay,
-                )
-                # Waiting on the database, not stuck in model code: no stall watchdog.
-                self._touch()
-                time.sleep(delay)
-                delay = min(delay * 2, MAX_RECORD_DELAY_SECONDS)
-
-    def _touch(self) -> None:
-        """Progress for the stall watchdog, on behalf of the thread that calls."""
-        now = time.monotonic()
-        if self._finishing_since is not None and self._finishing_thread == threading.get_ident():
-            self._finishing_since = now
-        elif self._last_progress is not None:
-            self._last_progress = now
