@@ -49,6 +49,17 @@ def test_serve_benchmark_prints_its_table() -> None:
     assert re.fullmatch(r"end-to-end / engine: \d+\.\d\d", lines[-1])
 
 
+def test_worker_loop_benchmark_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/worker_loop.py", "--model", "tiny", "--size", "64x64",
+         "--steps", "1", "--jobs", "3", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert "| jobs | batch | wall | engine busy | busy share | images / min |" in lines
+    assert re.fullmatch(r"\| 3 \| 1 \| [\d.]+ s \| [\d.]+ s \| [\d.]+% \| [\d.]+ \|", lines[-1])
+
+
 def test_random_full_has_the_real_sizes() -> None:
     pipeline = build_full_size_pipeline("meta", torch.bfloat16)
     billions = {
