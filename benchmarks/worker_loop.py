@@ -63,7 +63,7 @@ def queue(store: JobStore, args: argparse.Namespace, count: int, first: int) -> 
             input=item.model_dump(mode="json"),
             seed=index,
             total_steps=args.steps,
-            batch_key=item.batch_key(OVIS_IMAGE.model_id),
+            batch_key=OVIS_IMAGE.batch_key(item.to_generation_request(index)),
         )
         ids.append(request_id)
     return ids
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             store=store,
             files=files,
             engine=engine,
+            model=OVIS_IMAGE,
             worker_id="bench",
             poll_seconds=0.05,
             max_batch=limit,

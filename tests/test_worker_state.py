@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ovis_server.api.app import worker_readiness
 from ovis_server.db.connect import connect, migrate
+from ovis_server.engine.weights import Progress
 from ovis_server.jobs.workers import WorkerRegistry
 from ovis_server.worker.report import StateReport
 
@@ -22,14 +23,14 @@ def test_phases_and_progress_reach_readyz(tmp_path: Path) -> None:
     registry = registry_at(tmp_path)
     report = StateReport(registry, "w1", min_interval=3600)
     report.phase("downloading")
-    report.progress(10, 100, "bytes", rate=5.0, force=True)
+    report.progress(Progress(10, 100, "bytes", rate=5.0), force=True)
     (worker,) = registry.alive(60)
     shown = worker_readiness(worker)
     assert shown.phase == "downloading"
     assert shown.progress is not None
     assert (shown.progress.done, shown.progress.total, shown.progress.eta_seconds) == (10, 100, 18)
     # Progress is throttled: a write within min_interval waits for the next heartbeat.
-    report.progress(50, 100, "bytes", rate=5.0)
+    report.progress(Progress(50, 100, "bytes", rate=5.0))
     assert worker_readiness(registry.alive(60)[0]).progress.done == 10  # type: ignore[union-attr]
     # A new phase starts without the old phase's progress.
     report.phase("warming", memory_profile="full")

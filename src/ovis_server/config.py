@@ -71,210 +71,131 @@ def default_data_dir() -> Path:
 class Settings(BaseSettings):
     """Everything ``serve`` and ``worker`` are configured with (flags, env, config file)."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
-    config_file: Annotated[Path | None, Cli(DATA, name="config", metavar="PATH")] = Field(
-        None,
-        description="A TOML file of settings (keys: option names, e.g. url_ttl = 3600); "
-        "the command line and the environment override it.",
-    )
-    host: Annotated[str, Cli(SERVE)] = Field(
-        "127.0.0.1", description="Interface to listen on; 0.0.0.0 for every one."
-    )
+    config_file: Annotated[Path | None, Cli(DATA, name="config", metavar="PATH")] = None
+    """A TOML file of settings (keys: option names, e.g. url_ttl = 3600); the command line and the
+    environment override it."""
+    host: Annotated[str, Cli(SERVE)] = "127.0.0.1"
+    """Interface to listen on; 0.0.0.0 for every one."""
     port: Annotated[int, Cli(SERVE)] = 8000
-    public_url: Annotated[str | None, Cli(SERVE)] = Field(
-        None,
-        description="The URL clients reach this server at (behind a proxy); result, status and "
-        "file URLs start with it. Default: the URL each request came in on.",
-    )
-    no_auth: Annotated[bool, Cli(SERVE)] = Field(
-        False, description="Serve /v1 without tokens. Only on a machine nobody else can reach."
-    )
-    no_worker: Annotated[bool, Cli(SERVE)] = Field(
-        False, description="Run the API alone; workers run elsewhere ('ovis-server worker')."
-    )
-    url_ttl_seconds: Annotated[int, Cli(SERVE, name="url-ttl")] = Field(
-        7 * DAY, ge=1, description="Seconds an output file URL stays valid after it is handed out."
-    )
-    base_price_usd: Annotated[float, Cli(SERVE)] = Field(
-        0.0,
-        ge=0,
-        description="Price per output image shown in the catalogue and as each result's cost.",
-    )
-    max_queued: Annotated[int, Cli(SERVE)] = Field(
-        10_000, ge=0, description="Queued requests in all before submits get 429 (0: no limit)."
-    )
-    max_queued_per_token: Annotated[int, Cli(SERVE)] = Field(
-        1_000,
-        ge=0,
-        description="Queued requests per token before its submits get 429 (0: no limit).",
-    )
-    rate_limit_per_minute: Annotated[int, Cli(SERVE, name="rate-limit")] = Field(
-        600, ge=0, description="Submits per minute per token before 429 (0: no limit)."
-    )
+    public_url: Annotated[str | None, Cli(SERVE)] = None
+    """The URL clients reach this server at (behind a proxy); result, status and file URLs start
+    with it. Default: the URL each request came in on."""
+    no_auth: Annotated[bool, Cli(SERVE)] = False
+    """Serve /v1 without tokens. Only on a machine nobody else can reach."""
+    no_worker: Annotated[bool, Cli(SERVE)] = False
+    """Run the API alone; workers run elsewhere ('ovis-server worker')."""
+    url_ttl_seconds: Annotated[int, Cli(SERVE, name="url-ttl")] = Field(7 * DAY, ge=1)
+    """Seconds an output file URL stays valid after it is handed out."""
+    base_price_usd: Annotated[float, Cli(SERVE)] = Field(0.0, ge=0)
+    """Price per output image shown in the catalogue and as each result's cost."""
+    max_queued: Annotated[int, Cli(SERVE)] = Field(10_000, ge=0)
+    """Queued requests in all before submits get 429 (0: no limit)."""
+    max_queued_per_token: Annotated[int, Cli(SERVE)] = Field(1_000, ge=0)
+    """Queued requests per token before its submits get 429 (0: no limit)."""
+    rate_limit_per_minute: Annotated[int, Cli(SERVE, name="rate-limit")] = Field(600, ge=0)
+    """Submits per minute per token before 429 (0: no limit)."""
     retention_seconds: Annotated[
         int, Cli(SERVE, name="retention", show_default="7d", metavar="DURATION")
-    ] = Field(
-        7 * DAY,
-        description="How long finished requests and their files are kept (90s, 12h, 7d...).",
-    )
+    ] = 7 * DAY
+    """How long finished requests and their files are kept (90s, 12h, 7d...)."""
     cleanup_interval_seconds: Annotated[
         float, Cli(SERVE, name="cleanup-interval", show_default="10m", metavar="DURATION")
-    ] = Field(600.0, description="How often expired requests are looked for.")
-    webhook_retry_schedule: Annotated[str, Cli(SERVE)] = Field(
-        DEFAULT_WEBHOOK_SCHEDULE,
-        description="Delays of a webhook's attempts, each after the one before (0 first: at "
-        "once); a message the receiver does not take (2xx within 10 s) by the last is given up.",
-    )
-    allow_private_webhooks: Annotated[bool, Cli(SERVE)] = Field(
-        False,
-        description="Send webhooks to loopback, private and link-local addresses too (receivers "
-        "on your internal network); by default only public addresses are reached.",
-    )
-    metrics_token: Annotated[str | None, Cli(SERVE)] = Field(
-        None,
-        repr=False,
-        description="Bearer token Prometheus sends to read /metrics (at least 16 characters). "
-        "Without it /metrics answers 401, unless --metrics-public.",
-    )
-    metrics_public: Annotated[bool, Cli(SERVE)] = Field(
-        False,
-        description="Serve /metrics to anyone, without a token. Only where nobody else can "
-        "connect.",
-    )
+    ] = 600.0
+    """How often expired requests are looked for."""
+    webhook_retry_schedule: Annotated[str, Cli(SERVE)] = DEFAULT_WEBHOOK_SCHEDULE
+    """Delays of a webhook's attempts, each after the one before (0 first: at once); a message the
+    receiver does not take (2xx within 10 s) by the last is given up."""
+    allow_private_webhooks: Annotated[bool, Cli(SERVE)] = False
+    """Send webhooks to loopback, private and link-local addresses too (receivers on your internal
+    network); by default only public addresses are reached."""
+    metrics_token: Annotated[str | None, Cli(SERVE)] = Field(None, repr=False)
+    """Bearer token Prometheus sends to read /metrics (at least 16 characters). Without it
+    /metrics answers 401, unless --metrics-public."""
+    metrics_public: Annotated[bool, Cli(SERVE)] = False
+    """Serve /metrics to anyone, without a token. Only where nobody else can connect."""
     log_level: Annotated[Literal["debug", "info", "warning", "error"], Cli(WORKER)] = "info"
     # The HTTP edge (see api/limits.py); 0 turns a cap off, no allowed_hosts allows any.
-    max_body_size: Annotated[int, Cli(SERVE, show_default="1MiB", metavar="SIZE")] = Field(
-        1024 * 1024,
-        description="Largest request body taken (1048576, 512KiB, 1MiB); larger ones get 413 "
-        "unread (0: no limit).",
-    )
-    max_streams_per_token: Annotated[int, Cli(SERVE)] = Field(
-        20,
-        ge=0,
-        description="Status streams and 'Prefer: wait' submits one token holds open at once "
-        "before 429 (0: no limit).",
-    )
-    max_connections: Annotated[int, Cli(SERVE)] = Field(
-        1000,
-        ge=0,
-        description="Requests in progress at once, server-wide, before 503 with Retry-After "
-        "(probes and /metrics excepted; 0: no limit).",
-    )
-    allowed_hosts: Annotated[tuple[str, ...], Cli(SERVE, show_default=False, metavar="TEXT")] = (
-        Field(
-            (),
-            description="Comma-separated Host names this server answers to (*.example.com "
-            "allowed); others get 400. Default: any, and absolute URLs follow the client's Host "
-            "unless --public-url.",
-        )
-    )
-    model: Annotated[str | None, Cli(MODEL | DOWNLOAD, show_default=False)] = Field(
-        None,
-        description="The weights to load: a hub id, a local diffusers directory, 'tiny' (a tiny "
-        "random model, for trying it anywhere) or 'random-full' (the real 7B architecture with "
-        "random weights, built on the GPU without a download, for load tests); random models' "
-        "images are noise. Default: the --model-id's own (AIDC-AI/Ovis-Image-7B).",
-    )
+    max_body_size: Annotated[int, Cli(SERVE, show_default="1MiB", metavar="SIZE")] = 1024 * 1024
+    """Largest request body taken (1048576, 512KiB, 1MiB); larger ones get 413 unread (0: no
+    limit)."""
+    max_streams_per_token: Annotated[int, Cli(SERVE)] = Field(20, ge=0)
+    """Status streams and 'Prefer: wait' submits one token holds open at once before 429 (0: no
+    limit)."""
+    max_connections: Annotated[int, Cli(SERVE)] = Field(1000, ge=0)
+    """Requests in progress at once, server-wide, before 503 with Retry-After (probes and /metrics
+    excepted; 0: no limit)."""
+    allowed_hosts: Annotated[tuple[str, ...], Cli(SERVE, show_default=False, metavar="TEXT")] = ()
+    """Comma-separated Host names this server answers to (*.example.com allowed); others get 400.
+    Default: any, and absolute URLs follow the client's Host unless --public-url."""
+    model: Annotated[str | None, Cli(MODEL | DOWNLOAD, show_default=False)] = None
+    """The weights to load: a hub id, a local diffusers directory, 'tiny' (a tiny random model,
+    for trying it anywhere) or 'random-full' (the real 7B architecture with random weights,
+    built on the GPU without a download, for load tests); random models' images are noise.
+    Default: the --model-id's own (AIDC-AI/Ovis-Image-7B)."""
     # Which catalogue entry a worker runs, and the operator's own (catalogue/registry.py).
-    model_id: Annotated[str, Cli(MODEL | DOWNLOAD)] = Field(
-        DEFAULT_MODEL_ID,
-        description="The model (its catalogue id) to run: a worker takes only its jobs.",
-    )
+    model_id: Annotated[str, Cli(MODEL | DOWNLOAD)] = DEFAULT_MODEL_ID
+    """The model (its catalogue id) to run: a worker takes only its jobs."""
     extra_models: Annotated[
         tuple[str, ...], Cli(MODEL | DOWNLOAD, show_default=False, metavar="ID=WEIGHTS,...")
-    ] = Field(
-        (),
-        description="More catalogue entries: Ovis-Image checkpoints (fine-tunes) under ids of "
-        "their own, comma-separated ID=WEIGHTS, WEIGHTS as --model takes them. Give the API and "
-        "its workers the same list; run a worker with --model-id ID for each.",
-    )
-    device: Annotated[str, Cli(MODEL)] = Field(
-        "auto", description="cpu, cuda, cuda:N or mps; auto picks CUDA when present."
-    )
-    dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32"], Cli(MODEL)] = Field(
-        "auto", description="Weights dtype: auto is bfloat16 on CUDA, float32 elsewhere."
-    )
-    compile: Annotated[Literal["auto", "on", "off"], Cli(MODEL)] = Field(
-        "auto", description="torch.compile the repeated transformer blocks; auto: on CUDA only."
-    )
-    fp8: Annotated[bool, Cli(MODEL)] = Field(
-        False,
-        description="FP8 matmuls in the transformer (torchao, Hopper-class GPUs). "
-        "Changes numerics.",
-    )
-    memory: Annotated[MemoryChoice, Cli(MODEL)] = Field(
-        "auto",
-        description="How much of the model stays on the GPU, from fastest to smallest: full, "
-        "text-encoder-offload, 8bit (torchao; changes numerics), group-offload-block, "
-        "group-offload-leaf. auto: the fastest that keeps the image and fits.",
-    )
-    gpu_memory: Annotated[str | None, Cli(MODEL, metavar="SIZE")] = Field(
-        None,
-        description="GPU memory the worker may plan with and use (24GiB, 16GB, or a fraction "
-        "such as 0.5); the allocator is capped to it, so a large GPU can stand in for a small "
-        "one. Default: what is free.",
-    )
+    ] = ()
+    """More catalogue entries: Ovis-Image checkpoints (fine-tunes) under ids of their own,
+    comma-separated ID=WEIGHTS, WEIGHTS as --model takes them. Give the API and its workers the
+    same list; run a worker with --model-id ID for each."""
+    device: Annotated[str, Cli(MODEL)] = "auto"
+    """cpu, cuda, cuda:N or mps; auto picks CUDA when present."""
+    dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32"], Cli(MODEL)] = "auto"
+    """Weights dtype: auto is bfloat16 on CUDA, float32 elsewhere."""
+    compile: Annotated[Literal["auto", "on", "off"], Cli(MODEL)] = "auto"
+    """torch.compile the repeated transformer blocks; auto: on CUDA only."""
+    fp8: Annotated[bool, Cli(MODEL)] = False
+    """FP8 matmuls in the transformer (torchao, Hopper-class GPUs). Changes numerics."""
+    memory: Annotated[MemoryChoice, Cli(MODEL)] = "auto"
+    """How much of the model stays on the GPU, from fastest to smallest: full,
+    text-encoder-offload, 8bit (torchao; changes numerics), group-offload-block,
+    group-offload-leaf. auto: the fastest that keeps the image and fits."""
+    gpu_memory: Annotated[str | None, Cli(MODEL, metavar="SIZE")] = None
+    """GPU memory the worker may plan with and use (24GiB, 16GB, or a fraction such as 0.5); the
+    allocator is capped to it, so a large GPU can stand in for a small one. Default: what is
+    free."""
     # Warm-up before ready, and how torch.compile shapes its graphs (engine/warmup.py).
-    warmup: Annotated[Literal["auto", "on", "off"], Cli(WORKER)] = Field(
-        "auto",
-        description="Before reporting ready, run the default image size at every batch size "
-        "the worker will form, and each preset size once, so that no request waits for "
-        "torch.compile; auto: when compiling.",
-    )
-    compile_dynamic: Annotated[bool, Cli(MODEL)] = Field(
-        False,
-        description="Compile with dynamic shapes from the first call (one graph for every batch "
-        "and image size: fewer compiles, speed not yet measured); default: torch's automatic "
-        "dynamic shapes, static first.",
-    )
-    lease_seconds: Annotated[float, Cli(WORKER)] = Field(
-        30.0,
-        ge=0.5,
-        description="A running job whose worker is silent this long goes back to the queue.",
-    )
-    max_attempts: Annotated[int, Cli(WORKER)] = Field(
-        3,
-        ge=1,
-        description="Workers a job may lose (crash, kill) before it fails instead of rerunning.",
-    )
+    warmup: Annotated[Literal["auto", "on", "off"], Cli(WORKER)] = "auto"
+    """Before reporting ready, run the default image size at every batch size the worker will
+    form, and each preset size once, so that no request waits for torch.compile; auto: when
+    compiling."""
+    compile_dynamic: Annotated[bool, Cli(MODEL)] = False
+    """Compile with dynamic shapes from the first call (one graph for every batch and image size:
+    fewer compiles, speed not yet measured); default: torch's automatic dynamic shapes, static
+    first."""
+    lease_seconds: Annotated[float, Cli(WORKER)] = Field(30.0, ge=0.5)
+    """A running job whose worker is silent this long goes back to the queue."""
+    max_attempts: Annotated[int, Cli(WORKER)] = Field(3, ge=1)
+    """Workers a job may lose (crash, kill) before it fails instead of rerunning."""
     stall_timeout_seconds: Annotated[
         float, Cli(WORKER, name="stall-timeout", show_default="600", metavar="DURATION")
-    ] = Field(
-        600.0,
-        description="A worker whose job makes no step this long is ended and replaced (a hang).",
-    )
-    max_batch: Annotated[str, Cli(WORKER, metavar="AUTO|N")] = Field(
-        "auto",
-        description="Queued jobs of one size, steps and guidance that a worker runs in one "
-        "call; auto: 4 on CUDA (fewer if the memory plan has no room), 1 elsewhere.",
-    )
-    storage: Annotated[str | None, Cli(WORKER)] = Field(
-        None,
-        description="s3://BUCKET/PREFIX to keep outputs in a bucket (presigned URLs); default: "
-        "the data directory.",
-    )
-    s3_endpoint_url: Annotated[str | None, Cli(WORKER)] = Field(
-        None,
-        description="S3 endpoint for MinIO, Ceph, R2…; default: AWS_ENDPOINT_URL or AWS itself.",
-    )
-    database_url: Annotated[str | None, Cli(STORE)] = Field(
-        None,
-        description="postgresql://user:password@host/db for a shared job store; default: SQLite "
-        "in the data directory.",
-    )
+    ] = 600.0
+    """A worker whose job makes no step this long is ended and replaced (a hang)."""
+    max_batch: Annotated[str, Cli(WORKER, metavar="AUTO|N")] = "auto"
+    """Queued jobs of one size, steps and guidance that a worker runs in one call; auto: 4 on CUDA
+    (fewer if the memory plan has no room), 1 elsewhere."""
+    storage: Annotated[str | None, Cli(WORKER)] = None
+    """s3://BUCKET/PREFIX to keep outputs in a bucket (presigned URLs); default: the data
+    directory."""
+    s3_endpoint_url: Annotated[str | None, Cli(WORKER)] = None
+    """S3 endpoint for MinIO, Ceph, R2…; default: AWS_ENDPOINT_URL or AWS itself."""
+    database_url: Annotated[str | None, Cli(STORE)] = None
+    """postgresql://user:password@host/db for a shared job store; default: SQLite in the data
+    directory."""
     data_dir: Annotated[Path, Cli(DATA, show_default="~/.local/share/ovis-server")] = Field(
-        default_factory=default_data_dir,
-        description="Where the job database, output files and built checkpoints live.",
+        default_factory=default_data_dir
     )
+    """Where the job database, output files and built checkpoints live."""
     # serve's workers: one per device (see worker/supervisor.py).
-    devices: Annotated[str | None, Cli(SERVE, show_default="all", metavar="all|N,N|cpu")] = Field(
-        None,
-        description="The workers serve starts, one per entry: all (one per visible CUDA GPU, "
-        "or one worker where there is none), GPU numbers such as 0,2 (each worker pinned to "
-        "its GPU), or cpu (cpu,cpu starts two). --device instead picks one device for one "
-        "worker; not both.",
-    )
+    devices: Annotated[str | None, Cli(SERVE, show_default="all", metavar="all|N,N|cpu")] = None
+    """The workers serve starts, one per entry: all (one per visible CUDA GPU, or one worker where
+    there is none), GPU numbers such as 0,2 (each worker pinned to its GPU), or cpu (cpu,cpu
+    starts two). --device instead picks one device for one worker; not both."""
     # Not an option: tuned by tests and benchmarks that build Settings themselves.
     heartbeat_seconds: float = 5.0
 

@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -74,23 +75,17 @@ def image_too_large(width: int, height: int, largest: int) -> ApiError:
     )
 
 
+@dataclass
 class SizeCapacity:
     """What the alive workers fit, read from the workers table at most every ``ttl`` s."""
 
-    def __init__(
-        self,
-        registry: WorkerRegistry,
-        alive_within: float,
-        ttl: float = CACHE_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.registry = registry
-        self.alive_within = alive_within
-        self.ttl = ttl
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._workers: list[WorkerInfo] = []
-        self._read_at: float | None = None
+    registry: WorkerRegistry
+    alive_within: float
+    ttl: float = CACHE_SECONDS
+    clock: Callable[[], float] = time.monotonic
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _workers: list[WorkerInfo] = field(default_factory=list, init=False, repr=False)
+    _read_at: float | None = field(default=None, init=False, repr=False)
 
     def workers(self) -> list[WorkerInfo]:
         with self._lock:

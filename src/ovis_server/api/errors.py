@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,22 +35,17 @@ BODY_TOO_LARGE = 413001
 SERVER_BUSY = 503002
 
 
+@dataclass(eq=False)
 class ApiError(Exception):
-    def __init__(
-        self,
-        status_code: int,
-        error_code: int,
-        message: str,
-        *,
-        detail: list[dict[str, Any]] | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.error_code = error_code
-        self.message = message
-        self.detail = detail
-        self.headers = headers
+    status_code: int
+    error_code: int
+    message: str
+    _: KW_ONLY
+    detail: list[dict[str, Any]] | None = None
+    headers: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
 
 
 def unauthorized(message: str) -> ApiError:

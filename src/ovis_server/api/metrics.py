@@ -119,23 +119,18 @@ class Histogram:
         return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
 
 
+@dataclass(eq=False)
 class OvisCollector(Collector):
     """The server's metrics, from aggregates kept here and index reads."""
 
-    def __init__(
-        self,
-        stats: StatsReader,
-        workers: WorkerRegistry,
-        alive_within: float,
-        open_streams: Callable[[], int],
-        now: Callable[[], datetime] = utcnow,
-    ) -> None:
-        self.stats = stats
-        self.workers = workers
-        self.alive_within = alive_within
-        self.open_streams = open_streams
-        self.now = now
-        started = now()
+    stats: StatsReader
+    workers: WorkerRegistry
+    alive_within: float
+    open_streams: Callable[[], int]
+    now: Callable[[], datetime] = utcnow
+
+    def __post_init__(self) -> None:
+        stats, started = self.stats, self.now()
         self._jobs = Watermark(stats.jobs_finished_after, stats.finished_jobs, started)
         self._messages = Watermark(stats.messages_finished_after, stats.finished_messages, started)
         self._lock = threading.Lock()

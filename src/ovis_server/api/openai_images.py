@@ -15,6 +15,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -119,24 +120,18 @@ class OpenAIErrorBody(BaseModel):
     error: OpenAIErrorDetail
 
 
+@dataclass(eq=False)
 class OpenAIError(Exception):
-    def __init__(
-        self,
-        status_code: int,
-        message: str,
-        *,
-        type: ErrorType = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers
+    status_code: int
+    message: str
+    _: KW_ONLY
+    type: ErrorType = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    headers: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
 
     def response(self) -> JSONResponse:
         body = OpenAIErrorBody(

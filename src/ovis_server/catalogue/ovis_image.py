@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -119,27 +119,29 @@ def aspect_ratio_size(ratio: str) -> ImageSizePreset | tuple[int, int]:
     return width, height
 
 
+SEED_DESCRIPTION = "The same seed and input give the same image. Null picks one at random."
+
+
+def ranged(default: float | None, low: float, high: float, title: str, description: str) -> Any:
+    """A numeric field between ``low`` and ``high`` (both allowed)."""
+    return Field(default=default, ge=low, le=high, title=title, description=description)
+
+
 class ImageDimensions(BaseModel):
-    # A custom size, as fal accepts it.
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        title="Image Dimensions",
-        json_schema_extra={"description": "A custom size: both sides multiples of 16."},
-    )
+    """A custom size: both sides multiples of 16."""
+
+    # As fal accepts it; the docstring is the schema's description.
+    model_config = ConfigDict(extra="forbid", strict=True, title="Image Dimensions")
 
     width: int = Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
     height: int = Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
 
 
 class OvisImageInput(ModelInput):
-    # The seed page's schema, field for field; the description below is what clients see.
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        title="Ovis-Image input",
-        json_schema_extra={"description": "Text to image with Ovis-Image-7B."},
-    )
+    """Text to image with Ovis-Image-7B."""
+
+    # The seed page's schema, field for field; the docstring is the description clients see.
+    model_config = ConfigDict(extra="forbid", strict=True, title="Ovis-Image input")
 
     prompt: str = Field(
         min_length=1,
@@ -164,27 +166,13 @@ class OvisImageInput(ModelInput):
             f"between {MIN_SIDE} and {MAX_SIDE}."
         ),
     )
-    num_inference_steps: int = Field(
-        default=28,
-        ge=1,
-        le=50,
-        title="Number of Inference Steps",
-        description="The number of inference steps to perform.",
+    num_inference_steps: int = ranged(
+        28, 1, 50, "Number of Inference Steps", "The number of inference steps to perform."
     )
-    guidance_scale: float = Field(
-        default=5.0,
-        ge=1,
-        le=20,
-        title="Guidance Scale",
-        description="The guidance scale to use for the image generation.",
+    guidance_scale: float = ranged(
+        5.0, 1, 20, "Guidance Scale", "The guidance scale to use for the image generation."
     )
-    seed: int | None = Field(
-        default=None,
-        ge=0,
-        le=MAX_SEED,
-        title="Seed",
-        description="The same seed and input give the same image. Null picks one at random.",
-    )
+    seed: int | None = ranged(None, 0, MAX_SEED, "Seed", SEED_DESCRIPTION)
     output_format: OutputFormat = Field(
         default="png", title="Output Format", description="The format of the generated image."
     )

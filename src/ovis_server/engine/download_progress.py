@@ -10,11 +10,11 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ovis_server.engine.weights import PhaseReport
+from ovis_server.engine.weights import PhaseReport, Progress
 
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
@@ -122,22 +122,16 @@ class Rate:
         return (done - before) / (now - then) if now - then >= 1.0 else None
 
 
+@dataclass
 class Show:
     """Progress to the log (a line every ``log_every`` seconds) and to /readyz."""
 
-    def __init__(
-        self,
-        report: PhaseReport | None,
-        log: Callable[[str], None],
-        log_every: float,
-        status_line: Callable[[str], None] | None,
-    ) -> None:
-        self.report = report
-        self.log = log
-        self.log_every = log_every
-        self.status_line = status_line
-        self.logged_at = time.monotonic()
-        self.started = False
+    report: PhaseReport | None
+    log: Callable[[str], None]
+    log_every: float
+    status_line: Callable[[str], None] | None
+    logged_at: float = field(default_factory=time.monotonic, init=False)
+    started: bool = field(default=False, init=False)
 
     def __call__(self, progress: DownloadProgress) -> None:
         if self.report is not None:
@@ -147,7 +141,7 @@ class Show:
             if progress.elsewhere:
                 text += ", downloaded by another process"
             self.report.progress(
-                progress.done, progress.total, "bytes", rate=progress.rate, text=text
+                Progress(progress.done, progress.total, "bytes", rate=progress.rate, text=text)
             )
         self.started = True
         if self.status_line is not None:

@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -419,15 +420,9 @@ class Engine:
 
     def generate_stock(self, request: GenerationRequest) -> Image.Image:
         """The plain ``OvisImagePipeline.__call__``: the baseline the engine must match."""
-        generator = torch.Generator(device="cpu").manual_seed(request.seed)
-        output = self.pipeline(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            generator=generator,
-        )
+        # The request's fields other than the seed are the pipeline's argument names.
+        arguments = asdict(request)
+        generator = torch.Generator(device="cpu").manual_seed(arguments.pop("seed"))
+        output = self.pipeline(**arguments, generator=generator)
         image: Image.Image = output.images[0]
         return image

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -69,21 +70,30 @@ def is_hub_id(weights: str) -> bool:
     return weights != RANDOM_FULL and not Path(weights).is_dir() and bool(_HUB_ID.match(weights))
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How far the current phase is: ``done`` of ``total`` ``unit``s, at ``rate`` per second."""
+
+    done: float
+    total: float | None = None
+    unit: str = ""
+    rate: float | None = None
+    text: str | None = None
+
+    def detail(self) -> dict[str, Any]:
+        """The /readyz form: the fields that are set, and the seconds left where known."""
+        entry = asdict(self)
+        if self.total is not None and self.rate:
+            entry["eta_seconds"] = round(max(self.total - self.done, 0) / self.rate, 1)
+        return {key: value for key, value in entry.items() if value is not None}
+
+
 class PhaseReport(Protocol):
     """What a worker tells /readyz (worker/report.py's StateReport)."""
 
     def phase(self, phase: Literal["downloading", "loading"], **detail: Any) -> None: ...
 
-    def progress(
-        self,
-        done: float,
-        total: float | None = None,
-        unit: str = "",
-        *,
-        rate: float | None = None,
-        text: str | None = None,
-        force: bool = False,
-    ) -> None: ...
+    def progress(self, progress: Progress, *, force: bool = False) -> None: ...
 
 
 def local_weights(

@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from ovis_server.db.retry import is_transient
 from ovis_server.engine.images import FILE_EXTENSIONS, MEDIA_TYPES, encode_image, to_image
 from ovis_server.jobs.job import Job, StoredOutput
 from ovis_server.jobs.store import JobStore, LeaseLostError
 from ovis_server.storage.base import FileStore, output_key
-from ovis_server.worker.failures import database_cause, describe_failure
+from ovis_server.worker.failures import DatabasePauses, describe_failure
 from ovis_server.worker.finisher import LeaseKeeper, Outcome, Stop
 
 if TYPE_CHECKING:
@@ -154,22 +153,15 @@ class JobRecorder:
         """Record a job's end however long the database stays locked or unreachable: the
         store retries for a few seconds, this for as long as it takes (the job is done;
         losing that would waste it). LeaseLostError and other errors pass through."""
-        delay = 0.5
+        pauses = DatabasePauses(0.5, MAX_RECORD_DELAY_SECONDS)
         while True:
             try:
                 return record(*args, **kwargs)
             except SQLAlchemyError as exc:
-                if not is_transient(exc):
-                    raise
-                logger.warning(
-                    "could not record a job's end (%s); trying again in %.1fs",
-                    database_cause(exc),
-                    delay,
-                )
+                pause = pauses.after(exc, "could not record a job's end")
                 # Waiting on the database, not stuck in model code: no stall watchdog.
                 self._touch()
-                time.sleep(delay)
-                delay = min(delay * 2, MAX_RECORD_DELAY_SECONDS)
+                time.sleep(pause)
 
     def _touch(self) -> None:
         """Progress for the stall watchdog, on behalf of the thread that calls."""

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Literal
 
+from ovis_server.engine.weights import Progress
 from ovis_server.jobs.workers import WorkerRegistry
 
 logger = logging.getLogger(__name__)
@@ -42,31 +43,11 @@ class StateReport:
             self._merge(detail)
         self._write()
 
-    def progress(
-        self,
-        done: float,
-        total: float | None = None,
-        unit: str = "",
-        *,
-        rate: float | None = None,
-        text: str | None = None,
-        force: bool = False,
-    ) -> None:
-        """Progress of the current phase (``done`` of ``total`` ``unit``s; ``rate`` per
-        second), written at most every ``min_interval`` seconds unless ``force``."""
-        eta = None
-        if total is not None and rate:
-            eta = round(max(total - done, 0) / rate, 1)
-        entry = {
-            "done": done,
-            "total": total,
-            "unit": unit,
-            "rate": rate,
-            "eta_seconds": eta,
-            "text": text,
-        }
+    def progress(self, progress: Progress, *, force: bool = False) -> None:
+        """Progress of the current phase, written at most every ``min_interval`` seconds
+        unless ``force``."""
         with self._lock:
-            self._detail["progress"] = {k: v for k, v in entry.items() if v is not None}
+            self._detail["progress"] = progress.detail()
             due = force or time.monotonic() - self._written_at >= self.min_interval
         if due:
             self._write()

@@ -37,6 +37,7 @@ from ovis_server.jobs.store import JobStore
 from ovis_server.storage.base import FileStore
 from ovis_server.worker.failures import (
     OUT_OF_MEMORY_MESSAGE,
+    DatabasePauses,
     InvalidJobError,
     database_cause,
     describe_failure,
@@ -145,7 +146,7 @@ class Worker(JobRecorder):
         next_recovery = 0.0
         self.check_output_writable()  # a store that refuses writes is known before a job runs
         next_write_check = time.monotonic() + self.write_check_seconds
-        database_pause = self.poll_seconds
+        database_pauses = DatabasePauses(self.poll_seconds, MAX_RECORD_DELAY_SECONDS)
         while not stop.is_set():
             finisher.raise_failure()
             if self.output_problem is not None:
@@ -167,17 +168,9 @@ class Worker(JobRecorder):
                     next_recovery = time.monotonic() + max(self.lease_seconds / 3, 0.5)
                 batch = self.claim()
             except SQLAlchemyError as exc:
-                if not is_transient(exc):
-                    raise
-                logger.warning(
-                    "the database is unavailable (%s); trying again in %.1fs",
-                    database_cause(exc),
-                    database_pause,
-                )
-                stop.wait(database_pause)
-                database_pause = min(database_pause * 2, MAX_RECORD_DELAY_SECONDS)
+                stop.wait(database_pauses.after(exc, "the database is unavailable"))
                 continue
-            database_pause = self.poll_seconds
+            database_pauses.reset()
             if not batch:
                 stop.wait(self.poll_seconds)
                 continue

@@ -156,30 +156,24 @@ def worker_command(slot: WorkerSlot | None = None, named: bool = False) -> list[
     return command
 
 
+@dataclass(eq=False)
 class WorkerSupervisor:
     """One worker process, started again whenever it exits (after a growing delay when it
     keeps dying young)."""
 
-    def __init__(
-        self,
-        command: list[str],
-        env: dict[str, str] | None = None,
-        restart_delays: tuple[float, ...] = RESTART_DELAYS,
-        stop_timeout: float = 30.0,
-        name: str = "worker",
-        on_exit: Callable[[int], None] | None = None,
-    ) -> None:
-        self.command = command
-        self.env = env
-        self.restart_delays = restart_delays
-        self.stop_timeout = stop_timeout
-        self.name = name
-        self.on_exit = on_exit
-        self.restarts = 0
+    command: list[str]
+    env: dict[str, str] | None = None
+    restart_delays: tuple[float, ...] = RESTART_DELAYS
+    stop_timeout: float = 30.0
+    name: str = "worker"
+    on_exit: Callable[[int], None] | None = None
+    restarts: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
-        self._thread = threading.Thread(target=self._supervise, name=f"supervisor {name}")
+        self._thread = threading.Thread(target=self._supervise, name=f"supervisor {self.name}")
 
     @property
     def pid(self) -> int | None:

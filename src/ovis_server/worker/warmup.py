@@ -21,6 +21,7 @@ from ovis_server.engine.warmup import (
     warm_up,
     warmup_shapes,
 )
+from ovis_server.engine.weights import Progress
 from ovis_server.worker.report import StateReport
 
 if TYPE_CHECKING:
@@ -71,7 +72,9 @@ def warm_up_worker(
     total = len(shapes)
 
     def on_shape(index: int, shape: WarmupShape) -> None:
-        report.progress(index, total, "shapes", text=f"{verb} {shape.describe()}", force=True)
+        report.progress(
+            Progress(index, total, "shapes", text=f"{verb} {shape.describe()}"), force=True
+        )
 
     if engine.compiled and cache is not None:
         logger.info(
@@ -90,7 +93,7 @@ def warm_up_worker(
         on_shape=on_shape,
         should_stop=stop.is_set,
     )
-    report.progress(len(result.timings), total, "shapes", text="done", force=True)
+    report.progress(Progress(len(result.timings), total, "shapes", text="done"), force=True)
     counts = ""
     if engine.compiled:
         found = cache_counters()
