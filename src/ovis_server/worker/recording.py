@@ -23,6 +23,8 @@ from ovis_server.worker.finisher import LeaseKeeper, Outcome, Stop
 if TYPE_CHECKING:
     import numpy as np
 
+    from ovis_server.worker.progress import ProgressWriter
+
     Pixels = np.ndarray[Any, np.dtype[np.uint8]]
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ T = TypeVar("T")
 P = ParamSpec("P")
 # The longest pause between tries to record a job's end while the database is out.
 MAX_RECORD_DELAY_SECONDS = 5.0
+# The longest wait for a batch's step progress to be written before its end is recorded.
+PROGRESS_WAIT_SECONDS = 30.0
 
 
 class JobRecorder:
@@ -43,6 +47,7 @@ class JobRecorder:
     output_problem: str | None
     on_problem: Callable[[str | None], None] | None
     _leases: LeaseKeeper
+    _progress: ProgressWriter | None
     _last_progress: float | None
     _finishing_since: float | None
     _finishing_thread: int | None
@@ -72,6 +77,11 @@ class JobRecorder:
     def _finish(self, outcomes: list[Outcome]) -> None:
         """Store the images of a batch's run and record how each job ended."""
         self._finishing_thread = threading.get_ident()
+        ids = [outcome.job.id for outcome in outcomes]
+        if self._progress is not None:
+            # Every step goes out before the end: a status stream shows each, in order.
+            self._progress.wait_written(ids, PROGRESS_WAIT_SECONDS)
+            self._progress.forget(ids)
         try:
             for outcome in outcomes:
                 self._finishing_since = time.monotonic()

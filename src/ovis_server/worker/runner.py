@@ -24,13 +24,13 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from ovis_server.db.retry import is_transient
 from ovis_server.engine.request import GenerationRequest
 from ovis_server.jobs.job import Job
 from ovis_server.jobs.store import JobStore
@@ -39,11 +39,11 @@ from ovis_server.worker.failures import (
     OUT_OF_MEMORY_MESSAGE,
     DatabasePauses,
     InvalidJobError,
-    database_cause,
     describe_failure,
 )
 from ovis_server.worker.finisher import Finisher, LeaseKeeper, Outcome, Stop
 from ovis_server.worker.hooks import StepHook, store_hook
+from ovis_server.worker.progress import ProgressWriter
 from ovis_server.worker.recording import MAX_RECORD_DELAY_SECONDS, JobRecorder
 
 if TYPE_CHECKING:
@@ -113,6 +113,7 @@ class Worker(JobRecorder):
         self._finishing_thread: int | None = None
         self._leases = LeaseKeeper(store, worker_id, lease_seconds)
         self._finisher: Finisher | None = None
+        self._progress: ProgressWriter | None = None
 
     def stalled_for(self) -> float:
         """Seconds the jobs in hand, on the device or in the finisher, have gone without
@@ -132,7 +133,7 @@ class Worker(JobRecorder):
         logger.info("worker %s ready (batches of up to %d)", self.worker_id, self.max_batch)
         finisher = self._finisher = Finisher(self._finish, self.finish_queue)
         try:
-            with self._leases.running():
+            with self._leases.running(), self._writing_progress():
                 try:
                     self._loop(stop, finisher)
                 finally:
@@ -216,8 +217,21 @@ class Worker(JobRecorder):
     def run_jobs(self, jobs: Sequence[Job], stop: threading.Event) -> None:
         """Run claimed jobs to their final state (or back to the queue on shutdown), on
         this thread, their ends recorded before it returns."""
-        with self._leases.running():
+        with self._leases.running(), self._writing_progress():
             self._finish(self._run_claimed(jobs, stop))
+
+    @contextmanager
+    def _writing_progress(self) -> Iterator[None]:
+        """Step progress written from its own thread while inside (nested uses share it)."""
+        if self._progress is not None:
+            yield
+            return
+        self._progress = ProgressWriter(self.store, self.worker_id, self.lease_seconds)
+        try:
+            yield
+        finally:
+            self._progress.close()
+            self._progress = None
 
     # --- the device's thread ---------------------------------------------------------------
 
@@ -276,17 +290,9 @@ class Worker(JobRecorder):
             if self.step_hook is not None:
                 for index in active:
                     self.step_hook(jobs[index], step)
-            ids = [jobs[index].id for index in active]
-            try:
-                cancel, lost = self.store.report_batch_progress(
-                    ids, self.worker_id, step, self.lease_seconds
-                )
-            except SQLAlchemyError as exc:
-                if not is_transient(exc):
-                    raise
-                # The database is out: go on computing; the end is recorded once it is back.
-                logger.warning("step %d not recorded: %s", step, database_cause(exc))
-                cancel, lost = set(), set()
+            # Written on the progress thread; the answers are those of earlier steps.
+            assert self._progress is not None
+            cancel, lost = self._progress.post([jobs[index].id for index in active], step)
             for index in active:
                 if jobs[index].id in lost:
                     why[index] = Stop.LEASE_LOST
