@@ -215,6 +215,36 @@ def test_wait_polls_where_the_server_has_no_stream() -> None:
         plain.server_close()
 
 
+def test_async_client_retries_and_polls_where_the_server_has_no_stream() -> None:
+    """AsyncClient shares Client's retries and wait: the same answers, awaited."""
+    flaky = ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)
+    plain = ThreadingHTTPServer(("127.0.0.1", 0), NoStreamHandler)
+    for stand_in in (flaky, plain):
+        threading.Thread(target=stand_in.serve_forever, daemon=True).start()
+
+    async def scenario() -> tuple[str, str | None, list[str]]:
+        async with AsyncClient(f"http://127.0.0.1:{flaky.server_port}", "t", backoff=0.01) as a:
+            status = await a.status("r1")
+        seen: list[str] = []
+
+        async def record(update: Status) -> None:
+            seen.append(update.status)
+
+        async with AsyncClient(f"http://127.0.0.1:{plain.server_port}/v1", "t") as b:
+            result = await b.wait("r1", on_progress=record, poll_interval=0.01)
+        return status.status, result.image_url, seen
+
+    FlakyHandler.calls.clear()
+    try:
+        assert asyncio.run(scenario()) == ("in_queue", "u", ["completed"])
+        assert FlakyHandler.calls == ["/v1/requests/r1/status"] * 3
+    finally:
+        FlakyHandler.calls.clear()
+        for stand_in in (flaky, plain):
+            stand_in.shutdown()
+            stand_in.server_close()
+
+
 def test_cli_run_status_result_cancel(server: InProcessServer, token: str, tmp_path: Path) -> None:
     env = {"OVIS_SERVER_URL": server.base_url, "OVIS_SERVER_TOKEN": token}
     out = tmp_path / "cli.webp"

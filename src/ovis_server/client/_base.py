@@ -1,22 +1,22 @@
-"""What the synchronous and asynchronous clients share: settings, retries, parsing."""
+"""What the synchronous and asynchronous clients share: their settings and __init__, how
+a call becomes an HTTP request, and when to retry it (sans I/O: each client only sends,
+sleeps and reads)."""
 
 from __future__ import annotations
 
-import json
 import os
-import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 
-from ovis_server.client.errors import error_for
-from ovis_server.client.models import Result, Status
+from ovis_server.client._calls import Call, Outcome
 
-DEFAULT_MODEL = "aidc-ai/ovis-image"
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_DELAY = 30.0
+# Longer than the server's 15 s keep-alive, whatever the client's own timeout.
+STREAM_READ_TIMEOUT = 45.0
 
 
 @dataclass(frozen=True)
@@ -51,85 +51,68 @@ class ClientSettings:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
-
-def submit_request(model_id: str) -> tuple[str, dict[str, str]]:
-    """Path and headers of a submit: a fresh Idempotency-Key makes its retries safe."""
-    return f"/v1/models/{model_id}", {"Idempotency-Key": uuid.uuid4().hex}
+    def stream_timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout, read=max(self.timeout, STREAM_READ_TIMEOUT))
 
 
-def should_retry(response: httpx.Response | None, attempt: int, settings: ClientSettings) -> bool:
-    if attempt >= settings.max_retries:
-        return False
-    return response is None or response.status_code in RETRY_STATUSES
+class Attempts:
+    """One call's retries: told how each attempt went, says how long to pause before the
+    next, or None where that attempt was the last (its answer, or its error, is final).
+    Retried: connection errors, 429 and 5xx, up to ``max_retries`` times."""
 
+    def __init__(self, settings: ClientSettings) -> None:
+        self._settings = settings
+        self._retries = 0
 
-def retry_delay(response: httpx.Response | None, attempt: int, settings: ClientSettings) -> float:
-    """Retry-After when the server gives one, else exponential backoff."""
-    if response is not None and "retry-after" in response.headers:
-        try:
-            return min(float(response.headers["retry-after"]), MAX_DELAY)
-        except ValueError:
-            pass
-    return float(min(settings.backoff * 2**attempt, MAX_DELAY))
-
-
-# A server without status streams (RunComfy's hosted API) answers the stream route so, and
-# a proxy in trouble with one of the others; the client then polls instead.
-NO_STREAM = frozenset({404, 405, 501}) | RETRY_STATUSES
-# Longer than the server's 15 s keep-alive, whatever the client's own timeout.
-STREAM_READ_TIMEOUT = 45.0
-
-
-def stream_timeout(settings: ClientSettings) -> httpx.Timeout:
-    return httpx.Timeout(settings.timeout, read=max(settings.timeout, STREAM_READ_TIMEOUT))
-
-
-class KeepAlive:
-    """A keep-alive comment on a status stream: nothing changed, the stream is alive."""
-
-
-KEEP_ALIVE = KeepAlive()
-StreamItem = Status | Result | KeepAlive
-
-
-class StatusStream:
-    """Reads a status stream (``text/event-stream``) a line at a time: each line gives a
-    Status, the Result (the stream's last item), a KeepAlive, or None while an event is
-    still being read."""
-
-    def __init__(self) -> None:
-        self._name = "message"
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> StreamItem | None:
-        if line.startswith(":"):  # a comment: the keep-alive
-            return KEEP_ALIVE
-        if line:
-            field, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if field == "event":
-                self._name = value
-            elif field == "data":
-                self._data.append(value)
+    def pause_after(self, outcome: Outcome) -> float | None:
+        response = outcome if isinstance(outcome, httpx.Response) else None
+        if self._retries >= self._settings.max_retries:
             return None
-        # A blank line ends an event.
-        name, data = self._name, self._data
-        self._name, self._data = "message", []
-        if not data:
+        if response is not None and response.status_code not in RETRY_STATUSES:
             return None
-        body = json.loads("\n".join(data))
-        if name == "status":
-            return Status.model_validate(body)
-        if name == "result":
-            return Result.model_validate(body)
-        return None  # an event this client does not know
+        pause = self._delay(response)
+        self._retries += 1
+        return pause
+
+    def _delay(self, response: httpx.Response | None) -> float:
+        """Retry-After when the server gives one, else exponential backoff."""
+        if response is not None and "retry-after" in response.headers:
+            try:
+                return min(float(response.headers["retry-after"]), MAX_DELAY)
+            except ValueError:
+                pass
+        return float(min(self._settings.backoff * 2**self._retries, MAX_DELAY))
 
 
-def parse(response: httpx.Response) -> Any:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if response.status_code >= 400:
-        raise error_for(response.status_code, body)
-    return body
+HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
+
+
+class BaseClient(Generic[HttpT]):
+    """Settings from the arguments and the environment, and one connection pool (``_http``)
+    of the kind ``_http_class`` names."""
+
+    _http_class: type[HttpT]
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+    ) -> None:
+        self.settings = ClientSettings.resolve(base_url, token, timeout, max_retries, backoff)
+        self._http: HttpT = self._http_class(base_url=self.settings.base_url, timeout=timeout)
+
+    def _request(self, call: Call[Any]) -> httpx.Request:
+        """The HTTP request that makes ``call``: with the token, and a stream's long read
+        timeout."""
+        return self._http.build_request(
+            call.method,
+            call.path,
+            headers={**self.settings.headers(), **call.headers},
+            json=call.json,
+            params=call.params,
+            timeout=self.settings.stream_timeout() if call.streams else httpx.USE_CLIENT_DEFAULT,
+        )

@@ -1,49 +1,52 @@
-"""The asynchronous client: Client's methods, awaited."""
+"""The asynchronous client: Client's methods, awaited (the shared calls, retries and wait
+of _base, _calls and _waiting, sent and slept through httpx.AsyncClient)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from ovis_server.client._base import (
-    DEFAULT_MODEL,
-    NO_STREAM,
-    ClientSettings,
-    KeepAlive,
-    StatusStream,
-    parse,
-    retry_delay,
-    should_retry,
-    stream_timeout,
-    submit_request,
-)
-from ovis_server.client.errors import ApiError, JobFailedError, WaitTimeoutError
+from ovis_server.client import _calls as calls
+from ovis_server.client._base import Attempts, BaseClient
+from ovis_server.client._calls import DEFAULT_MODEL, Call, Outcome, parse
+from ovis_server.client._waiting import KeepAlive, StatusStream, StreamItem, Waiter, succeeded
 from ovis_server.client.models import Cancellation, Result, Status, Submission
 
+T = TypeVar("T")
 ProgressCallback = Callable[[Status], Awaitable[None] | None]
 
 
-class AsyncClient:
+@contextlib.asynccontextmanager
+async def _opened(http: httpx.AsyncClient, request: httpx.Request) -> AsyncIterator[httpx.Response]:
+    """The response, its body still to read; the ApiError where the server refused."""
+    response = await http.send(request, stream=True)
+    try:
+        if response.status_code >= 400:
+            await response.aread()
+            parse(response)
+        yield response
+    finally:
+        await response.aclose()
+
+
+async def _report(on_progress: ProgressCallback | None, status: Status | None) -> None:
+    """Tell ``on_progress`` of a status, awaiting it where it is a coroutine function."""
+    if on_progress is not None and status is not None:
+        outcome = on_progress(status)
+        if outcome is not None:
+            await outcome
+
+
+class AsyncClient(BaseClient[httpx.AsyncClient]):
     """The asyncio twin of :class:`ovis_server.client.Client`."""
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        backoff: float = 0.5,
-    ) -> None:
-        self.settings = ClientSettings.resolve(base_url, token, timeout, max_retries, backoff)
-        self._http = httpx.AsyncClient(base_url=self.settings.base_url, timeout=timeout)
+    _http_class = httpx.AsyncClient
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -56,40 +59,39 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        headers = {**self.settings.headers(), **kwargs.pop("headers", {})}
-        attempt = 0
+    async def _send(self, call: Call[T]) -> T:
+        attempts = Attempts(self.settings)
         while True:
-            response: httpx.Response | None
-            try:
-                response = await self._http.request(method, path, headers=headers, **kwargs)
-            except httpx.TransportError:
-                response = None
-                if not should_retry(None, attempt, self.settings):
-                    raise
-            if response is not None and not should_retry(response, attempt, self.settings):
-                return parse(response)
-            await asyncio.sleep(retry_delay(response, attempt, self.settings))
-            attempt += 1
+            outcome = await self._attempt(call)
+            if (pause := attempts.pause_after(outcome)) is None:
+                return call.answer(outcome)
+            await asyncio.sleep(pause)
+
+    async def _attempt(self, call: Call[Any]) -> Outcome:
+        try:
+            return await self._http.send(self._request(call))
+        except httpx.TransportError as error:
+            return error
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Any call by method and path (``kwargs``: Call's fields); its answer's JSON body."""
+        return await self._send(Call(method, path, **kwargs))
 
     async def submit(self, input: Mapping[str, Any], model_id: str = DEFAULT_MODEL) -> Submission:
-        path, headers = submit_request(model_id)
-        body = await self._call("POST", path, json=dict(input), headers=headers)
-        return Submission.model_validate(body)
+        return await self._send(calls.submit(input, model_id))
 
     async def status(self, request_id: str) -> Status:
-        return Status.model_validate(await self._call("GET", f"/v1/requests/{request_id}/status"))
+        return await self._send(calls.status(request_id))
 
     async def result(self, request_id: str) -> Result:
-        return Result.model_validate(await self._call("GET", f"/v1/requests/{request_id}/result"))
+        return await self._send(calls.result(request_id))
 
     async def cancel(self, request_id: str) -> Cancellation:
-        body = await self._call("POST", f"/v1/requests/{request_id}/cancel")
-        return Cancellation.model_validate(body)
+        return await self._send(calls.cancel(request_id))
 
     async def delete(self, request_id: str) -> None:
         """Remove the request and its output files; a running job stops."""
-        await self._call("DELETE", f"/v1/requests/{request_id}")
+        await self._send(calls.delete(request_id))
 
     async def stream(self, request_id: str) -> AsyncIterator[Status | Result]:
         """The request's status stream: a Status on every change, then the Result."""
@@ -98,21 +100,14 @@ class AsyncClient:
                 if not isinstance(item, KeepAlive):
                     yield item
 
-    async def _stream(self, request_id: str) -> AsyncGenerator[Status | Result | KeepAlive, None]:
+    async def _stream(self, request_id: str) -> AsyncGenerator[StreamItem, None]:
         """``stream``, with a KeepAlive for each keep-alive comment."""
-        path = f"/v1/requests/{request_id}/stream"
-        async with self._http.stream(
-            "GET", path, headers=self.settings.headers(), timeout=stream_timeout(self.settings)
-        ) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                parse(response)
+        async with _opened(self._http, self._request(calls.stream(request_id))) as response:
             events = StatusStream()
             async for line in response.aiter_lines():
-                item = events.feed(line)
-                if item is not None:
+                if (item := events.feed(line)) is not None:
                     yield item
-                if isinstance(item, Result):
+                if events.finished:
                     return
 
     async def wait(
@@ -125,41 +120,25 @@ class AsyncClient:
         stream: bool = True,
     ) -> Result:
         """Follow the status stream (or poll where there is none) until the request is final."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last: Status | None = None
-        if stream:
-            try:
-                async with contextlib.aclosing(self._stream(request_id)) as items:
+        waiter = Waiter(request_id, poll_interval, timeout, stream=stream)
+        return await self._wait(waiter, on_progress)
+
+    async def _wait(self, waiter: Waiter, on_progress: ProgressCallback | None) -> Result:
+        if waiter.streams:
+            with waiter.polling_if_the_stream_fails():
+                async with contextlib.aclosing(self._stream(waiter.request_id)) as items:
                     async for item in items:
                         if isinstance(item, Result):
                             return item
-                        if isinstance(item, Status):
-                            if on_progress is not None:
-                                outcome = on_progress(item)
-                                if outcome is not None:
-                                    await outcome
-                            last = item
-                        if deadline is not None and time.monotonic() > deadline:
-                            raise WaitTimeoutError(
-                                f"request {request_id} not finished after {timeout}s"
-                            )
-            except ApiError as exc:
-                if exc.status_code not in NO_STREAM:
-                    raise
-            except httpx.TransportError:
-                pass  # the stream broke off: polling takes over
+                        await _report(on_progress, waiter.streamed(item))
+                        waiter.check_deadline()
         while True:
-            current = await self.status(request_id)
-            if on_progress is not None and current != last:
-                outcome = on_progress(current)
-                if outcome is not None:
-                    await outcome
-            last = current
-            if current.is_final:
-                return await self.result(request_id)
-            if deadline is not None and time.monotonic() > deadline:
-                raise WaitTimeoutError(f"request {request_id} not finished after {timeout}s")
-            await asyncio.sleep(poll_interval)
+            status = await self.status(waiter.request_id)
+            await _report(on_progress, waiter.polled(status))
+            if status.is_final:
+                return await self.result(waiter.request_id)
+            waiter.check_deadline()
+            await asyncio.sleep(waiter.poll_interval)
 
     async def run(
         self,
@@ -171,26 +150,15 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> Result:
         submission = await self.submit(input, model_id)
-        result = await self.wait(
-            submission.request_id,
-            on_progress=on_progress,
-            poll_interval=poll_interval,
-            timeout=timeout,
-        )
-        if result.status != "succeeded":
-            message = result.error.message if result.error and result.error.message else ""
-            raise JobFailedError(result.request_id, result.status, message or result.status)
-        return result
+        waiter = Waiter(submission.request_id, poll_interval, timeout)
+        return succeeded(await self._wait(waiter, on_progress))
 
     async def download(self, url: str, path: str | Path) -> Path:
         target = Path(path)
         async with (
             httpx.AsyncClient(timeout=self.settings.timeout) as plain,
-            plain.stream("GET", url) as response,
+            _opened(plain, plain.build_request("GET", url)) as response,
         ):
-            if response.status_code >= 400:
-                await response.aread()
-                parse(response)
             with target.open("wb") as handle:
                 async for chunk in response.aiter_bytes():
                     handle.write(chunk)

@@ -1,32 +1,46 @@
-"""The synchronous client."""
+"""The synchronous client: the shared calls, retries and wait (see _base, _calls and
+_waiting), sent and slept through httpx.Client."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from ovis_server.client._base import (
-    DEFAULT_MODEL,
-    NO_STREAM,
-    ClientSettings,
-    KeepAlive,
-    StatusStream,
-    parse,
-    retry_delay,
-    should_retry,
-    stream_timeout,
-    submit_request,
-)
-from ovis_server.client.errors import ApiError, JobFailedError, WaitTimeoutError
+from ovis_server.client import _calls as calls
+from ovis_server.client._base import Attempts, BaseClient
+from ovis_server.client._calls import DEFAULT_MODEL, Call, Outcome, parse
+from ovis_server.client._waiting import KeepAlive, StatusStream, StreamItem, Waiter, succeeded
 from ovis_server.client.models import Cancellation, Result, Status, Submission
 
+T = TypeVar("T")
+ProgressCallback = Callable[[Status], None]
 
-class Client:
+
+@contextlib.contextmanager
+def _opened(http: httpx.Client, request: httpx.Request) -> Iterator[httpx.Response]:
+    """The response, its body still to read; the ApiError where the server refused."""
+    response = http.send(request, stream=True)
+    try:
+        if response.status_code >= 400:
+            response.read()
+            parse(response)
+        yield response
+    finally:
+        response.close()
+
+
+def _report(on_progress: ProgressCallback | None, status: Status | None) -> None:
+    if on_progress is not None and status is not None:
+        on_progress(status)
+
+
+class Client(BaseClient[httpx.Client]):
     """RunComfy's Model API, on ovis-server or on RunComfy itself (only the base URL differs).
 
     >>> with Client("http://127.0.0.1:8000", token="ovis_...") as client:
@@ -34,17 +48,7 @@ class Client:
     ...     client.download(result.image_url, "ovis.png")
     """
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        backoff: float = 0.5,
-    ) -> None:
-        self.settings = ClientSettings.resolve(base_url, token, timeout, max_retries, backoff)
-        self._http = httpx.Client(base_url=self.settings.base_url, timeout=timeout)
+    _http_class = httpx.Client
 
     def __enter__(self) -> Client:
         return self
@@ -57,41 +61,40 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        headers = {**self.settings.headers(), **kwargs.pop("headers", {})}
-        attempt = 0
+    def _send(self, call: Call[T]) -> T:
+        attempts = Attempts(self.settings)
         while True:
-            response: httpx.Response | None
-            try:
-                response = self._http.request(method, path, headers=headers, **kwargs)
-            except httpx.TransportError:
-                response = None
-                if not should_retry(None, attempt, self.settings):
-                    raise
-            if response is not None and not should_retry(response, attempt, self.settings):
-                return parse(response)
-            time.sleep(retry_delay(response, attempt, self.settings))
-            attempt += 1
+            outcome = self._attempt(call)
+            if (pause := attempts.pause_after(outcome)) is None:
+                return call.answer(outcome)
+            time.sleep(pause)
+
+    def _attempt(self, call: Call[Any]) -> Outcome:
+        try:
+            return self._http.send(self._request(call))
+        except httpx.TransportError as error:
+            return error
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Any call by method and path (``kwargs``: Call's fields); its answer's JSON body."""
+        return self._send(Call(method, path, **kwargs))
 
     def submit(self, input: Mapping[str, Any], model_id: str = DEFAULT_MODEL) -> Submission:
-        path, headers = submit_request(model_id)
-        return Submission.model_validate(
-            self._call("POST", path, json=dict(input), headers=headers)
-        )
+        return self._send(calls.submit(input, model_id))
 
     def status(self, request_id: str) -> Status:
-        return Status.model_validate(self._call("GET", f"/v1/requests/{request_id}/status"))
+        return self._send(calls.status(request_id))
 
     def result(self, request_id: str) -> Result:
-        return Result.model_validate(self._call("GET", f"/v1/requests/{request_id}/result"))
+        return self._send(calls.result(request_id))
 
     def cancel(self, request_id: str) -> Cancellation:
-        return Cancellation.model_validate(self._call("POST", f"/v1/requests/{request_id}/cancel"))
+        return self._send(calls.cancel(request_id))
 
     def delete(self, request_id: str) -> None:
         """Remove the request and its output files (their URLs stop working); a running
         job stops. Raises NotFoundError for an unknown request."""
-        self._call("DELETE", f"/v1/requests/{request_id}")
+        self._send(calls.delete(request_id))
 
     def stream(self, request_id: str) -> Iterator[Status | Result]:
         """The request's status stream: a Status on every change, then the Result once it
@@ -101,21 +104,14 @@ class Client:
             if not isinstance(item, KeepAlive):
                 yield item
 
-    def _stream(self, request_id: str) -> Iterator[Status | Result | KeepAlive]:
+    def _stream(self, request_id: str) -> Iterator[StreamItem]:
         """``stream``, with a KeepAlive for each keep-alive comment."""
-        path = f"/v1/requests/{request_id}/stream"
-        with self._http.stream(
-            "GET", path, headers=self.settings.headers(), timeout=stream_timeout(self.settings)
-        ) as response:
-            if response.status_code >= 400:
-                response.read()
-                parse(response)
+        with _opened(self._http, self._request(calls.stream(request_id))) as response:
             events = StatusStream()
             for line in response.iter_lines():
-                item = events.feed(line)
-                if item is not None:
+                if (item := events.feed(line)) is not None:
                     yield item
-                if isinstance(item, Result):
+                if events.finished:
                     return
 
     def wait(
@@ -133,36 +129,23 @@ class Client:
         polls every ``poll_interval`` seconds where it has not or the stream breaks off.
         ``timeout`` is checked on every event, and at least every 15 s (the keep-alive).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last: Status | None = None
-        if stream:
-            try:
-                for item in self._stream(request_id):
+        return self._wait(Waiter(request_id, poll_interval, timeout, stream=stream), on_progress)
+
+    def _wait(self, waiter: Waiter, on_progress: ProgressCallback | None) -> Result:
+        if waiter.streams:
+            with waiter.polling_if_the_stream_fails():
+                for item in self._stream(waiter.request_id):
                     if isinstance(item, Result):
                         return item
-                    if isinstance(item, Status):
-                        if on_progress is not None:
-                            on_progress(item)
-                        last = item
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise WaitTimeoutError(
-                            f"request {request_id} not finished after {timeout}s"
-                        )
-            except ApiError as exc:
-                if exc.status_code not in NO_STREAM:
-                    raise
-            except httpx.TransportError:
-                pass  # the stream broke off: polling takes over
+                    _report(on_progress, waiter.streamed(item))
+                    waiter.check_deadline()
         while True:
-            current = self.status(request_id)
-            if on_progress is not None and current != last:
-                on_progress(current)
-            last = current
-            if current.is_final:
-                return self.result(request_id)
-            if deadline is not None and time.monotonic() > deadline:
-                raise WaitTimeoutError(f"request {request_id} not finished after {timeout}s")
-            time.sleep(poll_interval)
+            status = self.status(waiter.request_id)
+            _report(on_progress, waiter.polled(status))
+            if status.is_final:
+                return self.result(waiter.request_id)
+            waiter.check_deadline()
+            time.sleep(waiter.poll_interval)
 
     def run(
         self,
@@ -175,25 +158,17 @@ class Client:
     ) -> Result:
         """Submit, wait, and return the result; raises JobFailedError unless it succeeded."""
         submission = self.submit(input, model_id)
-        result = self.wait(
-            submission.request_id,
-            on_progress=on_progress,
-            poll_interval=poll_interval,
-            timeout=timeout,
-        )
-        if result.status != "succeeded":
-            message = result.error.message if result.error and result.error.message else ""
-            raise JobFailedError(result.request_id, result.status, message or result.status)
-        return result
+        waiter = Waiter(submission.request_id, poll_interval, timeout)
+        return succeeded(self._wait(waiter, on_progress))
 
     def download(self, url: str, path: str | Path) -> Path:
         """Save an output file: a plain GET, with no token (output URLs carry their own)."""
         target = Path(path)
-        with httpx.stream("GET", url, timeout=self.settings.timeout) as response:
-            if response.status_code >= 400:
-                response.read()
-                parse(response)
-            with target.open("wb") as handle:
-                for chunk in response.iter_bytes():
-                    handle.write(chunk)
+        with (
+            httpx.Client(timeout=self.settings.timeout) as plain,
+            _opened(plain, plain.build_request("GET", url)) as response,
+            target.open("wb") as handle,
+        ):
+            for chunk in response.iter_bytes():
+                handle.write(chunk)
         return target
