@@ -38,6 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from ovis_server.db.connect import connect, migrate, sqlite_url
+from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.store import JobStore
 
 JOB_INPUT = {
@@ -63,13 +64,15 @@ def claim_throughput(url: str, jobs: int, workers: int) -> float:
     store = JobStore(engine)
     for index in range(jobs):
         store.submit(
-            request_id=f"bench-{index}-{uuid.uuid4().hex[:8]}",
-            token_id="bench",
-            model_id="aidc-ai/ovis-image",
-            input=JOB_INPUT,
-            seed=index,
-            total_steps=1,
-            batch_key="aidc-ai/ovis-image:64x64:1:5.0",
+            NewJob(
+                id=f"bench-{index}-{uuid.uuid4().hex[:8]}",
+                token_id="bench",
+                model_id="aidc-ai/ovis-image",
+                input=JOB_INPUT,
+                seed=index,
+                progress_total=1,
+                batch_key="aidc-ai/ovis-image:64x64:1:5.0",
+            )
         )
     engine.dispose()
     context = multiprocessing.get_context("spawn")

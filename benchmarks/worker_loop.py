@@ -31,6 +31,7 @@ from ovis_server.catalogue import OVIS_IMAGE, OvisImageInput
 from ovis_server.cli import parse_image_size
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate, sqlite_url
+from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.store import JobStore
 from ovis_server.storage.local import LocalFileStore
 from ovis_server.storage.signing import UrlSigner
@@ -57,13 +58,15 @@ def queue(store: JobStore, args: argparse.Namespace, count: int, first: int) -> 
         )
         request_id = f"bench{index:04d}"
         store.submit(
-            request_id=request_id,
-            token_id="bench",
-            model_id=OVIS_IMAGE.model_id,
-            input=item.model_dump(mode="json"),
-            seed=index,
-            total_steps=args.steps,
-            batch_key=OVIS_IMAGE.batch_key(item.to_generation_request(index)),
+            NewJob(
+                id=request_id,
+                token_id="bench",
+                model_id=OVIS_IMAGE.model_id,
+                input=item.model_dump(mode="json"),
+                seed=index,
+                progress_total=args.steps,
+                batch_key=OVIS_IMAGE.batch_key(item.to_generation_request(index)),
+            )
         )
         ids.append(request_id)
     return ids

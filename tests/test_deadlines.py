@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ovis_server.jobs.job import JobStatus
+from ovis_server.jobs.job import JobStatus, NewJob
 from ovis_server.jobs.store import DEADLINE_EXCEEDED, JobStore, utcnow
 
 from .helpers import (
@@ -34,14 +34,16 @@ DEADLINE_ERROR = "deadline_exceeded"
 
 def add(store: JobStore, request_id: str, deadline_in: float | None = None) -> None:
     store.submit(
-        request_id=request_id,
-        token_id="tok_a",
-        model_id="aidc-ai/ovis-image",
-        input={"prompt": request_id},
-        seed=1,
-        total_steps=4,
-        batch_key="k",
-        deadline=None if deadline_in is None else utcnow() + timedelta(seconds=deadline_in),
+        NewJob(
+            id=request_id,
+            token_id="tok_a",
+            model_id="aidc-ai/ovis-image",
+            input={"prompt": request_id},
+            seed=1,
+            progress_total=4,
+            batch_key="k",
+            deadline=None if deadline_in is None else utcnow() + timedelta(seconds=deadline_in),
+        )
     )
 
 

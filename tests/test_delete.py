@@ -14,6 +14,7 @@ from ovis_server.catalogue import OVIS_IMAGE
 from ovis_server.client import AsyncClient, Client, NotFoundError
 from ovis_server.db.connect import connect, migrate, sqlite_url
 from ovis_server.engine.pipeline import Engine
+from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.store import JobStore
 from ovis_server.storage.local import LocalFileStore
 from ovis_server.storage.signing import UrlSigner
@@ -147,13 +148,15 @@ def test_a_job_deleted_while_its_file_is_stored_leaves_no_orphan(
     store = JobStore(db)
     files = DeletedDuringPut(tmp_path / "files", UrlSigner("secret"), store)
     store.submit(
-        request_id="doomed",
-        token_id="tok_a",
-        model_id="aidc-ai/ovis-image",
-        input={"prompt": "a lighthouse", "num_inference_steps": 1, "image_size": "square"},
-        seed=1,
-        total_steps=1,
-        batch_key="k",
+        NewJob(
+            id="doomed",
+            token_id="tok_a",
+            model_id="aidc-ai/ovis-image",
+            input={"prompt": "a lighthouse", "num_inference_steps": 1, "image_size": "square"},
+            seed=1,
+            progress_total=1,
+            batch_key="k",
+        )
     )
     worker = Worker(store=store, files=files, engine=engine, model=OVIS_IMAGE, worker_id="w1")
     batch = store.claim_batch("w1", lease_seconds=30, max_batch=1)

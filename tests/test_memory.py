@@ -27,6 +27,7 @@ from ovis_server.engine.memory import (
 from ovis_server.engine.pipeline import Engine
 from ovis_server.engine.random_full import build_full_size_pipeline
 from ovis_server.engine.request import GenerationRequest
+from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.store import JobStore
 from ovis_server.storage.local import LocalFileStore
 from ovis_server.storage.signing import UrlSigner
@@ -216,13 +217,15 @@ def test_the_worker_forms_batches_the_plan_has_room_for(
     for size, preset in ((1024, "square_hd"), (512, "square")):
         for n in range(4):
             store.submit(
-                request_id=f"{preset}-{n}",
-                token_id="tok_cap",
-                model_id="aidc-ai/ovis-image",
-                input={"prompt": f"a kite {n}", "image_size": preset, "num_inference_steps": 2},
-                seed=n,
-                total_steps=2,
-                batch_key=f"{size}:2",
+                NewJob(
+                    id=f"{preset}-{n}",
+                    token_id="tok_cap",
+                    model_id="aidc-ai/ovis-image",
+                    input={"prompt": f"a kite {n}", "image_size": preset, "num_inference_steps": 2},
+                    seed=n,
+                    progress_total=2,
+                    batch_key=f"{size}:2",
+                )
             )
     files = LocalFileStore(tmp_path / "files", UrlSigner("cap"))
 

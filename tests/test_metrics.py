@@ -17,6 +17,7 @@ from ovis_server.cli import main
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate, sqlite_url
 from ovis_server.db.schema import jobs
+from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.stats import StatsReader
 from ovis_server.jobs.store import JobStore, utcnow
 from ovis_server.jobs.workers import WorkerRegistry
@@ -35,13 +36,15 @@ def parse(exposition: str) -> Samples:
 
 def add(store: JobStore, request_id: str) -> None:
     store.submit(
-        request_id=request_id,
-        token_id="tok",
-        model_id="aidc-ai/ovis-image",
-        input={"prompt": request_id},
-        seed=1,
-        total_steps=4,
-        batch_key="k",
+        NewJob(
+            id=request_id,
+            token_id="tok",
+            model_id="aidc-ai/ovis-image",
+            input={"prompt": request_id},
+            seed=1,
+            progress_total=4,
+            batch_key="k",
+        )
     )
 
 

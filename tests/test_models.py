@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from ovis_server.catalogue import OVIS_IMAGE, ModelRegistry, UnknownModelError
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, sqlite_url
+from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.store import JobStore
 
 from .helpers import Cluster, start_server, status_of, wait_for, wait_result
@@ -21,13 +22,15 @@ SECOND = "acme/ovis-second"
 
 def add(store: JobStore, request_id: str, model_id: str) -> None:
     store.submit(
-        request_id=request_id,
-        token_id="tok_a",
-        model_id=model_id,
-        input={"prompt": request_id},
-        seed=1,
-        total_steps=4,
-        batch_key=f"{model_id}:k",
+        NewJob(
+            id=request_id,
+            token_id="tok_a",
+            model_id=model_id,
+            input={"prompt": request_id},
+            seed=1,
+            progress_total=4,
+            batch_key=f"{model_id}:k",
+        )
     )
 
 

@@ -25,7 +25,7 @@ import torch
 from ovis_server.catalogue import OVIS_IMAGE
 from ovis_server.engine.pipeline import Engine
 from ovis_server.engine.request import GenerationRequest
-from ovis_server.jobs.job import Job, JobStatus
+from ovis_server.jobs.job import Job, JobStatus, NewJob
 from ovis_server.jobs.store import JobStore
 from ovis_server.storage.local import LocalFileStore
 from ovis_server.storage.signing import UrlSigner
@@ -44,18 +44,20 @@ def queue_jobs(store: JobStore, ids: list[str], size: int = 64, steps: int = 2) 
     """Queue a small job per id, all of one batch key, oldest first."""
     for n, request_id in enumerate(ids):
         store.submit(
-            request_id=request_id,
-            token_id="tok_overlap",
-            model_id=MODEL,
-            input={
-                "prompt": f"a lighthouse, number {n}",
-                "image_size": {"width": size, "height": size},
-                "num_inference_steps": steps,
-                "guidance_scale": 1,
-            },
-            seed=n,
-            total_steps=steps,
-            batch_key=f"{size}x{size}:{steps}",
+            NewJob(
+                id=request_id,
+                token_id="tok_overlap",
+                model_id=MODEL,
+                input={
+                    "prompt": f"a lighthouse, number {n}",
+                    "image_size": {"width": size, "height": size},
+                    "num_inference_steps": steps,
+                    "guidance_scale": 1,
+                },
+                seed=n,
+                progress_total=steps,
+                batch_key=f"{size}x{size}:{steps}",
+            )
         )
 
 

@@ -15,20 +15,22 @@ from sqlalchemy import text
 
 from ovis_server.db.connect import alembic_config, connect, migrate, sqlite_url
 from ovis_server.db.schema import metadata
-from ovis_server.jobs.job import CancelOutcome, JobStatus, StoredOutput
+from ovis_server.jobs.job import CancelOutcome, JobStatus, NewJob, StoredOutput
 from ovis_server.jobs.outbox import DeliveryStore
 from ovis_server.jobs.store import JobStore, LeaseLostError, utcnow
 
 
 def add(store: JobStore, request_id: str, token: str = "tok_a", batch_key: str = "k") -> None:
     store.submit(
-        request_id=request_id,
-        token_id=token,
-        model_id="aidc-ai/ovis-image",
-        input={"prompt": request_id},
-        seed=1,
-        total_steps=4,
-        batch_key=batch_key,
+        NewJob(
+            id=request_id,
+            token_id=token,
+            model_id="aidc-ai/ovis-image",
+            input={"prompt": request_id},
+            seed=1,
+            progress_total=4,
+            batch_key=batch_key,
+        )
     )
 
 
@@ -183,10 +185,10 @@ def test_claim_batch_takes_the_head_and_its_compatible_followers(store: JobStore
 
 
 def test_every_state_change_is_logged_and_owes_its_webhooks(store: JobStore) -> None:
-    store.submit(
-        request_id="hooked", token_id="tok_a", model_id="m", input={}, seed=1, total_steps=2,
+    store.submit(NewJob(
+        id="hooked", token_id="tok_a", model_id="m", input={}, seed=1, progress_total=2,
         batch_key="k", webhook_url="http://127.0.0.1:9/h", webhook_intermediate=True,
-    )  # fmt: skip
+    ))  # fmt: skip
     add(store, "plain")
     add(store, "dropped")
     assert store.queue_positions(["plain", "dropped", "unknown"]) == {"plain": 1, "dropped": 2}

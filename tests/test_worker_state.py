@@ -7,7 +7,7 @@ from pathlib import Path
 from ovis_server.api.app import worker_readiness
 from ovis_server.db.connect import connect, migrate
 from ovis_server.engine.weights import Progress
-from ovis_server.jobs.workers import WorkerRegistry
+from ovis_server.jobs.workers import WorkerRegistry, WorkerState
 from ovis_server.worker.report import StateReport
 
 
@@ -36,7 +36,7 @@ def test_phases_and_progress_reach_readyz(tmp_path: Path) -> None:
     report.phase("warming", memory_profile="full")
     shown = worker_readiness(registry.alive(60)[0])
     assert (shown.phase, shown.progress, shown.memory_profile) == ("warming", None, "full")
-    registry.heartbeat("w1", ready=True)
+    registry.heartbeat("w1", WorkerState(ready=True))
     shown = worker_readiness(registry.alive(60)[0])
     assert shown.phase == "ready"
     assert shown.model == "aidc-ai/ovis-image"
@@ -46,6 +46,7 @@ def test_phases_and_progress_reach_readyz(tmp_path: Path) -> None:
 
 def test_unreadable_details_are_left_out(tmp_path: Path) -> None:
     registry = registry_at(tmp_path)
-    registry.heartbeat("w1", phase="bogus", detail={"progress": "nonsense", "memory_profile": 7})
+    bogus = WorkerState(phase="bogus", detail={"progress": "nonsense", "memory_profile": 7})
+    registry.heartbeat("w1", bogus)
     shown = worker_readiness(registry.alive(60)[0])
     assert (shown.phase, shown.progress, shown.memory_profile) == ("loading", None, None)

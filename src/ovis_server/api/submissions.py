@@ -23,6 +23,7 @@ from ovis_server.api.errors import INVALID_INPUT, ApiError, too_many, validation
 from ovis_server.api.limits import check_json_depth
 from ovis_server.api.protocol import SubmitResponse
 from ovis_server.config import Settings
+from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.store import (
     IdempotencyConflictError,
     JobStore,
@@ -164,13 +165,13 @@ class Submissions:
                     return SubmitResponse(request_id=twin.id, **request_urls(base_url, twin.id))
             if self.capacity is not None:
                 self.capacity.check(spec.model_id, generation.width, generation.height)
-            job = self.store.submit(
-                request_id=str(uuid.uuid4()),
+            new_job = NewJob(
+                id=str(uuid.uuid4()),
                 token_id=token_id,
                 model_id=spec.model_id,
                 input=json.loads(canonical),
                 seed=seed,
-                total_steps=generation.num_inference_steps,
+                progress_total=generation.num_inference_steps,
                 batch_key=spec.batch_key(generation),
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
@@ -178,8 +179,8 @@ class Submissions:
                 webhook_intermediate=bool(webhook.intermediate),
                 base_url=base_url,
                 deadline=None if lifetime is None else utcnow() + lifetime,
-                limits=self._limits(),
             )
+            job = self.store.submit(new_job, self._limits())
         except LimitExceededError as exc:
             raise self._refusal(exc) from None
         except IdempotencyConflictError as exc:

@@ -8,7 +8,6 @@ the running ones, which their worker stops at its next denoising step.
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from ovis_server.db.schema import jobs
 from ovis_server.jobs.events import record_changes, utcnow
 from ovis_server.jobs.job import JobStatus
 from ovis_server.jobs.queries import JobQueries
+from ovis_server.jobs.sweeper import Sweeper
 
 if TYPE_CHECKING:
     from ovis_server.jobs.store import JobStore
@@ -74,31 +74,18 @@ class DeadlineExpiry(JobQueries):
         return locked_pick(found, f"past_deadline_{status.value}")
 
 
-class DeadlineSweeper:
+class DeadlineSweeper(Sweeper):
+    """Runs the deadline pass about once a second."""
+
+    name = "deadlines"
+
     def __init__(self, store: JobStore, interval_seconds: float = SWEEP_SECONDS) -> None:
+        super().__init__(interval_seconds)
         self.store = store
-        self.interval = interval_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="deadlines", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                cancelled, flagged = self.store.expire_deadlines()
-                if cancelled or flagged:
-                    logger.info(
-                        "deadlines: cancelled %d queued job(s), stopping %d running",
-                        cancelled,
-                        flagged,
-                    )
-            except Exception:
-                logger.exception("deadline sweep failed; trying again shortly")
-            self._stop.wait(self.interval)
+    def sweep(self) -> None:
+        cancelled, flagged = self.store.expire_deadlines()
+        if cancelled or flagged:
+            logger.info(
+                "deadlines: cancelled %d queued job(s), stopping %d running", cancelled, flagged
+            )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -67,18 +67,43 @@ class StoredOutput:
 
 
 @dataclass(frozen=True)
-class Job:
+class NewJob:
+    """A job as its submit asks for it: the request (``id``) to one model, and what its
+    client chose beside it. ``progress_total``: its denoising steps. ``deadline``: it is
+    cancelled then if not finished (Cancel-After). With an ``idempotency_key``,
+    ``request_hash`` tells a repeat of the request from another one.
+    """
+
     id: str
-    seq: int
     token_id: str
     model_id: str
     input: dict[str, Any]
     seed: int
+    progress_total: int
     batch_key: str
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    webhook_url: str | None = None
+    webhook_intermediate: bool = False
+    base_url: str | None = None
+    deadline: datetime | None = None
+
+    def row(self, created_at: datetime) -> dict[str, Any]:
+        """The job's row as it enters the queue: at the back, no step run, no attempt made."""
+        row = {field.name: getattr(self, field.name) for field in fields(NewJob)}
+        row.update(status=JobStatus.QUEUED, cancel_requested=False, progress_step=0, attempts=0)
+        row["created_at"] = created_at
+        return row
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job(NewJob):
+    """A job as the store keeps it: what its submit asked for, and where it stands."""
+
+    seq: int
     status: JobStatus
     cancel_requested: bool
     progress_step: int
-    progress_total: int
     attempts: int
     worker_id: str | None
     lease_expires_at: datetime | None
@@ -87,13 +112,7 @@ class Job:
     finished_at: datetime | None
     error_type: str | None
     error_message: str | None
-    outputs: tuple[StoredOutput, ...] = field(default=())
-    idempotency_key: str | None = None
-    request_hash: str | None = None
-    webhook_url: str | None = None
-    webhook_intermediate: bool = False
-    base_url: str | None = None
-    deadline: datetime | None = None
+    outputs: tuple[StoredOutput, ...] = ()
     # Notes for the client that are not errors, e.g. that the prompt was cut.
     warnings: tuple[str, ...] = ()
 

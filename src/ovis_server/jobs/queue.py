@@ -10,7 +10,7 @@ in its own transaction by ``record_changes``.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, and_, delete, insert, or_, select, update
@@ -20,7 +20,7 @@ from ovis_server.db.picks import locked_pick
 from ovis_server.db.retry import retried
 from ovis_server.db.schema import job_events, jobs, webhook_deliveries
 from ovis_server.jobs.events import record_changes, utcnow
-from ovis_server.jobs.job import CancelOutcome, Job, JobStatus, StoredOutput
+from ovis_server.jobs.job import CancelOutcome, Job, JobStatus, NewJob, StoredOutput
 from ovis_server.jobs.limits import SubmitLimits, check_limits, submit_transaction
 from ovis_server.jobs.queries import JobQueries
 from ovis_server.jobs.rows import job_from_row
@@ -54,25 +54,8 @@ class JobQueue(JobQueries):
     # --- the API's side -------------------------------------------------------------
 
     @retried
-    def submit(
-        self,
-        *,
-        request_id: str,
-        token_id: str,
-        model_id: str,
-        input: dict[str, Any],
-        seed: int,
-        total_steps: int,
-        batch_key: str,
-        idempotency_key: str | None = None,
-        request_hash: str | None = None,
-        webhook_url: str | None = None,
-        webhook_intermediate: bool = False,
-        base_url: str | None = None,
-        deadline: datetime | None = None,
-        limits: SubmitLimits | None = None,
-    ) -> Job:
-        """Queue a job at the back of the queue (cancelled at ``deadline`` if unfinished).
+    def submit(self, job: NewJob, limits: SubmitLimits | None = None) -> Job:
+        """Queue a job at the back of the queue (cancelled at its deadline if unfinished).
 
         With an idempotency key, a repeat of the same request (same ``request_hash``) by
         the same token within 24 hours returns the job the first one made; a different
@@ -83,35 +66,13 @@ class JobQueue(JobQueries):
         with: concurrent submits cannot all pass a check that only one of them may pass.
         A refused submit raises LimitExceededError.
         """
-        if idempotency_key is not None:
-            earlier = self.idempotent_twin(token_id, idempotency_key, request_hash)
+        token_id, key, request_hash = job.token_id, job.idempotency_key, job.request_hash
+        if key is not None:
+            earlier = self.idempotent_twin(token_id, key, request_hash)
             if earlier is not None:
                 return earlier
         now = utcnow()
-        stmt = (
-            insert(jobs)
-            .values(
-                id=request_id,
-                token_id=token_id,
-                model_id=model_id,
-                input=input,
-                seed=seed,
-                batch_key=batch_key,
-                status=JobStatus.QUEUED,
-                cancel_requested=False,
-                progress_step=0,
-                progress_total=total_steps,
-                attempts=0,
-                created_at=now,
-                idempotency_key=idempotency_key,
-                request_hash=request_hash,
-                webhook_url=webhook_url,
-                webhook_intermediate=webhook_intermediate,
-                base_url=base_url,
-                deadline=deadline,
-            )
-            .returning(*jobs.c)
-        )
+        stmt = insert(jobs).values(job.row(now)).returning(*jobs.c)
         try:
             with submit_transaction(self.engine, token_id, limits or SubmitLimits()) as conn:
                 if limits is not None:
@@ -120,10 +81,10 @@ class JobQueue(JobQueries):
                 record_changes(conn, [row], now, notify=False)
                 return job_from_row(row)
         except IntegrityError:
-            if idempotency_key is None:
+            if key is None:
                 raise
             # A concurrent twin with the same key was inserted first: answer with it.
-            twin = self.idempotent_twin(token_id, idempotency_key, request_hash)
+            twin = self.idempotent_twin(token_id, key, request_hash)
             if twin is None:
                 raise
             return twin

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import timedelta
 
 from ovis_server.jobs.store import JobStore, utcnow
+from ovis_server.jobs.sweeper import Sweeper
 from ovis_server.jobs.workers import WorkerRegistry
 from ovis_server.storage.base import FileStore
 
@@ -16,8 +16,11 @@ logger = logging.getLogger(__name__)
 SILENT_WORKER_SECONDS = 24 * 3600
 
 
-class RetentionSweeper:
+class RetentionSweeper(Sweeper):
     """Deletes jobs finished longer ago than the retention time, files first, then rows."""
+
+    name = "retention"
+    stop_timeout = 30.0
 
     def __init__(
         self,
@@ -27,13 +30,11 @@ class RetentionSweeper:
         retention_seconds: float,
         interval_seconds: float,
     ) -> None:
+        super().__init__(interval_seconds)
         self.store = store
         self.files = files
         self.workers = workers
         self.retention = timedelta(seconds=retention_seconds)
-        self.interval = interval_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="retention", daemon=True)
 
     def sweep(self) -> tuple[int, int]:
         """One pass: returns (jobs removed, files removed)."""
@@ -52,19 +53,3 @@ class RetentionSweeper:
                 files_removed,
             )
         return jobs_removed, files_removed
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sweep()
-            except Exception:
-                logger.exception("retention sweep failed; trying again later")
-            self._stop.wait(self.interval)

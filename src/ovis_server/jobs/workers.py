@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from types import EllipsisType
 from typing import Any
@@ -29,6 +29,33 @@ class WorkerInfo:
     detail: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class WorkerState:
+    """What a heartbeat tells of the worker besides that it is alive: each field given
+    replaces the row's, each left None keeps it. ``problem`` (a string, or None once it
+    is over) says why the worker takes no jobs, and is kept when not given; ``phase`` and
+    ``detail`` are what /readyz shows of the worker; ``device`` is sent once ``auto`` is
+    resolved."""
+
+    ready: bool | None = None
+    memory_bytes: int | None = None
+    problem: str | EllipsisType | None = ...
+    phase: str | None = None
+    detail: dict[str, Any] | None = None
+    device: str | None = None
+
+    def changes(self) -> dict[str, object]:
+        """The worker row's columns this state changes, and their new values."""
+        changed: dict[str, object] = {
+            field.name: value
+            for field in fields(self)
+            if field.name != "problem" and (value := getattr(self, field.name)) is not None
+        }
+        if not isinstance(self.problem, EllipsisType):
+            changed["problem"] = self.problem[:500] if self.problem else None
+        return changed
+
+
 class WorkerRegistry:
     def __init__(self, engine: Engine, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
         self.engine = engine
@@ -36,52 +63,19 @@ class WorkerRegistry:
 
     @retried
     def register(self, worker_id: str, host: str, pid: int, model: str, device: str) -> None:
+        """Add the worker's row: alive since now, not ready yet."""
         now = datetime.now(UTC)
+        identity = {"id": worker_id, "host": host, "pid": pid, "model": model, "device": device}
+        fresh = {"ready": False, "started_at": now, "heartbeat_at": now}
         with self.engine.begin() as conn:
-            conn.execute(
-                insert(workers).values(
-                    id=worker_id,
-                    host=host,
-                    pid=pid,
-                    model=model,
-                    device=device,
-                    ready=False,
-                    started_at=now,
-                    heartbeat_at=now,
-                )
-            )
+            conn.execute(insert(workers).values(identity | fresh))
 
     @retried
-    def heartbeat(
-        self,
-        worker_id: str,
-        *,
-        ready: bool | None = None,
-        memory_bytes: int | None = None,
-        problem: str | EllipsisType | None = ...,
-        phase: str | None = None,
-        detail: dict[str, Any] | None = None,
-        device: str | None = None,
-    ) -> None:
-        """Mark the worker alive now; ``problem`` (a string, or None once it is over)
-        says why it takes no jobs, and is left as it was when not given. ``phase`` and
-        ``detail`` (what /readyz shows of the worker) and ``device`` (once ``auto`` is
-        resolved) replace theirs when given."""
-        values: dict[str, object] = {"heartbeat_at": datetime.now(UTC)}
-        if phase is not None:
-            values["phase"] = phase
-        if device is not None:
-            values["device"] = device
-        if detail is not None:
-            values["detail"] = detail
-        if not isinstance(problem, EllipsisType):
-            values["problem"] = problem[:500] if problem else None
-        if ready is not None:
-            values["ready"] = ready
-        if memory_bytes is not None:
-            values["memory_bytes"] = memory_bytes
+    def heartbeat(self, worker_id: str, state: WorkerState) -> None:
+        """Mark the worker alive now, with what ``state`` changes."""
+        values = {"heartbeat_at": datetime.now(UTC), **state.changes()}
         with self.engine.begin() as conn:
-            conn.execute(update(workers).where(workers.c.id == worker_id).values(**values))
+            conn.execute(update(workers).where(workers.c.id == worker_id).values(values))
 
     @retried
     def deregister(self, worker_id: str) -> None:

@@ -21,7 +21,7 @@ from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.engine.compile_cache import use_compile_cache
 from ovis_server.jobs.store import JobStore
-from ovis_server.jobs.workers import WorkerRegistry
+from ovis_server.jobs.workers import WorkerRegistry, WorkerState
 from ovis_server.storage import open_file_store
 from ovis_server.worker.report import StateReport
 from ovis_server.worker.runner import Worker
@@ -71,13 +71,10 @@ def _beat(
         try:
             problem = runner[0].output_problem if runner else None
             phase, detail = report.snapshot()
-            registry.heartbeat(
-                worker_id,
-                memory_bytes=memory_in_use(),
-                problem=problem,
-                phase=phase,
-                detail=detail,
+            state = WorkerState(
+                memory_bytes=memory_in_use(), problem=problem, phase=phase, detail=detail
             )
+            registry.heartbeat(worker_id, state)
         except Exception:
             logger.exception("heartbeat failed")
         if runner and runner[0].stalled_for() > stall_timeout:
@@ -95,7 +92,7 @@ def _beat(
 def _report_problem(registry: WorkerRegistry, worker_id: str, problem: str | None) -> None:
     """Tell /readyz at once (the heartbeat repeats it) why this worker takes no jobs."""
     try:
-        registry.heartbeat(worker_id, problem=problem)
+        registry.heartbeat(worker_id, WorkerState(problem=problem))
     except Exception:
         logger.exception("could not report the worker's problem")
 
@@ -199,12 +196,10 @@ def run_worker(
             engine.load_seconds,
             "off" if warmup_seconds is None else f"{warmup_seconds:.1f}s",
         )
-        registry.heartbeat(
-            worker_id,
-            ready=True,
-            memory_bytes=memory_in_use(),
-            device=device_label or str(engine.device),
+        ready = WorkerState(
+            ready=True, memory_bytes=memory_in_use(), device=device_label or str(engine.device)
         )
+        registry.heartbeat(worker_id, ready)
         runner[0].run(stop)
     finally:
         registry.deregister(worker_id)

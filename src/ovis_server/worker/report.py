@@ -14,7 +14,7 @@ import time
 from typing import Any, Literal
 
 from ovis_server.engine.weights import Progress
-from ovis_server.jobs.workers import WorkerRegistry
+from ovis_server.jobs.workers import WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class StateReport:
     def _write(self) -> None:
         phase, detail = self.snapshot()
         try:
-            self.registry.heartbeat(self.worker_id, phase=phase, detail=detail)
+            self.registry.heartbeat(self.worker_id, WorkerState(phase=phase, detail=detail))
         except Exception:  # the heartbeat writes it again
             logger.exception("could not report the worker's state")
         with self._lock:

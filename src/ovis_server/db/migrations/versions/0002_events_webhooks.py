@@ -35,6 +35,7 @@ def upgrade() -> None:
     op.create_index("ix_job_events_request_id_seq", "job_events", ["request_id", "seq"])
     op.create_table(
         "webhook_deliveries",
+        sa.PrimaryKeyConstraint("id", name="pk_webhook_deliveries"),
         sa.Column("id", sa.String(length=40), nullable=False),
         sa.Column("request_id", sa.String(length=128), nullable=False),
         sa.Column("token_id", sa.String(length=32), nullable=False),
@@ -49,7 +50,6 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("created_at", _TIME, nullable=False),
         sa.Column("finished_at", _TIME, nullable=True),
-        sa.PrimaryKeyConstraint("id", name="pk_webhook_deliveries"),
     )
     op.create_index(
         "ix_webhook_deliveries_state_next_attempt_at",
