@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import datetime as dt
 import math
+import os
 import platform
 import socket
 import subprocess
@@ -37,7 +38,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ class Run:
     label: str
     seconds: float
     latencies: list[float]
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by process
 
     @property
     def per_minute(self) -> float:
@@ -86,9 +88,54 @@ def ovis_server(*args: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (Linux's /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid``, whichever of its threads started them."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds spent by the server's API process, its worker processes and this process
+    (the clients) between ``start`` and ``stop``."""
+
+    server_pid: int | None
+    spent: dict[str, float] = field(default_factory=dict)
+
+    def sample(self) -> dict[str, float]:
+        own = os.times()
+        sample = {"clients (this process)": own.user + own.system}
+        if self.server_pid is not None:
+            sample["API process"] = cpu_seconds(self.server_pid)
+            sample["worker processes"] = sum(cpu_seconds(c) for c in children(self.server_pid))
+        return sample
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        before = self.sample()
+        yield
+        after = self.sample()
+        self.spent = {name: after[name] - before.get(name, 0.0) for name in after}
+
+
 @contextlib.contextmanager
-def local_server(args: argparse.Namespace, data_dir: Path) -> Iterator[tuple[str, str]]:
-    """``ovis-server serve`` on a free loopback port; yields (base URL, token) once ready."""
+def local_server(args: argparse.Namespace, data_dir: Path) -> Iterator[tuple[str, str, int | None]]:
+    """``ovis-server serve`` on a free loopback port; yields (base URL, token, its pid) once
+    ready."""
     token = ovis_server("token", "create", "--name", "bench", "--data-dir", str(data_dir))
     port = free_port()
     command = [sys.executable, "-m", "ovis_server", "serve", "--host", "127.0.0.1"]
@@ -105,7 +152,7 @@ def local_server(args: argparse.Namespace, data_dir: Path) -> Iterator[tuple[str
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not get ready:\n{log_path.read_text()}")
             time.sleep(0.5)
-        yield base, token.strip().splitlines()[-1]
+        yield base, token.strip().splitlines()[-1], process.pid
     finally:
         process.terminate()
         try:
@@ -187,17 +234,20 @@ def engine_alone(
     groups = [requests[start : start + batch] for start in range(0, len(requests), batch)]
     engine.generate_batch(groups[0])  # warm-up (and compile, on CUDA)
     latencies: list[float] = []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), os.times()
     for group in groups:
         call = time.perf_counter()
         engine.generate_batch(group)  # PIL images: the device has finished
         latencies += [time.perf_counter() - call] * len(group)
     seconds = time.perf_counter() - started
+    after = os.times()
+    engine_cpu = after.user + after.system - cpu.user - cpu.system
     device = engine.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     dtype = str(engine.dtype).removeprefix("torch.")
     about = f"{device} ({name}), {dtype}; torch {torch.__version__}"
-    return Run(f"engine alone, batches of {batch}", seconds, latencies), about
+    run = Run(f"engine alone, batches of {batch}", seconds, latencies, {"engine": engine_cpu})
+    return run, about
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,12 +289,15 @@ def main(argv: list[str] | None = None) -> int:
         args.out_dir = Path(scratch, "downloads")
         args.out_dir.mkdir()
         with (
-            contextlib.nullcontext((args.url.rstrip("/"), args.token))
+            contextlib.nullcontext((args.url.rstrip("/"), args.token, None))
             if args.url
             else local_server(args, data_dir)
-        ) as (base, token):
+        ) as (base, token, pid):
             drive(base, token, warmup, args)  # warm-up: the first calls, the prompt cache
-            http = drive(base, token, timed, args)
+            meter = CpuMeter(pid)
+            with meter.measuring():
+                http = drive(base, token, timed, args)
+            http.cpu = meter.spent
         requests = [item.to_generation_request(index) for index, item in enumerate(inputs)]
         engine, about = engine_alone(args, data_dir, requests[args.concurrency :])
 
@@ -265,6 +318,14 @@ def main(argv: list[str] | None = None) -> int:
             f"| {run.label} | {len(run.latencies)} | {run.per_minute:.1f} | {p50:.2f} s | "
             f"{p95:.2f} s | {max(run.latencies):.2f} s |"
         )
+    print()
+    print("CPU time per image, by process (user + system; the server's only when started here):")
+    print()
+    print("| run | process | CPU per image |")
+    print("|---|---|---:|")
+    for run in (http, engine):
+        for name, seconds in run.cpu.items():
+            print(f"| {run.label} | {name} | {1000 * seconds / len(run.latencies):.0f} ms |")
     print()
     print(f"end-to-end / engine: {http.per_minute / engine.per_minute:.2f}")
     return 0

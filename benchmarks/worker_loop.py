@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 engine_seconds += time.perf_counter() - started
 
         setattr(engine, method, timed)
+        writes: list[float] = []
+        worker.step_write_seconds = writes  # the progress thread times each step's write
         ids = queue(store, args, args.jobs, limit)
         stop = threading.Event()
 
@@ -151,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         f"| {args.jobs} | {limit} | {seconds:.2f} s | {engine_seconds:.2f} s | "
         f"{engine_seconds / seconds:.1%} | {args.jobs * 60 / seconds:.1f} |"
     )
+    if writes:
+        writes.sort()
+        print()
+        print(
+            f"step progress: {len(writes)} writes, mean {1000 * sum(writes) / len(writes):.1f} ms, "
+            f"p95 {1000 * writes[int(0.95 * (len(writes) - 1))]:.1f} ms, on the progress thread"
+        )
     return 0
 
 

@@ -187,6 +187,54 @@ def test_a_stalled_store_bounds_the_images_held_and_the_worker_claims_no_more(
     assert [job(store, request_id).attempts for request_id in ids] == [1] * 6
 
 
+@contextmanager
+def jobs_table_locked(store: JobStore) -> Iterator[None]:
+    """Another connection holds a write lock on the jobs table while inside: writes wait
+    (SQLite answers "database is locked" after its busy timeout; PostgreSQL blocks)."""
+    with store.engine.connect() as conn:
+        if store.engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+            conn.exec_driver_sql("LOCK TABLE jobs IN EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            conn.exec_driver_sql("ROLLBACK")
+
+
+def test_steps_go_on_while_the_database_is_locked_and_each_is_recorded_in_order(
+    store: JobStore, engine: Engine, tmp_path: Path
+) -> None:
+    steps = 6
+    queue_jobs(store, ["locked"], steps=steps)
+    done: list[int] = []
+    first_step = threading.Event()
+    locked = threading.Event()
+
+    def step(job: Job, n: int) -> None:
+        done.append(n)
+        if n == 1:
+            first_step.set()
+            assert locked.wait(PATIENCE)
+
+    worker = make_worker(store, engine, tmp_path, Hooks(step))
+    with working(worker):
+        assert first_step.wait(PATIENCE)
+        with jobs_table_locked(store):
+            locked.set()
+            # Every step runs with its progress write stuck behind the lock: a worker that
+            # writes on the device's thread waits at the second step (on PostgreSQL until
+            # the lock goes; on SQLite seconds per step), and this times out.
+            wait_for(lambda: len(done) == steps, timeout=20)
+            assert job(store, "locked").status == JobStatus.RUNNING  # its end waits too
+        wait_for(all_final(store, ["locked"]), timeout=PATIENCE)
+    finished = job(store, "locked")
+    assert finished.status == JobStatus.SUCCEEDED
+    assert finished.progress_step == steps
+    assert done == list(range(1, steps + 1))
+
+
 def test_sigterm_during_a_slow_store_still_records_the_job_completed(
     tmp_path: Path,
     tiny_weights: Path,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Collection
 
@@ -26,10 +27,18 @@ logger = logging.getLogger(__name__)
 
 
 class ProgressWriter:
-    def __init__(self, store: JobStore, worker_id: str, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        worker_id: str,
+        lease_seconds: float,
+        timings: list[float] | None = None,
+    ) -> None:
         self.store = store
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
+        # Seconds each write took, appended where given (benchmarks/worker_loop.py).
+        self.timings = timings
         self._queue: deque[tuple[list[str], int]] = deque()
         self._pending: Counter[str] = Counter()  # posted and not yet written, per job
         self._cancel: set[str] = set()
@@ -73,7 +82,10 @@ class ProgressWriter:
                 if not self._queue:
                     return
                 ids, step = self._queue[0]
+            started = time.perf_counter()
             cancel, lost = self._write(ids, step)
+            if self.timings is not None:
+                self.timings.append(time.perf_counter() - started)
             with self._cond:
                 self._queue.popleft()
                 self._pending.subtract(ids)

@@ -114,6 +114,8 @@ class Worker(JobRecorder):
         self._leases = LeaseKeeper(store, worker_id, lease_seconds)
         self._finisher: Finisher | None = None
         self._progress: ProgressWriter | None = None
+        # Where given (a list), how long each step's write took: benchmarks only.
+        self.step_write_seconds: list[float] | None = None
 
     def stalled_for(self) -> float:
         """Seconds the jobs in hand, on the device or in the finisher, have gone without
@@ -226,7 +228,9 @@ class Worker(JobRecorder):
         if self._progress is not None:
             yield
             return
-        self._progress = ProgressWriter(self.store, self.worker_id, self.lease_seconds)
+        self._progress = ProgressWriter(
+            self.store, self.worker_id, self.lease_seconds, self.step_write_seconds
+        )
         try:
             yield
         finally:
