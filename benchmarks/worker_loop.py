@@ -21,6 +21,7 @@ if sys.path and sys.path[0] == __file__.rsplit("/", 1)[0]:
     del sys.path[0]
 
 import argparse
+import math
 import tempfile
 import threading
 import time
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(
             f"step progress: {len(writes)} writes, mean {1000 * sum(writes) / len(writes):.1f} ms, "
-            f"p95 {1000 * writes[int(0.95 * (len(writes) - 1))]:.1f} ms, on the progress thread"
+            f"p95 {1000 * writes[math.ceil(0.95 * len(writes)) - 1]:.1f} ms, on the progress thread"
         )
     return 0
 

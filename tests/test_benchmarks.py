@@ -41,10 +41,14 @@ def test_serve_benchmark_prints_its_table() -> None:
     lines = result.stdout.splitlines()
     assert "| run | images | images / min | latency p50 | latency p95 | latency max |" in lines
     rows = [line for line in lines if line.startswith("| ") and "| run |" not in line]
-    assert [row.split(" | ")[:2] for row in rows] == [
+    assert [row.split(" | ")[:2] for row in rows[:2]] == [
         ["| HTTP, 2 clients, polling", "3"],
         ["| engine alone, batches of 1", "3"],
     ]
+    # CPU per image of each process: on Linux, the server's processes are found.
+    processes = [row.split(" | ")[1] for row in rows[2:]]
+    assert processes == ["clients (this process)", "API process", "worker processes", "engine"]
+    assert all(re.search(r"\| \d+ ms \|$", row) for row in rows[2:])
     assert "256x256, 2 steps" in result.stdout
     assert re.fullmatch(r"end-to-end / engine: \d+\.\d\d", lines[-1])
 
@@ -57,7 +61,9 @@ def test_worker_loop_benchmark_prints_its_table() -> None:
     )  # fmt: skip
     lines = result.stdout.splitlines()
     assert "| jobs | batch | wall | engine busy | busy share | images / min |" in lines
-    assert re.fullmatch(r"\| 3 \| 1 \| [\d.]+ s \| [\d.]+ s \| [\d.]+% \| [\d.]+ \|", lines[-1])
+    assert re.fullmatch(r"\| 3 \| 1 \| [\d.]+ s \| [\d.]+ s \| [\d.]+% \| [\d.]+ \|", lines[-3])
+    # 3 jobs of 1 step: a progress write each, timed on the progress thread.
+    assert re.fullmatch(r"step progress: 3 writes, mean [\d.]+ ms, p95 [\d.]+ ms, .*", lines[-1])
 
 
 def test_random_full_has_the_real_sizes() -> None:
