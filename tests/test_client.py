@@ -283,7 +283,7 @@ def test_ctrl_c_cancels_the_remote_job(server: InProcessServer, token: str, tmp_
         request_id = wait_for(running, timeout=120)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
-        assert process.returncode == 130
+        assert process.returncode == 130, stderr
         assert "cancel: cancelled" in stderr or "cancel: cancellation_requested" in stderr
         assert client.wait(request_id).status == "cancelled"
 

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,6 +14,11 @@ from ovis_server.catalogue.ovis_image import IMAGE_SIZE_PRESETS
 from ovis_server.catalogue.registry import DEFAULT_MODEL_ID
 from ovis_server.cli.common import SUFFIX_FORMATS, output_options, parse_image_size
 from ovis_server.settings_sources import ENV_PREFIX
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from ovis_server.client import Status
 
 
 def client_options(func: Any) -> Any:
@@ -81,7 +87,7 @@ def run_remote(
     """Generate on a server: queue position, then a step progress bar; Ctrl-C cancels."""
     from tqdm import tqdm
 
-    from ovis_server.client import Client, JobFailedError, Status
+    from ovis_server.client import Client, JobFailedError
 
     payload: dict[str, Any] = {"prompt": prompt}
     optional = {
@@ -95,23 +101,15 @@ def run_remote(
     payload.update({key: value for key, value in optional.items() if value is not None})
     with Client(url, token) as client:
         submission = client.submit(payload, model_id)
-        click.echo(f"request {submission.request_id}", err=True)
-        bar = tqdm(total=1, unit="step", desc="queued", leave=True)
-
-        def show(status: Status) -> None:
-            if status.status == "in_queue":
-                bar.set_description(f"queued, position {status.queue_position}")
-            elif status.progress is not None:
-                bar.total = status.progress.total
-                bar.set_description("denoising")
-                bar.update(status.progress.step - bar.n)
-            else:
-                bar.set_description(status.status)
-
-        try:
+        bar = None
+        try:  # from here on, Ctrl-C cancels the request just made
+            click.echo(f"request {submission.request_id}", err=True)
+            bar = tqdm(total=1, unit="step", desc="queued", leave=True)
+            show = functools.partial(show_progress, bar)
             result = client.wait(submission.request_id, on_progress=show, poll_interval=0.25)
         except KeyboardInterrupt:
-            bar.close()
+            if bar is not None:
+                bar.close()
             answer = client.cancel(submission.request_id)
             click.echo(f"cancel: {answer.outcome}", err=True)
             sys.exit(130)
@@ -121,6 +119,18 @@ def run_remote(
             raise JobFailedError(result.request_id, result.status, message or "")
         client.download(result.image_url, output)
     click.echo(f"seed {result.seed}: saved {output}", err=True)
+
+
+def show_progress(bar: tqdm[Any], status: Status) -> None:
+    """A status on ``run``'s progress bar: the queue position, then the steps."""
+    if status.status == "in_queue":
+        bar.set_description(f"queued, position {status.queue_position}")
+    elif status.progress is not None:
+        bar.total = status.progress.total
+        bar.set_description("denoising")
+        bar.update(status.progress.step - bar.n)
+    else:
+        bar.set_description(status.status)
 
 
 def _printing_command(name: str, method: str, doc: str) -> click.Command:
