@@ -23,7 +23,7 @@ import sys
 # Run as a script, this folder comes first on sys.path, and its queue.py would hide the
 # standard library's queue module from httpx, torch and everything else imported below.
 if sys.path and sys.path[0] == __file__.rsplit("/", 1)[0]:
-    del sys.path[0]
+    sys.path[0] = __file__.rsplit("/", 2)[0]  # the repository: benchmarks.common
 
 import argparse
 import contextlib
@@ -31,7 +31,6 @@ import datetime as dt
 import math
 import os
 import platform
-import socket
 import subprocess
 import tempfile
 import threading
@@ -44,17 +43,12 @@ from typing import Any
 
 import httpx
 
+from benchmarks.common import PROMPTS, free_port, ready, stop
 from ovis_server.catalogue import OVIS_IMAGE, OvisImageInput
 from ovis_server.cli import parse_image_size
 from ovis_server.config import Settings
 from ovis_server.engine.request import GenerationRequest
 
-PROMPTS = [
-    'A neon sign that reads "OVIS" above a rainy street at night',
-    "A chalkboard menu listing coffee prices in neat handwriting",
-    "A vintage travel poster for the Alps with bold title lettering",
-    "A birthday cake with 'HAPPY 30TH' piped in blue icing",
-]
 FINAL_STATUSES = {"completed", "failed", "cancelled"}
 
 
@@ -74,13 +68,6 @@ def percentile(values: list[float], fraction: float) -> float:
     """Nearest rank: the smallest value with ``fraction`` of them at or below it."""
     ordered = sorted(values)
     return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def ovis_server(*args: str) -> str:
@@ -154,19 +141,7 @@ def local_server(args: argparse.Namespace, data_dir: Path) -> Iterator[tuple[str
             time.sleep(0.5)
         yield base, token.strip().splitlines()[-1], process.pid
     finally:
-        process.terminate()
-        try:
-            process.wait(120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
+        stop(process)
 
 
 def one_request(

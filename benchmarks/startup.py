@@ -20,14 +20,13 @@ import sys
 # Run as a script, this folder comes first on sys.path, and its queue.py would hide the
 # standard library's queue module from httpx and everything else imported below.
 if sys.path and sys.path[0] == __file__.rsplit("/", 1)[0]:
-    del sys.path[0]
+    sys.path[0] = __file__.rsplit("/", 2)[0]  # the repository: benchmarks.common
 
 import argparse
 import contextlib
 import datetime as dt
 import platform
 import re
-import socket
 import subprocess
 import tempfile
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.common import free_port, ready, stop
 from ovis_server.catalogue import IMAGE_SIZE_PRESETS
 
 READY_LINE = re.compile(
@@ -55,13 +55,6 @@ class Start:
     warmup: str
     from_cache: str
     compiled: str
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager
@@ -93,19 +86,7 @@ def server(args: argparse.Namespace, data_dir: Path, label: str) -> Iterator[tup
         hits, misses = cache_match.groups() if cache_match else ("-", "-")
         yield base, Start(label, wall, worker, loading, warmup, hits, misses)
     finally:
-        process.terminate()
-        try:
-            process.wait(120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
+        stop(process)
 
 
 def one_request(client: httpx.Client, size: str, steps: int, number: int) -> float:

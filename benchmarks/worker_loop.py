@@ -18,7 +18,7 @@ import sys
 # Run as a script, this folder comes first on sys.path, and its queue.py would hide the
 # standard library's queue module.
 if sys.path and sys.path[0] == __file__.rsplit("/", 1)[0]:
-    del sys.path[0]
+    sys.path[0] = __file__.rsplit("/", 2)[0]  # the repository: benchmarks.common
 
 import argparse
 import math
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import PROMPTS
 from ovis_server.catalogue import OVIS_IMAGE, OvisImageInput
 from ovis_server.cli import parse_image_size
 from ovis_server.config import Settings
@@ -37,13 +38,6 @@ from ovis_server.jobs.store import JobStore
 from ovis_server.storage.local import LocalFileStore
 from ovis_server.storage.signing import UrlSigner
 from ovis_server.worker.runner import Worker
-
-PROMPTS = [
-    'A neon sign that reads "OVIS" above a rainy street at night',
-    "A chalkboard menu listing coffee prices in neat handwriting",
-    "A vintage travel poster for the Alps with bold title lettering",
-    "A birthday cake with 'HAPPY 30TH' piped in blue icing",
-]
 
 
 def queue(store: JobStore, args: argparse.Namespace, count: int, first: int) -> list[str]:
