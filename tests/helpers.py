@@ -359,3 +359,47 @@ def download(url: str) -> Image.Image:
 
 def pixels(image: Image.Image) -> np.ndarray[Any, Any]:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+# URLs no outbound call may reach (webhooks, input images, LoRA downloads): every
+# notation of loopback, private, link-local, metadata and reserved addresses, and
+# credentials or schemes that are not http(s).
+REFUSED_URLS = [
+    "http://127.0.0.1/h",
+    "http://127.0.0.2:8080/h",
+    "http://localhost/h",
+    "http://LOCALHOST./h",
+    "http://api.localhost/h",
+    "http://0.0.0.0/h",
+    "http://0/h",
+    "http://2130706433/h",  # decimal
+    "http://0x7f000001/h",  # hex
+    "http://017700000001/h",  # octal
+    "http://0x7f.1/h",
+    "http://0177.0.0.1/h",
+    "http://127.1/h",
+    "http://[::1]/h",
+    "http://[::]/h",
+    "http://[::ffff:127.0.0.1]/h",  # IPv4-mapped
+    "http://[::ffff:a9fe:a9fe]/h",
+    "http://[64:ff9b::a9fe:a9fe]/h",  # NAT64 of 169.254.169.254
+    "http://[2002:c0a8:101::]/h",  # 6to4 of 192.168.1.1
+    "http://10.1.2.3/h",
+    "http://172.16.0.1/h",
+    "http://192.168.1.1/h",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://100.64.0.1/h",  # carrier-grade NAT
+    "http://[fe80::1]/h",
+    "http://[fc00::1]/h",
+    "http://[fd12:3456::1]/h",
+    "http://224.0.0.1/h",
+    "http://[ff02::1]/h",
+    "http://240.0.0.1/h",
+    "http://255.255.255.255/h",
+    "http://user:pass@example.com/h",
+    "http://user@example.com/h",
+    "ftp://example.com/h",
+    "file:///etc/passwd",
+    "gopher://example.com/h",
+    "http://%6c%6fcalhost/h",
+]

@@ -1,0 +1,112 @@
+"""Input images: what a request's ``image_url`` becomes before any worker sees it.
+
+``image_url`` is an ``https://`` URL (fetched under :mod:`ovis_server.inputs.fetch`'s
+rules) or a ``data:image/...;base64,`` URI. Either way the bytes are judged by Pillow, not
+by a header or a file name: PNG, JPEG or WEBP only; the pixel count is read from the
+header and checked before a single pixel is decoded, so a decompression bomb (a
+30000x30000 PNG of one colour is a few KB) costs nothing; a truncated file is refused;
+EXIF orientation is applied and the image converted to RGB. What comes out is a PNG of
+that RGB image, which the API stores as the job's input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps
+
+from ovis_server.inputs.fetch import FetchError, FetchPolicy, Resolver, fetch
+
+FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_BYTES = 50 * 1000 * 1000  # RunComfy's recommended ceiling for an input file
+_DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+)?((?:;[A-Za-z0-9=.+-]+)*);base64,", re.I)
+
+
+class ImageInputError(ValueError):
+    """The input image cannot be used; the message says why, for the client."""
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    fetch: FetchPolicy
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """A checked input image: RGB, upright, as PNG bytes."""
+
+    png: bytes
+    width: int
+    height: int
+
+
+def decode_data_uri(uri: str, max_bytes: int) -> bytes:
+    """The bytes of a ``data:image/...;base64,`` URI, bounded before decoding."""
+    match = _DATA_URI.match(uri)
+    if match is None:
+        raise ImageInputError("must be an https URL or a data:image/...;base64, URI")
+    payload = uri[match.end() :]
+    # Base64 gives 3 bytes for 4 characters: judge the size before decoding it.
+    if len(payload) // 4 * 3 > max_bytes + 2:
+        raise ImageInputError(f"is larger than {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageInputError("is not valid base64") from None
+
+
+def check_image(data: bytes, max_pixels: int) -> InputImage:
+    """``data`` as a checked RGB image (ImageInputError if it is none or too large)."""
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel cap below is the bomb check; Pillow's warning is noise here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageInputError(f"has more than {max_pixels} pixels") from None
+    except (OSError, ValueError, SyntaxError):
+        raise ImageInputError("is not an image (PNG, JPEG or WEBP)") from None
+    with image:
+        if image.format not in FORMATS:
+            raise ImageInputError(f"is a {image.format or 'unknown'} image; send PNG, JPEG or WEBP")
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ImageInputError("has no pixels")
+        if width * height > max_pixels:
+            raise ImageInputError(
+                f"is {width}x{height}, more than the {max_pixels} pixels this server takes"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                rgb = upright.convert("RGB")
+        except Image.DecompressionBombError:
+            raise ImageInputError(f"has more than {max_pixels} pixels") from None
+        except (OSError, ValueError, SyntaxError):
+            raise ImageInputError("is truncated or damaged") from None
+    out = io.BytesIO()
+    rgb.save(out, format="PNG", compress_level=1)
+    return InputImage(out.getvalue(), rgb.width, rgb.height)
+
+
+async def load_input_image(
+    image_url: str, policy: ImagePolicy, resolver: Resolver | None = None
+) -> InputImage:
+    """Fetch or decode ``image_url`` and check it: the image a job will use."""
+    if image_url[:5].lower() == "data:":
+        data = decode_data_uri(image_url, policy.fetch.max_bytes)
+    else:
+        try:
+            data = await fetch(image_url, policy.fetch, resolver)
+        except FetchError as exc:
+            raise ImageInputError(str(exc)) from None
+    return check_image(data, policy.max_pixels)
