@@ -39,6 +39,8 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 # (url, allow_private) -> the address to connect to; a test seam (the default is resolve).
 Resolver = Callable[[httpx.URL, bool], Awaitable[IPAddress]]
+# Takes the body a chunk at a time.
+Sink = Callable[[bytes], object]
 
 
 class FetchError(Exception):
@@ -77,20 +79,30 @@ def check_url(url: str, policy: FetchPolicy) -> None:
 
 async def fetch(url: str, policy: FetchPolicy, resolver: Resolver | None = None) -> bytes:
     """The body at ``url``, under ``policy``; FetchError if it cannot be had or is refused."""
+    parts: list[bytes] = []
+    await fetch_into(url, policy, parts.append, resolver)
+    return b"".join(parts)
+
+
+async def fetch_into(
+    url: str, policy: FetchPolicy, sink: Sink, resolver: Resolver | None = None
+) -> int:
+    """Like :func:`fetch`, handing the body to ``sink`` a chunk at a time (a file's write,
+    for what is too large to hold in memory); the number of bytes it was given."""
     check_url(url, policy)
     lookup = resolver or _default_resolve
     timeout = httpx.Timeout(policy.total_seconds, connect=policy.connect_seconds)
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as http:
         try:
             async with asyncio.timeout(policy.total_seconds):
-                return await _follow(http, httpx.URL(url), policy, lookup)
+                return await _follow(http, httpx.URL(url), policy, lookup, sink)
         except TimeoutError:
             raise FetchError(f"no complete answer within {policy.total_seconds:g} s") from None
 
 
 async def _follow(
-    http: httpx.AsyncClient, url: httpx.URL, policy: FetchPolicy, lookup: Resolver
-) -> bytes:
+    http: httpx.AsyncClient, url: httpx.URL, policy: FetchPolicy, lookup: Resolver, sink: Sink
+) -> int:
     for _hop in range(MAX_REDIRECTS + 1):
         try:
             address = await lookup(url, policy.allow_private)
@@ -123,32 +135,31 @@ async def _follow(
                 continue
             if response.status_code != 200:
                 raise FetchError(f"answered HTTP {response.status_code}")
-            return await _read(response, policy.max_bytes)
+            return await _read(response, policy.max_bytes, sink)
         finally:
             await response.aclose()
     raise FetchError(f"redirected more than {MAX_REDIRECTS} times")
 
 
-async def _read(response: httpx.Response, limit: int) -> bytes:
+async def _read(response: httpx.Response, limit: int, sink: Sink) -> int:
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise FetchError(f"answered with Content-Encoding {encoding[:20]}: send it uncompressed")
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise FetchError(f"is larger than {limit} bytes")
-    parts: list[bytes] = []
     read = 0
     try:
         async for chunk in response.aiter_raw():
             read += len(chunk)
             if read > limit:
                 raise FetchError(f"is larger than {limit} bytes")
-            parts.append(chunk)
+            sink(chunk)
     except httpx.TimeoutException:
         raise FetchError("the server stopped sending") from None
     except httpx.HTTPError:
         raise FetchError("the answer broke off") from None
-    return b"".join(parts)
+    return read
 
 
 def _public_reason(exc: DestinationRefusedError) -> str:
