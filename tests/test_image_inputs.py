@@ -20,7 +20,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from ovis_server.api.destinations import IPAddress, resolve
 from ovis_server.inputs.fetch import FetchError, FetchPolicy, fetch
 from ovis_server.inputs.images import (
     ImageInputError,
@@ -29,6 +28,7 @@ from ovis_server.inputs.images import (
     decode_data_uri,
     load_input_image,
 )
+from ovis_server.webhooks.destinations import IPAddress, resolve
 
 from .helpers import REFUSED_URLS
 

@@ -19,7 +19,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from ovis_server.client import WebhookVerificationError, verify_webhook
-from ovis_server.client.webhook_verify import sign
+from ovis_server.webhooks.signing import sign
 
 from .helpers import (
     Cluster,

@@ -16,8 +16,8 @@ from sqlalchemy import text
 from ovis_server.db.connect import alembic_config, connect, migrate, sqlite_url
 from ovis_server.db.schema import metadata
 from ovis_server.jobs.job import CancelOutcome, JobStatus, NewJob, StoredOutput
-from ovis_server.jobs.outbox import DeliveryStore
 from ovis_server.jobs.store import JobStore, LeaseLostError, utcnow
+from ovis_server.webhooks.outbox import DeliveryStore
 
 
 def add(store: JobStore, request_id: str, token: str = "tok_a", batch_key: str = "k") -> None:

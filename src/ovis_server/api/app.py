@@ -31,18 +31,18 @@ from ovis_server.api.protocol import Health, Readiness, WorkerProgress, WorkerRe
 from ovis_server.api.security import SecurityHeadersMiddleware
 from ovis_server.api.stream import StatusHub
 from ovis_server.api.submissions import Submissions
-from ovis_server.api.webhook_sender import WebhookDispatcher
 from ovis_server.catalogue.registry import ModelRegistry
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.deadlines import DeadlineSweeper
-from ovis_server.jobs.outbox import DeliveryStore
 from ovis_server.jobs.retention import RetentionSweeper
 from ovis_server.jobs.stats import StatsReader
 from ovis_server.jobs.store import JobStore
 from ovis_server.jobs.workers import WorkerInfo, WorkerRegistry
 from ovis_server.storage import open_file_store
 from ovis_server.tokens import TokenStore
+from ovis_server.webhooks.outbox import DeliveryStore
+from ovis_server.webhooks.sender import WebhookDispatcher
 
 STATIC = Path(__file__).parent / "static"
 # Connections still busy this long after the server is told to stop are cut.

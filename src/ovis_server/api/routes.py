@@ -27,7 +27,8 @@ from ovis_server.api.protocol import (
     SubmitResponse,
 )
 from ovis_server.api.stream import StatusHub, status_events, wait_final
-from ovis_server.api.submissions import Submissions, Webhook
+from ovis_server.api.submissions import Submissions
+from ovis_server.webhooks.params import Webhook
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
 

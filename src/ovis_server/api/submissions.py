@@ -9,7 +9,6 @@ import json
 import math
 import re
 import uuid
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +17,6 @@ from pydantic import ValidationError
 from ovis_server.api.bodies import request_urls
 from ovis_server.api.capacity import SizeCapacity
 from ovis_server.api.catalogue_pages import CataloguePages
-from ovis_server.api.destinations import url_problem
 from ovis_server.api.errors import INVALID_INPUT, ApiError, too_many, validation_failed
 from ovis_server.api.limits import check_json_depth
 from ovis_server.api.protocol import SubmitResponse
@@ -31,11 +29,16 @@ from ovis_server.jobs.store import (
     SubmitLimits,
     utcnow,
 )
+from ovis_server.webhooks.params import (
+    WEBHOOK_FIELDS,
+    Webhook,
+    WebhookParamError,
+    check_webhook_url,
+)
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 # A full queue clears at the pace of the GPU; clients come back after this long.
 QUEUE_FULL_RETRY_SECONDS = 10
-WEBHOOK_FIELDS = frozenset({"webhook", "webhook_url", "webhook_intermediate_status"})
 # Cancel-After: seconds, or a duration in Go's notation as Replicate takes it (90s, 5m,
 # 1h30m, 1500ms), from one second to seven days.
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -62,44 +65,6 @@ def parse_cancel_after(value: str) -> timedelta:
             "seconds (90) or a duration such as 90s, 5m or 1h30m",
         )
     return timedelta(seconds=seconds)
-
-
-@dataclass(frozen=True)
-class Webhook:
-    """Where a job's webhooks go: from the submit's query, or else from its body."""
-
-    url: str | None = None
-    intermediate: bool | None = None
-
-    def merged(self, body: dict[str, Any]) -> Webhook:
-        """Take the webhook fields out of ``body`` and settle what the submit asks for."""
-        url = body.pop("webhook", None)
-        alias = body.pop("webhook_url", None)  # what some clients call it
-        if url is None:
-            url = alias
-        elif alias is not None and alias != url:
-            raise ApiError(422, INVALID_INPUT, "webhook_url: differs from webhook; send one")
-        intermediate = body.pop("webhook_intermediate_status", None)
-        if url is not None and not isinstance(url, str):
-            raise ApiError(422, INVALID_INPUT, "webhook: must be a URL string")
-        if intermediate is not None and not isinstance(intermediate, bool):
-            raise ApiError(422, INVALID_INPUT, "webhook_intermediate_status: must be a boolean")
-        merged = Webhook(
-            self.url if self.url is not None else url,
-            self.intermediate if self.intermediate is not None else intermediate,
-        )
-        if merged.url is None and merged.intermediate:
-            raise ApiError(
-                422, INVALID_INPUT, "webhook_intermediate_status: needs a webhook URL too"
-            )
-        return merged
-
-
-def check_webhook_url(url: str, *, allow_private: bool = False) -> None:
-    """Refuse at submit what the destination policy refuses from the URL alone."""
-    problem = url_problem(url, allow_private=allow_private)
-    if problem is not None:
-        raise ApiError(422, INVALID_INPUT, f"webhook: {problem}")
 
 
 class Submissions:
@@ -133,13 +98,16 @@ class Submissions:
         if b'"webhook' in body:
             with contextlib.suppress(ValueError):
                 fields = json.loads(body)
-        if isinstance(fields, dict) and WEBHOOK_FIELDS & fields.keys():
-            webhook = webhook.merged(fields)  # takes them out: they are not model input
-            body = json.dumps(fields).encode()
-        else:
-            webhook = webhook.merged({})
-        if webhook.url is not None:
-            check_webhook_url(webhook.url, allow_private=self.settings.allow_private_webhooks)
+        try:
+            if isinstance(fields, dict) and WEBHOOK_FIELDS & fields.keys():
+                webhook = webhook.merged(fields)  # takes them out: they are not model input
+                body = json.dumps(fields).encode()
+            else:
+                webhook = webhook.merged({})
+            if webhook.url is not None:
+                check_webhook_url(webhook.url, allow_private=self.settings.allow_private_webhooks)
+        except WebhookParamError as exc:
+            raise ApiError(422, INVALID_INPUT, str(exc)) from None
         try:
             validated = spec.input_model.model_validate_json(body or b"{}")
         except ValidationError as exc:

@@ -2,7 +2,7 @@
 
 A request's URL is the client's to choose and the server fetches it: left unchecked, any
 token holder could make the server read what only it can reach. Every fetch follows the
-webhook sender's destination rules (:mod:`ovis_server.api.destinations`):
+webhook sender's destination rules (:mod:`ovis_server.webhooks.destinations`):
 
 - the URL must be ``https`` (``http`` only with the operator's opt-in), with no user name
   or password, and no IP literal or local name in a refused range, in any notation;
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import httpx
 
 from ovis_server import __version__
-from ovis_server.api.destinations import (
+from ovis_server.webhooks.destinations import (
     DestinationRefusedError,
     IPAddress,
     resolve,

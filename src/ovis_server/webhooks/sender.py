@@ -7,7 +7,7 @@ else, or no answer within the timeout, schedules the next attempt.
 
 What a receiver can do to the server is bounded:
 
-- Destinations pass the policy of :mod:`ovis_server.api.destinations` after DNS
+- Destinations pass the policy of :mod:`ovis_server.webhooks.destinations` after DNS
   resolution, and the request goes to the very address that was checked.
 - Of the answer only the status line and headers matter: at most 4 KiB of the body is
   read, raw (``Accept-Encoding: identity``, never decompressed), then the connection is
@@ -30,17 +30,18 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import httpx
 
 from ovis_server import __version__
-from ovis_server.api.bodies import BodyRenderer
-from ovis_server.api.destinations import DestinationRefusedError, redacted, resolve
-from ovis_server.client.webhook_verify import sign
 from ovis_server.jobs.events import utcnow
-from ovis_server.jobs.outbox import Delivery, DeliveryStore
+from ovis_server.jobs.job import Job, JobStatus
 from ovis_server.jobs.store import JobStore
 from ovis_server.tokens import TokenStore
+from ovis_server.webhooks.destinations import DestinationRefusedError, redacted, resolve
+from ovis_server.webhooks.outbox import Delivery, DeliveryStore
+from ovis_server.webhooks.signing import sign
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ BREAKER_SECONDS = 30.0  # its first cool-down; doubled after each failed probe, 
 BREAKER_MAX_SECONDS = 600.0
 MAX_CIRCUITS = 10_000  # destinations remembered; past this, those not paused are forgotten
 MAX_ERROR_LENGTH = 500
+
+
+class WebhookBodies(Protocol):
+    """What renders a message's body (the API's result or status body, with fresh URLs)."""
+
+    def webhook_body(self, job: Job, status: JobStatus, step: int, total: int) -> bytes: ...
 
 
 def destination_of(url: str) -> str:
@@ -119,7 +126,7 @@ class WebhookDispatcher:
         self,
         deliveries: DeliveryStore,
         store: JobStore,
-        bodies: BodyRenderer,
+        bodies: WebhookBodies,
         tokens: TokenStore,
         schedule: Sequence[float],
         *,

@@ -1,0 +1,1 @@
+"""Webhooks, the server side: parameters, destination rules, the outbox, sending, signing."""
