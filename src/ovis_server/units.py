@@ -9,20 +9,20 @@ DAY = 24 * 3600
 
 # Standard Webhooks' suggestion: at once, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 DEFAULT_WEBHOOK_SCHEDULE = "0,5s,5m,30m,2h,5h,10h,10h"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": DAY}
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": float(DAY)}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def parse_duration(text: str) -> float:
-    """Seconds, or a number with a unit: ``90s``, ``30m``, ``12h``, ``7d``."""
-    text = text.strip().lower()
-    factor = _UNITS.get(text[-1:])
-    try:
-        seconds = float(text[:-1] if factor else text) * (factor or 1)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a duration such as 3600, 90s, 30m, 12h or 7d") from None
-    if not seconds >= 0:
-        raise ValueError(f"{text!r}: a duration cannot be negative")
-    return seconds
+    """Seconds, given as a number (``3600``) or as numbers with units, Go's way, as
+    Replicate's Cancel-After takes them: ``1500ms``, ``90s``, ``30m``, ``1h30m``, ``7d``."""
+    cleaned = text.strip().lower()
+    if _NUMBER.fullmatch(cleaned):
+        return float(cleaned)
+    if cleaned and _DURATION_PART.sub("", cleaned) == "":
+        return sum(float(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(cleaned))
+    raise ValueError(f"{text.strip()[:50]!r} is not a duration such as 3600, 90s, 30m, 1h30m or 7d")
 
 
 def parse_schedule(text: str) -> tuple[float, ...]:

@@ -29,6 +29,7 @@ from ovis_server.jobs.store import (
     SubmitLimits,
     utcnow,
 )
+from ovis_server.units import parse_duration
 from ovis_server.webhooks.params import (
     WEBHOOK_FIELDS,
     Webhook,
@@ -39,23 +40,16 @@ from ovis_server.webhooks.params import (
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 # A full queue clears at the pace of the GPU; clients come back after this long.
 QUEUE_FULL_RETRY_SECONDS = 10
-# Cancel-After: seconds, or a duration in Go's notation as Replicate takes it (90s, 5m,
-# 1h30m, 1500ms), from one second to seven days.
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Cancel-After: a duration (units.parse_duration) from one second to seven days.
 CANCEL_AFTER_BOUNDS = (1.0, 7 * 24 * 3600.0)
 
 
 def parse_cancel_after(value: str) -> timedelta:
     """The ``Cancel-After`` header as a duration, or a 422 naming it."""
-    text = value.strip().lower()
-    seconds: float | None = None
-    if re.fullmatch(r"\d+(?:\.\d+)?", text):
-        seconds = float(text)
-    elif text and _DURATION_PART.sub("", text) == "":
-        seconds = sum(
-            float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text)
-        )
+    try:
+        seconds: float | None = parse_duration(value)
+    except ValueError:
+        seconds = None
     low, high = CANCEL_AFTER_BOUNDS
     if seconds is None or not low <= seconds <= high:
         raise ApiError(
