@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 from collections.abc import Collection
@@ -13,7 +14,6 @@ from sqlalchemy import Engine, RowMapping, func, insert, or_, select, update
 from ovis_server.db.keys import shared_secret
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import tokens
-from ovis_server.webhooks.signing import new_secret
 
 SECRET_PREFIX = "ovis_"
 HINT_LENGTH = len(SECRET_PREFIX) + 4
@@ -37,6 +37,11 @@ class TokenInfo:
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks signing secret: ``whsec_`` and 24 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 def hash_secret(secret: str) -> str:
@@ -134,7 +139,7 @@ class TokenStore:
     def webhook_secret(self, token_id: str) -> str:
         """The secret that signs the webhooks of this token's requests (made on first use,
         so tokens older than webhooks have one too)."""
-        return shared_secret(self.engine, f"webhook:{token_id}", new_secret)
+        return shared_secret(self.engine, f"webhook:{token_id}", new_webhook_secret)
 
     @retried
     def revoked_among(self, token_ids: Collection[str]) -> set[str]:

@@ -1,25 +1,16 @@
 """Signing webhook messages, the Standard Webhooks way (https://www.standardwebhooks.com).
 
 Each message is signed with the submitting token's secret (``whsec_`` and base64, made by
-:func:`new_secret`): the HMAC-SHA256 of ``{webhook-id}.{webhook-timestamp}.{body}``, made
-by the ``standardwebhooks`` reference library and sent as ``webhook-signature: v1,<sig>``.
+``tokens.new_webhook_secret``): the HMAC-SHA256 of ``{webhook-id}.{webhook-timestamp}.{body}``,
+made by the ``standardwebhooks`` reference library, sent as ``webhook-signature: v1,<sig>``.
 Receivers check it with ``ovis_server.client.verify_webhook``.
 """
 
 from __future__ import annotations
 
-import base64
-import secrets
 from datetime import UTC, datetime
 
 from standardwebhooks import Webhook
-
-SECRET_PREFIX = "whsec_"
-
-
-def new_secret() -> str:
-    """A fresh signing secret for a token."""
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
