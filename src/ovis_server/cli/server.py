@@ -119,6 +119,8 @@ def first_token_block(settings: Settings, token_id: str, secret: str, webhook_se
     # Listening on every interface: loopback is one of them.
     everywhere = settings.host in ("0.0.0.0", "::", "")  # noqa: S104
     host = "127.0.0.1" if everywhere else settings.host
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
     url = settings.public_url or f"http://{host}:{settings.port}"
     rule = "=" * 78
     return (
