@@ -292,13 +292,22 @@ def test_the_model_picker_offers_every_served_model(
     )
     assert "GET /playground/models/acme/ovis-ft" in asked
     page.wait_for_selector("#field-prompt")
-    page.fill("#token", token)
     page.fill("#field-prompt", "a fine-tune's lighthouse")
-    page.click("#submit")
+    # The token typed and Generate clicked at once, before the field settles.
+    page.evaluate(
+        "token => { const field = document.querySelector('#token'); field.value = token;"
+        " field.dispatchEvent(new Event('input')); document.querySelector('#submit').click(); }",
+        token,
+    )
     page.wait_for_function(
         "() => /queue/i.test(document.querySelector('#status').textContent)", timeout=10_000
     )
     assert "POST /v1/models/acme/ovis-ft" in asked
+    # The token typed just before the click was taken in by the submit: settling later, it
+    # does not stop the page following the job.
+    page.wait_for_timeout(1000)
+    assert "Stopped following" not in page.text_content("#status")
+    assert sum(entry.startswith("POST ") for entry in asked) == 1
     page.close()
 
 

@@ -501,6 +501,12 @@ function follow(id, prompt) {
 async function submit(event) {
   event.preventDefault();
   if (!state.ready) return;
+  if (token() !== state.token) {
+    // A token typed a moment ago, not yet taken in: take it now, or it would stop
+    // following this job once it settled. This submit is the one a pending one waited for.
+    state.pending = false;
+    onTokenChange();
+  }
   if (!token()) {
     askForToken();
     return;
