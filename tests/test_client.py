@@ -13,11 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
-import httpx
 import pytest
 from PIL import Image
 
 from ovis_server.client import (
+    ApiConnectionError,
     AsyncClient,
     AuthenticationError,
     Client,
@@ -185,8 +185,51 @@ def test_retries_on_5xx_429_and_connection_errors(monkeypatch: pytest.MonkeyPatc
         flaky.shutdown()
         flaky.server_close()
     dead = Client(f"http://127.0.0.1:{free_port()}", "t", backoff=0.01, max_retries=2)
-    with dead, pytest.raises(httpx.ConnectError):
+    with dead, pytest.raises(ApiConnectionError):
         dead.status("r1")
+
+
+def test_a_closed_port_is_one_readable_error_naming_the_url(tmp_path: Path) -> None:
+    """Not httpx's ConnectError and its traceback: one line with the URL asked, after the
+    retries; the same from the async client, a stream, a download and the CLI."""
+    base = f"http://127.0.0.1:{free_port()}"
+    with Client(base, "t", backoff=0.01, max_retries=2) as client:
+        with pytest.raises(ApiConnectionError) as caught:
+            client.status("r1")
+        assert str(caught.value) == (
+            f"cannot reach {base}/v1/requests/r1/status: connection refused (is the server "
+            "running there? OVIS_SERVER_URL says where) (after 2 retries)"
+        )
+        assert caught.value.__cause__ is None
+        assert caught.value.__suppress_context__
+        with pytest.raises(ApiConnectionError, match=f"cannot reach {base}/v1/requests/r1/str"):
+            list(client.stream("r1"))
+        # A signed URL's query is not repeated in the message.
+        with pytest.raises(ApiConnectionError) as caught:
+            client.download(f"{base}/files/x/y.png?signature=secret", tmp_path / "y.png")
+        assert "secret" not in str(caught.value)
+        assert f"{base}/files/x/y.png" in str(caught.value)
+
+    async def from_async() -> str:
+        async with AsyncClient(base, "t", backoff=0.01, max_retries=1) as client:
+            with pytest.raises(ApiConnectionError) as caught:
+                await client.submit({"prompt": "x"})
+            return str(caught.value)
+
+    assert asyncio.run(from_async()).startswith(f"cannot reach {base}/v1/models/aidc-ai/ovis-image")
+    cli = subprocess.run(
+        [sys.executable, "-m", "ovis_server", "status", "r1"],
+        env={**os.environ, "OVIS_SERVER_URL": base, "OVIS_SERVER_TOKEN": "t"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert cli.returncode == 1
+    assert cli.stderr.strip().splitlines() == [
+        f"Error: cannot reach {base}/v1/requests/r1/status: connection refused (is the server "
+        "running there? OVIS_SERVER_URL says where) (after 3 retries)"
+    ]
 
 
 class NoStreamHandler(JsonHandler):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from PIL import Image
 
 from .helpers import InProcessServer, ServerFactory
 
@@ -102,6 +105,12 @@ def test_generate_watch_progress_cancel_and_screenshot(
     assert "7" in page.text_content("#result-seed")
     assert any(path.endswith("/stream") for path in paths), paths
     assert not any(path.endswith("/status") for path in paths), "followed by stream, no polls"
+    # On the phone-sized screen the result is on the first screenful, above the form.
+    top = page.evaluate(
+        "() => document.querySelector('#result-image').getBoundingClientRect().top + window.scrollY"
+    )
+    assert top < 900, f"the result starts {top} px down the page"
+    assert_small_thumbnail_beside_its_prompt(page, server, 'A neon sign that reads "OVIS"')
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
@@ -119,6 +128,37 @@ def test_generate_watch_progress_cancel_and_screenshot(
         timeout=60_000,
     )
     page.close()
+
+
+def assert_small_thumbnail_beside_its_prompt(
+    page: Any, server: InProcessServer, prompt: str
+) -> None:
+    """The gallery's newest tile: the server's small JPEG of the image (signed as the file
+    link is), and the start of the prompt beside it."""
+    tile = page.locator("#gallery .card").first
+    tile.locator("img").wait_for()
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#gallery .card img');"
+        " return !!(i && i.complete && i.naturalWidth); }",
+        timeout=30_000,
+    )
+    assert tile.locator(".prompt").text_content() == prompt
+    source = tile.locator("img").get_attribute("src")
+    assert source.startswith("/playground/thumbnails/"), source
+    assert "signature=" in source, source
+    full = tile.locator("a").get_attribute("href")
+    with server.client() as anonymous:
+        thumbnail = anonymous.get(source)
+        assert thumbnail.status_code == 200
+        assert thumbnail.headers["content-type"] == "image/jpeg"
+        assert len(thumbnail.content) < 100_000, len(thumbnail.content)
+        assert len(anonymous.get(full).content) > 10 * len(thumbnail.content)
+        with Image.open(io.BytesIO(thumbnail.content)) as image:
+            assert max(image.size) == 256
+        # The same signature as the file's link: a forged or missing one is refused.
+        forged = re.sub(r"signature=[^&]+", "signature=AAAA", source)
+        assert anonymous.get(forged).status_code == 403
+        assert anonymous.get(source.split("?")[0]).status_code == 403
 
 
 def test_a_bad_token_gets_a_clear_message(server: InProcessServer, browser: Any) -> None:
@@ -171,6 +211,16 @@ def test_the_form_shows_before_a_token_and_submitting_asks_for_one(
     assert page.input_value("#token") == ""
     assert page.locator("#field-num_inference_steps").input_value() == "28"
     assert page.is_enabled("#submit")
+    # A short prompt to start from (not the schema's page-long example), and help in plain
+    # words: no Markdown backticks, no "null".
+    assert 0 < len(page.input_value("#field-prompt")) <= 200
+    help_text = page.text_content("#fields")
+    assert "`" not in help_text, help_text
+    assert "null" not in help_text.lower(), help_text
+    # The model picker lists the served models.
+    assert page.eval_on_selector_all("#model option", "o => o.map(x => x.value)") == [
+        "aidc-ai/ovis-image"
+    ]
 
     page.fill("#field-prompt", "a lighthouse at dusk")
     page.fill("#field-num_inference_steps", "1")
@@ -183,9 +233,9 @@ def test_the_form_shows_before_a_token_and_submitting_asks_for_one(
     assert page.get_attribute("#token", "aria-invalid") == "true"
     assert posts == [], "nothing is submitted without a token"
 
-    # Entering the token sends the submit it asked for.
+    # Pasting the token (an input event, no change event, no click) sends the submit it
+    # asked for.
     page.fill("#token", token)
-    page.dispatch_event("#token", "change")
     page.wait_for_function(
         "() => { const i = document.querySelector('#result-image');"
         " return !!(i && !i.hidden && i.complete && i.naturalWidth); }",
@@ -210,6 +260,63 @@ def test_the_form_shows_before_a_token_and_submitting_asks_for_one(
     violations = [line for line in console if "Content Security Policy" in line]
     assert violations == []
     context.close()
+
+
+def test_the_model_picker_offers_every_served_model(
+    fresh_server: ServerFactory, browser: Any
+) -> None:
+    """With --extra-models, the picker lists them and the form is drawn from the chosen
+    model's own description; the public list shows no weights."""
+    server = fresh_server(no_worker=True, extra_models="acme/ovis-ft=/srv/private/ovis-ft")
+    with server.client() as anonymous:
+        listed = anonymous.get("/playground/models")
+        assert listed.status_code == 200
+        assert [row["model_id"] for row in listed.json()["models"]] == [
+            "aidc-ai/ovis-image",
+            "acme/ovis-ft",
+        ]
+        assert "/srv/private" not in listed.text
+        assert "input_schema" not in listed.text
+    token = server.token("picker")
+    page = browser.new_page()
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(f"{r.method} {urlsplit(r.url).path}"))
+    page.goto(server.base_url + "/")
+    page.wait_for_selector("#field-prompt")
+    options = page.eval_on_selector_all("#model option", "o => o.map(x => x.value)")
+    assert options == ["aidc-ai/ovis-image", "acme/ovis-ft"]
+    page.select_option("#model", "acme/ovis-ft")
+    page.wait_for_function(
+        "() => document.querySelector('#model-name').textContent.includes('acme/ovis-ft')",
+        timeout=10_000,
+    )
+    assert "GET /playground/models/acme/ovis-ft" in asked
+    page.wait_for_selector("#field-prompt")
+    page.fill("#field-prompt", "a fine-tune's lighthouse")
+    # The token typed and Generate clicked at once, before the field settles.
+    page.evaluate(
+        "token => { const field = document.querySelector('#token'); field.value = token;"
+        " field.dispatchEvent(new Event('input')); document.querySelector('#submit').click(); }",
+        token,
+    )
+    page.wait_for_function(
+        "() => /queue/i.test(document.querySelector('#status').textContent)", timeout=10_000
+    )
+    assert "POST /v1/models/acme/ovis-ft" in asked
+    # The token typed just before the click was taken in by the submit: settling later, it
+    # does not stop the page following the job.
+    page.wait_for_timeout(1000)
+    assert "Stopped following" not in page.text_content("#status")
+    assert sum(entry.startswith("POST ") for entry in asked) == 1
+    page.close()
+
+
+def test_head_of_the_playground_answers_200(server: InProcessServer) -> None:
+    with server.client() as anonymous:
+        head = anonymous.head("/")
+        assert head.status_code == 200
+        assert head.headers["content-type"].startswith("text/html")
+        assert head.content == b""
 
 
 def test_every_response_carries_the_security_headers(server: InProcessServer) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
@@ -35,6 +37,15 @@ def get_file(
     expires: str | None = None,
     signature: str | None = None,
 ) -> FileResponse:
+    path = signed_file(request, request_id, name, expires, signature)
+    return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+
+
+def signed_file(
+    request: Request, request_id: str, name: str, expires: str | None, signature: str | None
+) -> Path:
+    """The local file a signed link names; 403 for a bad or expired signature, 404 where
+    the file is gone. (The playground's thumbnails check their links through it too.)"""
     key = f"{request_id}/{name}"
     if not KEY_PATTERN.fullmatch(key) or not expires or not signature:
         raise _REFUSED
@@ -50,4 +61,4 @@ def get_file(
     path = files.path(key)
     if not path.is_file():
         raise request_not_found(request_id)
-    return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+    return path

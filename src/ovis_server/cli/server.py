@@ -90,11 +90,7 @@ def serve(settings: Settings) -> None:
     elif app.state.tokens.count() == 0:
         info, secret = app.state.tokens.create("default")
         click.echo(
-            f"No API token existed in {settings.data_dir}, so one was created ({info.id}).\n"
-            "Its webhooks are signed with "
-            f"{app.state.tokens.webhook_secret(info.id)} ('ovis-server token webhook-secret').\n"
-            "The token is shown only this once; send it as 'Authorization: Bearer <token>':\n"
-            f"{secret}"
+            first_token_block(settings, info.id, secret, app.state.tokens.webhook_secret(info.id))
         )
     registry = app.state.workers
     hostname = socket.gethostname()
@@ -116,6 +112,28 @@ def serve(settings: Settings) -> None:
         ApiServer(config, app.state.hub).run()
     finally:
         workers.stop()
+
+
+def first_token_block(settings: Settings, token_id: str, secret: str, webhook_secret: str) -> str:
+    """What the first start prints about the token it made: framed, so it stands out."""
+    # Listening on every interface: loopback is one of them.
+    everywhere = settings.host in ("0.0.0.0", "::", "")  # noqa: S104
+    host = "127.0.0.1" if everywhere else settings.host
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    url = settings.public_url or f"http://{host}:{settings.port}"
+    rule = "=" * 78
+    return (
+        f"\n{rule}\n"
+        f"No API token existed in {settings.data_dir}, so one was made ({token_id}).\n"
+        "It is shown only this once. Send it as 'Authorization: Bearer <token>', paste it\n"
+        "into the playground, or set it for the examples in the README:\n\n"
+        f"    export OVIS_SERVER_URL={url}\n"
+        f"    export OVIS_SERVER_TOKEN={secret}\n\n"
+        f"Its webhooks are signed with {webhook_secret}\n"
+        "('ovis-server token webhook-secret' shows it again).\n"
+        f"{rule}\n"
+    )
 
 
 @click.command()

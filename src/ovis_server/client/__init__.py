@@ -2,12 +2,14 @@
 
 Base URL and token come from the arguments, or ``OVIS_SERVER_URL`` (or
 ``RUNCOMFY_MODEL_API_BASE``) and ``OVIS_SERVER_TOKEN``. Calls retry with backoff on 429,
-5xx and connection errors (submits carry an Idempotency-Key, so a retry never queues a
+5xx and connection errors (a server that stays unreachable is one ApiConnectionError
+naming the URL; submits carry an Idempotency-Key, so a retry never queues a
 second job); errors are typed and carry the server's ``error_code``.
 """
 
 from ovis_server.client.aio import AsyncClient
 from ovis_server.client.errors import (
+    ApiConnectionError,
     ApiError,
     AuthenticationError,
     InvalidInputError,
@@ -24,6 +26,7 @@ from ovis_server.client.sync import Client
 from ovis_server.client.webhook_verify import WebhookVerificationError, verify_webhook
 
 __all__ = [
+    "ApiConnectionError",
     "ApiError",
     "AsyncClient",
     "AuthenticationError",

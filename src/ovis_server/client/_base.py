@@ -64,6 +64,11 @@ class Attempts:
         self._settings = settings
         self._retries = 0
 
+    @property
+    def retries(self) -> int:
+        """How many retries were made so far."""
+        return self._retries
+
     def pause_after(self, outcome: Outcome) -> float | None:
         response = outcome if isinstance(outcome, httpx.Response) else None
         if self._retries >= self._settings.max_retries:

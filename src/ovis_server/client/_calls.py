@@ -3,14 +3,15 @@ its answer's body becomes."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import httpx
 
-from ovis_server.client.errors import error_for
+from ovis_server.client.errors import ApiConnectionError, error_for
 from ovis_server.client.models import Cancellation, Result, Status, Submission
 
 DEFAULT_MODEL = "aidc-ai/ovis-image"
@@ -30,6 +31,36 @@ def parse(response: httpx.Response) -> Any:
     if response.status_code >= 400:
         raise error_for(response.status_code, body)
     return body
+
+
+def connection_error(error: httpx.TransportError, retries: int = 0) -> ApiConnectionError:
+    """The transport error as one readable line: which URL, and what happened."""
+    text = str(error)
+    if isinstance(error, httpx.TimeoutException):
+        reason = "timed out"
+    elif "refused" in text.lower():
+        reason = "connection refused (is the server running there? OVIS_SERVER_URL says where)"
+    elif isinstance(error, httpx.ConnectError) and (
+        "name or service not known" in text.lower() or "nodename nor servname" in text.lower()
+    ):
+        reason = "host name not found"
+    else:
+        reason = text or type(error).__name__
+    try:
+        url = error.request.url.copy_with(query=None, fragment=None)
+    except RuntimeError:  # an error raised outside a request
+        return ApiConnectionError("the server", reason, retries)
+    return ApiConnectionError(str(url), reason, retries)
+
+
+@contextlib.contextmanager
+def connection_errors() -> Iterator[None]:
+    """Around a call that is not retried (a stream, a download): transport errors as
+    ApiConnectionError."""
+    try:
+        yield
+    except httpx.TransportError as error:
+        raise connection_error(error) from None
 
 
 def _as_is(body: Any) -> Any:
@@ -54,10 +85,11 @@ class Call(Generic[T]):
     params: Any = None
     streams: bool = False
 
-    def answer(self, outcome: Outcome) -> T:
-        """The last attempt's outcome as the caller gets it: the body read, or the error."""
+    def answer(self, outcome: Outcome, retries: int = 0) -> T:
+        """The last attempt's outcome as the caller gets it: the body read, or the error
+        (a transport error as one ApiConnectionError naming the URL)."""
         if isinstance(outcome, httpx.TransportError):
-            raise outcome
+            raise connection_error(outcome, retries) from None
         return self.read(parse(outcome))
 
 

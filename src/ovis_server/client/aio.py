@@ -14,7 +14,7 @@ import httpx
 
 from ovis_server.client import _calls as calls
 from ovis_server.client._base import Attempts, BaseClient
-from ovis_server.client._calls import DEFAULT_MODEL, Call, Outcome, parse
+from ovis_server.client._calls import DEFAULT_MODEL, Call, Outcome, connection_errors, parse
 from ovis_server.client._waiting import KeepAlive, StatusStream, StreamItem, Waiter, succeeded
 from ovis_server.client.models import Cancellation, Result, Status, Submission
 
@@ -64,7 +64,7 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
         while True:
             outcome = await self._attempt(call)
             if (pause := attempts.pause_after(outcome)) is None:
-                return call.answer(outcome)
+                return call.answer(outcome, attempts.retries)
             await asyncio.sleep(pause)
 
     async def _attempt(self, call: Call[Any]) -> Outcome:
@@ -95,10 +95,11 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
 
     async def stream(self, request_id: str) -> AsyncIterator[Status | Result]:
         """The request's status stream: a Status on every change, then the Result."""
-        async with contextlib.aclosing(self._stream(request_id)) as items:
-            async for item in items:
-                if not isinstance(item, KeepAlive):
-                    yield item
+        with connection_errors():
+            async with contextlib.aclosing(self._stream(request_id)) as items:
+                async for item in items:
+                    if not isinstance(item, KeepAlive):
+                        yield item
 
     async def _stream(self, request_id: str) -> AsyncGenerator[StreamItem, None]:
         """``stream``, with a KeepAlive for each keep-alive comment."""
@@ -155,6 +156,11 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
 
     async def download(self, url: str, path: str | Path) -> Path:
         target = Path(path)
+        with connection_errors():
+            await self._download(url, target)
+        return target
+
+    async def _download(self, url: str, target: Path) -> None:
         async with (
             httpx.AsyncClient(timeout=self.settings.timeout) as plain,
             _opened(plain, plain.build_request("GET", url)) as response,
@@ -162,4 +168,3 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
             with target.open("wb") as handle:
                 async for chunk in response.aiter_bytes():
                     handle.write(chunk)
-        return target

@@ -41,6 +41,17 @@ class ServerError(ApiError):
     """5xx after the client's retries."""
 
 
+class ApiConnectionError(OvisError):
+    """The server could not be reached, or the connection broke off, after the client's
+    retries. ``url`` is the address asked (without its query, which may hold a signature)."""
+
+    def __init__(self, url: str, reason: str, retries: int = 0) -> None:
+        after = f" (after {retries} {'retry' if retries == 1 else 'retries'})" if retries else ""
+        super().__init__(f"cannot reach {url}: {reason}{after}")
+        self.url = url
+        self.reason = reason
+
+
 class JobFailedError(OvisError):
     """``run`` waited for a job that ended failed or cancelled."""
 

@@ -14,7 +14,7 @@ import httpx
 
 from ovis_server.client import _calls as calls
 from ovis_server.client._base import Attempts, BaseClient
-from ovis_server.client._calls import DEFAULT_MODEL, Call, Outcome, parse
+from ovis_server.client._calls import DEFAULT_MODEL, Call, Outcome, connection_errors, parse
 from ovis_server.client._waiting import KeepAlive, StatusStream, StreamItem, Waiter, succeeded
 from ovis_server.client.models import Cancellation, Result, Status, Submission
 
@@ -66,7 +66,7 @@ class Client(BaseClient[httpx.Client]):
         while True:
             outcome = self._attempt(call)
             if (pause := attempts.pause_after(outcome)) is None:
-                return call.answer(outcome)
+                return call.answer(outcome, attempts.retries)
             time.sleep(pause)
 
     def _attempt(self, call: Call[Any]) -> Outcome:
@@ -100,9 +100,10 @@ class Client(BaseClient[httpx.Client]):
         """The request's status stream: a Status on every change, then the Result once it
         is final. Raises ApiError like the other calls (NotFoundError, 404, also where a
         server has no streams)."""
-        for item in self._stream(request_id):
-            if not isinstance(item, KeepAlive):
-                yield item
+        with connection_errors():
+            for item in self._stream(request_id):
+                if not isinstance(item, KeepAlive):
+                    yield item
 
     def _stream(self, request_id: str) -> Iterator[StreamItem]:
         """``stream``, with a KeepAlive for each keep-alive comment."""
@@ -165,6 +166,7 @@ class Client(BaseClient[httpx.Client]):
         """Save an output file: a plain GET, with no token (output URLs carry their own)."""
         target = Path(path)
         with (
+            connection_errors(),
             httpx.Client(timeout=self.settings.timeout) as plain,
             _opened(plain, plain.build_request("GET", url)) as response,
             target.open("wb") as handle,

@@ -134,7 +134,25 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
+@contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Alembic's INFO lines (seven on a new database) only at --log-level debug.
+
+    On a first start they would bury the token block; warnings and errors still show.
+    """
+    alembic_logger = logging.getLogger("alembic")
+    if alembic_logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    previous = alembic_logger.level
+    alembic_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        alembic_logger.setLevel(previous)
+
+
 def migrate(engine: Engine) -> None:
     """Apply every migration the database lacks; safe to run from many processes at once."""
-    with _migration_lock(engine):
+    with _migration_lock(engine), _quiet_alembic():
         command.upgrade(alembic_config(engine), "head")

@@ -1,15 +1,29 @@
 'use strict';
-// Ovis-Image playground: builds the form from the model's input schema (public, so the form
-// shows before a token is entered), submits jobs, follows the newest one and lists this
-// token's recent requests.
+// Ovis-Image playground: lists the served models, builds the form from the chosen model's
+// input schema (both public, so the form shows before a token is entered), submits jobs,
+// follows the newest one and lists this token's recent requests.
 
-const MODEL_ID = 'aidc-ai/ovis-image';
+const DEFAULT_MODEL = 'aidc-ai/ovis-image';
+// A schema's example prompt can run to a page: the form starts with a short one instead.
+const SHORT_PROMPT = 'A neon sign that reads "OVIS" above a rainy street';
+const LONG_DEFAULT = 200;
+// Help in plain words for the fields most models share; other fields show the schema's.
+const PLAIN_HELP = {
+  prompt: 'What the image should show. Words in quotes are drawn as text. A very long prompt is cut to what the model reads, and the result says so.',
+  negative_prompt: 'What the image should not show. Optional.',
+  image_size: 'A preset shape, or "custom size" to give width and height yourself.',
+  num_inference_steps: 'More steps take longer and usually add detail.',
+  guidance_scale: 'How closely the image follows the prompt: higher is closer, lower is freer.',
+  seed: 'Leave empty for a random one. The same seed and settings give the same image again.',
+  output_format: 'The file type of the image.',
+};
+const TOKEN_SETTLE_MS = 250; // typing a token: act once it stops changing
 const TOKEN_KEY = 'ovis-server-token';
 const POLL_MS = 400;
 const RETRY_MS = 2000;
 const PAGE_SIZE = 12;
 const FINAL = new Set(['completed', 'succeeded', 'cancelled', 'failed']);
-const CREATE_HINT = 'create one with `ovis-server token create --name NAME`';
+const CREATE_HINT = 'the first `ovis-server serve` prints one, or run `ovis-server token create --name NAME`';
 const OUTCOMES = {
   cancelled: 'The job was cancelled.',
   cancellation_requested: 'Cancellation requested: the job stops at its next step.',
@@ -19,9 +33,10 @@ const OUTCOMES = {
 const $ = (id) => document.getElementById(id);
 // fields: [{name, read}] in schema order; job: {id, prompt, cancelling}. The *Gen counters
 // let a late answer see that a newer load or job has replaced the one it was for.
-// pending: a submit waits for the token it asked for.
+// pending: a submit waits for the token it asked for. models: the served models' ids.
 const state = {
-  fields: [], ready: false, pending: false, job: null, cursor: null, modelGen: 0, jobGen: 0, galleryGen: 0, streamAbort: null,
+  modelId: DEFAULT_MODEL, models: [], fields: [], ready: false, pending: false, job: null, cursor: null,
+  modelGen: 0, jobGen: 0, galleryGen: 0, streamAbort: null, token: '', tokenTimer: null,
 };
 
 function apiError(status, message) {
@@ -69,13 +84,17 @@ function storedToken() {
 }
 
 // Text between backticks is shown as <code>; every part goes in as text, never as HTML.
-function setMessage(text, kind = 'info') {
-  const box = $('message');
+function putText(box, text) {
   box.replaceChildren();
-  box.className = text ? `message ${kind}` : 'message';
   String(text || '').split('`').forEach((part, i) => {
     if (part) box.append(i % 2 ? el('code', '', part) : document.createTextNode(part));
   });
+}
+
+function setMessage(text, kind = 'info') {
+  const box = $('message');
+  putText(box, text);
+  box.className = text ? `message ${kind}` : 'message';
 }
 
 function showError(err, what) {
@@ -144,7 +163,8 @@ function wrap(id, name, prop, control, bounds) {
   label.htmlFor = id;
   control.id = id;
   block.append(label, control);
-  const help = el('p', 'help', [prop.description, bounds].filter(Boolean).join(' '));
+  const help = el('p', 'help');
+  putText(help, [PLAIN_HELP[name] || prop.description, bounds].filter(Boolean).join(' '));
   help.id = `${id}-help`;
   control.setAttribute('aria-describedby', help.id);
   block.append(help);
@@ -178,7 +198,9 @@ function textField(name, prop, s, required) {
   area.required = required;
   setAttr(area, 'minlength', s.minLength);
   setAttr(area, 'maxlength', s.maxLength);
-  if (typeof prop.default === 'string') area.value = prop.default;
+  if (typeof prop.default === 'string') {
+    area.value = prop.default.length > LONG_DEFAULT && required ? SHORT_PROMPT : prop.default;
+  }
   const element = wrap(`field-${name}`, name, prop, area, boundsText(s));
   return { element, read: () => (area.value === '' ? undefined : area.value) };
 }
@@ -265,10 +287,30 @@ function readInput() {
 }
 
 function showModel(model) {
-  $('model-name').textContent = model.display_name || model.model_id || MODEL_ID;
+  $('model-name').textContent = model.display_name || model.model_id || state.modelId;
   const price = typeof model.base_price_usd === 'number'
     ? `US$${model.base_price_usd} per ${model.price_unit || 'output'}` : '';
   $('model-description').textContent = [model.description, price].filter(Boolean).join(' · ');
+}
+
+// The served models, for the picker: the playground's public list, no token needed.
+async function loadModels() {
+  try {
+    const page = await api('GET', '/playground/models');
+    state.models = (page.models || []).filter((m) => typeof m.model_id === 'string');
+  } catch (err) {
+    state.models = [];
+    showError(err, 'Listing the models');
+  }
+  const picker = $('model');
+  picker.replaceChildren(...state.models.map((m) => new Option(
+    m.display_name && m.display_name !== m.model_id ? `${m.display_name} (${m.model_id})` : m.model_id, m.model_id,
+  )));
+  const ids = state.models.map((m) => m.model_id);
+  state.modelId = ids.includes(DEFAULT_MODEL) || !ids.length ? DEFAULT_MODEL : ids[0];
+  picker.value = state.modelId;
+  picker.disabled = ids.length < 2;
+  loadModel();
 }
 
 // The model's description comes from the playground's public route: no token needed.
@@ -278,7 +320,7 @@ async function loadModel() {
   $('submit').disabled = true;
   setMessage('Loading the model…');
   try {
-    const model = await api('GET', `/playground/models/${MODEL_ID}`);
+    const model = await api('GET', `/playground/models/${state.modelId}`);
     if (gen !== state.modelGen) return;
     showModel(model);
     buildForm(model.input_schema || {});
@@ -459,6 +501,12 @@ function follow(id, prompt) {
 async function submit(event) {
   event.preventDefault();
   if (!state.ready) return;
+  if (token() !== state.token) {
+    // A token typed a moment ago, not yet taken in: take it now, or it would stop
+    // following this job once it settled. This submit is the one a pending one waited for.
+    state.pending = false;
+    onTokenChange();
+  }
   if (!token()) {
     askForToken();
     return;
@@ -467,11 +515,13 @@ async function submit(event) {
   const input = readInput();
   $('submit').disabled = true;
   try {
-    const job = await api('POST', `/v1/models/${MODEL_ID}`, input);
+    const job = await api('POST', `/v1/models/${state.modelId}`, input);
     setMessage('');
     follow(job.request_id, typeof input.prompt === 'string' ? input.prompt : '');
     loadGallery(true);
+    if (window.matchMedia('(max-width: 699px)').matches) $('result-panel').scrollIntoView({ block: 'start' });
   } catch (err) {
+    state.pending = err.status === 401; // a wrong token: the next one entered tries again
     showError(err, 'Submitting');
   } finally {
     $('submit').disabled = !state.ready;
@@ -497,20 +547,37 @@ function when(iso) {
   return Number.isNaN(date.getTime()) ? '' : date.toLocaleString(undefined, { dateStyle: 'short', timeStyle: 'short' });
 }
 
+// The server's small JPEG of one of its own signed file links (same signature); a link
+// elsewhere (an object store's) is shown as it is.
+function thumbnailUrl(url) {
+  let parsed;
+  try { parsed = new URL(url, window.location.href); } catch { return url; }
+  if (parsed.origin !== window.location.origin || !parsed.pathname.startsWith('/files/')) return url;
+  return `/playground/thumbnails/${parsed.pathname.slice('/files/'.length)}${parsed.search}`;
+}
+
+// A tile: the thumbnail, and beside it the start of the prompt, then seed, state and time.
 function card(r) {
   const item = el('li', `card status-${r.status}`);
   const url = r.status === 'succeeded' ? safeUrl(r.output && r.output.image) : '';
   if (url) {
-    const link = Object.assign(el('a'), { href: url, target: '_blank', rel: 'noopener' });
-    const img = Object.assign(el('img'), { loading: 'lazy', src: url, alt: `Generated image, seed ${r.seed}` });
+    const link = Object.assign(el('a', 'thumb'), { href: url, target: '_blank', rel: 'noopener' });
+    const img = Object.assign(el('img'), {
+      loading: 'lazy', src: thumbnailUrl(url), alt: r.prompt_start || `Generated image, seed ${r.seed}`,
+    });
     item.append(link);
     link.append(img);
   } else {
-    item.append(el('div', 'placeholder', prettify(r.status)));
+    item.append(el('div', 'thumb placeholder', prettify(r.status)));
   }
-  const meta = [r.seed == null ? '' : `seed ${r.seed}`, prettify(r.status), when(r.created_at)];
-  item.append(el('p', 'meta', meta.filter(Boolean).join(' · ')));
-  if (r.error && r.error.message) item.append(el('p', 'meta error', r.error.message));
+  const text = el('div', 'card-text');
+  const prompt = typeof r.prompt_start === 'string' ? r.prompt_start : '';
+  text.append(el('p', 'prompt', prompt.length >= 120 ? `${prompt}…` : prompt));
+  const model = state.models.length > 1 && r.model_id ? r.model_id : '';
+  const meta = [model, r.seed == null ? '' : `seed ${r.seed}`, prettify(r.status), when(r.created_at)];
+  text.append(el('p', 'meta', meta.filter(Boolean).join(' · ')));
+  if (r.error && r.error.message) text.append(el('p', 'meta error', r.error.message));
+  item.append(text);
   return item;
 }
 
@@ -521,7 +588,7 @@ async function loadGallery(reset) {
   const query = `limit=${PAGE_SIZE}${reset ? '' : `&cursor=${encodeURIComponent(state.cursor)}`}`;
   more.disabled = true;
   try {
-    const page = await api('GET', `/v1/requests?${query}`);
+    const page = await api('GET', `/playground/requests?${query}`);
     if (gen !== state.galleryGen) return;
     const list = $('gallery');
     if (reset) list.replaceChildren();
@@ -536,7 +603,16 @@ async function loadGallery(reset) {
   }
 }
 
+// Typing or pasting fires "input": act once the field stops changing (a paste at once).
+function onTokenInput() {
+  clearTimeout(state.tokenTimer);
+  state.tokenTimer = setTimeout(onTokenChange, TOKEN_SETTLE_MS);
+}
+
 function onTokenChange() {
+  clearTimeout(state.tokenTimer);
+  if (token() === state.token) return; // "change" after "input" already handled it
+  state.token = token();
   storeToken(token(), $('remember').checked);
   $('token').removeAttribute('aria-invalid');
   if (state.job && state.job.active) $('status').textContent = 'Stopped following the job: the token changed.';
@@ -558,13 +634,19 @@ function onTokenChange() {
 function start() {
   const [saved, remembered] = storedToken();
   $('token').value = saved;
+  state.token = saved;
   $('remember').checked = remembered;
+  $('token').addEventListener('input', onTokenInput);
   $('token').addEventListener('change', onTokenChange);
+  $('model').addEventListener('change', () => {
+    state.modelId = $('model').value;
+    loadModel();
+  });
   $('remember').addEventListener('change', () => storeToken(token(), $('remember').checked));
   $('form').addEventListener('submit', submit);
   $('cancel').addEventListener('click', cancelJob);
   $('gallery-more').addEventListener('click', () => loadGallery(false));
-  loadModel();
+  loadModels();
 }
 
 start();
