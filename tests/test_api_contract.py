@@ -337,9 +337,10 @@ def test_signed_urls_refuse_tampering(alice: httpx.Client) -> None:
 
 def test_catalogue(alice: httpx.Client) -> None:
     listing = alice.get("/v1/models").json()
-    assert listing["total"] == 1
-    (entry,) = listing["models"]
+    assert listing["total"] == 2  # the built-in models: Ovis-Image, then Z-Image-Turbo
+    entry, second = listing["models"]
     assert entry["model_id"] == "aidc-ai/ovis-image"
+    assert second["model_id"] == "tongyi-mai/z-image/turbo"
     assert entry["display_name"]
     detail = alice.get("/v1/models/aidc-ai/ovis-image").json()
     assert detail["model_id"] == "aidc-ai/ovis-image"
