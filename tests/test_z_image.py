@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from ovis_server.engine.pipeline import Engine, GenerationCancelled
 from ovis_server.engine.request import GenerationRequest
 from ovis_server.engine.weights import resolve_weights, tiny_checkpoint_dir
 
+from .fake_hub import FakeHub
 from .helpers import Server, run_cli, start_server, wait_for, wait_result
 
 TOLERANCE = 2  # out of 255
@@ -269,6 +271,25 @@ def test_random_full_on_a_cpu_is_refused_naming_z_image(tmp_path: Path) -> None:
     )  # fmt: skip
     assert refused.returncode != 0
     assert "real Z-Image-Turbo architecture" in refused.stderr
+
+
+def test_download_fetches_its_weights_with_progress(
+    tmp_path: Path, z_tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    repo = "Tongyi-MAI/Z-Image-Turbo"  # the spec's default weights
+    with FakeHub(repo, z_tiny_weights) as hub:
+        env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": hub.url}
+        fetched = run_cli("download", "--model-id", MODEL_ID, "--data-dir", str(tmp_path), env=env)
+    assert re.search(rf"^downloading {repo}: [0-9.]+ [kM]B in \d+ of \d+ files", fetched.stdout, re.M)
+    assert re.search(rf"^downloaded {repo}: ", fetched.stdout, re.M)
+    folder = Path(fetched.stdout.strip().splitlines()[-1].split(" load it from ")[1])
+    assert family_of_directory(folder) == Z_IMAGE
+    tiny = run_cli("download", "--model-id", MODEL_ID, "--model", "tiny", "--data-dir",
+                   str(tmp_path))  # fmt: skip
+    assert str(tiny_checkpoint_dir(tmp_path, Z_IMAGE)) in tiny.stdout
+    assert family_of_directory(tiny_checkpoint_dir(tmp_path, Z_IMAGE)) == Z_IMAGE
 
 
 # --- served end to end ------------------------------------------------------------------------
