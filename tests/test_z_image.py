@@ -264,6 +264,26 @@ def test_tiny_means_each_familys_own_build(tmp_path: Path, z_tiny_weights: Path)
     assert family_of_directory(resolve_weights("tiny", tmp_path, Z_IMAGE)) == Z_IMAGE
 
 
+def test_generate_takes_the_models_own_fields_and_defaults(
+    tmp_path: Path, z_tiny_weights: Path
+) -> None:
+    out = tmp_path / "z.png"
+    made = run_cli(
+        "generate", "a red bicycle", "-o", str(out), "--model", str(z_tiny_weights),
+        "--model-id", MODEL_ID, "--image-size", "256x192", "--steps", "2", "--seed", "1",
+        "--data-dir", str(tmp_path),
+    )  # fmt: skip
+    assert "seed 1: wrote 256x192 png" in made.stderr
+    with Image.open(out) as image:
+        assert image.size == (256, 192)
+    refused = run_cli(
+        "generate", "x", "-o", str(out), "--model", str(z_tiny_weights), "--model-id", MODEL_ID,
+        "--guidance-scale", "2", "--data-dir", str(tmp_path), check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "guidance_scale" in refused.stderr
+
+
 def test_random_full_on_a_cpu_is_refused_naming_z_image(tmp_path: Path) -> None:
     refused = run_cli(
         "generate", "x", "-o", str(tmp_path / "x.png"), "--model", "random-full",
@@ -282,7 +302,8 @@ def test_download_fetches_its_weights_with_progress(
     with FakeHub(repo, z_tiny_weights) as hub:
         env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": hub.url}
         fetched = run_cli("download", "--model-id", MODEL_ID, "--data-dir", str(tmp_path), env=env)
-    assert re.search(rf"^downloading {repo}: [0-9.]+ [kM]B in \d+ of \d+ files", fetched.stdout, re.M)
+    progress = rf"^downloading {repo}: [0-9.]+ [kM]B in \d+ of \d+ files"
+    assert re.search(progress, fetched.stdout, re.M)
     assert re.search(rf"^downloaded {repo}: ", fetched.stdout, re.M)
     folder = Path(fetched.stdout.strip().splitlines()[-1].split(" load it from ")[1])
     assert family_of_directory(folder) == Z_IMAGE
