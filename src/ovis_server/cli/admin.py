@@ -52,7 +52,7 @@ def tiny_model(directory: Path, model_id: str | None) -> None:
 @settings_options("download")
 def download(settings: Settings) -> None:
     """Download the weights of --model-id's model ahead of time (about 20 GB for
-    Ovis-Image-7B, 33 GB for Z-Image-Turbo), with progress, into the Hugging Face cache
+    Ovis-Image-7B, about 20 GB for Z-Image-Turbo), with progress, into the Hugging Face cache
     that serve and worker load them from (HF_HOME, by default ~/.cache/huggingface). Does
     nothing when they are there already."""
     from ovis_server.engine.download import fetch_weights
