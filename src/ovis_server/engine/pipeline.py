@@ -314,9 +314,9 @@ class Engine:
         the pixels the stock pipeline's PIL images hold: what is left to make a file of
         them (``to_image``, then encode) is CPU work the worker does on another thread.
 
-        ``light`` uses less device memory, for a retry after running out of it: the two
-        guidance branches run one after the other (as the stock pipeline runs them), and
-        the VAE decodes in tiles of ``LIGHT_TILE`` pixels, which changes the pixels of an
+        ``light`` uses less device memory, for a retry after running out of it: the family
+        spends less where it can (Ovis-Image runs its two guidance branches one after the
+        other, as its stock pipeline does), and the VAE decodes in tiles of ``LIGHT_TILE`` pixels, which changes the pixels of an
         image larger than one tile slightly where the tiles are blended.
         """
         if not requests:
