@@ -243,6 +243,16 @@ def test_a_prompt_longer_than_512_tokens_is_reported_cut(z_engine: Engine) -> No
     assert warning.startswith("prompt truncated: the model reads 512 text tokens")
 
 
+@pytest.mark.parametrize("profile", ["text-encoder-offload", "group-offload-block"])
+def test_memory_profiles_that_move_weights_keep_the_image(
+    z_engine: Engine, z_tiny_weights: Path, profile: str
+) -> None:
+    moved = Engine.load(str(z_tiny_weights), device="cpu", memory=profile)
+    assert moved.memory.profile == profile
+    wanted = request(num_inference_steps=2)
+    assert np.array_equal(np.asarray(moved.generate(wanted)), np.asarray(z_engine.generate(wanted)))
+
+
 def test_random_full_is_the_real_architecture() -> None:
     family = get_family(Z_IMAGE)
     pipeline = family.build_random_full("meta", torch.bfloat16)
