@@ -316,8 +316,9 @@ class Engine:
 
         ``light`` uses less device memory, for a retry after running out of it: the family
         spends less where it can (Ovis-Image runs its two guidance branches one after the
-        other, as its stock pipeline does), and the VAE decodes in tiles of ``LIGHT_TILE`` pixels, which changes the pixels of an
-        image larger than one tile slightly where the tiles are blended.
+        other, as its stock pipeline does), and the VAE decodes in tiles of ``LIGHT_TILE``
+        pixels, which changes the pixels of an image larger than one tile slightly where the
+        tiles are blended.
         """
         if not requests:
             return []

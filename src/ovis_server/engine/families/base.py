@@ -98,7 +98,10 @@ class ModelFamily(ABC):
     # --- generation ------------------------------------------------------------------------
 
     def batch_shape(self, request: GenerationRequest) -> str:
-        """Requests with equal shapes may share one batched run (ModelSpec.batch_key)."""
+        """Requests with equal shapes may share one batched run: by default size, steps and
+        guidance (``GenerationRequest.batch_shape``), which the worker's claims group by
+        through ``ModelSpec.batch_key``; a family with other rules overrides this and gives
+        its spec a matching ``batch_key``."""
         return request.batch_shape()
 
     @abstractmethod
