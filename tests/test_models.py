@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from ovis_server.catalogue import OVIS_IMAGE, ModelRegistry, UnknownModelError
+from ovis_server.catalogue import OVIS_IMAGE, Z_IMAGE_TURBO, ModelRegistry, UnknownModelError
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, sqlite_url
 from ovis_server.jobs.job import NewJob
@@ -51,7 +51,7 @@ def test_the_registry_is_built_from_settings(tmp_path: Path) -> None:
         model_id=SECOND,
     )
     models = ModelRegistry.from_settings(settings)
-    assert models.ids() == [OVIS_IMAGE.model_id, SECOND, "acme/other"]
+    assert models.ids() == [OVIS_IMAGE.model_id, Z_IMAGE_TURBO.model_id, SECOND, "acme/other"]
     assert {spec.base_price_usd for spec in models} == {0.25}
     second = models.served(settings)
     assert second.model_id == SECOND
@@ -101,7 +101,11 @@ def test_two_models_each_run_by_its_own_worker(
     cluster.servers.append(server)
     with server.client() as client:
         listed = client.get("/v1/models").json()
-        assert [entry["model_id"] for entry in listed["models"]] == [OVIS_IMAGE.model_id, SECOND]
+        assert [entry["model_id"] for entry in listed["models"]] == [
+            OVIS_IMAGE.model_id,
+            Z_IMAGE_TURBO.model_id,
+            SECOND,
+        ]
         assert client.get(f"/v1/models/{SECOND}").json()["model_id"] == SECOND
 
         def submit(model_id: str) -> str:

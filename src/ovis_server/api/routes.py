@@ -272,9 +272,10 @@ def delete_request(request_id: str, request: Request, caller: CallerDep) -> Resp
 
 def document_submit_body(openapi: dict[str, Any], input_names: list[str]) -> None:
     """Say in the OpenAPI document that a submit's body is one of the served models'
-    input schemas (``input_names``: components/schemas entries)."""
+    input schemas (``input_names``: components/schemas entries): ``anyOf``, since a body
+    of only a prompt fits every model's (the path's model_id says which one judges it)."""
     refs = [{"$ref": f"#/components/schemas/{name}"} for name in input_names]
     openapi["paths"]["/v1/models/{model_id}"]["post"]["requestBody"] = {
         "required": True,
-        "content": {"application/json": {"schema": refs[0] if len(refs) == 1 else {"oneOf": refs}}},
+        "content": {"application/json": {"schema": refs[0] if len(refs) == 1 else {"anyOf": refs}}},
     }

@@ -1,5 +1,6 @@
-"""The models this server offers: what one is (``spec``), Ovis-Image's own entry and input
-schema (``ovis_image``), and the set a deployment serves (``registry``)."""
+"""The models this server offers: what one is (``spec``), the input fields text-to-image
+models share (``text_to_image``), each model's own entry and input schema (``ovis_image``,
+``z_image``), and the set a deployment serves (``registry``)."""
 
 from ovis_server.catalogue.ovis_image import (
     IMAGE_SIZE_PRESETS,
@@ -14,17 +15,21 @@ from ovis_server.catalogue.registry import (
     parse_extra_models,
 )
 from ovis_server.catalogue.spec import ModelInput, ModelSpec, field_problems
+from ovis_server.catalogue.z_image import Z_IMAGE_TURBO, Z_IMAGE_TURBO_MODEL_ID, ZImageInput
 
 __all__ = [
     "DEFAULT_MODEL_ID",
     "IMAGE_SIZE_PRESETS",
     "OVIS_IMAGE",
     "OVIS_IMAGE_MODEL_ID",
+    "Z_IMAGE_TURBO",
+    "Z_IMAGE_TURBO_MODEL_ID",
     "ModelInput",
     "ModelRegistry",
     "ModelSpec",
     "OvisImageInput",
     "UnknownModelError",
+    "ZImageInput",
     "field_problems",
     "parse_extra_models",
 ]

@@ -7,24 +7,26 @@ entry point (HTTP API, ``ovis-server generate``) validates through them.
 
 from __future__ import annotations
 
-import math
-import re
-import secrets
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidatorFunctionWrapHandler,
-    field_validator,
-    model_validator,
-)
+from pydantic import ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
-from pydantic_core import PydanticCustomError
 
-from ovis_server.catalogue.spec import ModelInput, ModelSpec, field_problems
+from ovis_server.catalogue.spec import ModelSpec, load_family_engine
+from ovis_server.catalogue.text_to_image import IMAGE_SIZE_PRESETS as IMAGE_SIZE_PRESETS
+from ovis_server.catalogue.text_to_image import (
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    SEED_DESCRIPTION,
+    ImageDimensions,
+    ImageSizePreset,
+    TextToImageInput,
+    ranged,
+)
+from ovis_server.catalogue.text_to_image import MAX_SIDE as MAX_SIDE
+from ovis_server.catalogue.text_to_image import MIN_SIDE as MIN_SIDE
+from ovis_server.catalogue.text_to_image import SIZE_MULTIPLE as SIZE_MULTIPLE
+from ovis_server.catalogue.text_to_image import OutputFormat as OutputFormat
 from ovis_server.engine.request import GenerationRequest
 
 if TYPE_CHECKING:
@@ -32,43 +34,6 @@ if TYPE_CHECKING:
     from ovis_server.engine.pipeline import Engine
 
 OVIS_IMAGE_MODEL_ID = "aidc-ai/ovis-image"
-
-# width x height, the convention fal and RunComfy share.
-IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
-    "square_hd": (1024, 1024),
-    "square": (512, 512),
-    "portrait_4_3": (768, 1024),
-    "portrait_16_9": (576, 1024),
-    "landscape_4_3": (1024, 768),
-    "landscape_16_9": (1024, 576),
-}
-
-ImageSizePreset = Literal[
-    "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
-]
-OutputFormat = Literal["jpeg", "png", "webp"]
-
-# Ovis-Image works on 2x2 patches of an 8x downsampled latent: sides are multiples of 16.
-SIZE_MULTIPLE = 16
-MIN_SIDE = 64
-MAX_SIDE = 2048
-# An ``aspect_ratio`` asks for about this many pixels (one megapixel)...
-ASPECT_RATIO_PIXELS = 1024 * 1024
-# ...except where a preset has exactly that ratio: then the preset, as clients that map
-# ratios to fal's presets would get (16:9 is 1024x576, not 1360x768).
-ASPECT_RATIO_PRESETS: dict[tuple[int, int], ImageSizePreset] = {
-    (1, 1): "square_hd",
-    (4, 3): "landscape_4_3",
-    (16, 9): "landscape_16_9",
-    (3, 4): "portrait_4_3",
-    (9, 16): "portrait_16_9",
-}
-ASPECT_RATIO_PATTERN = re.compile(r"([1-9][0-9]{0,3}):([1-9][0-9]{0,3})")
-MAX_PROMPT_CHARS = 20_000
-MAX_SEED = 2**63 - 1
-# A seed drawn for a request that gave none: 32 bits, exact in any JSON client.
-RANDOM_SEED_BOUND = 2**32
-
 
 EXAMPLE_PROMPT = (
     "A casually captured spontaneous iPhone photograph featuring an individual standing relaxed "
@@ -91,53 +56,7 @@ EXAMPLE_PROMPT = (
 )
 
 
-def aspect_ratio_size(ratio: str) -> ImageSizePreset | tuple[int, int]:
-    """The size an ``aspect_ratio`` such as "16:9" asks for: the preset with exactly that
-    ratio if there is one, else about one megapixel at that ratio with sides that are
-    multiples of 16 (shrunk to fit the largest side). ValueError if ``ratio`` is not
-    "W:H" or no size within the bounds has it."""
-    match = ASPECT_RATIO_PATTERN.fullmatch(ratio)
-    if match is None:
-        raise ValueError("must be W:H in whole numbers, such as 16:9, 1:1 or 9:16")
-    across, down = int(match[1]), int(match[2])
-    common = math.gcd(across, down)
-    across, down = across // common, down // common
-    preset = ASPECT_RATIO_PRESETS.get((across, down))
-    if preset is not None:
-        return preset
-    scale = math.sqrt(ASPECT_RATIO_PIXELS / (across * down))
-    scale = min(scale, MAX_SIDE / max(across, down))
-
-    def side(length: float) -> int:
-        return min(MAX_SIDE, round(length / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-
-    width, height = side(across * scale), side(down * scale)
-    if min(width, height) < MIN_SIDE:
-        raise ValueError(
-            f"{ratio} is too far from square for sides between {MIN_SIDE} and {MAX_SIDE}"
-        )
-    return width, height
-
-
-SEED_DESCRIPTION = "The same seed and input give the same image. Null picks one at random."
-
-
-def ranged(default: float | None, low: float, high: float, title: str, description: str) -> Any:
-    """A numeric field between ``low`` and ``high`` (both allowed)."""
-    return Field(default=default, ge=low, le=high, title=title, description=description)
-
-
-class ImageDimensions(BaseModel):
-    """A custom size: both sides multiples of 16."""
-
-    # As fal accepts it; the docstring is the schema's description.
-    model_config = ConfigDict(extra="forbid", strict=True, title="Image Dimensions")
-
-    width: int = Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
-    height: int = Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
-
-
-class OvisImageInput(ModelInput):
+class OvisImageInput(TextToImageInput):
     """Text to image with Ovis-Image-7B."""
 
     # The seed page's schema, field for field; the docstring is the description clients see.
@@ -179,73 +98,6 @@ class OvisImageInput(ModelInput):
     # Sent by generic RunComfy clients; it settles image_size and is not stored.
     aspect_ratio: SkipJsonSchema[str | None] = Field(default=None, max_length=20, exclude=True)
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_has_text(cls, value: str) -> str:
-        if not value.strip():
-            raise PydanticCustomError("prompt_blank", "the prompt must contain some text")
-        return value
-
-    @field_validator("image_size", mode="wrap")
-    @classmethod
-    def _check_image_size(
-        cls, value: object, handler: ValidatorFunctionWrapHandler
-    ) -> ImageSizePreset | ImageDimensions:
-        # One readable error per case instead of pydantic's error-per-union-member.
-        if isinstance(value, str):
-            if value not in IMAGE_SIZE_PRESETS:
-                raise PydanticCustomError(
-                    "image_size",
-                    "must be one of {presets}, or an object with width and height",
-                    {"presets": ", ".join(IMAGE_SIZE_PRESETS)},
-                )
-            return handler(value)  # type: ignore[no-any-return]
-        if isinstance(value, dict | ImageDimensions):
-            try:
-                return ImageDimensions.model_validate(value)
-            except ValidationError as exc:
-                problems = "; ".join(field_problems(exc.errors(), empty="value"))
-                raise PydanticCustomError(
-                    "image_size", "{problems}", {"problems": problems}
-                ) from None
-        raise PydanticCustomError(
-            "image_size", "must be a preset name or an object with width and height"
-        )
-
-    @field_validator("aspect_ratio")
-    @classmethod
-    def _check_aspect_ratio(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                aspect_ratio_size(value)
-            except ValueError as exc:
-                raise PydanticCustomError("aspect_ratio", str(exc)) from None
-        return value
-
-    @model_validator(mode="after")
-    def _size_from_aspect_ratio(self) -> Self:
-        if self.aspect_ratio is None:
-            return self
-        if "image_size" in self.model_fields_set:
-            raise PydanticCustomError(
-                "aspect_ratio_conflict",
-                "aspect_ratio and image_size were both given: send one of them",
-            )
-        size = aspect_ratio_size(self.aspect_ratio)
-        self.image_size = (
-            size if isinstance(size, str) else ImageDimensions(width=size[0], height=size[1])
-        )
-        return self
-
-    def dimensions(self) -> tuple[int, int]:
-        """(width, height) in pixels."""
-        if isinstance(self.image_size, ImageDimensions):
-            return self.image_size.width, self.image_size.height
-        return IMAGE_SIZE_PRESETS[self.image_size]
-
-    def resolved_seed(self) -> int:
-        return self.seed if self.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
-
     def to_generation_request(self, seed: int) -> GenerationRequest:
         width, height = self.dimensions()
         return GenerationRequest(
@@ -262,18 +114,7 @@ class OvisImageInput(ModelInput):
 def load_ovis_image(weights: str, settings: Settings) -> Engine:
     """diffusers' OvisImagePipeline on ``weights`` (a directory, or random-full), placed and
     optimised as ``settings`` say."""
-    from ovis_server.engine.pipeline import Engine
-
-    return Engine.load(
-        weights,
-        device=settings.device,
-        dtype=settings.dtype,
-        compile=settings.compile_flag,
-        fp8=settings.fp8,
-        memory=settings.memory,
-        gpu_memory=settings.gpu_memory_bytes,
-        compile_dynamic=settings.compile_dynamic,
-    )
+    return load_family_engine("ovis-image", weights, settings)
 
 
 OVIS_IMAGE = ModelSpec(

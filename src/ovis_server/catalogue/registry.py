@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 
 from ovis_server.catalogue.ovis_image import OVIS_IMAGE
 from ovis_server.catalogue.spec import ModelSpec
+from ovis_server.catalogue.z_image import Z_IMAGE_TURBO
 
 if TYPE_CHECKING:
     from ovis_server.config import Settings
 
-BUILT_IN: tuple[ModelSpec, ...] = (OVIS_IMAGE,)
+BUILT_IN: tuple[ModelSpec, ...] = (OVIS_IMAGE, Z_IMAGE_TURBO)
 DEFAULT_MODEL_ID = OVIS_IMAGE.model_id
 # Path segments of letters, digits, '.', '_' and '-' (a model id is part of the submit URL);
 # at most the 200 characters the jobs table keeps.

@@ -42,6 +42,24 @@ OUTPUT_SCHEMA: dict[str, Any] = {
 }
 
 
+def load_family_engine(family: str, weights: str, settings: Settings) -> Engine:
+    """The engine of a model of ``family`` on ``weights`` (a directory, or random-full),
+    placed and optimised as ``settings`` say: what each spec's engine factory does."""
+    from ovis_server.engine.pipeline import Engine
+
+    return Engine.load(
+        weights,
+        device=settings.device,
+        dtype=settings.dtype,
+        compile=settings.compile_flag,
+        fp8=settings.fp8,
+        memory=settings.memory,
+        gpu_memory=settings.gpu_memory_bytes,
+        compile_dynamic=settings.compile_dynamic,
+        family=family,
+    )
+
+
 def field_problems(errors: Iterable[Mapping[str, Any]], empty: str = "body") -> list[str]:
     """Pydantic's errors as "field.path: message" lines (``empty`` names a field-less one)."""
     return [
@@ -85,6 +103,9 @@ class ModelSpec:
     # Short names that OpenAI-style clients may send as ``model``.
     aliases: tuple[str, ...] = ()
     output_schema: Mapping[str, Any] = field(default_factory=lambda: OUTPUT_SCHEMA)
+    # The model family the engine runs it as (engine/families/: "ovis-image", "z-image"):
+    # what --model tiny and random-full build for it.
+    family: str = "ovis-image"
 
     def input_schema(self) -> dict[str, Any]:
         return self.input_model.model_json_schema()
@@ -121,5 +142,7 @@ class ModelSpec:
         in the log and in ``report`` (phase downloading); ``stop`` interrupts the download."""
         from ovis_server.engine.weights import local_weights
 
-        weights = local_weights(self.weights(settings), settings.data_dir, report=report, stop=stop)
+        weights = local_weights(
+            self.weights(settings), settings.data_dir, report=report, stop=stop, family=self.family
+        )
         return self.engine_factory(weights, settings)

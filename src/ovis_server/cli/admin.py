@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ovis_server.catalogue.registry import ModelRegistry, UnknownModelError
+from ovis_server.catalogue.registry import DEFAULT_MODEL_ID, ModelRegistry, UnknownModelError
 from ovis_server.cli.options import settings_options
 from ovis_server.config import Settings
 
@@ -19,26 +19,42 @@ if TYPE_CHECKING:
 
 @click.command("tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def tiny_model(directory: Path) -> None:
-    """Write a tiny Ovis-Image checkpoint with random weights to DIRECTORY.
+@click.option(
+    "--model-id",
+    default=None,
+    help="The catalogue model (id or alias) whose family to build: aidc-ai/ovis-image "
+    "(default) or tongyi-mai/z-image/turbo.",
+)
+def tiny_model(directory: Path, model_id: str | None) -> None:
+    """Write a tiny checkpoint with random weights to DIRECTORY: Ovis-Image's, or the
+    family of --model-id's.
 
     It has the real component classes and loads like the real model, but its images are
     noise. Use it for tests and to try the API without a GPU.
     """
+    from ovis_server.catalogue.registry import BUILT_IN
     from ovis_server.engine.tiny import write_tiny_checkpoint
 
+    models = ModelRegistry(BUILT_IN)
+    spec = models.resolve(model_id) if model_id else models.get(DEFAULT_MODEL_ID)
+    if spec is None:
+        raise click.UsageError(
+            f"--model-id {model_id!r} is not a built-in model; there are "
+            f"{', '.join(models.names())}"
+        )
     if directory.exists() and any(directory.iterdir()):
         raise click.UsageError(f"{directory} exists and is not empty")
-    written = write_tiny_checkpoint(directory)
+    written = write_tiny_checkpoint(directory, spec.family)
     click.echo(str(written))
 
 
 @click.command("download")
 @settings_options("download")
 def download(settings: Settings) -> None:
-    """Download the model's weights ahead of time (about 20 GB for Ovis-Image-7B), with
-    progress, into the Hugging Face cache that serve and worker load them from (HF_HOME,
-    by default ~/.cache/huggingface). Does nothing when they are there already."""
+    """Download the weights of --model-id's model ahead of time (about 20 GB for
+    Ovis-Image-7B, about 20 GB for Z-Image-Turbo), with progress, into the Hugging Face cache
+    that serve and worker load them from (HF_HOME, by default ~/.cache/huggingface). Does
+    nothing when they are there already."""
     from ovis_server.engine.download import fetch_weights
     from ovis_server.engine.weights import (
         RANDOM_FULL,
@@ -50,15 +66,16 @@ def download(settings: Settings) -> None:
     )
 
     try:
-        model = ModelRegistry.from_settings(settings).served(settings).weights(settings)
+        spec = ModelRegistry.from_settings(settings).served(settings)
     except UnknownModelError as exc:
         raise click.UsageError(str(exc)) from None
+    model = spec.weights(settings)
     if model == RANDOM_FULL:
         click.echo("random-full is built on the GPU when a worker starts: nothing to download")
         return
-    existed = (tiny_checkpoint_dir(settings.data_dir) / "model_index.json").is_file()
+    existed = (tiny_checkpoint_dir(settings.data_dir, spec.family) / "model_index.json").is_file()
     try:
-        weights = resolve_weights(model, settings.data_dir)
+        weights = resolve_weights(model, settings.data_dir, spec.family)
     except WeightsNotFoundError as exc:
         raise click.UsageError(str(exc)) from None
     if model == TINY:

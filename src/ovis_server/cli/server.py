@@ -42,11 +42,12 @@ def served_model(
         raise click.UsageError(str(exc)) from None
     if model.weights(settings) != RANDOM_FULL:
         return model
+    from ovis_server.engine.families import get_family
     from ovis_server.engine.loading import EngineLoadError, check_random_full_device, pick_device
 
     for device in sorted(set(devices)) or [settings.device]:
         try:
-            check_random_full_device(pick_device(device))
+            check_random_full_device(pick_device(device), get_family(model.family))
         except EngineLoadError as exc:
             raise click.ClickException(str(exc)) from None
     return model
@@ -183,24 +184,31 @@ def name_log_lines(name: str) -> None:
 @click.command()
 @click.argument("prompt")
 @output_options("Where to write the image; its suffix picks the format unless --output-format.")
-@click.option("--negative-prompt", default="", help="What the image should not show.")
+@click.option(
+    "--negative-prompt", default=None, help="What the image should not show (Ovis-Image)."
+)
 @click.option(
     "--image-size",
     default="landscape_4_3",
     show_default=True,
     help=f"One of {', '.join(IMAGE_SIZE_PRESETS)}, or WIDTHxHEIGHT (multiples of 16).",
 )
-@click.option("--num-inference-steps", "--steps", type=int, default=28, show_default=True)
-@click.option("--guidance-scale", type=float, default=5.0, show_default=True)
+@click.option(
+    "--num-inference-steps", "--steps", type=int, default=None,
+    help="Default: the model's (28 for Ovis-Image, 8 for Z-Image-Turbo).",
+)  # fmt: skip
+@click.option(
+    "--guidance-scale", type=float, default=None, help="Default: the model's (Ovis-Image: 5)."
+)
 @click.option("--seed", type=int, default=None, help="Omit for a random seed (printed).")
 @settings_options("generate")
 def generate(
     prompt: str,
     output: Path,
-    negative_prompt: str,
+    negative_prompt: str | None,
     image_size: str,
-    num_inference_steps: int,
-    guidance_scale: float,
+    num_inference_steps: int | None,
+    guidance_scale: float | None,
     seed: int | None,
     output_format: str | None,
     settings: Settings,
@@ -219,15 +227,19 @@ def generate(
         )
     model = served_model(ModelRegistry.from_settings(settings), settings)
     try:
+        # Options left out take the model's defaults; one the model lacks is refused by it.
+        given = {
+            "negative_prompt": negative_prompt,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+        }
         request = model.input_model.model_validate(
             {
                 "prompt": prompt,
-                "negative_prompt": negative_prompt,
                 "image_size": parse_image_size(image_size),
-                "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale,
                 "seed": seed,
                 "output_format": chosen_format,
+                **{name: value for name, value in given.items() if value is not None},
             }
         )
     except ValidationError as exc:

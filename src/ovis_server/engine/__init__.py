@@ -1,4 +1,5 @@
-"""The engine: Ovis-Image on diffusers.
+"""The engine: diffusers pipelines (Ovis-Image, Z-Image: one module each in ``families``)
+under a denoising loop of our own.
 
 This package's top level stays free of torch so that the API process, which never runs
 the model, does not pay for importing it: the pipeline lives in

@@ -4,11 +4,12 @@ diffusers directory, or the real architecture with random weights (``random-full
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ovis_server.engine.random_full import build_full_size_pipeline
+if TYPE_CHECKING:
+    from ovis_server.engine.families.base import ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -46,38 +47,51 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def check_random_full_device(device: torch.device) -> None:
+def _family(family: ModelFamily | None) -> ModelFamily:
+    from ovis_server.engine.families import get_family
+
+    return family if family is not None else get_family()
+
+
+def check_random_full_device(device: torch.device, family: ModelFamily | None = None) -> None:
     """Refuse ``--model random-full`` where it cannot be of use: on a CPU."""
     if device.type == "cpu":
+        model = _family(family)
         raise EngineLoadError(
-            "--model random-full builds the real Ovis-Image-7B architecture (about 9.2B "
-            "parameters: some 36 GB in float32, and many minutes per image on a CPU) and is "
+            f"--model random-full builds the real {model.title} architecture "
+            f"({model.random_full_size}, and many minutes per image on a CPU) and is "
             "meant for load tests on a GPU: pass --device cuda on a machine with one, or use "
             "--model tiny to try the server on a CPU"
         )
 
 
-def build_random_full(device: torch.device, dtype: torch.dtype) -> Any:
-    """The real architecture with random weights, built on ``device`` (random_full.py)."""
+def build_random_full(
+    device: torch.device, dtype: torch.dtype, family: ModelFamily | None = None
+) -> Any:
+    """The real architecture of ``family`` (default Ovis-Image) with random weights, built
+    on ``device``."""
+    model = _family(family)
     logger.warning(
-        "--model random-full: the real Ovis-Image-7B architecture with RANDOM weights on %s "
+        "--model random-full: the real %s architecture with RANDOM weights on %s "
         "(%s), for load tests; its images are noise",
+        model.title,
         device,
         dtype,
     )
-    return build_full_size_pipeline(device, dtype)
+    return model.build_random_full(device, dtype)
 
 
-def from_pretrained(weights: str, dtype: torch.dtype) -> Any:
-    """The pipeline on the CPU; the memory profile puts it on the device."""
-    from diffusers import OvisImagePipeline
-
+def from_pretrained(weights: str, dtype: torch.dtype, family: ModelFamily | None = None) -> Any:
+    """The pipeline of ``family`` (default Ovis-Image) on the CPU; the memory profile puts
+    it on the device."""
+    model = _family(family)
     try:
-        return OvisImagePipeline.from_pretrained(weights, dtype=dtype)
+        return model.from_pretrained(weights, dtype)
     except (OSError, ValueError) as exc:
         raise EngineLoadError(
-            f"could not load Ovis-Image weights from {weights!r}: {exc}. Pass --model with "
-            "a local diffusers directory if this machine cannot reach the Hugging Face hub."
+            f"could not load {model.title} weights from {weights!r}: {exc}. Pass --model "
+            "with a local diffusers directory if this machine cannot reach the Hugging Face "
+            "hub."
         ) from exc
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +88,10 @@ class ModelSizes:
     transformer: ComponentSize
     vae: ComponentSize
     bytes_per_weight: int
+    # The family's real parameter counts and activation peaks (families/base.py's
+    # MemoryReference) the activations are scaled from; None: Ovis-Image-7B's, below.
+    reference_parameters: Mapping[str, int] | None = None
+    reference_activations: Mapping[str, float] | None = None
 
     def component(self, name: str) -> ComponentSize:
         size: ComponentSize = getattr(self, name)
@@ -119,14 +123,17 @@ def component_size(module: torch.nn.Module) -> ComponentSize:
     )
 
 
-def model_sizes(pipeline: Any) -> ModelSizes:
-    """The sizes of a loaded (or meta-device) OvisImagePipeline."""
+def model_sizes(pipeline: Any, reference: Any = None) -> ModelSizes:
+    """The sizes of a loaded (or meta-device) pipeline of a text encoder, a transformer and
+    a VAE; ``reference`` is its family's MemoryReference (None: Ovis-Image-7B's figures)."""
     dtype = pipeline.transformer.dtype
     return ModelSizes(
         text_encoder=component_size(pipeline.text_encoder),
         transformer=component_size(pipeline.transformer),
         vae=component_size(pipeline.vae),
         bytes_per_weight=torch.finfo(dtype).bits // 8,
+        reference_parameters=None if reference is None else reference.parameters,
+        reference_activations=None if reference is None else reference.activations,
     )
 
 
@@ -153,13 +160,15 @@ def margin(budget: int) -> int:
 def activation_bytes(
     sizes: ModelSizes, component: str, width: int, height: int, batch: int
 ) -> float:
+    parameters = sizes.reference_parameters or REFERENCE_PARAMETERS
+    activations = sizes.reference_activations or REFERENCE_ACTIVATIONS
     scale = (
         width * height / REFERENCE_PIXELS
         * batch
         * sizes.bytes_per_weight / 2
-        * sizes.component(component).parameters / REFERENCE_PARAMETERS[component]
+        * sizes.component(component).parameters / parameters[component]
     )  # fmt: skip
-    return REFERENCE_ACTIVATIONS[component] * scale
+    return activations[component] * scale
 
 
 def planned_peak(

@@ -1,10 +1,12 @@
-"""The engine: diffusers' OvisImagePipeline, loaded once, turned into a function of requests.
+"""The engine: a model family's diffusers pipeline, loaded once, turned into a function of
+requests.
 
 The model is diffusers' own (transformer, text encoder, VAE, scheduler and the pipeline's
-helpers for prompts, latents and timesteps); what this module replaces is the denoising
-loop around it, to make it faster without changing the image a seed gives:
+helpers for prompts, latents and timesteps); what the engine replaces is the denoising loop
+around it, to make it faster without changing the image a seed gives. What is particular
+to a family (Ovis-Image, Z-Image: engine/families/) is how it encodes a prompt and what one
+step does; the rest is here, the same for every family:
 
-- one transformer forward carries both guidance branches (a batch of 2) instead of two;
 - prompt embeddings come from a bounded LRU cache, so the empty negative prompt is
   encoded once per process and a repeated prompt once;
 - requests that share size, steps and guidance run as one batch, each with its own
@@ -14,8 +16,9 @@ loop around it, to make it faster without changing the image a seed gives:
   channels-last; FP8 matmuls (torchao) are opt-in because they change the numerics;
 - the images come back as uint8 pixels made on the device (``generate_pixels``), so that
   the worker can turn them into files on another thread while the next batch runs; a
-  ``light`` run, the worker's retry after an out-of-memory error, runs the guidance
-  branches one after the other and decodes in tiles.
+  ``light`` run, the worker's retry after an out-of-memory error, spends less memory
+  where the family can (Ovis-Image runs its guidance branches one after the other) and
+  decodes in tiles.
 
 ``generate_stock`` keeps the plain pipeline call, for the benchmark and the fidelity tests.
 """
@@ -26,13 +29,14 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ovis_server.engine.families import family_of_directory, family_of_pipeline, get_family
+from ovis_server.engine.families.base import ModelFamily
 from ovis_server.engine.images import to_image
 from ovis_server.engine.loading import (
     EngineLoadError,
@@ -55,8 +59,7 @@ from ovis_server.engine.memory import (
     plan,
 )
 from ovis_server.engine.memory_apply import apply as apply_memory_profile
-from ovis_server.engine.prompts import DEFAULT_CAPACITY, PromptCache, prompt_overflow
-from ovis_server.engine.random_full import build_full_size_pipeline
+from ovis_server.engine.prompts import DEFAULT_CAPACITY, PromptCache
 from ovis_server.engine.request import GenerationRequest
 from ovis_server.engine.weights import RANDOM_FULL
 
@@ -68,9 +71,6 @@ StepCallback = Callable[[int, int], bool]
 # For a batch: (steps done, steps in all, indices of the requests still running) -> the
 # indices of those to stop now.
 BatchStepCallback = Callable[[int, int, Sequence[int]], Collection[int]]
-
-# The pipeline's prompt length: max_sequence_length of OvisImagePipeline.__call__.
-TEXT_TOKENS = 256
 
 
 class GenerationCancelled(Exception):  # noqa: N818 - a signal, not a failure
@@ -101,6 +101,16 @@ def tiled_decode(vae: Any, tile: int | None) -> Iterator[None]:
         vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
 
 
+def resolve_family(family: ModelFamily | str | None, weights: str | None = None) -> ModelFamily:
+    """``family`` itself or by name; when None, the family of the diffusers directory
+    ``weights`` (its model_index.json), else Ovis-Image."""
+    if isinstance(family, ModelFamily):
+        return family
+    if family is None and weights is not None:
+        family = family_of_directory(weights)
+    return get_family(family)
+
+
 class Engine:
     """One loaded pipeline on one device; generates images for validated requests."""
 
@@ -110,10 +120,15 @@ class Engine:
         device: torch.device,
         dtype: torch.dtype,
         prompt_cache_size: int = DEFAULT_CAPACITY,
+        family: ModelFamily | str | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.device = device
         self.dtype = dtype
+        # How this pipeline is run (engine/families/): given, else told by its class.
+        self.family = resolve_family(
+            family if family is not None else family_of_pipeline(type(pipeline).__name__)
+        )
         self.load_seconds = 0.0
         self.prompts = PromptCache(self._encode_prompt, prompt_cache_size)
         self.compiled = False  # whether optimize() compiled the transformer's blocks
@@ -135,8 +150,10 @@ class Engine:
         memory: str = AUTO,
         gpu_memory: float | None = None,
         compile_dynamic: bool = False,
+        family: ModelFamily | str | None = None,
     ) -> Engine:
         """Load ``weights`` (a hub id, a local diffusers directory, or ``random-full``)
+        of ``family`` (engine/families/; by default the directory's own, else Ovis-Image)
         onto ``device``.
 
         ``random-full`` builds the real architecture with random weights on the device (no
@@ -148,6 +165,8 @@ class Engine:
         ``compile_dynamic`` compiles with dynamic shapes from the first call.
         """
         silence_loading_progress()
+        model_family = resolve_family(family, None if weights == RANDOM_FULL else weights)
+        reference = model_family.memory_reference
         target = pick_device(device)
         torch_dtype = pick_dtype(target, dtype)
         started = time.perf_counter()
@@ -158,11 +177,11 @@ class Engine:
         if gpu_memory is not None and budget is None:
             logger.warning("--gpu-memory applies to CUDA GPUs: ignored on %s", target)
         if weights == RANDOM_FULL:
-            check_random_full_device(target)
-            sizes = model_sizes(build_full_size_pipeline("meta", torch_dtype))
+            check_random_full_device(target, model_family)
+            sizes = model_sizes(model_family.build_random_full("meta", torch_dtype), reference)
         else:
-            pipeline = from_pretrained(weights, torch_dtype)
-            sizes = model_sizes(pipeline)
+            pipeline = from_pretrained(weights, torch_dtype, model_family)
+            sizes = model_sizes(pipeline, reference)
         memory_plan = plan(sizes, budget, memory, device_type=target.type)
         profile = memory_plan.profile
         if fp8 and profile.offloads_groups:
@@ -181,13 +200,13 @@ class Engine:
             # Built where the profile wants the weights: on the device whole for full, else
             # on the CPU for the profile to move (or quantize) part by part.
             home = target if profile is MemoryProfile.FULL else torch.device("cpu")
-            pipeline = build_random_full(home, torch_dtype)
+            pipeline = build_random_full(home, torch_dtype, model_family)
         try:
             apply_memory_profile(pipeline, profile, target)
         except MemoryProfileError as exc:
             raise EngineLoadError(str(exc)) from None
         pipeline.set_progress_bar_config(disable=True)
-        engine = cls(pipeline, target, torch_dtype)
+        engine = cls(pipeline, target, torch_dtype, family=model_family)
         engine.memory = memory_plan
         engine.sizes = sizes
         if compile is None:
@@ -240,41 +259,18 @@ class Engine:
         None where there is no budget to fit (a CPU)."""
         if self.memory.budget_bytes is None:
             return None
-        sizes = self.sizes or model_sizes(self.pipeline)
+        sizes = self.sizes or model_sizes(self.pipeline, self.family.memory_reference)
         return largest_image_pixels(sizes, self.memory.profile, self.memory.budget_bytes)
 
     # --- prompts ----------------------------------------------------------------------------
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        embeds: torch.Tensor = self.pipeline._get_ovis_prompt_embeds(
-            prompt=[prompt], device=self.device, max_sequence_length=TEXT_TOKENS
-        )
-        return embeds
+        return self.family.encode_prompt(self.pipeline, prompt, self.device)
 
     def prompt_warnings(self, request: GenerationRequest) -> list[str]:
         """What the client should know about how its prompts were read: a prompt (or a
         negative prompt that guidance uses) longer than the model reads is cut."""
-        texts = [("prompt", request.prompt)]
-        if request.guidance_scale > 1 and request.negative_prompt:
-            texts.append(("negative_prompt", request.negative_prompt))
-        found = []
-        for field, text in texts:
-            length, dropped = prompt_overflow(self.pipeline, text, TEXT_TOKENS)
-            if dropped:
-                found.append(
-                    f"{field} truncated: the model reads {TEXT_TOKENS} text tokens, template "
-                    f"included; this {field} is about {length} tokens, so its end was cut "
-                    "(shorten it to keep all of it)"
-                )
-        return found
-
-    def _text_ids(self, embeds: torch.Tensor) -> torch.Tensor:
-        # The pipeline's own position ids for text tokens, from embeddings already made.
-        _, text_ids = self.pipeline._prepare_prompt_embeds(
-            None, embeds, 1, TEXT_TOKENS, self.device
-        )
-        ids: torch.Tensor = text_ids
-        return ids
+        return self.family.prompt_warnings(self.pipeline, request)
 
     # --- generation ------------------------------------------------------------------------
 
@@ -318,95 +314,33 @@ class Engine:
         the pixels the stock pipeline's PIL images hold: what is left to make a file of
         them (``to_image``, then encode) is CPU work the worker does on another thread.
 
-        ``light`` uses less device memory, for a retry after running out of it: the two
-        guidance branches run one after the other (as the stock pipeline runs them), and
-        the VAE decodes in tiles of ``LIGHT_TILE`` pixels, which changes the pixels of an
-        image larger than one tile slightly where the tiles are blended.
+        ``light`` uses less device memory, for a retry after running out of it: the family
+        spends less where it can (Ovis-Image runs its two guidance branches one after the
+        other, as its stock pipeline does), and the VAE decodes in tiles of ``LIGHT_TILE``
+        pixels, which changes the pixels of an image larger than one tile slightly where the
+        tiles are blended.
         """
         if not requests:
             return []
-        if len({request.batch_shape() for request in requests}) != 1:
+        if len({self.family.batch_shape(request) for request in requests}) != 1:
             raise IncompatibleBatchError("a batch needs one size, step count and guidance")
-        from diffusers.pipelines.ovis_image.pipeline_ovis_image import (
-            calculate_shift,
-            retrieve_timesteps,
-        )
-
         pipe = self.pipeline
         first = requests[0]
-        width, height, steps = first.width, first.height, first.num_inference_steps
-        guidance = first.guidance_scale
-        use_guidance = guidance > 1
-
-        cond = torch.cat([self.prompts.get(request.prompt) for request in requests])
-        uncond = (
-            torch.cat([self.prompts.get(request.negative_prompt) for request in requests])
-            if use_guidance
-            else None
-        )
-        text_ids = self._text_ids(cond[:1])
-
-        generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
-        latents, image_ids = pipe.prepare_latents(
-            len(requests),
-            pipe.transformer.config.in_channels // 4,
-            height,
-            width,
-            cond.dtype,
-            self.device,
-            generators,
-        )
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        mu = calculate_shift(
-            latents.shape[1],
-            pipe.scheduler.config.get("base_image_seq_len", 256),
-            pipe.scheduler.config.get("max_image_seq_len", 4096),
-            pipe.scheduler.config.get("base_shift", 0.5),
-            pipe.scheduler.config.get("max_shift", 1.15),
-        )
-        timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, self.device, sigmas=sigmas, mu=mu)
-        pipe.scheduler.set_begin_index(0)
-
-        def predict(hidden: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            timestep = t.expand(hidden.shape[0]).to(hidden.dtype)
-            noise: torch.Tensor = pipe.transformer(
-                hidden_states=hidden,
-                timestep=timestep / 1000,
-                encoder_hidden_states=embeds,
-                txt_ids=text_ids,
-                img_ids=image_ids,
-                return_dict=False,
-            )[0]
-            return noise
+        steps = first.num_inference_steps
+        run = self.family.start(pipe, requests, self.prompts.get, self.device, light=light)
 
         active = list(range(len(requests)))
-        for index, t in enumerate(timesteps):
-            if uncond is None:
-                noise = predict(latents, cond, t)
-            else:
-                if light:  # two forwards of half the batch each
-                    noise_cond = predict(latents, cond, t)
-                    noise_uncond = predict(latents, uncond, t)
-                else:  # one forward carries both branches
-                    both = predict(torch.cat([latents, latents]), torch.cat([cond, uncond]), t)
-                    noise_cond, noise_uncond = both.chunk(2)
-                noise = noise_uncond + guidance * (noise_cond - noise_uncond)
-            latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
-
+        for index in range(steps):
+            run.step(index)
             stop = set(on_step(index + 1, steps, tuple(active))) if on_step else set()
             if stop:
                 keep = [row for row, original in enumerate(active) if original not in stop]
                 if not keep:
                     raise GenerationCancelled
-                rows = torch.tensor(keep, device=latents.device)
-                latents = latents.index_select(0, rows)
-                cond = cond.index_select(0, rows)
-                if uncond is not None:
-                    uncond = uncond.index_select(0, rows)
+                run.keep(torch.tensor(keep, device=self.device))
                 active = [active[row] for row in keep]
 
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        latents = run.vae_latents()
         with tiled_decode(pipe.vae, LIGHT_TILE if light else None):
             decoded = pipe.vae.decode(latents, return_dict=False)[0]
         # The stock postprocess's arithmetic, on the device: [-1, 1] to [0, 1] in the
@@ -419,10 +353,6 @@ class Engine:
         return images
 
     def generate_stock(self, request: GenerationRequest) -> Image.Image:
-        """The plain ``OvisImagePipeline.__call__``: the baseline the engine must match."""
-        # The request's fields other than the seed are the pipeline's argument names.
-        arguments = asdict(request)
-        generator = torch.Generator(device="cpu").manual_seed(arguments.pop("seed"))
-        output = self.pipeline(**arguments, generator=generator)
-        image: Image.Image = output.images[0]
-        return image
+        """The plain pipeline call (``OvisImagePipeline.__call__``, ``ZImagePipeline``'s):
+        the baseline the engine must match."""
+        return self.family.stock(self.pipeline, request)

@@ -1,4 +1,5 @@
-"""A tiny Ovis-Image checkpoint with random weights, for tests and for trying the API.
+"""A tiny Ovis-Image checkpoint with random weights, for tests and for trying the API
+(``write_tiny_checkpoint`` writes any family's: each family builds its own).
 
 Every component is the real class the 7B checkpoint uses (Qwen3Model, a Qwen2 fast
 tokenizer, OvisImageTransformer2DModel, a 4-level AutoencoderKL, a dynamically shifted
@@ -58,7 +59,7 @@ def build_tokenizer() -> Any:
 def build_tiny_pipeline() -> Any:
     """The tiny OvisImagePipeline in memory, with weights drawn from a fixed seed."""
     import torch
-    from diffusers import AutoencoderKL, OvisImageTransformer2DModel
+    from diffusers import OvisImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = build_tokenizer()
@@ -86,9 +87,16 @@ def build_tiny_pipeline() -> Any:
         joint_attention_dim=TEXT_HIDDEN,
         axes_dims_rope=(4, 6, 6),
     )
-    # Four levels, so the VAE downsamples 8x like the real one; no attention in the mid
-    # block, which at 1024x1024 would dominate the run time on a CPU.
-    vae = AutoencoderKL(
+    vae = build_tiny_vae()
+    return assemble_pipeline(transformer, text_encoder, vae, tokenizer)
+
+
+def build_tiny_vae() -> Any:
+    """FLUX.1's VAE in small: four levels, so it downsamples 8x like the real one; no
+    attention in the mid block, which at 1024x1024 would dominate the run time on a CPU."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -103,7 +111,6 @@ def build_tiny_pipeline() -> Any:
         scaling_factor=0.3611,
         shift_factor=0.1159,
     )
-    return assemble_pipeline(transformer, text_encoder, vae, tokenizer)
 
 
 def assemble_pipeline(transformer: Any, text_encoder: Any, vae: Any, tokenizer: Any) -> Any:
@@ -129,18 +136,20 @@ def assemble_pipeline(transformer: Any, text_encoder: Any, vae: Any, tokenizer: 
     )
 
 
-def write_tiny_checkpoint(directory: Path) -> Path:
-    """Save the tiny pipeline in diffusers format at ``directory`` and return it.
+def write_tiny_checkpoint(directory: Path, family: str | None = None) -> Path:
+    """Save the tiny pipeline of ``family`` (a name of engine/families; None: Ovis-Image)
+    in diffusers format at ``directory`` and return it.
 
     The checkpoint is written beside the target and renamed into place, so a reader never
     sees half of one and two processes building it at once both end with a whole one.
     """
+    from ovis_server.engine.families import get_family
     from ovis_server.engine.loading import silence_loading_progress
 
     silence_loading_progress()
     directory = directory.expanduser().resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
-    pipeline = build_tiny_pipeline()
+    pipeline = get_family(family).build_tiny()
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
     try:
         pipeline.save_pretrained(staging)

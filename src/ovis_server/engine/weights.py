@@ -30,23 +30,30 @@ class WeightsNotFoundError(ValueError):
     """The ``--model`` value names nothing we can load."""
 
 
-def tiny_checkpoint_dir(data_dir: Path) -> Path:
-    return data_dir / "models" / TINY
+def tiny_checkpoint_dir(data_dir: Path, family: str | None = None) -> Path:
+    """Where ``--model tiny`` of ``family`` (a name of engine/families; None: Ovis-Image)
+    is built: each family has its own."""
+    from ovis_server.engine.families import DEFAULT_FAMILY
+
+    # Ovis-Image's is "tiny", as before there were families; the others' "tiny-<family>".
+    name = family or DEFAULT_FAMILY
+    return data_dir / "models" / (TINY if name == DEFAULT_FAMILY else f"{TINY}-{name}")
 
 
-def resolve_weights(model: str, data_dir: Path) -> str:
-    """What to pass to ``from_pretrained`` for ``model``.
+def resolve_weights(model: str, data_dir: Path, family: str | None = None) -> str:
+    """What to pass to ``from_pretrained`` for ``model``, a model of ``family`` (a name of
+    engine/families; None: Ovis-Image).
 
-    ``tiny`` builds the tiny random checkpoint into the data directory on first use;
+    ``tiny`` builds the family's tiny random checkpoint into the data directory on first use;
     ``random-full`` is passed on as is (Engine.load builds it on the device); an existing
     directory must hold a diffusers ``model_index.json``; anything else must look
     like a hub id (``owner/name``), which ``from_pretrained`` downloads or finds in the
     Hugging Face cache.
     """
     if model == TINY:
-        target = tiny_checkpoint_dir(data_dir)
+        target = tiny_checkpoint_dir(data_dir, family)
         if not (target / "model_index.json").is_file():
-            write_tiny_checkpoint(target)
+            write_tiny_checkpoint(target, family)
         return str(target)
     if model == RANDOM_FULL:
         return RANDOM_FULL
@@ -102,12 +109,13 @@ def local_weights(
     *,
     report: PhaseReport | None = None,
     stop: threading.Event | None = None,
+    family: str | None = None,
 ) -> str:
     """``resolve_weights``, then, for a hub id, the snapshot folder in the Hugging Face cache,
     downloaded first if the cache lacks files (progress in the log and in ``report``)."""
     from ovis_server.engine.download import fetch_weights
 
-    weights = resolve_weights(model, data_dir)
+    weights = resolve_weights(model, data_dir, family)
     if not is_hub_id(weights):
         return weights
     return fetch_weights(weights, report=report, stop=stop).folder
