@@ -50,7 +50,8 @@ def download(settings: Settings) -> None:
     )
 
     try:
-        model = ModelRegistry.from_settings(settings).served(settings).weights(settings)
+        spec = ModelRegistry.from_settings(settings).served(settings)
+        model = spec.weights(settings.for_model((spec.model_id, *spec.aliases)))
     except UnknownModelError as exc:
         raise click.UsageError(str(exc)) from None
     if model == RANDOM_FULL:
