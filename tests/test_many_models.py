@@ -220,10 +220,10 @@ def test_one_serve_answers_two_models_in_every_dialect(
 
         # The SDK, and the command-line client.
         with Client(server.base_url, token=token) as sdk:
-            result = sdk.run({"prompt": "a lighthouse", **small}, model_id=FT)
-            assert result.status == "succeeded"
-            assert result.model_dump().get("model_id") in (FT, None)
-            assert sdk.status(result.request_id).status == "completed"
+            ran_sdk = sdk.run({"prompt": "a lighthouse", **small}, model_id=FT)
+            assert ran_sdk.status == "succeeded"
+            assert client.get(f"/v1/requests/{ran_sdk.request_id}/result").json()["model_id"] == FT
+            assert sdk.status(ran_sdk.request_id).status == "completed"
         output = tmp_path / "cli.png"
         ran = run_cli(
             "run", "a lighthouse", "--model-id", FT, "--steps", "2", "--image-size", "square",
