@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ import pytest
 from PIL import Image
 
 from ovis_server.catalogue import OVIS_IMAGE
+from ovis_server.catalogue.spec import ModelSpec
+from ovis_server.engine.pipeline import Engine
 from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.store import JobStore
-from ovis_server.worker.placement import plan_swap
+from ovis_server.worker.placement import Placement, device_bytes, plan_swap
 
 from .helpers import Cluster, create_token, run_cli, start_server, wait_for, wait_result
 
@@ -115,6 +118,92 @@ def test_a_trickle_of_jobs_swaps_on_demand() -> None:
     swaps, longest, _end = simulate(arrivals, run=1.0, swap=1.0, swap_after=30.0)
     assert swaps == 9
     assert longest <= 1.0
+
+
+# --- the placement: what fits together, and moving weights ----------------------------------
+
+
+def _two_engines(tiny_weights: Path) -> list[tuple[ModelSpec, Engine]]:
+    second = replace(OVIS_IMAGE, model_id=FT, aliases=())
+    return [(spec, Engine.load(str(tiny_weights), device="cpu")) for spec in (OVIS_IMAGE, second)]
+
+
+def _pixels_of(engine: Engine, seed: int = 5) -> np.ndarray[Any, Any]:
+    body = {"prompt": "a red kite", "image_size": {"width": 64, "height": 64}}
+    request = OVIS_IMAGE.input_model.model_validate(body | {"num_inference_steps": 2})
+    return np.asarray(engine.generate(request.to_generation_request(seed)))
+
+
+@pytest.mark.parametrize("spare", [0, 1])
+def test_models_that_fit_the_budget_together_all_stay_resident(
+    tiny_weights: Path, spare: int
+) -> None:
+    """All resident when every model's weights plus the largest activations fit the plan's
+    budget less its margin; one byte more and one stays resident, the other swaps."""
+    from ovis_server.engine.memory import GiB, usable_bytes
+
+    models = _two_engines(tiny_weights)
+    budget = 2 * GiB
+    weights = {spec.model_id: device_bytes(engine) for spec, engine in models}
+    activations = usable_bytes(budget) - sum(weights.values()) + 1 - spare
+    placement = Placement(lambda spec: pytest.fail("nothing loads again"))
+    for spec, engine in models:
+        peak = weights[spec.model_id] + activations
+        engine.memory = replace(engine.memory, budget_bytes=budget, peak_bytes=peak)
+        placement.add(spec, engine, 1)
+    placement.settle()
+    if spare:
+        assert placement.claimable() == [OVIS, FT]
+        # Together, each model's batches leave room for the other's weights.
+        placed = placement.get(OVIS)
+        assert placed is not None
+        assert placed.plan.budget_bytes == budget - weights[FT]
+    else:
+        assert placement.claimable() == [OVIS]
+        assert [m["where"] for m in placement.detail()["models"]] == ["device", "host"]
+
+
+def test_a_swap_copies_weights_through_host_memory_or_loads_them_again(
+    tiny_weights: Path,
+) -> None:
+    models = _two_engines(tiny_weights)
+    before = _pixels_of(models[0][1])
+    loads: list[str] = []
+
+    def load(spec: ModelSpec) -> Engine:
+        loads.append(spec.model_id)
+        return Engine.load(str(tiny_weights), device="cpu")
+
+    # Host memory: the weights wait as a copy, and come back the same.
+    placement = Placement(load, resident_limit=1, swap_after=30, host_bytes=lambda: None)
+    for spec, engine in models:
+        placement.add(spec, engine, 1)
+    placement.settle()
+    assert placement.claimable() == [OVIS]
+    assert placement.consider({OVIS: 0.0}) is None  # the other model has no job
+    assert placement.consider({FT: 0.0}) == (OVIS, FT)  # the resident one has none
+    assert placement.claimable() == [FT]
+    assert _pixels_of(placement.engine_of(FT)).shape == (64, 64, 3)
+    with pytest.raises(RuntimeError, match="not on the device"):
+        placement.engine_of(OVIS)
+    assert placement.consider({OVIS: 0.0, FT: 0.0}) is None  # both busy: FT keeps it a while
+    assert placement.consider({OVIS: 0.0}) == (FT, OVIS)
+    assert np.array_equal(_pixels_of(placement.engine_of(OVIS)), before)
+    detail = placement.detail()
+    assert detail["swaps"] == 2
+    assert detail["swap_seconds_total"] >= 0
+    assert loads == []
+
+    # No room in host memory: the model leaves the device for disk and is loaded again.
+    crowded = Placement(load, resident_limit=1, host_bytes=lambda: 0)
+    for spec, engine in _two_engines(tiny_weights):
+        crowded.add(spec, engine, 1)
+    crowded.settle()
+    assert [m["where"] for m in crowded.detail()["models"]] == ["device", "disk"]
+    assert crowded.consider({FT: 0.0}) == (OVIS, FT)
+    assert loads == [FT]
+    assert [m["where"] for m in crowded.detail()["models"]] == ["disk", "device"]
+    assert np.array_equal(_pixels_of(crowded.engine_of(FT)), before)  # same tiny weights
 
 
 # --- queue positions and depths per model ----------------------------------------------------

@@ -265,6 +265,9 @@ class Placement:
                 self._bring(model)
             elif model.where == "device":
                 self._leave(model)
+        if self.capacity == len(placed):
+            for model in placed:
+                model.host = None  # never swapped: no copy to keep in host memory
         release_device_memory()
         if fits_all and len(placed) > 1:
             self._share_budget(placed)
