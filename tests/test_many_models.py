@@ -313,6 +313,12 @@ def test_one_serve_answers_two_models_in_every_dialect(
             assert ran_sdk.status == "succeeded"
             assert client.get(f"/v1/requests/{ran_sdk.request_id}/result").json()["model_id"] == FT
             assert sdk.status(ran_sdk.request_id).status == "completed"
+            # An alias names its model on RunComfy's route too; the job is the model's.
+            aliased = sdk.submit({"prompt": "a kite", **small}, model_id="ovis-image")
+            assert sdk.wait(aliased.request_id).status == "succeeded"
+            assert (
+                client.get(f"/v1/requests/{aliased.request_id}/result").json()["model_id"] == OVIS
+            )
         output = tmp_path / "cli.png"
         ran = run_cli(
             "run", "a lighthouse", "--model-id", FT, "--steps", "2", "--image-size", "square",
