@@ -52,12 +52,35 @@ def test_kubernetes_manifests() -> None:
     assert {"Secret", "StatefulSet", "Service", "Deployment", "ScaledObject"} <= set(kinds)
     deployments = {doc["metadata"]["name"]: doc for doc in kinds["Deployment"]}
     api = deployments["ovis-api"]["spec"]["template"]["spec"]["containers"][0]
-    worker = deployments["ovis-worker"]["spec"]["template"]["spec"]["containers"][0]
     assert api["args"][:2] == ["serve", "--no-worker"]
-    assert worker["args"][0] == "worker"
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
-    (scaled,) = kinds["ScaledObject"]
-    assert scaled["spec"]["scaleTargetRef"]["name"] == "ovis-worker"
+    offered = option_values(api["args"], "--model-id")
+    workers = {name: doc for name, doc in deployments.items() if name.startswith("ovis-worker")}
+    scaled = {doc["spec"]["scaleTargetRef"]["name"]: doc for doc in kinds["ScaledObject"]}
+    # A worker Deployment per model, each scaled by its own ScaledObject, every model offered
+    # by the API and no model offered without a worker.
+    served = []
+    for name, doc in workers.items():
+        worker = doc["spec"]["template"]["spec"]["containers"][0]
+        assert worker["args"][0] == "worker"
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+        (model_id,) = option_values(worker["args"], "--model-id")
+        served.append(model_id)
+        query = scaled[name]["spec"]["triggers"][0]["metadata"]["query"]
+        assert f"model_id = '{model_id}'" in query
+    assert len(workers) >= 2
+    assert set(scaled) == set(workers)
+    assert sorted(served) == sorted(offered)
+
+
+def option_values(args: list[str], option: str) -> list[str]:
+    """The values of a repeated option in a container's args (``--x=v`` or ``--x v``)."""
+    values = []
+    for index, arg in enumerate(args):
+        if arg.startswith(option + "="):
+            values.append(arg.partition("=")[2])
+        elif arg == option:
+            values.append(args[index + 1])
+    return values
 
 
 def test_deployment_files_use_only_settings_the_code_has() -> None:
@@ -69,24 +92,32 @@ def test_deployment_files_use_only_settings_the_code_has() -> None:
     assert used <= known_env_vars(), used - known_env_vars()
 
 
-def test_the_autoscaling_query_counts_the_queue(tmp_path: Path) -> None:
-    (scaled,) = [d for d in documents(DEPLOY / "k8s" / "keda.yaml") if d["kind"] == "ScaledObject"]
-    query = scaled["spec"]["triggers"][0]["metadata"]["query"]
-    assert query in (ROOT / "docs" / "deploy.md").read_text()
+def test_each_autoscaling_query_counts_its_own_models_queue(tmp_path: Path) -> None:
+    queries = {
+        doc["metadata"]["name"]: doc["spec"]["triggers"][0]["metadata"]["query"]
+        for doc in documents(DEPLOY / "k8s" / "keda.yaml")
+        if doc["kind"] == "ScaledObject"
+    }
+    guide = (ROOT / "docs" / "deploy.md").read_text()
     engine = connect(sqlite_url(tmp_path))
     migrate(engine)
+    models = ["aidc-ai/ovis-image", "tongyi-mai/z-image/turbo", "acme/other"]
     with engine.begin() as conn:
-        for seq, status in enumerate(["queued", "running", "succeeded", "queued"]):
+        rows = [("queued", 0), ("running", 0), ("succeeded", 0), ("queued", 0), ("queued", 1)]
+        rows += [("running", 1), ("cancelled", 1), ("queued", 2), ("queued", 2), ("queued", 2)]
+        for seq, (status, model) in enumerate(rows):
             conn.execute(
                 text(
                     "INSERT INTO jobs (id, token_id, model_id, input, seed, batch_key, status,"
                     " cancel_requested, progress_step, progress_total, attempts, created_at)"
-                    " VALUES (:id, 't', 'm', '{}', 1, 'k', :status, false, 0, 1, 0,"
+                    " VALUES (:id, 't', :model, '{}', 1, 'k', :status, false, 0, 1, 0,"
                     " '2026-01-01 00:00:00')"
                 ),
-                {"id": f"job-{seq}", "status": status},
+                {"id": f"job-{seq}", "status": status, "model": models[model]},
             )
-        assert conn.execute(text(query)).scalar_one() == 3
+        counts = {name: conn.execute(text(query)).scalar_one() for name, query in queries.items()}
+    assert counts == {"ovis-worker-ovis-image": 3, "ovis-worker-z-image-turbo": 2}
+    assert queries["ovis-worker-ovis-image"] in guide
 
 
 def test_prometheus_sends_the_metrics_token() -> None:

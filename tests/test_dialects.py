@@ -71,28 +71,23 @@ def test_cli_models_list_reads_models_total_and_row_fields(client: httpx.Client)
     assert "input_schema" not in row
 
 
-BUILT_IN = [MODEL_ID, "tongyi-mai/z-image/turbo"]
-
-
 @pytest.mark.parametrize(
-    ("query", "total", "page"),
+    "query",
     [
-        ("search=OVIS", 1, [MODEL_ID]),  # case-insensitive, on the id
-        ("search=legible%20text", 1, [MODEL_ID]),  # on the description
-        ("search=Ovis-Image", 1, [MODEL_ID]),  # on the display name
-        ("category=text-to-image", 2, BUILT_IN),
-        ("category=Text-To-Image", 2, BUILT_IN),
-        ("kind=model", 2, BUILT_IN),
-        ("limit=1", 2, [MODEL_ID]),
-        ("limit=500", 2, BUILT_IN),
+        "search=OVIS",  # case-insensitive, on the id
+        "search=legible%20text",  # on the description
+        "search=Ovis-Image",  # on the display name
+        "category=text-to-image",
+        "category=Text-To-Image",
+        "kind=model",
+        "limit=1",
+        "limit=500",
     ],
 )
-def test_cli_filters_that_match(
-    client: httpx.Client, query: str, total: int, page: list[str]
-) -> None:
+def test_cli_filters_that_match(client: httpx.Client, query: str) -> None:
     body = client.get(f"/v1/models?limit=100&offset=0&{query}").json()
-    assert body["total"] == total
-    assert [row["model_id"] for row in body["models"]] == page
+    assert body["total"] == 1
+    assert [row["model_id"] for row in body["models"]] == [MODEL_ID]
 
 
 @pytest.mark.parametrize(
@@ -106,9 +101,9 @@ def test_cli_filters_that_match_nothing(client: httpx.Client, query: str) -> Non
 
 
 def test_offset_past_the_end_is_an_empty_page_of_all_matches(client: httpx.Client) -> None:
-    body = client.get("/v1/models?limit=100&offset=2").json()
+    body = client.get("/v1/models?limit=100&offset=1").json()
     assert body["models"] == []
-    assert body["total"] == 2
+    assert body["total"] == 1
 
 
 @pytest.mark.parametrize(
@@ -122,11 +117,10 @@ def test_bad_catalogue_filters_are_422(client: httpx.Client, query: str) -> None
 
 def test_include_schema_puts_each_models_input_schema_in_its_row(client: httpx.Client) -> None:
     body = client.get("/v1/models?limit=100&offset=0&include_schema=true").json()
-    assert [row["model_id"] for row in body["models"]] == BUILT_IN
-    for row in body["models"]:
-        detail = client.get(f"/v1/models/{row['model_id']}").json()
-        assert row["input_schema"] == detail["input_schema"]
-        assert row["input_schema"]["required"] == ["prompt"]
+    (row,) = body["models"]
+    detail = client.get(f"/v1/models/{MODEL_ID}").json()
+    assert row["input_schema"] == detail["input_schema"]
+    assert row["input_schema"]["required"] == ["prompt"]
 
 
 def test_cli_categories(client: httpx.Client) -> None:
@@ -147,8 +141,8 @@ def test_cli_models_get(client: httpx.Client) -> None:
 def test_model_list_is_also_openais_list(client: httpx.Client) -> None:
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
-    assert [entry["id"] for entry in body["data"]] == BUILT_IN
-    model = body["data"][0]
+    (model,) = body["data"]
+    assert model["id"] == MODEL_ID
     assert model["object"] == "model"
     assert isinstance(model["created"], int)
     assert model["owned_by"]
@@ -319,7 +313,7 @@ def test_openai_generate_url_two_images(openai_client: openai.OpenAI) -> None:
 
 def test_openai_models_list(openai_client: openai.OpenAI) -> None:
     models = list(openai_client.models.list())
-    assert [model.id for model in models] == BUILT_IN
+    assert [model.id for model in models] == [MODEL_ID]
     assert models[0].object == "model"
 
 

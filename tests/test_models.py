@@ -48,20 +48,50 @@ def test_the_registry_is_built_from_settings(tmp_path: Path) -> None:
         data_dir=tmp_path,
         base_price_usd=0.25,
         extra_models=f" {SECOND} = tiny ,acme/other=/models/other",
-        model_id=SECOND,
+        model_ids=(SECOND,),
     )
+    # The served set is what --model-id names: a worker loads it, the API offers it.
     models = ModelRegistry.from_settings(settings)
-    assert models.ids() == [OVIS_IMAGE.model_id, Z_IMAGE_TURBO.model_id, SECOND, "acme/other"]
-    assert {spec.base_price_usd for spec in models} == {0.25}
+    assert models.ids() == [SECOND]
+    # By default: the default model and every --extra-models entry, in that order.
+    everything = ModelRegistry.from_settings(settings.model_copy(update={"model_ids": ()}))
+    assert everything.ids() == [OVIS_IMAGE.model_id, SECOND, "acme/other"]
+    assert {spec.base_price_usd for spec in everything} == {0.25}
     second = models.served(settings)
     assert second.model_id == SECOND
     assert second.weights(settings) == "tiny"
     assert second.input_model is OVIS_IMAGE.input_model
-    assert models.resolve("ovis-image") is models.get(OVIS_IMAGE.model_id)
+    assert everything.resolve("ovis-image") is everything.get(OVIS_IMAGE.model_id)
     # --model, when given, is the weights whatever the model.
     assert second.weights(settings.model_copy(update={"model": "random-full"})) == "random-full"
     with pytest.raises(UnknownModelError, match="acme/missing"):
-        models.served(settings.model_copy(update={"model_id": "acme/missing"}))
+        ModelRegistry.from_settings(settings.model_copy(update={"model_ids": ("acme/missing",)}))
+
+
+def test_model_id_repeats_takes_aliases_and_gives_each_model_its_weights(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        extra_models=(f"{SECOND}=/models/second",),
+        model_ids=("ovis-image", f"{SECOND},{OVIS_IMAGE.model_id}"),
+        model=f"ovis-image=/models/ovis, {SECOND} = /models/tuned",
+    )
+    models = ModelRegistry.from_settings(settings)
+    assert models.ids() == [OVIS_IMAGE.model_id, SECOND]  # an alias and its id are one model
+    assert models.served(settings) is models.get(OVIS_IMAGE.model_id)
+    weights = {
+        spec.model_id: spec.weights(settings.for_model((spec.model_id, *spec.aliases)))
+        for spec in models
+    }
+    assert weights == {OVIS_IMAGE.model_id: "/models/ovis", SECOND: "/models/tuned"}
+    # A model the per-model form leaves out gets its own default weights.
+    partial = settings.model_copy(update={"model": f"{SECOND}=tiny"})
+    assert partial.weights_for((OVIS_IMAGE.model_id, "ovis-image")) is None
+    # tiny and random-full build each model's own; other bare weights fit one model only.
+    Settings(data_dir=tmp_path, model_ids=("a", "b"), model="tiny")
+    with pytest.raises(ValidationError, match="give each model its own weights"):
+        Settings(data_dir=tmp_path, model_ids=("a", "b"), model="/models/ovis")
+    with pytest.raises(ValidationError, match="give ID=WEIGHTS"):
+        Settings(data_dir=tmp_path, model="a=/x,b")
 
 
 @pytest.mark.parametrize(

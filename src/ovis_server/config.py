@@ -10,6 +10,7 @@ the click options from these fields. Precedence: command line > environment > co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -61,6 +62,28 @@ MemoryChoice = Literal[
 MEMORY_CHOICES: tuple[str, ...] = get_args(MemoryChoice)
 # /metrics tokens are long random strings.
 MIN_METRICS_TOKEN = 16
+
+
+# --model values that mean each served model's own build, whatever its family.
+SHARED_BUILDS = frozenset({"tiny", "random-full"})
+
+
+def parse_model_weights(value: str) -> dict[str, str]:
+    """``--model``'s per-model form, ``ID=WEIGHTS,ID=WEIGHTS``: weights by model name (an id
+    or an alias); empty for a plain value. ValueError naming what is wrong."""
+    if "=" not in value:
+        return {}
+    given: dict[str, str] = {}
+    for item in value.split(","):
+        name, equals, weights = (part.strip() for part in item.partition("="))
+        if not item.strip():
+            continue
+        if not equals or not name or not weights:
+            raise ValueError(f"{item!r}: give ID=WEIGHTS, e.g. aidc-ai/ovis-image=/models/ovis")
+        if name in given:
+            raise ValueError(f"{name!r} is given weights twice")
+        given[name] = weights
+    return given
 
 
 def default_data_dir() -> Path:
@@ -131,18 +154,43 @@ class Settings(BaseSettings):
     Default: any, and absolute URLs follow the client's Host unless --public-url."""
     model: Annotated[str | None, Cli(MODEL | DOWNLOAD, show_default=False)] = None
     """The weights to load: a hub id, a local diffusers directory, 'tiny' (a tiny random model,
-    for trying it anywhere) or 'random-full' (the real 7B architecture with random weights,
+    for trying it anywhere) or 'random-full' (the real architecture with random weights,
     built on the GPU without a download, for load tests); random models' images are noise.
-    Default: the --model-id's own (AIDC-AI/Ovis-Image-7B)."""
-    # Which catalogue entry a worker runs, and the operator's own (catalogue/registry.py).
-    model_id: Annotated[str, Cli(MODEL | DOWNLOAD)] = DEFAULT_MODEL_ID
-    """The model (its catalogue id) to run: a worker takes only its jobs."""
+    With several --model-id, tiny and random-full build each model's own, and other weights
+    are given per model, comma-separated ID=WEIGHTS. Default: each model's own
+    (AIDC-AI/Ovis-Image-7B for aidc-ai/ovis-image)."""
+    # Which catalogue entries a worker runs and the API offers, and the operator's own
+    # (catalogue/registry.py).
+    model_ids: Annotated[
+        tuple[str, ...],
+        Cli(
+            MODEL | DOWNLOAD,
+            name="model-id",
+            multiple=True,
+            metavar="ID",
+            show_default=f"{DEFAULT_MODEL_ID} and every --extra-models id",
+        ),
+    ] = ()
+    """A model to serve (a catalogue id or alias); repeat it for several (comma-separated in the
+    environment and the config file). A worker loads them all and takes only their jobs; the
+    API lists and takes exactly these, so give an API replica every id its workers serve."""
     extra_models: Annotated[
         tuple[str, ...], Cli(MODEL | DOWNLOAD, show_default=False, metavar="ID=WEIGHTS,...")
     ] = ()
     """More catalogue entries: Ovis-Image checkpoints (fine-tunes) under ids of their own,
     comma-separated ID=WEIGHTS, WEIGHTS as --model takes them. Give the API and its workers the
-    same list; run a worker with --model-id ID for each."""
+    same list."""
+    swap_after_seconds: Annotated[
+        float, Cli(WORKER, name="swap-after", show_default="30s", metavar="DURATION")
+    ] = 30.0
+    """Where a worker's device cannot hold all its models at once: how long another model's
+    oldest job may wait before the worker swaps that model in, even while the resident model
+    still has jobs (it swaps at once when the resident model has none)."""
+    resident_models: Annotated[int, Cli(WORKER, metavar="N", show_default="0: as many as fit")] = (
+        Field(0, ge=0)
+    )
+    """Keep at most this many models on the device at once and swap the others in on demand
+    (1 forces swapping, e.g. to try it on a CPU); 0: as many as the memory plan fits."""
     device: Annotated[str, Cli(MODEL)] = "auto"
     """cpu, cuda, cuda:N or mps; auto picks CUDA when present."""
     dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32"], Cli(MODEL)] = "auto"
@@ -219,7 +267,7 @@ class Settings(BaseSettings):
         )
 
     @field_validator("retention_seconds", "cleanup_interval_seconds", "stall_timeout_seconds",
-                     mode="before")  # fmt: skip
+                     "swap_after_seconds", mode="before")  # fmt: skip
     @classmethod
     def _duration(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -279,6 +327,28 @@ class Settings(BaseSettings):
             parse_extra_models(value)
         return value
 
+    @field_validator("model_ids", mode="before")
+    @classmethod
+    def _model_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = (value,)
+        if isinstance(value, list | tuple):
+            names = [part.strip() for item in value for part in str(item).split(",")]
+            value = tuple(dict.fromkeys(name for name in names if name))
+        return value
+
+    @model_validator(mode="after")
+    def _weights_per_model(self) -> Settings:
+        if self.model is None or "=" in self.model or self.model in SHARED_BUILDS:
+            parse_model_weights(self.model or "")
+            return self
+        if len(self.model_ids) > 1:
+            raise ValueError(
+                f"--model {self.model!r} with several --model-id: give each model its own "
+                "weights, comma-separated ID=WEIGHTS (tiny and random-full alone serve for all)"
+            )
+        return self
+
     @field_validator("gpu_memory")
     @classmethod
     def _memory_size(cls, value: str | None) -> str | None:
@@ -321,6 +391,23 @@ class Settings(BaseSettings):
             default = 4 if device_type == "cuda" else 1
             return default if planned is None else max(1, min(default, planned))
         return int(self.max_batch)
+
+    @property
+    def model_id(self) -> str:
+        """The first model served (by id or alias): the one ``generate`` and ``download`` take."""
+        return self.model_ids[0] if self.model_ids else DEFAULT_MODEL_ID
+
+    def weights_for(self, names: Sequence[str]) -> str | None:
+        """``--model`` for the model called ``names`` (its id and aliases): the value itself,
+        or its own entry of the per-model form; None: the model's own default weights."""
+        if self.model is None or "=" not in self.model:
+            return self.model
+        given = parse_model_weights(self.model)
+        return next((given[name] for name in names if name in given), None)
+
+    def for_model(self, names: Sequence[str]) -> Settings:
+        """These settings with ``--model`` as it applies to the model called ``names``."""
+        return self.model_copy(update={"model": self.weights_for(names)})
 
     @property
     def auth(self) -> bool:

@@ -25,6 +25,7 @@ class Cli:
     name: str | None = None  # the option without its dashes; default: the field's name
     show_default: str | bool | None = None  # None: the default itself, when there is one
     metavar: str | None = None
+    multiple: bool = False  # the option repeats (--model-id A --model-id B): a tuple
 
 
 def cli_of(field: FieldInfo) -> Cli | None:

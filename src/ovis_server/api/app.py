@@ -27,7 +27,13 @@ from ovis_server.api.errors import install_error_handlers
 from ovis_server.api.limits import AllowedHosts, BodySizeLimit, ConnectionLimit, TokenSlots
 from ovis_server.api.metrics import Metrics, OvisCollector
 from ovis_server.api.owned_requests import OwnedRequests
-from ovis_server.api.protocol import Health, Readiness, WorkerProgress, WorkerReadiness
+from ovis_server.api.protocol import (
+    Health,
+    Readiness,
+    WorkerModel,
+    WorkerProgress,
+    WorkerReadiness,
+)
 from ovis_server.api.security import SecurityHeadersMiddleware
 from ovis_server.api.stream import StatusHub
 from ovis_server.api.submissions import Submissions
@@ -97,7 +103,27 @@ def worker_readiness(worker: WorkerInfo) -> WorkerReadiness:
         batch_limit=batch_limit if type(batch_limit) is int and batch_limit > 0 else None,
         max_pixels=worker_max_pixels(worker),
         problem=worker.problem,
+        **worker_models_readiness(detail),
     )
+
+
+def worker_models_readiness(detail: dict[str, Any]) -> dict[str, Any]:
+    """A worker's models and swaps as /readyz shows them (worker/placement.py's detail);
+    what it cannot read is left out."""
+    shown: dict[str, Any] = {}
+    try:
+        models = detail.get("models")
+        if isinstance(models, list):
+            shown["models"] = [WorkerModel.model_validate(entry) for entry in models]
+    except ValidationError:
+        pass
+    if type(detail.get("swaps")) is int:
+        shown["swaps"] = detail["swaps"]
+    for key in ("swap_seconds_total", "last_swap_seconds"):
+        value = detail.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            shown[key] = float(value)
+    return shown
 
 
 def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastAPI:
@@ -182,7 +208,9 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
     app.include_router(files.router)
 
     exposition = Metrics(
-        OvisCollector(StatsReader(db), registry, alive_within, lambda: hub.open_streams)
+        OvisCollector(
+            StatsReader(db), registry, alive_within, lambda: hub.open_streams, models=models.ids()
+        )
     )
 
     @app.get("/healthz", tags=["Operations"])

@@ -31,13 +31,27 @@ CACHE_SECONDS = 1.0
 SIDE_MULTIPLE = 16
 
 
-def worker_max_pixels(worker: WorkerInfo) -> int | None:
-    """The most pixels ``worker`` says it fits, or None for no limit (or none readable)."""
-    detail: Any = worker.detail if isinstance(worker.detail, dict) else {}
-    value = detail.get("max_pixels")
+def worker_models(worker: WorkerInfo) -> list[str]:
+    """The models a worker serves (its row keeps them comma-separated)."""
+    return [model for model in worker.model.split(",") if model]
+
+
+def _pixels(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None
     return value
+
+
+def worker_max_pixels(worker: WorkerInfo, model_id: str | None = None) -> int | None:
+    """The most pixels ``worker`` says it fits (of ``model_id``, where it reports its models
+    one by one), or None for no limit (or none readable)."""
+    detail: Any = worker.detail if isinstance(worker.detail, dict) else {}
+    models = detail.get("models")
+    if model_id is not None and isinstance(models, list):
+        for entry in models:
+            if isinstance(entry, dict) and entry.get("model_id") == model_id:
+                return _pixels(entry.get("max_pixels"))
+    return _pixels(detail.get("max_pixels"))
 
 
 def largest_fitting(workers: Sequence[WorkerInfo], model_id: str) -> int | None:
@@ -46,9 +60,9 @@ def largest_fitting(workers: Sequence[WorkerInfo], model_id: str) -> int | None:
     ready = [
         worker
         for worker in workers
-        if worker.ready and worker.problem is None and worker.model == model_id
+        if worker.ready and worker.problem is None and model_id in worker_models(worker)
     ]
-    limits = [worker_max_pixels(worker) for worker in ready]
+    limits = [worker_max_pixels(worker, model_id) for worker in ready]
     if not limits or any(limit is None for limit in limits):
         return None
     return max(limit for limit in limits if limit is not None)

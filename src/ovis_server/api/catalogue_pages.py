@@ -86,8 +86,9 @@ class CataloguePages:
         )
 
     def spec(self, model_id: str) -> ModelSpec:
-        """The model ``model_id`` names, or a 404 that lists the ones there are."""
-        spec = self.models.get(model_id)
+        """The model ``model_id`` (an id, or an alias as ``--model-id`` and OpenAI's ``model``
+        take it) names, or a 404 that lists the ones there are."""
+        spec = self.models.resolve(model_id)
         if spec is None:
             known = ", ".join(self.models.ids())
             raise ApiError(

@@ -128,6 +128,8 @@ class OvisCollector(Collector):
     alive_within: float
     open_streams: Callable[[], int]
     now: Callable[[], datetime] = utcnow
+    # The served models: each has a queue depth (0 included), for autoscaling per model.
+    models: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         stats, started = self.stats, self.now()
@@ -174,11 +176,20 @@ class OvisCollector(Collector):
         with self.stats.engine.connect() as conn:
             recent = self.catch_up(conn)
             unfinished = self.stats.unfinished_counts(conn)
+            by_model = self.stats.queued_by_model(conn)
             pending = self.stats.pending_messages(conn)
         alive = self.workers.alive(self.alive_within)
         yield GaugeMetricFamily(
             "ovis_queue_depth", "Jobs waiting in the queue.", unfinished[JobStatus.QUEUED]
         )
+        depth = GaugeMetricFamily(
+            "ovis_model_queue_depth",
+            "Jobs waiting in the queue, per model (scale each model's workers on its own).",
+            labels=["model"],
+        )
+        for model in dict.fromkeys((*self.models, *sorted(by_model))):
+            depth.add_metric([model], by_model.get(model, 0))
+        yield depth
         yield GaugeMetricFamily(
             "ovis_jobs_running", "Jobs a worker is running now.", unfinished[JobStatus.RUNNING]
         )
@@ -217,6 +228,7 @@ class OvisCollector(Collector):
         yield from worker_state_families(alive)
 
         yield from worker_plan_families(alive)
+        yield from worker_model_families(alive)
         yield GaugeMetricFamily(
             "ovis_webhook_messages_pending",
             "Webhook messages not yet taken by their receiver.",
@@ -316,6 +328,49 @@ def worker_plan_families(alive: Sequence[WorkerInfo]) -> Iterator[Metric]:
             if value is not None:
                 family.add_metric([worker.id], value)
     yield from (info, batch, budget, pixels, startup)
+
+
+def worker_model_families(alive: Sequence[WorkerInfo]) -> Iterator[Metric]:
+    """Each worker's models (resident on its device or not) and its swaps, from the details
+    it reports (worker/placement.py)."""
+    resident = GaugeMetricFamily(
+        "ovis_worker_model_resident",
+        "1 for each model a worker serves that is on its device now, 0 for one waiting to be "
+        "swapped in (from host memory or disk).",
+        labels=["worker", "device", "model", "where"],
+    )
+    swaps = CounterMetricFamily(
+        "ovis_worker_swaps",
+        "Times a worker swapped a model onto its device since it started.",
+        labels=["worker", "device"],
+    )
+    seconds = CounterMetricFamily(
+        "ovis_worker_swap_seconds",
+        "Seconds a worker spent swapping models since it started.",
+        labels=["worker", "device"],
+    )
+    last = GaugeMetricFamily(
+        "ovis_worker_last_swap_seconds",
+        "How long a worker's last swap took.",
+        labels=["worker", "device"],
+    )
+    for worker in alive:
+        detail = worker.detail if isinstance(worker.detail, dict) else {}
+        models = detail.get("models")
+        for entry in models if isinstance(models, list) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("model_id"), str):
+                where = entry.get("where") if isinstance(entry.get("where"), str) else ""
+                labels = [worker.id, worker.device, entry["model_id"], where]
+                resident.add_metric(labels, 1 if entry.get("resident") is True else 0)
+        for family, key in (
+            (swaps, "swaps"),
+            (seconds, "swap_seconds_total"),
+            (last, "last_swap_seconds"),
+        ):
+            value = _detail_number(worker, key)
+            if value is not None:
+                family.add_metric([worker.id, worker.device], value)
+    yield from (resident, swaps, seconds, last)
 
 
 class Metrics:

@@ -188,11 +188,25 @@ class WorkerProgress(BaseModel):
     text: str | None = None
 
 
+class WorkerModel(BaseModel):
+    """One model of a worker that serves several (worker/placement.py)."""
+
+    model_id: str
+    resident: bool = Field(description="On the device now: the worker takes its jobs.")
+    where: Literal["device", "host", "disk"] = Field(
+        description="Where its weights are: on the device, or waiting to be swapped in from "
+        "host memory (a copy) or from disk (a load)."
+    )
+    max_pixels: int | None = Field(
+        default=None, description="The largest image its memory plan fits; absent: no limit."
+    )
+
+
 class WorkerReadiness(BaseModel):
     """One alive worker as /readyz shows it (no ids, hosts, pids or weight paths: /readyz
     is public)."""
 
-    model: str = Field(description="The model (catalogue id) the worker runs.")
+    model: str = Field(description="The models (catalogue ids, comma-separated) the worker runs.")
     device: str
     phase: Literal["downloading", "loading", "warming", "ready"] = Field(
         description="Downloading weights, loading the model, warming up (compiling), ready."
@@ -210,6 +224,14 @@ class WorkerReadiness(BaseModel):
         "fits; absent where there is no limit (a CPU). Larger submits get 422.",
     )
     problem: str | None = Field(default=None, description="Why it takes no jobs, if it takes none.")
+    models: list[WorkerModel] | None = Field(
+        default=None, description="Each model it serves, resident or not (once ready)."
+    )
+    swaps: int | None = Field(
+        default=None, description="Times it swapped a model onto the device since it started."
+    )
+    swap_seconds_total: float | None = Field(default=None, description="Seconds spent swapping.")
+    last_swap_seconds: float | None = Field(default=None, description="The last swap's time.")
 
 
 class Readiness(BaseModel):

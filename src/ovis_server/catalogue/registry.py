@@ -1,8 +1,10 @@
 """The models one deployment serves, built from its settings: the built-in ones, and an
 operator's own Ovis-Image checkpoints under ids of their own (``--extra-models``).
 
-The API lists and takes these, the OpenAI route resolves its ``model`` names among them,
-and a worker loads the one ``--model-id`` names and claims only that model's jobs.
+The served set is what ``--model-id`` names (ids or aliases, in that order; by default the
+default model and every ``--extra-models`` entry): the API lists and takes exactly these, the
+OpenAI route resolves its ``model`` names among them, and a worker loads them all and claims
+only their jobs. A known model left out of the list is not offered (a 404, as for any id).
 """
 
 from __future__ import annotations
@@ -83,10 +85,22 @@ class ModelRegistry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelRegistry:
-        """The built-in models and ``--extra-models``, priced at ``--base-price-usd``."""
+        """The models ``--model-id`` serves, among the built-in ones and ``--extra-models``,
+        priced at ``--base-price-usd``; UnknownModelError for a name that is neither."""
         extras = [extra_model(*pair) for pair in parse_extra_models(settings.extra_models)]
+        known = cls((*BUILT_IN, *extras))
+        names = settings.model_ids or (DEFAULT_MODEL_ID, *(spec.model_id for spec in extras))
+        served: dict[str, ModelSpec] = {}
+        for name in names:
+            spec = known.resolve(name)
+            if spec is None:
+                raise UnknownModelError(
+                    f"--model-id {name!r} is not a model of this server; it has "
+                    f"{', '.join(known.ids())} (add one with --extra-models ID=WEIGHTS)"
+                )
+            served.setdefault(spec.model_id, spec)
         return cls(
-            replace(spec, base_price_usd=settings.base_price_usd) for spec in (*BUILT_IN, *extras)
+            replace(spec, base_price_usd=settings.base_price_usd) for spec in served.values()
         )
 
     def __iter__(self) -> Iterator[ModelSpec]:
@@ -108,8 +122,8 @@ class ModelRegistry:
         return [*self._specs, *self._aliases]
 
     def served(self, settings: Settings) -> ModelSpec:
-        """The model ``--model-id`` names: the one a worker loads and takes jobs of."""
-        spec = self.get(settings.model_id)
+        """The first model ``--model-id`` names: the one ``generate`` and ``download`` take."""
+        spec = self.resolve(settings.model_id)
         if spec is None:
             raise UnknownModelError(
                 f"--model-id {settings.model_id!r} is not a model of this server; it has "

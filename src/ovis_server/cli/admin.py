@@ -67,9 +67,9 @@ def download(settings: Settings) -> None:
 
     try:
         spec = ModelRegistry.from_settings(settings).served(settings)
+        model = spec.weights(settings.for_model((spec.model_id, *spec.aliases)))
     except UnknownModelError as exc:
         raise click.UsageError(str(exc)) from None
-    model = spec.weights(settings)
     if model == RANDOM_FULL:
         click.echo("random-full is built on the GPU when a worker starts: nothing to download")
         return

@@ -83,6 +83,11 @@ def settings_option(name: str, field: FieldInfo, cli: Cli) -> Callable[[F], F]:
     }
     if field.annotation is bool:
         return click.option(flag, name, is_flag=True, default=False, **common)
+    if cli.multiple:
+        show = cli.show_default if isinstance(cli.show_default, str) else False
+        return click.option(
+            flag, name, multiple=True, metavar=cli.metavar, show_default=show, **common
+        )
     default, show_default = _default(field, cli)
     return click.option(
         flag,

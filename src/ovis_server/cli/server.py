@@ -28,10 +28,23 @@ from ovis_server.engine.images import encode_image
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
+def model_registry(settings: Settings) -> ModelRegistry:
+    """The models ``--model-id`` serves, or a usage error naming the one that is unknown."""
+    try:
+        return ModelRegistry.from_settings(settings)
+    except UnknownModelError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def model_names(spec: ModelSpec) -> tuple[str, ...]:
+    """What a model is called: its id and its aliases (``--model``'s per-model form)."""
+    return (spec.model_id, *spec.aliases)
+
+
 def served_model(
     models: ModelRegistry, settings: Settings, devices: Iterable[str] = ()
 ) -> ModelSpec:
-    """The model ``--model-id`` names, or a usage error. Says at once that ``--model
+    """The first model ``--model-id`` names, or a usage error. Says at once that ``--model
     random-full`` cannot run on one of ``devices`` (default: ``--device``), instead of
     starting a worker that fails to load it and is restarted over and over."""
     from ovis_server.engine.weights import RANDOM_FULL
@@ -40,7 +53,9 @@ def served_model(
         model = models.served(settings)
     except UnknownModelError as exc:
         raise click.UsageError(str(exc)) from None
-    if model.weights(settings) != RANDOM_FULL:
+    if not any(
+        spec.weights(settings.for_model(model_names(spec))) == RANDOM_FULL for spec in models
+    ):
         return model
     from ovis_server.engine.families import get_family
     from ovis_server.engine.loading import EngineLoadError, check_random_full_device, pick_device
@@ -64,7 +79,7 @@ def serve(settings: Settings) -> None:
 
     configure_logging(settings.log_level)
     logger = logging.getLogger("ovis_server.serve")
-    models = ModelRegistry.from_settings(settings)
+    models = model_registry(settings)
     try:
         slots = plan_workers(settings)
     except DevicesError as exc:
@@ -160,7 +175,7 @@ def worker(
     configure_logging(settings.log_level)
     if log_name:
         name_log_lines(log_name)
-    models = ModelRegistry.from_settings(settings)
+    models = model_registry(settings)
     served_model(models, settings)
     try:
         run_worker(settings, parent_pid=parent_pid, device_label=device_label, models=models)
@@ -225,7 +240,7 @@ def generate(
             f"cannot tell the image format from {output.name!r}: use a .png, .jpg or .webp "
             "name, or --output-format"
         )
-    model = served_model(ModelRegistry.from_settings(settings), settings)
+    model = served_model(model_registry(settings), settings)
     try:
         # Options left out take the model's defaults; one the model lacks is refused by it.
         given = {
@@ -249,7 +264,7 @@ def generate(
     # A first run downloads the weights: show its progress lines.
     logging.getLogger("ovis_server.engine.download").setLevel(logging.INFO)
     try:
-        engine = model.load_engine(settings)
+        engine = model.load_engine(settings.for_model(model_names(model)))
     except (EngineLoadError, WeightsNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

@@ -7,14 +7,22 @@ is locked or unreachable.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, or_, select
 
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import job_events, jobs
 from ovis_server.jobs.job import Job, JobEvent, JobStatus
 from ovis_server.jobs.rows import event_from_row, job_from_row
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 class JobQueries:
@@ -33,25 +41,29 @@ class JobQueries:
 
     @retried
     def queue_position(self, job: Job) -> int:
-        """How many queued jobs run before this one: 0 means it is next."""
+        """How many queued jobs of this job's model run before it: 0 means it is next.
+        Workers claim by model, so another model's jobs do not stand in its way."""
         stmt = (
             select(func.count())
             .select_from(jobs)
-            .where(jobs.c.status == JobStatus.QUEUED, jobs.c.seq < job.seq)
+            .where(
+                jobs.c.status == JobStatus.QUEUED,
+                jobs.c.model_id == job.model_id,
+                jobs.c.seq < job.seq,
+            )
         )
         with self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
 
     @retried
     def queue_positions(self, request_ids: Sequence[str]) -> dict[str, int]:
-        """The queue position of each of these jobs that is queued, in one query."""
+        """The queue position of each of these jobs that is queued (among its own model's
+        jobs, as ``queue_position``), in one query."""
         if not request_ids:
             return {}
+        place = func.row_number().over(partition_by=jobs.c.model_id, order_by=jobs.c.seq)
         ranked = (
-            select(
-                jobs.c.id,
-                (func.row_number().over(order_by=jobs.c.seq) - 1).label("position"),
-            )
+            select(jobs.c.id, (place - 1).label("position"))
             .where(jobs.c.status == JobStatus.QUEUED)
             .subquery()
         )
@@ -109,6 +121,37 @@ class JobQueries:
             stmt = stmt.where(jobs.c.token_id == token_id)
         with self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
+
+    @retried
+    def queued_by_model(self) -> dict[str, int]:
+        """Jobs waiting to run, per model (models with none are absent)."""
+        stmt = (
+            select(jobs.c.model_id, func.count())
+            .where(jobs.c.status == JobStatus.QUEUED)
+            .group_by(jobs.c.model_id)
+        )
+        with self.engine.connect() as conn:
+            return {str(model_id): int(count) for model_id, count in conn.execute(stmt)}
+
+    @retried
+    def queue_heads(self, model_ids: Sequence[str]) -> dict[str, float]:
+        """When the oldest queued job of each of these models was submitted (Unix seconds);
+        models with none queued are absent. Jobs past their deadline do not count: no worker
+        starts them."""
+        if not model_ids:
+            return {}
+        stmt = (
+            select(jobs.c.model_id, func.min(jobs.c.created_at))
+            .where(
+                jobs.c.status == JobStatus.QUEUED,
+                jobs.c.model_id.in_(list(model_ids)),
+                or_(jobs.c.deadline.is_(None), jobs.c.deadline > utcnow()),
+            )
+            .group_by(jobs.c.model_id)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        return {str(model_id): _utc(oldest).timestamp() for model_id, oldest in rows}
 
     @retried
     def finished_before(self, cutoff: datetime, limit: int = 500) -> list[Job]:

@@ -52,6 +52,15 @@ class StatsReader:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
+    def queued_by_model(self, conn: Connection) -> dict[str, int]:
+        """Jobs queued per model (ix_jobs_status_model_id_seq: reads only those rows)."""
+        stmt = (
+            select(jobs.c.model_id, func.count())
+            .where(jobs.c.status == JobStatus.QUEUED)
+            .group_by(jobs.c.model_id)
+        )
+        return {str(model_id): int(count) for model_id, count in conn.execute(stmt)}
+
     def unfinished_counts(self, conn: Connection) -> dict[JobStatus, int]:
         """Jobs queued and jobs running (ix_jobs_status_seq: reads only those rows)."""
         wanted = [JobStatus.QUEUED, JobStatus.RUNNING]

@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from ovis_server.catalogue.registry import ModelRegistry
 from ovis_server.config import Settings
@@ -23,8 +24,13 @@ from ovis_server.engine.compile_cache import use_compile_cache
 from ovis_server.jobs.store import JobStore
 from ovis_server.jobs.workers import WorkerRegistry, WorkerState
 from ovis_server.storage import open_file_store
+from ovis_server.worker.placement import Placement
 from ovis_server.worker.report import StateReport
 from ovis_server.worker.runner import Worker
+
+if TYPE_CHECKING:
+    from ovis_server.catalogue.spec import ModelSpec
+    from ovis_server.engine.pipeline import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +109,14 @@ def run_worker(
     device_label: str | None = None,
     models: ModelRegistry | None = None,
 ) -> None:
-    """Load the model ``--model-id`` names (among ``models``, by default the settings'), warm
-    it up, then take its jobs until SIGTERM or SIGINT; the job in hand is put back.
-    ``device_label``: the device as serve numbers it (its GPU worker sees one GPU, cuda:0)."""
+    """Load the models ``--model-id`` names (``models``, by default the settings'), warm each
+    up, place them on the device (worker/placement.py), then take their jobs until SIGTERM or
+    SIGINT; the jobs in hand are put back. ``device_label``: the device as serve numbers it
+    (its GPU worker sees one GPU, cuda:0)."""
     from ovis_server.worker.hooks import load_step_hook
 
     started = time.perf_counter()
-    model = (models or ModelRegistry.from_settings(settings)).served(settings)
+    specs = list(models or ModelRegistry.from_settings(settings))
 
     stop = threading.Event()
 
@@ -134,7 +141,8 @@ def run_worker(
     registry = WorkerRegistry(db)
     worker_id = new_worker_id()
     device = device_label or settings.device
-    registry.register(worker_id, socket.gethostname(), os.getpid(), model.model_id, device)
+    served = ",".join(spec.model_id for spec in specs)
+    registry.register(worker_id, socket.gethostname(), os.getpid(), served, device)
     report = StateReport(registry, worker_id)
     report.phase("loading")
     runner: list[Worker] = []
@@ -155,38 +163,57 @@ def run_worker(
     try:
         # Before anything compiles: torch reads where its caches are when it first needs them.
         cache = use_compile_cache(settings.compile_cache_dir) if settings.compile != "off" else None
-        engine = model.load_engine(settings, report, stop)
-        if stop.is_set():
-            return
         from ovis_server.worker.warmup import memory_detail, warm_up_worker
 
-        max_batch = settings.batch_limit(engine.device.type, engine.memory.batch_limit)
+        def load(spec: ModelSpec) -> Engine:
+            names = (spec.model_id, *spec.aliases)
+            return spec.load_engine(settings.for_model(names), report, stop)
+
+        placement = Placement(
+            load,
+            resident_limit=settings.resident_models,
+            swap_after=settings.swap_after_seconds,
+        )
         warmup_seconds = None
-        if settings.warms_up(engine.compiled):
-            report.update(**memory_detail(engine, max_batch))
-            warmed = warm_up_worker(model, engine, report, max_batch, stop, cache)
-            if warmed.stopped or stop.is_set():
+        for spec in specs:
+            placement.make_room()  # each model plans its memory as if alone on the device
+            engine = load(spec)
+            if stop.is_set():
                 return
-            max_batch = min(max_batch, warmed.batch_limit or max_batch)
-            warmup_seconds = round(warmed.seconds, 1)
+            batch = settings.batch_limit(engine.device.type, engine.memory.batch_limit)
+            if settings.warms_up(engine.compiled):
+                report.update(**memory_detail(engine, batch))
+                warmed = warm_up_worker(spec, engine, report, batch, stop, cache)
+                if warmed.stopped or stop.is_set():
+                    return
+                batch = min(batch, warmed.batch_limit or batch)
+                warmup_seconds = round((warmup_seconds or 0.0) + warmed.seconds, 1)
+            placement.add(spec, engine, batch)
+        placement.settle()
+        first = placement.models[specs[0].model_id]
+        engine = placement.engine_of(first.spec.model_id)  # settle keeps the first resident
+        max_batch = max(placed.batch_limit for placed in placement.models.values())
         runner.append(
             Worker(
                 store=store,
                 files=files,
                 engine=engine,
-                model=model,
+                model=first.spec,
                 worker_id=worker_id,
                 lease_seconds=settings.lease_seconds,
                 max_attempts=settings.max_attempts,
                 max_batch=max_batch,
                 step_hook=step_hook,
                 on_problem=lambda problem: _report_problem(registry, worker_id, problem),
+                placement=placement,
+                on_swap=lambda: report.update(**placement.detail()),
             )
         )
         startup_seconds = round(time.perf_counter() - started, 1)
         report.phase(
             "ready",
-            **memory_detail(engine, max_batch),
+            **memory_detail(engine, first.batch_limit),
+            **placement.detail(),
             startup_seconds=startup_seconds,
             warmup_seconds=warmup_seconds,
         )

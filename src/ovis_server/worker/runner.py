@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from ovis_server.catalogue.spec import ModelSpec
     from ovis_server.engine.memory import MemoryPlan
     from ovis_server.engine.pipeline import Engine
+    from ovis_server.worker.placement import Placement
 
     Pixels = np.ndarray[Any, np.dtype[np.uint8]]
 
@@ -85,11 +86,15 @@ class Worker(JobRecorder):
         on_problem: Callable[[str | None], None] | None = None,
         finish_queue: int = FINISH_QUEUE_BATCHES,
         memory_plan: MemoryPlan | None = None,
+        placement: Placement | None = None,
+        on_swap: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.files = files
         self.engine = engine
-        self.model = model  # the model of ``engine``: the worker claims only its jobs
+        # ``engine``'s model; a worker of several models has them all in ``placement``
+        # (worker/placement.py) and claims only the jobs of those on the device.
+        self.model = model
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
@@ -106,6 +111,13 @@ class Worker(JobRecorder):
         self.finish_queue = max(1, finish_queue)
         # How many images of a size fit in one batch (default: the engine's plan).
         self.memory_plan = memory_plan if memory_plan is not None else engine.memory
+        if placement is None:
+            from ovis_server.worker.placement import Placement
+
+            placement = Placement.single(model, engine, self.max_batch)
+            placement.models[model.model_id].plan = self.memory_plan
+        self.placement = placement
+        self.on_swap = on_swap  # told after each swap (the worker's report)
         # When the jobs in the device's hands last moved (claimed, or a step done); None
         # when it holds none. Likewise for the finisher's batch in hand.
         self._last_progress: float | None = None
@@ -181,24 +193,34 @@ class Worker(JobRecorder):
             finisher.put(self._run_claimed(batch, stop))
 
     def claim(self) -> list[Job]:
-        """Claim the oldest queued job of this worker's model and as many of its batch key as
-        ``batch_cap`` allows."""
+        """Claim the oldest queued job of this worker's models on the device and as many of
+        its batch key as ``batch_cap`` allows; first, where some served models wait off the
+        device, swap one in if the placement's policy says so."""
+        placement = self.placement
+        waiting = placement.waiting_models()
+        if waiting:
+            heads = self.store.queue_heads(list(placement.models))
+            if placement.consider(heads) is not None and self.on_swap is not None:
+                self.on_swap()
         return self.store.claim_batch(
-            self.worker_id, self.lease_seconds, self.batch_cap, [self.model.model_id]
+            self.worker_id, self.lease_seconds, self.batch_cap, placement.claimable()
         )
 
     def batch_cap(self, head: Job) -> int:
-        """The largest batch to form behind ``head``: ``max_batch``, or fewer where the
-        memory plan has no room for that many images of its size."""
-        if self.max_batch <= 1:
+        """The largest batch to form behind ``head``: ``max_batch`` (its model's), or fewer
+        where the memory plan has no room for that many images of its size."""
+        placed = self.placement.get(head.model_id)
+        limit = self.max_batch if placed is None else min(self.max_batch, placed.batch_limit)
+        if limit <= 1:
             return 1
         try:
             request = self.generation_request(head)
         except InvalidJobError:
             return 1  # it fails alone
-        fitting = self.memory_plan.batch_fitting(request.width, request.height, self.max_batch)
-        cap = max(1, min(self.max_batch, fitting))
-        if cap < self.max_batch:
+        plan = self.memory_plan if placed is None else placed.plan
+        fitting = plan.batch_fitting(request.width, request.height, limit)
+        cap = max(1, min(limit, fitting))
+        if cap < limit:
             logger.debug(
                 "batches of %dx%d capped at %d by the memory plan",
                 request.width,
@@ -208,10 +230,11 @@ class Worker(JobRecorder):
         return cap
 
     def generation_request(self, job: Job) -> GenerationRequest:
-        if job.model_id != self.model.model_id:
+        placed = self.placement.get(job.model_id)
+        if placed is None:
             raise InvalidJobError(f"this worker does not serve model {job.model_id!r}")
         try:
-            validated = self.model.input_model.model_validate(job.input)
+            validated = placed.spec.input_model.model_validate(job.input)
         except ValidationError as exc:
             raise InvalidJobError(f"stored input no longer validates: {exc}") from exc
         return validated.to_generation_request(job.seed)
@@ -263,7 +286,7 @@ class Worker(JobRecorder):
     def _record_warnings(self, job: Job, request: GenerationRequest) -> None:
         """Tell the client, in its status and result, what the model will not read."""
         try:
-            warnings = self.engine.prompt_warnings(request)
+            warnings = self.placement.engine_of(job.model_id).prompt_warnings(request)
             if warnings:
                 self.store.set_warnings(job.id, warnings)
         except Exception:  # a note for the client must never stop the job
@@ -311,7 +334,8 @@ class Worker(JobRecorder):
         out_of_memory = False
         failure: tuple[str, str] | None = None
         try:
-            pixels = self.engine.generate_pixels(requests, on_step, light=light)
+            engine = self.placement.engine_of(jobs[0].model_id)
+            pixels = engine.generate_pixels(requests, on_step, light=light)
         except GenerationCancelled:
             pixels = [None] * len(batch)
         except torch.OutOfMemoryError:

@@ -1,0 +1,429 @@
+"""Which of its models a worker keeps on its device, and swapping the others in.
+
+A worker serves every model it was given (``--model-id``, repeated). Each is loaded and
+planned as if it were alone on the device (engine/memory.py's plan); when the weights of
+all of them, plus the largest activations any of them needs, fit the plan's budget, all
+stay resident and the worker claims the jobs of every one. Otherwise (or with
+``--resident-models``) it keeps fewer resident, one where they do not all fit, and claims
+only the resident models' jobs; the others wait:
+
+- in host memory, when the machine has the RAM: a copy of their weights (pinned, on CUDA,
+  so that a swap is one copy over PCIe); leaving the device then costs nothing, since the
+  weights never change;
+- else on disk: a swap loads them again (``ModelSpec.load_engine``).
+
+When to swap is ``plan_swap``, a pure function of the queue's heads: a model whose oldest
+queued job exists takes the place of a resident model with no queued job at once, and of a
+busy one once that job has waited ``--swap-after`` seconds, counted from when the busy
+model came in at the earliest. So one busy model cannot starve another (its jobs start
+within ``--swap-after`` plus the batch in hand and a swap), and two busy models swap at
+most once per ``--swap-after`` (no thrashing).
+
+Only ``ModelSpec`` and the engine's own objects are used: the pipeline's modules move with
+their own tensors, whatever the family.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+    from ovis_server.catalogue.spec import ModelSpec
+    from ovis_server.engine.memory import MemoryPlan
+    from ovis_server.engine.pipeline import Engine
+
+logger = logging.getLogger(__name__)
+
+# Where a model is: on the device, waiting in host memory, or to be loaded from disk.
+Where = Literal["device", "host", "disk"]
+# What a swap may use of the host's available memory for the copies it keeps.
+HOST_SHARE = 0.8
+
+
+# --- the policy -----------------------------------------------------------------------------
+
+
+def plan_swap(
+    resident: Mapping[str, float],
+    heads: Mapping[str, float],
+    now: float,
+    swap_after: float,
+) -> tuple[str, str] | None:
+    """The swap to make now, as (model out, model in), or None to keep the resident models.
+
+    ``resident``: each resident model and when it came in; ``heads``: each model with a
+    queued job and when its oldest one was queued (models without one are absent); all in
+    seconds on one clock. The model to come in is the non-resident one whose oldest job is
+    oldest. It replaces a resident model without queued jobs (the one in longest) at once;
+    else the model in longest, once that job has waited ``swap_after``, counted from when
+    that model came in at the earliest."""
+    waiting = {model: queued for model, queued in heads.items() if model not in resident}
+    if not waiting or not resident:
+        return None
+    incoming = min(waiting, key=lambda model: (waiting[model], model))
+    idle = [model for model in resident if model not in heads]
+    if idle:
+        return min(idle, key=lambda model: (resident[model], model)), incoming
+    victim = min(resident, key=lambda model: (resident[model], model))
+    if now - max(waiting[incoming], resident[victim]) >= swap_after:
+        return victim, incoming
+    return None
+
+
+# --- moving weights -------------------------------------------------------------------------
+
+
+def _modules(engine: Engine) -> list[torch.nn.Module]:
+    """The pipeline's torch modules (transformer, text encoder, VAE...), whatever the family."""
+    import torch
+
+    components = getattr(getattr(engine, "pipeline", None), "components", None) or {}
+    return [item for item in components.values() if isinstance(item, torch.nn.Module)]
+
+
+def _tensors(engine: Engine) -> Iterator[torch.Tensor]:
+    """Every parameter and buffer of the pipeline, once each (tied weights are one)."""
+    seen: set[int] = set()
+    for module in _modules(engine):
+        for tensor in (*module.parameters(), *module.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield tensor
+
+
+def device_bytes(engine: Engine) -> int:
+    """Bytes of the pipeline's weights that are on the device now (not on the CPU)."""
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for tensor in _tensors(engine)
+        if tensor.device.type != "cpu" or engine.device.type == "cpu"
+    )
+
+
+def weight_bytes(engine: Engine) -> int:
+    """Bytes of all the pipeline's weights, wherever they are."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in _tensors(engine))
+
+
+def available_host_bytes() -> int | None:
+    """The host memory available to new allocations (Linux's MemAvailable); None unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def movable(engine: Engine) -> bool:
+    """Whether the engine's weights can wait in host memory and come back by a copy: the
+    ``full`` profile, every weight a plain tensor on the device. Offloading and quantized
+    profiles are reloaded from disk instead."""
+    from ovis_server.engine.memory import MemoryProfile
+
+    return engine.memory.profile is MemoryProfile.FULL
+
+
+class HostCopy:
+    """A copy of an engine's weights in host memory (pinned on CUDA), kept while the model is
+    not resident; leaving the device is pointing each tensor back at it, coming in is one copy."""
+
+    def __init__(self, engine: Engine) -> None:
+        import torch
+
+        pin = engine.device.type == "cuda" and torch.cuda.is_available()
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for tensor in _tensors(engine):
+            host = tensor.data.to("cpu", copy=True)
+            self.pairs.append((tensor, host.pin_memory() if pin else host))
+        self.nbytes = sum(host.numel() * host.element_size() for _, host in self.pairs)
+
+    def leave(self) -> None:
+        """Free the device's copies: each tensor is its host copy again."""
+        for tensor, host in self.pairs:
+            tensor.data = host
+
+    def bring(self, device: torch.device) -> None:
+        """Copy the weights onto ``device`` (the host copy stays for the next leave)."""
+        import torch
+
+        for tensor, host in self.pairs:
+            tensor.data = host.to(device, non_blocking=True, copy=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
+def release_device_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- the placement --------------------------------------------------------------------------
+
+
+@dataclass
+class Placed:
+    """One served model: its engine (None while on disk), where it is, and what it may run."""
+
+    spec: ModelSpec
+    engine: Engine | None
+    batch_limit: int
+    plan: MemoryPlan
+    where: Where = "device"
+    since: float = 0.0  # when it last came onto the device (time.time())
+    host: HostCopy | None = None
+    device_bytes: int = 0  # its weights on the device, measured when it was loaded
+    max_pixels: int | None = None
+
+
+@dataclass
+class SwapStats:
+    count: int = 0
+    seconds_total: float = 0.0
+    last_seconds: float | None = None
+    durations: list[float] = field(default_factory=list)
+
+
+class Placement:
+    """The served models of one worker and which of them are on its device."""
+
+    def __init__(
+        self,
+        load: Callable[[ModelSpec], Engine],
+        *,
+        resident_limit: int = 0,
+        swap_after: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        host_bytes: Callable[[], int | None] = available_host_bytes,
+    ) -> None:
+        self.load = load  # loads a model again from disk (no warm-up)
+        self.resident_limit = resident_limit  # 0: as many as fit
+        self.swap_after = swap_after
+        self.clock = clock
+        self.host_bytes = host_bytes
+        self.models: dict[str, Placed] = {}
+        self.capacity = 1
+        self.swaps = SwapStats()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def single(cls, spec: ModelSpec, engine: Engine, batch_limit: int) -> Placement:
+        """One model, resident for good (the worker's own loop, tests, benchmarks)."""
+        placement = cls(lambda _spec: engine)
+        placement.models[spec.model_id] = Placed(spec, engine, max(1, batch_limit), engine.memory)
+        return placement
+
+    # --- loading ---------------------------------------------------------------------------
+
+    def make_room(self) -> None:
+        """Take every model loaded so far off the device, so that the next one loads and
+        plans its memory as if it were alone there."""
+        for placed in self.models.values():
+            if placed.where == "device" and placed.engine is not None:
+                if placed.engine.device.type == "cpu":
+                    continue  # nothing to plan on a CPU: it stays
+                self._leave(placed)
+        release_device_memory()
+
+    def add(self, spec: ModelSpec, engine: Engine, batch_limit: int) -> None:
+        """A model just loaded (and warmed up) onto the device."""
+        self.models[spec.model_id] = Placed(
+            spec=spec,
+            engine=engine,
+            batch_limit=max(1, batch_limit),
+            plan=engine.memory,
+            since=self.clock(),
+            device_bytes=device_bytes(engine),
+            max_pixels=engine.max_pixels,
+        )
+
+    def settle(self) -> None:
+        """Decide how many models stay resident (all that fit, else one, at most
+        ``resident_limit``), bring in the first ones in serving order, and share the memory
+        plan's budget among those that stay together."""
+        placed = list(self.models.values())
+        fits_all = self._fit_together(placed)
+        capacity = len(placed) if fits_all else 1
+        if self.resident_limit:
+            capacity = min(capacity, self.resident_limit)
+        self.capacity = max(1, capacity)
+        for index, model in enumerate(placed):
+            if index < self.capacity:
+                self._bring(model)
+            elif model.where == "device":
+                self._leave(model)
+        if self.capacity == len(placed):
+            for model in placed:
+                model.host = None  # never swapped: no copy to keep in host memory
+        release_device_memory()
+        if fits_all and len(placed) > 1:
+            self._share_budget(placed)
+        logger.info(
+            "models: %s (%s)",
+            ", ".join(f"{m.spec.model_id} on the {m.where}" for m in placed),
+            "all fit the device together"
+            if self.capacity == len(placed)
+            else f"{self.capacity} resident at a time, swapped in as their jobs wait",
+        )
+
+    def _fit_together(self, placed: Sequence[Placed]) -> bool:
+        """Whether every model's weights and the largest activations any one needs fit the
+        smallest budget they were planned with (no budget, a CPU: they fit)."""
+        from ovis_server.engine.memory import usable_bytes
+
+        budgets = [m.plan.budget_bytes for m in placed if m.plan.budget_bytes is not None]
+        if not budgets:
+            return True
+        weights = sum(m.device_bytes for m in placed)
+        activations = max(max(0, m.plan.peak_bytes - m.device_bytes) for m in placed)
+        return weights + activations <= usable_bytes(min(budgets))
+
+    def _share_budget(self, placed: Sequence[Placed]) -> None:
+        """Each model's plan, when all stay resident: its budget less the others' weights,
+        so that a batch of one model leaves room for the weights of the rest."""
+        from ovis_server.engine.memory import largest_image_pixels
+
+        total = sum(m.device_bytes for m in placed)
+        for model in placed:
+            budget = model.plan.budget_bytes
+            if budget is None:
+                continue
+            shared = replace(model.plan, budget_bytes=budget - (total - model.device_bytes))
+            model.plan = shared
+            if shared.sizes is not None:
+                model.max_pixels = largest_image_pixels(
+                    shared.sizes, shared.profile, shared.budget_bytes
+                )
+
+    # --- moving ----------------------------------------------------------------------------
+
+    def _leave(self, model: Placed) -> None:
+        """Take ``model`` off the device: to host memory if it can wait there, else drop it
+        (it is loaded from disk when it comes back)."""
+        engine = model.engine
+        if engine is None:
+            model.where = "disk"
+            return
+        if model.host is None and movable(engine):
+            available = self.host_bytes()
+            needed = weight_bytes(engine)
+            if available is None or needed <= HOST_SHARE * available:
+                model.host = HostCopy(engine)
+            else:
+                logger.info(
+                    "%s waits on disk: its %.1f GiB of weights do not fit the host's available "
+                    "memory",
+                    model.spec.model_id,
+                    needed / 2**30,
+                )
+        if model.host is not None:
+            model.host.leave()
+            model.where = "host"
+        else:
+            model.engine = None
+            model.where = "disk"
+
+    def _bring(self, model: Placed) -> None:
+        """Put ``model`` on the device: by a copy from host memory, or loaded from disk."""
+        if model.where == "device":
+            return
+        if model.where == "host" and model.host is not None and model.engine is not None:
+            model.host.bring(model.engine.device)
+        else:
+            model.engine = self.load(model.spec)
+        model.where = "device"
+        model.since = self.clock()
+
+    # --- the worker's questions ------------------------------------------------------------
+
+    def claimable(self) -> list[str]:
+        """The models whose jobs the worker may claim now: the resident ones."""
+        return [mid for mid, model in self.models.items() if model.where == "device"]
+
+    def waiting_models(self) -> list[str]:
+        """Served models that are not on the device."""
+        return [mid for mid, model in self.models.items() if model.where != "device"]
+
+    def get(self, model_id: str) -> Placed | None:
+        return self.models.get(model_id)
+
+    def engine_of(self, model_id: str) -> Engine:
+        model = self.models[model_id]
+        if model.engine is None or model.where != "device":
+            raise RuntimeError(f"{model_id} is not on the device")
+        return model.engine
+
+    def consider(self, heads: Mapping[str, float]) -> tuple[str, str] | None:
+        """Swap if the policy says so, given the queue's heads (model -> when its oldest
+        queued job was queued); the swap made, or None."""
+        resident = {mid: m.since for mid, m in self.models.items() if m.where == "device"}
+        if len(resident) == len(self.models):
+            return None
+        waiting = [mid for mid in heads if mid not in resident]
+        if len(resident) < self.capacity and waiting:
+            # A free place (a swap whose model failed to come in left one): no one leaves.
+            incoming = min(waiting, key=lambda mid: (heads[mid], mid))
+            self.swap(None, incoming)
+            return None
+        chosen = plan_swap(resident, heads, self.clock(), self.swap_after)
+        if chosen is not None:
+            self.swap(*chosen)
+        return chosen
+
+    def swap(self, out: str | None, incoming: str) -> float:
+        """Take ``out`` off the device and bring ``incoming`` in; the seconds it took."""
+        started = time.perf_counter()
+        with self._lock:
+            if out is not None:
+                self._leave(self.models[out])
+                release_device_memory()
+            self._bring(self.models[incoming])
+            seconds = time.perf_counter() - started
+            self.swaps.count += 1
+            self.swaps.seconds_total += seconds
+            self.swaps.last_seconds = seconds
+            self.swaps.durations.append(seconds)
+        logger.info(
+            "swapped %s in%s in %.2fs (swap %d)",
+            incoming,
+            f" for {out}" if out else "",
+            seconds,
+            self.swaps.count,
+        )
+        return seconds
+
+    def detail(self) -> dict[str, Any]:
+        """What /readyz and /metrics show: each model, where it is, and the swaps."""
+        with self._lock:
+            models = [
+                {
+                    "model_id": mid,
+                    "resident": model.where == "device",
+                    "where": model.where,
+                    "batch_limit": model.batch_limit,
+                    **({} if model.max_pixels is None else {"max_pixels": model.max_pixels}),
+                }
+                for mid, model in self.models.items()
+            ]
+            return {
+                "models": models,
+                "resident_models": self.capacity,
+                "swaps": self.swaps.count,
+                "swap_seconds_total": round(self.swaps.seconds_total, 3),
+                "last_swap_seconds": None
+                if self.swaps.last_seconds is None
+                else round(self.swaps.last_seconds, 3),
+            }
