@@ -79,8 +79,11 @@ def max_diff(a: Image.Image, b: Image.Image) -> int:
 
 
 def test_the_catalogue_has_z_image_turbo_by_id_and_alias(tmp_path: Path) -> None:
-    models = ModelRegistry.from_settings(Settings(data_dir=tmp_path))
-    assert models.ids()[:2] == [OVIS_IMAGE.model_id, MODEL_ID]
+    # Served when --model-id names it, by id or alias; not by default.
+    assert ModelRegistry.from_settings(Settings(data_dir=tmp_path)).ids() == [OVIS_IMAGE.model_id]
+    both = Settings(data_dir=tmp_path, model_ids=(OVIS_IMAGE.model_id, ALIAS))
+    models = ModelRegistry.from_settings(both)
+    assert models.ids() == [OVIS_IMAGE.model_id, MODEL_ID]
     spec = models.get(MODEL_ID)
     assert spec is not None
     assert models.resolve(ALIAS) is spec
