@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,10 +22,15 @@ def from_row(cls: type[D], row: Row[Any], **convert: Callable[[Any], Any]) -> D:
     each passed through its converter in ``convert`` if it has one."""
     data = row._mapping
     values: dict[str, Any] = {}
-    for field in fields(cls):
-        value = data[field.name]
-        values[field.name] = convert[field.name](value) if field.name in convert else value
+    for name in _field_names(cls):
+        value = data[name]
+        values[name] = convert[name](value) if name in convert else value
     return cls(**values)
+
+
+@functools.cache
+def _field_names(cls: type[DataclassInstance]) -> tuple[str, ...]:
+    return tuple(field.name for field in fields(cls))
 
 
 def job_from_row(row: Row[Any]) -> Job:
