@@ -30,6 +30,7 @@ from ovis_server.api.metrics import Metrics, OvisCollector
 from ovis_server.api.owned_requests import OwnedRequests
 from ovis_server.api.protocol import Health, Readiness, WorkerProgress, WorkerReadiness
 from ovis_server.api.security import SecurityHeadersMiddleware
+from ovis_server.api.status_path import StatusShortPath
 from ovis_server.api.stream import StatusHub
 from ovis_server.api.submissions import Submissions
 from ovis_server.api.webhook_sender import WebhookDispatcher
@@ -201,6 +202,7 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
     app.state.requests = OwnedRequests(store, bodies, deletions)
     app.state.hub = hub
     install_error_handlers(app)
+    app.add_middleware(StatusShortPath)  # innermost: the edge below judges it too
     app.add_middleware(SecurityHeadersMiddleware)
     # The last added runs first: the server-wide cap, then the Host, then the body.
     app.add_middleware(TokenSlots, per_token=settings.max_streams_per_token)
