@@ -17,14 +17,14 @@ from ovis_server.api.protocol import (
     StatusResponse,
 )
 from ovis_server.jobs.deletions import FileDeletions, remove_files
-from ovis_server.jobs.job import Job
+from ovis_server.jobs.job import Job, JobState
 from ovis_server.jobs.store import JobStore
 from ovis_server.storage.base import REQUEST_ID_PATTERN
 
 logger = logging.getLogger(__name__)
 
 
-def check_owner(job: Job, token_id: str) -> None:
+def check_owner(job: Job | JobState, token_id: str) -> None:
     """403 unless ``token_id`` submitted ``job``."""
     if job.token_id != token_id:
         raise ApiError(403, FORBIDDEN, f"request {job.id!r} belongs to another token")

@@ -7,6 +7,7 @@ is locked or unreachable.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
@@ -14,8 +15,8 @@ from sqlalchemy import Connection, Engine, Select, bindparam, case, func, select
 
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import job_events, jobs
-from ovis_server.jobs.job import Job, JobEvent, JobStatus
-from ovis_server.jobs.rows import event_from_row, job_from_row
+from ovis_server.jobs.job import Job, JobEvent, JobState, JobStatus
+from ovis_server.jobs.rows import event_from_row, job_from_row, state_from_row
 
 
 def _with_position() -> Select[Any]:
@@ -27,7 +28,10 @@ def _with_position() -> Select[Any]:
         .scalar_subquery()
     )
     queued = case((jobs.c.status == JobStatus.QUEUED, position))
-    return select(jobs, queued.label("queue_position")).where(jobs.c.id == bindparam("request_id"))
+    state = [jobs.c[field.name] for field in fields(JobState)]
+    return select(*state, queued.label("queue_position")).where(
+        jobs.c.id == bindparam("request_id")
+    )
 
 
 # Built once: a status call is the API's most frequent, and building a statement (the
@@ -60,15 +64,15 @@ class JobQueries:
         return None if row is None else job_from_row(row)
 
     @retried
-    def get_with_position(self, request_id: str) -> tuple[Job, int | None] | None:
-        """The job and, if it is queued, its queue position, in one query (a status
-        call's one read); None if there is no such job."""
+    def get_with_position(self, request_id: str) -> tuple[JobState, int | None] | None:
+        """Where the job stands and, if it is queued, its queue position, in one query (a
+        status call's one read); None if there is no such job."""
         with self._one_statement() as conn:
             row = conn.execute(_WITH_POSITION, {"request_id": request_id}).first()
         if row is None:
             return None
         queued_ahead = row._mapping["queue_position"]
-        return job_from_row(row), None if queued_ahead is None else int(queued_ahead)
+        return state_from_row(row), None if queued_ahead is None else int(queued_ahead)
 
     @retried
     def queue_position(self, job: Job) -> int:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Row
 
-from ovis_server.jobs.job import Job, JobEvent, JobStatus, StoredOutput
+from ovis_server.jobs.job import Job, JobEvent, JobState, JobStatus, StoredOutput
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -42,6 +42,15 @@ def job_from_row(row: Row[Any]) -> Job:
         cancel_requested=bool,
         webhook_intermediate=bool,
         outputs=lambda items: tuple(StoredOutput.from_json(item) for item in items or ()),
+        warnings=lambda items: tuple(str(item) for item in items or ()),
+    )
+
+
+def state_from_row(row: Row[Any]) -> JobState:
+    return from_row(
+        JobState,
+        row,
+        status=JobStatus,
         warnings=lambda items: tuple(str(item) for item in items or ()),
     )
 
