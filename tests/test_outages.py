@@ -354,3 +354,19 @@ def test_token_verification_is_cached_for_at_most_its_window(tmp_path: Path) -> 
     assert tokens.verified(secret) is None, "this process forgets a token it revokes at once"
     assert tokens.authenticate(secret) is None
     db.dispose()
+
+
+def test_readyz_shows_a_workers_problem_only_in_plain_words() -> None:
+    from ovis_server.api.app import public_problem
+
+    plain = "the worker cannot write outputs: No space left on device"
+    assert public_problem(plain) == plain
+    # As a worker of an earlier version reported an unreachable bucket.
+    leaky = (
+        "the worker cannot write outputs: the bucket 'ovis' refused the write: Could not "
+        'connect to the endpoint URL: "http://10.0.0.5:9000/ovis/results/.write-check"'
+    )
+    assert public_problem(leaky) == "the worker cannot write outputs: see the worker's log"
+    assert public_problem("/srv/data/files: Permission denied") == (
+        "the worker reports a problem: see its log"
+    )

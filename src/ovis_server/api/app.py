@@ -202,7 +202,7 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
     app.state.requests = OwnedRequests(store, bodies, deletions)
     app.state.hub = hub
     install_error_handlers(app)
-    app.add_middleware(StatusShortPath)  # innermost: the edge below judges it too
+    app.add_middleware(StatusShortPath)  # innermost: the edge added after it judges it too
     app.add_middleware(SecurityHeadersMiddleware)
     # The last added runs first: the server-wide cap, then the Host, then the body.
     app.add_middleware(TokenSlots, per_token=settings.max_streams_per_token)
