@@ -96,6 +96,7 @@ API_STATEMENT_TIMEOUT_MS = 15000
 # Connections kept open: as many as the API's thread pool has threads (anyio's 40), so
 # that under load none is opened and closed per call.
 POOL_SIZE = 40
+PG_POOL_SIZE = 30
 # A pooled PostgreSQL connection unused this long is tested before use (the server may
 # have restarted meanwhile); a busy one is not, so that a call costs one round trip. A
 # connection that breaks in use is replaced by the stores' retries (db/retry.py).
@@ -164,7 +165,11 @@ def connect(
         connect_args: dict[str, Any] = {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
         if options:
             connect_args["options"] = " ".join(options)
-        engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=20, connect_args=connect_args)
+        # Fewer kept than on SQLite: a PostgreSQL server's connections are shared by every
+        # API replica and worker (max_connections is 100 by default).
+        engine = create_engine(
+            url, pool_size=PG_POOL_SIZE, max_overflow=10, connect_args=connect_args
+        )
         event.listen(engine, "checkin", _note_checkin)
         event.listen(engine, "checkout", _ping_if_idle)
         return engine
