@@ -137,6 +137,20 @@ def test_cancel_load_benchmark_prints_its_table() -> None:
     assert any(line.startswith("| cancel of a running job (token A) | 10 |") for line in lines)
 
 
+def test_status_benchmark_prints_its_ratio() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/status.py", "--clients", "4", "--calls", "40",
+         "--rounds", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert "| target | median calls / s | range | median p50 ms |" in lines
+    assert sum(line.startswith("| 2 | ") for line in lines) == 2  # round 2: both targets
+    ratio = [line for line in lines if line.startswith("status / bare: ")]
+    assert len(ratio) == 1
+    assert float(ratio[0].split(": ")[1]) > 0
+
+
 def test_startup_benchmark_prints_its_tables() -> None:
     result = subprocess.run(
         [sys.executable, "benchmarks/startup.py", "--model", "tiny", "--device", "cpu",

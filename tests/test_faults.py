@@ -73,9 +73,33 @@ def test_worker_killed_mid_job_the_job_completes_once(
         assert result["status"] == "succeeded"
         assert len(worker_pids(server)) == 2  # serve restarted the worker
         assert succeeded_lines(server, request_id) == 1
-        assert "recovered 1 job" in server.log()
+        assert "released 1 job(s) of worker process" in server.log()
         # The API never went down.
         assert client.get("/v1/models").status_code == 200
+
+
+def test_a_worker_killed_under_serve_gives_its_job_back_within_5_seconds(
+    tmp_path: Path, tiny_weights: Path, servers: list[Server]
+) -> None:
+    server = start_server(tmp_path, tiny_weights)  # the default lease: 30 s
+    servers.append(server)
+    with server.client(create_token(tmp_path, "released")) as client:
+        request_id = submit(client, image_size="square_hd", num_inference_steps=40)
+        wait_for(lambda: status_of(client, request_id)["status"] == "in_progress", interval=0.05)
+        (first_worker,) = worker_pids(server)
+        os.kill(first_worker, signal.SIGKILL)
+        killed = time.monotonic()
+        # serve restarts the worker after a second and it loads the model before it
+        # claims: the job waits in the queue meanwhile.
+        wait_for(
+            lambda: status_of(client, request_id)["status"] == "in_queue",
+            timeout=10,
+            interval=0.05,
+        )
+        assert time.monotonic() - killed < 5
+        assert wait_result(client, request_id)["status"] == "succeeded"
+        assert succeeded_lines(server, request_id) == 1
+    assert "released 1 job(s) of worker process" in server.log()
 
 
 def test_server_killed_with_50_queued_all_complete_after_restart(

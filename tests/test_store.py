@@ -97,6 +97,37 @@ def test_expired_lease_goes_back_to_the_front_then_fails_after_max_attempts(
     assert next_job.id == "b"
 
 
+def test_a_dead_worker_process_gives_its_jobs_back_at_once(store: JobStore) -> None:
+    for name in ("a", "b", "c", "other"):
+        add(store, name)
+    # Worker ids are host:pid:random (worker/process.py); pid 12 is not pid 123.
+    assert store.claim_next("host_1:12:aaaaaa", 30) is not None  # a: its first attempt
+    assert store.claim_next("host_1:123:bbbbbb", 30) is not None  # b
+    assert store.claim_next("host_1:12:cccccc", 30) is not None  # c
+    assert store.claim_next("host%1:12:dddddd", 30) is not None  # other: no LIKE wildcards
+    assert store.request_cancel("c") is not None  # c: cancel asked while its worker dies
+
+    # Long before the 30 s leases run out.
+    assert store.release_dead_worker("host_1", 12, max_attempts=3) == 2
+    states = {name: store.get(name) for name in ("a", "b", "c", "other")}
+    assert {name: job.status for name, job in states.items() if job} == {
+        "a": JobStatus.QUEUED,
+        "b": JobStatus.RUNNING,
+        "c": JobStatus.CANCELLED,
+        "other": JobStatus.RUNNING,
+    }
+    assert store.release_dead_worker("host_1", 12, max_attempts=3) == 0
+
+    # At the attempt limit the job fails instead of looping.
+    again = store.claim_next("host_1:77:eeeeee", 30)
+    assert again is not None
+    assert (again.id, again.attempts) == ("a", 2)
+    assert store.release_dead_worker("host_1", 77, max_attempts=2) == 1
+    failed = store.get("a")
+    assert failed is not None
+    assert (failed.status, failed.error_type) == (JobStatus.FAILED, "worker_lost")
+
+
 def test_released_job_keeps_its_place_and_its_attempt(store: JobStore) -> None:
     add(store, "a")
     add(store, "b")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,10 +63,28 @@ def _info(row: RowMapping) -> TokenInfo:
 _COLUMNS = (tokens.c.id, tokens.c.name, tokens.c.hint, tokens.c.created_at, tokens.c.revoked_at)
 
 
+# How long a verified token is trusted without asking the database again: a token revoked
+# (by any process) stops working within this long. The API's calls check it on every
+# request, so without the cache each one would cost a query.
+VERIFIED_FOR_SECONDS = 1.0
+# Verified tokens kept at most (a deployment has a few; the cache starts over past this).
+MAX_VERIFIED = 10_000
+
+
 class TokenStore:
-    def __init__(self, engine: Engine, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        retry_seconds: float = DEFAULT_RETRY_SECONDS,
+        verified_for: float = VERIFIED_FOR_SECONDS,
+    ) -> None:
         self.engine = engine
         self.retry_seconds = retry_seconds
+        self.verified_for = verified_for
+        # sha256 of a secret -> (monotonic time it was verified, its token). Only tokens
+        # found active are kept: an unknown secret costs a query every time, and fills
+        # nothing.
+        self._verified: dict[str, tuple[float, TokenInfo]] = {}
 
     @retried
     def create(self, name: str) -> tuple[TokenInfo, str]:
@@ -134,7 +153,12 @@ class TokenStore:
                 .values(revoked_at=datetime.now(UTC))
                 .returning(*_COLUMNS)
             )
-            return _info(conn.execute(revoke).mappings().one())
+            revoked = _info(conn.execute(revoke).mappings().one())
+        # This process stops trusting it at once (others within ``verified_for``).
+        for secret_hash, (_, info) in list(self._verified.items()):
+            if info.id == revoked.id:
+                self._verified.pop(secret_hash, None)
+        return revoked
 
     def webhook_secret(self, token_id: str) -> str:
         """The secret that signs the webhooks of this token's requests (made on first use,
@@ -154,12 +178,32 @@ class TokenStore:
                 revoked.update(conn.execute(stmt).scalars())
         return revoked
 
-    @retried
+    def verified(self, secret: str) -> TokenInfo | None:
+        """The token whose secret this is, if it was found active in the last
+        ``verified_for`` seconds; None when the database must be asked (``authenticate``)."""
+        seen = self._verified.get(hash_secret(secret))
+        if seen is None or time.monotonic() - seen[0] >= self.verified_for:
+            return None
+        return seen[1]
+
     def authenticate(self, secret: str) -> TokenInfo | None:
-        """The active token whose secret this is, or None."""
+        """The active token whose secret this is, or None: from the cache of tokens
+        verified in the last ``verified_for`` seconds, else from the database."""
+        return self.verified(secret) or self._authenticate(hash_secret(secret))
+
+    @retried
+    def _authenticate(self, secret_hash: str) -> TokenInfo | None:
         stmt = select(*_COLUMNS).where(
-            tokens.c.secret_hash == hash_secret(secret), tokens.c.revoked_at.is_(None)
+            tokens.c.secret_hash == secret_hash, tokens.c.revoked_at.is_(None)
         )
+        checked = time.monotonic()
         with self.engine.connect() as conn:
             row = conn.execute(stmt).mappings().first()
-        return None if row is None else _info(row)
+        if row is None:
+            self._verified.pop(secret_hash, None)
+            return None
+        if len(self._verified) >= MAX_VERIFIED:
+            self._verified.clear()
+        info = _info(row)
+        self._verified[secret_hash] = (checked, info)
+        return info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,12 +36,19 @@ from ovis_server.api.protocol import (
     WorkerReadiness,
 )
 from ovis_server.api.security import SecurityHeadersMiddleware
+from ovis_server.api.status_path import StatusShortPath
 from ovis_server.api.stream import StatusHub
 from ovis_server.api.submissions import Submissions
 from ovis_server.catalogue.registry import ModelRegistry
 from ovis_server.config import Settings
-from ovis_server.db.connect import connect, migrate
+from ovis_server.db.connect import (
+    API_LOCK_TIMEOUT_MS,
+    API_STATEMENT_TIMEOUT_MS,
+    connect,
+    migrate,
+)
 from ovis_server.jobs.deadlines import DeadlineSweeper
+from ovis_server.jobs.deletions import DeletionSweeper, FileDeletions
 from ovis_server.jobs.retention import RetentionSweeper
 from ovis_server.jobs.stats import StatsReader
 from ovis_server.jobs.store import JobStore
@@ -84,6 +92,22 @@ def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn
     return uvicorn.Config(app, **(options | overrides))
 
 
+# What /readyz may show of a worker's problem: plain words ("the worker cannot write
+# outputs: No space left on device"), never a host, URL, path, bucket or quoted name.
+_PLAIN_WORDS = re.compile(r"[A-Za-z0-9 ,;()-]{1,200}")
+
+
+def public_problem(problem: str) -> str:
+    """A worker's problem as /readyz shows it: as written if it is plain words, else
+    what comes before its first colon (the details are in the worker's log)."""
+    head, colon, _ = problem.partition(":")
+    if _PLAIN_WORDS.fullmatch(problem.replace(":", "", 1) if colon else problem):
+        return problem
+    if colon and _PLAIN_WORDS.fullmatch(head):
+        return f"{head}: see the worker's log"
+    return "the worker reports a problem: see its log"
+
+
 def worker_readiness(worker: WorkerInfo) -> WorkerReadiness:
     """A worker's row as /readyz shows it; details it cannot read are left out."""
     detail = worker.detail if isinstance(worker.detail, dict) else {}
@@ -102,7 +126,7 @@ def worker_readiness(worker: WorkerInfo) -> WorkerReadiness:
         memory_profile=profile if isinstance(profile, str) else None,
         batch_limit=batch_limit if type(batch_limit) is int and batch_limit > 0 else None,
         max_pixels=worker_max_pixels(worker),
-        problem=worker.problem,
+        problem=None if worker.problem is None else public_problem(worker.problem),
         **worker_models_readiness(detail),
     )
 
@@ -130,7 +154,11 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
     """The API over the database and file store that ``settings`` name (migrated first),
     offering ``models`` (by default the settings' models)."""
     models = models or ModelRegistry.from_settings(settings)
-    db = connect(settings.db_url)
+    db = connect(
+        settings.db_url,
+        lock_timeout_ms=API_LOCK_TIMEOUT_MS,
+        statement_timeout_ms=API_STATEMENT_TIMEOUT_MS,
+    )
     migrate(db)
     store = JobStore(db)
     file_store = open_file_store(settings, db)
@@ -144,6 +172,8 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
     )
 
     deadlines = DeadlineSweeper(store)
+    deletions = FileDeletions(db)
+    file_deletions = DeletionSweeper(deletions, file_store)
     tokens = TokenStore(db)
     hub = StatusHub(store, tokens)
     catalogue = CataloguePages(models)
@@ -162,6 +192,7 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         sweeper.start()
         deadlines.start()
+        file_deletions.start()
         await hub.start()
         await dispatcher.start()
         try:
@@ -169,6 +200,7 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
         finally:
             await dispatcher.stop()
             await hub.stop()
+            file_deletions.stop()
             deadlines.stop()
             sweeper.stop()
 
@@ -193,9 +225,10 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
     alive_within = 3 * settings.heartbeat_seconds + 5
     capacity = SizeCapacity(registry, alive_within)
     app.state.submissions = Submissions(store, catalogue, settings, capacity)
-    app.state.requests = OwnedRequests(store, bodies)
+    app.state.requests = OwnedRequests(store, bodies, deletions)
     app.state.hub = hub
     install_error_handlers(app)
+    app.add_middleware(StatusShortPath)  # innermost: the edge added after it judges it too
     app.add_middleware(SecurityHeadersMiddleware)
     # The last added runs first: the server-wide cap, then the Host, then the body.
     app.add_middleware(TokenSlots, per_token=settings.max_streams_per_token)
@@ -241,7 +274,7 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
                 reason="the database does not answer",
             )
         ready = sum(1 for worker in alive if worker.ready and worker.problem is None)
-        problems = sorted({worker.problem for worker in alive if worker.problem})
+        problems = sorted({public_problem(worker.problem) for worker in alive if worker.problem})
         if not ready:
             response.status_code = 503
         reason = None

@@ -21,7 +21,7 @@ from ovis_server.api.protocol import (
 from ovis_server.catalogue.registry import ModelRegistry
 from ovis_server.config import Settings
 from ovis_server.jobs.events import utcnow
-from ovis_server.jobs.job import Job, JobStatus
+from ovis_server.jobs.job import Job, JobState, JobStatus
 from ovis_server.storage.base import FileStore
 
 
@@ -46,7 +46,7 @@ def request_urls(base_url: str, request_id: str) -> dict[str, str]:
     }
 
 
-def job_log(job: Job) -> list[LogLine]:
+def job_log(job: Job | JobState) -> list[LogLine]:
     """A job's story in a few timestamped lines, told from what the store records."""
     lines = [LogLine(timestamp=iso(job.created_at) or "", message="queued")]
     if job.started_at is not None:
@@ -67,7 +67,7 @@ def job_log(job: Job) -> list[LogLine]:
     return lines
 
 
-def _has_reason(job: Job) -> bool:
+def _has_reason(job: Job | JobState) -> bool:
     """Whether the job ended with an error to tell: it failed, or a cancel with a reason
     (its deadline passed)."""
     return job.status == JobStatus.FAILED or (
@@ -92,7 +92,7 @@ class BodyRenderer:
         return self.files.url(key, base_url=base_url, expires_in=self.url_ttl_seconds)
 
     def status_body(
-        self, job: Job, base_url: str, queue_position: int | None, logs: bool = False
+        self, job: Job | JobState, base_url: str, queue_position: int | None, logs: bool = False
     ) -> StatusResponse:
         urls = request_urls(base_url, job.id)
         return StatusResponse(

@@ -103,6 +103,15 @@ def error_response(exc: ApiError) -> JSONResponse:
     )
 
 
+def database_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The 503 for a database error that outlasted the store's retries."""
+    # The error's text carries the SQL and its parameters (secrets among them): the
+    # log gets the driver's own words, the client generic ones.
+    cause = getattr(exc, "orig", None) or exc.__class__.__name__
+    logger.warning("database error on %s %s: %s", request.method, request.url.path, cause)
+    return error_response(store_unavailable())
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
@@ -121,11 +130,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(ApiError(exc.status_code, code, message, headers=exc.headers))
 
     async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
-        # The error's text carries the SQL and its parameters (secrets among them): the
-        # log gets the driver's own words, the client generic ones.
-        cause = getattr(exc, "orig", None) or exc.__class__.__name__
-        logger.warning("database error on %s %s: %s", request.method, request.url.path, cause)
-        return error_response(store_unavailable())
+        return database_error_response(request, exc)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)

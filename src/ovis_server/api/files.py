@@ -59,6 +59,8 @@ def signed_file(
     ):
         raise _REFUSED
     path = files.path(key)
-    if not path.is_file():
+    # Only files of requests that exist: a deleted one's files go at once, even while
+    # their removal from the disk waits (jobs/deletions.py).
+    if not path.is_file() or request.app.state.store.get(request_id) is None:
         raise request_not_found(request_id)
     return path

@@ -61,10 +61,9 @@ class BodySizeLimit:
         if scope["type"] != "http" or self.limit <= 0:
             await self.app(scope, receive, send)
             return
-        refusal = BodyTooLargeError(self.limit)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > self.limit:
-            await error_response(refusal)(scope, receive, send)
+            await error_response(BodyTooLargeError(self.limit))(scope, receive, send)
             return
         received = 0
         over = False
@@ -77,7 +76,7 @@ class BodySizeLimit:
                 received += len(message.get("body", b""))
                 if received > self.limit:
                     over = True
-                    raise refusal
+                    raise BodyTooLargeError(self.limit)
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -93,7 +92,7 @@ class BodySizeLimit:
             if not over:
                 raise
         if over and not started:
-            await error_response(refusal)(scope, receive, send)
+            await error_response(BodyTooLargeError(self.limit))(scope, receive, send)
 
 
 class ConnectionLimit:

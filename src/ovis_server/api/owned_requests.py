@@ -3,6 +3,10 @@ them, cancel and delete them. Another token's request is a 403, an unknown one a
 
 from __future__ import annotations
 
+import logging
+
+from sqlalchemy.exc import SQLAlchemyError
+
 from ovis_server.api.bodies import BodyRenderer
 from ovis_server.api.errors import FORBIDDEN, INVALID_INPUT, ApiError, request_not_found
 from ovis_server.api.protocol import (
@@ -12,29 +16,46 @@ from ovis_server.api.protocol import (
     ResultResponse,
     StatusResponse,
 )
-from ovis_server.jobs.job import Job, JobStatus
+from ovis_server.jobs.deletions import FileDeletions, remove_files
+from ovis_server.jobs.job import Job, JobState
 from ovis_server.jobs.store import JobStore
 from ovis_server.storage.base import REQUEST_ID_PATTERN
 
+logger = logging.getLogger(__name__)
+
+
+def check_owner(job: Job | JobState, token_id: str) -> None:
+    """403 unless ``token_id`` submitted ``job``."""
+    if job.token_id != token_id:
+        raise ApiError(403, FORBIDDEN, f"request {job.id!r} belongs to another token")
+
 
 class OwnedRequests:
-    def __init__(self, store: JobStore, bodies: BodyRenderer) -> None:
+    def __init__(self, store: JobStore, bodies: BodyRenderer, deletions: FileDeletions) -> None:
         self.store = store
         self.bodies = bodies
+        self.deletions = deletions
 
     def owned_job(self, token_id: str, request_id: str) -> Job:
         job = self.store.get(request_id) if REQUEST_ID_PATTERN.fullmatch(request_id) else None
         if job is None:
             raise request_not_found(request_id)
-        if job.token_id != token_id:
-            raise ApiError(403, FORBIDDEN, f"request {request_id!r} belongs to another token")
+        check_owner(job, token_id)
         return job
 
     def status(
         self, token_id: str, request_id: str, base_url: str, logs: bool = False
     ) -> StatusResponse:
-        job = self.owned_job(token_id, request_id)
-        position = self.store.queue_position(job) if job.status == JobStatus.QUEUED else None
+        """The status body, from one read of the database."""
+        found = (
+            self.store.get_with_position(request_id)
+            if REQUEST_ID_PATTERN.fullmatch(request_id)
+            else None
+        )
+        if found is None:
+            raise request_not_found(request_id)
+        job, position = found
+        check_owner(job, token_id)
         return self.bodies.status_body(job, base_url, position, logs)
 
     def result(self, token_id: str, request_id: str, base_url: str) -> ResultResponse:
@@ -68,11 +89,21 @@ class OwnedRequests:
         return CancelResponse(request_id=job.id, status=STATUS_WORDS[job.status], outcome=outcome)
 
     def delete(self, token_id: str, request_id: str) -> None:
-        """Remove a request and its files at once. A running job loses its row, so its
-        worker stops at the next step (and removes a file it stores after this)."""
+        """Remove a request at once and its files as soon as the store allows (see
+        jobs/deletions.py). A running job loses its row, so its worker stops at the next
+        step (and removes a file it stores after this)."""
         self.owned_job(token_id, request_id)
-        # The row first: a worker that stores the file after this finds its job gone and
-        # removes the file itself; one that stored it before has it removed here.
-        if not self.store.delete([request_id]):
+        # The row first, with the record of the files owed a deletion: a worker that
+        # stores the file after this finds its job gone and removes the file itself; one
+        # that stored it before has it removed here, or by the sweeper if the store is down.
+        if not self.deletions.delete_request(request_id):
             raise request_not_found(request_id)
-        self.bodies.files.delete_request(request_id)
+        if not remove_files(self.bodies.files, request_id, attempt=1):
+            return  # recorded: DeletionSweeper tries again once the store is back
+        try:
+            self.deletions.done(request_id)
+        except SQLAlchemyError:
+            # The files are gone; the record left behind costs the sweeper one more
+            # (harmless) removal, while a 503 here would tell the client to retry a
+            # delete that has been done.
+            logger.warning("request %s: could not clear its file deletion record", request_id)

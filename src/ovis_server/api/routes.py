@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ovis_server.api.auth import Caller, authenticate
+from ovis_server.api.bodies import wire_json
 from ovis_server.api.catalogue_pages import CataloguePages
 from ovis_server.api.limits import hold_slot
 from ovis_server.api.owned_requests import OwnedRequests
@@ -204,15 +205,21 @@ def list_requests(
 
 
 @router.get(
-    "/requests/{request_id}/status", responses=_REQUEST_ERRORS, response_model_exclude_none=True
+    "/requests/{request_id}/status",
+    responses=_REQUEST_ERRORS,
+    response_model=StatusResponse,
+    response_model_exclude_none=True,
 )
 def get_status(
     request_id: str,
     request: Request,
     caller: CallerDep,
     logs: Annotated[bool, Query(description="Add the job's timestamped log lines.")] = False,
-) -> StatusResponse:
-    return owned_requests(request).status(caller.token_id, request_id, base_url(request), logs)
+) -> Response:
+    # What clients call most: the body is rendered once, by pydantic-core, rather than
+    # validated again and encoded by FastAPI (the same JSON).
+    body = owned_requests(request).status(caller.token_id, request_id, base_url(request), logs)
+    return Response(wire_json(body), media_type="application/json")
 
 
 @router.get(

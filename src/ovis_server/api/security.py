@@ -3,7 +3,6 @@ scripts only, no framing), no MIME sniffing, no Referer leaving the server."""
 
 from __future__ import annotations
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Images may come from an object store's presigned URLs (another origin, http or https).
@@ -28,6 +27,13 @@ SECURITY_HEADERS = {
 }
 
 
+# As ASGI sends them (lower-case names, bytes), made once rather than on every response.
+_RAW_HEADERS = [
+    (name.lower().encode("latin-1"), value.encode("latin-1"))
+    for name, value in SECURITY_HEADERS.items()
+]
+
+
 class SecurityHeadersMiddleware:
     """Pure ASGI, so that status streams pass through unbuffered."""
 
@@ -41,10 +47,10 @@ class SecurityHeadersMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in SECURITY_HEADERS.items():
-                    if name not in headers:
-                        headers.append(name, value)
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers += [item for item in _RAW_HEADERS if item[0] not in present]
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -110,10 +110,16 @@ def serve(settings: Settings) -> None:
         )
     registry = app.state.workers
     hostname = socket.gethostname()
-    # A worker seen to exit leaves /readyz at once, not when its heartbeat goes stale.
-    workers = WorkerPool.for_slots(
-        settings, slots, on_exit=lambda pid: registry.forget_process(hostname, pid)
-    )
+
+    def worker_exited(pid: int) -> None:
+        """A worker seen to exit gives its jobs back to the queue and leaves /readyz at
+        once, not when its lease runs out and its heartbeat goes stale."""
+        released = app.state.store.release_dead_worker(hostname, pid, settings.max_attempts)
+        if released:
+            logger.warning("released %d job(s) of worker process %d, which died", released, pid)
+        registry.forget_process(hostname, pid)
+
+    workers = WorkerPool.for_slots(settings, slots, on_exit=worker_exited)
     if len(slots) > 1:
         logger.info("starting %d workers: %s", len(slots), ", ".join(slot.name for slot in slots))
     # uvicorn shuts down on SIGINT/SIGTERM, then restores the handlers it found and raises

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy.exc import DisconnectionError
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +79,69 @@ def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def connect(url: str) -> Engine:
-    """An engine for ``url`` (``sqlite:///…`` or ``postgresql://…``), tuned for this use."""
+# PostgreSQL: how long one connection attempt may take before it counts as a failure
+# (retried like any lost connection, db/retry.py).
+PG_CONNECT_TIMEOUT_SECONDS = 5
+# The API's statements on PostgreSQL: a lock held by another session (a migration, a
+# backup, an operator's LOCK TABLE) is waited for this long, then the statement fails
+# with lock_not_available, which the stores retry (db/retry.py) and the API turns into
+# its 503 (503001, Retry-After) once their retry window is over: a blocked call answers
+# within about DEFAULT_RETRY_SECONDS + API_LOCK_TIMEOUT_MS, never without bound.
+API_LOCK_TIMEOUT_MS = 2000
+# ... and no statement of the API's runs longer than this (a runaway query, a lock
+# that lock_timeout does not cover).
+API_STATEMENT_TIMEOUT_MS = 15000
+
+
+# Connections kept open: as many as the API's thread pool has threads (anyio's 40), so
+# that under load none is opened and closed per call.
+POOL_SIZE = 40
+PG_POOL_SIZE = 30
+# A pooled PostgreSQL connection unused this long is tested before use (the server may
+# have restarted meanwhile); a busy one is not, so that a call costs one round trip. A
+# connection that breaks in use is replaced by the stores' retries (db/retry.py).
+PING_AFTER_IDLE_SECONDS = 5.0
+_CHECKED_IN = "ovis_checked_in"
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    record.info[_CHECKED_IN] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """SQLAlchemy's pessimistic disconnect handling, for idle connections only: a dead
+    one raises DisconnectionError, and the pool hands out a fresh connection instead."""
+    idle_since = record.info.get(_CHECKED_IN)
+    if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+        return
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        dbapi_connection.rollback()
+    except Exception as exc:
+        raise DisconnectionError(f"a pooled connection was lost: {type(exc).__name__}") from exc
+
+
+def connect(
+    url: str, *, lock_timeout_ms: int | None = None, statement_timeout_ms: int | None = None
+) -> Engine:
+    """An engine for ``url`` (``sqlite:///…`` or ``postgresql://…``), tuned for this use.
+
+    On PostgreSQL, ``lock_timeout_ms`` and ``statement_timeout_ms`` bound how long any
+    statement on its connections may wait for a lock, and run (the API's: see
+    ``API_LOCK_TIMEOUT_MS``); by default they are unbounded, as workers and migrations
+    need (``migrate`` lifts them for its own transaction). SQLite waits at most
+    ``SQLITE_BUSY_MS`` per statement whatever they say.
+    """
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:" and not database.startswith("file:"):
             _secure_sqlite(database)
         engine = create_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_MS / 1000}, pool_size=20, max_overflow=20
+            url,
+            connect_args={"timeout": SQLITE_BUSY_MS / 1000},
+            pool_size=POOL_SIZE,
+            max_overflow=20,
         )
         event.listen(engine, "connect", _tune_sqlite)
         return engine
@@ -97,7 +154,25 @@ def connect(url: str) -> Engine:
             raise ValueError(
                 "--database-url postgresql://… needs psycopg: pip install 'ovis-server[postgresql]'"
             ) from None
-        return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        options = [
+            f"-c {name}={value}"
+            for name, value in (
+                ("lock_timeout", lock_timeout_ms),
+                ("statement_timeout", statement_timeout_ms),
+            )
+            if value
+        ]
+        connect_args: dict[str, Any] = {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
+        if options:
+            connect_args["options"] = " ".join(options)
+        # Fewer kept than on SQLite: a PostgreSQL server's connections are shared by every
+        # API replica and worker (max_connections is 100 by default).
+        engine = create_engine(
+            url, pool_size=PG_POOL_SIZE, max_overflow=10, connect_args=connect_args
+        )
+        event.listen(engine, "checkin", _note_checkin)
+        event.listen(engine, "checkout", _ping_if_idle)
+        return engine
     raise ValueError(f"--database-url must be sqlite:///PATH or postgresql://…, not {url!r}")
 
 
@@ -106,6 +181,8 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
     """Let one process at a time migrate: API replicas and workers all start by migrating."""
     if engine.dialect.name == "postgresql":
         with engine.connect() as conn:
+            # Another process's migration may hold the lock for long: wait for it.
+            lift_timeouts(conn)
             conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
             try:
                 yield
@@ -125,6 +202,14 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def lift_timeouts(conn: Connection) -> None:
+    """No lock or statement timeout for the rest of ``conn``'s transaction (PostgreSQL;
+    nothing elsewhere): a migration waits for its locks, however long they are held."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SET LOCAL lock_timeout = 0"))
+        conn.execute(text("SET LOCAL statement_timeout = 0"))
 
 
 def alembic_config(engine: Engine) -> Config:

@@ -191,3 +191,16 @@ server_keys = Table(
     Column("name", String(64), primary_key=True),
     Column("value", String(256), nullable=False),
 )
+
+# Output files owed a deletion: a request deleted (its row gone in the same transaction)
+# whose files the store has not yet confirmed removed, tried again with backoff until it
+# has (jobs/deletions.py); a restart loses none.
+file_deletions = Table(
+    "file_deletions",
+    metadata,
+    Column("request_id", String(128), primary_key=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UtcDateTime, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_file_deletions_next_attempt_at", "next_attempt_at"),
+)

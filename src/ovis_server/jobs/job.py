@@ -118,6 +118,25 @@ class Job(NewJob):
 
 
 @dataclass(frozen=True)
+class JobState:
+    """Where a job stands, as a status body tells it (the columns of ``Job`` it needs, read
+    alone: a status call, the API's most frequent, reads no more)."""
+
+    id: str
+    token_id: str
+    status: JobStatus
+    progress_step: int
+    progress_total: int
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error_type: str | None
+    error_message: str | None
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class JobEvent:
     """One state change of one job, as the event log keeps it (``seq`` orders them all)."""
 

@@ -7,14 +7,41 @@ is locked or unreachable.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Engine, func, or_, select
+from sqlalchemy import Connection, Engine, Select, bindparam, case, func, or_, select
 
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import job_events, jobs
-from ovis_server.jobs.job import Job, JobEvent, JobStatus
-from ovis_server.jobs.rows import event_from_row, job_from_row
+from ovis_server.jobs.job import Job, JobEvent, JobState, JobStatus
+from ovis_server.jobs.rows import event_from_row, job_from_row, state_from_row
+
+
+def _with_position() -> Select[Any]:
+    ahead = jobs.alias("ahead")
+    position = (
+        select(func.count())
+        .select_from(ahead)
+        .where(
+            ahead.c.status == JobStatus.QUEUED,
+            ahead.c.model_id == jobs.c.model_id,  # workers claim by model
+            ahead.c.seq < jobs.c.seq,
+        )
+        .scalar_subquery()
+    )
+    queued = case((jobs.c.status == JobStatus.QUEUED, position))
+    state = [jobs.c[field.name] for field in fields(JobState)]
+    return select(*state, queued.label("queue_position")).where(
+        jobs.c.id == bindparam("request_id")
+    )
+
+
+# Built once: a status call is the API's most frequent, and building a statement (the
+# alias above makes columns) costs more than running it.
+_WITH_POSITION = _with_position()
+_GET = select(jobs).where(jobs.c.id == bindparam("request_id"))
 
 
 def _utc(moment: datetime) -> datetime:
@@ -33,11 +60,31 @@ class JobQueries:
         # How long a call retries a locked or unreachable database before it raises.
         self.retry_seconds = retry_seconds
 
+    def _one_statement(self) -> Connection:
+        """A connection for a read that is one statement. On PostgreSQL, outside any
+        transaction: one round trip, not BEGIN, the query, then ROLLBACK. (SQLite's driver
+        begins none for a read: there, asking for it would cost a PRAGMA on each return.)"""
+        conn = self.engine.connect()
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        return conn
+
     @retried
     def get(self, request_id: str) -> Job | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == request_id)).first()
+        with self._one_statement() as conn:
+            row = conn.execute(_GET, {"request_id": request_id}).first()
         return None if row is None else job_from_row(row)
+
+    @retried
+    def get_with_position(self, request_id: str) -> tuple[JobState, int | None] | None:
+        """Where the job stands and, if it is queued, its queue position, in one query (a
+        status call's one read); None if there is no such job."""
+        with self._one_statement() as conn:
+            row = conn.execute(_WITH_POSITION, {"request_id": request_id}).first()
+        if row is None:
+            return None
+        queued_ahead = row._mapping["queue_position"]
+        return state_from_row(row), None if queued_ahead is None else int(queued_ahead)
 
     @retried
     def queue_position(self, job: Job) -> int:

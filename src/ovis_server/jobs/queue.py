@@ -10,10 +10,10 @@ in its own transaction by ``record_changes``.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, delete, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Row, and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ovis_server.db.picks import locked_pick
@@ -34,6 +34,14 @@ BACK_IN_QUEUE: dict[str, Any] = {
     "started_at": None,
     "progress_step": 0,
 }
+
+
+def delete_rows(conn: Connection, request_ids: Sequence[str]) -> int:
+    """Delete these jobs' rows, their event log and webhook messages in ``conn``'s
+    transaction; returns how many jobs there were."""
+    conn.execute(delete(job_events).where(job_events.c.request_id.in_(request_ids)))
+    conn.execute(delete(webhook_deliveries).where(webhook_deliveries.c.request_id.in_(request_ids)))
+    return int(conn.execute(delete(jobs).where(jobs.c.id.in_(request_ids))).rowcount)
 
 
 class LeaseLostError(Exception):
@@ -112,11 +120,7 @@ class JobQueue(JobQueries):
         if not request_ids:
             return 0
         with self.engine.begin() as conn:
-            conn.execute(delete(job_events).where(job_events.c.request_id.in_(request_ids)))
-            conn.execute(
-                delete(webhook_deliveries).where(webhook_deliveries.c.request_id.in_(request_ids))
-            )
-            return int(conn.execute(delete(jobs).where(jobs.c.id.in_(request_ids))).rowcount)
+            return delete_rows(conn, request_ids)
 
     @retried
     def request_cancel(self, request_id: str) -> tuple[Job, CancelOutcome] | None:
@@ -378,16 +382,33 @@ class JobQueue(JobQueries):
         """
         now = utcnow()
         expired = (jobs.c.status == JobStatus.RUNNING) & (jobs.c.lease_expires_at < now)
+        return self._recover(expired, max_attempts, now)
+
+    @retried
+    def release_dead_worker(self, host: str, pid: int, max_attempts: int) -> int:
+        """Handle at once, as ``recover_expired`` does when a lease lapses, the jobs of a
+        worker process known to be dead (``serve`` saw its child exit): they go back to
+        the queue, or end, without waiting out their lease; returns how many.
+
+        A worker's id starts with ``host:pid:`` (worker/process.py ``new_worker_id``).
+        """
+        held = (jobs.c.status == JobStatus.RUNNING) & jobs.c.worker_id.startswith(
+            f"{host}:{pid}:", autoescape=True
+        )
+        return self._recover(held, max_attempts, utcnow())
+
+    def _recover(self, lost: ColumnElement[bool], max_attempts: int, now: datetime) -> int:
+        """Requeue, cancel or fail the ``lost`` running jobs, in one transaction."""
         with self.engine.begin() as conn:
             cancelled = conn.execute(
                 update(jobs)
-                .where(expired, jobs.c.cancel_requested.is_(True))
+                .where(lost, jobs.c.cancel_requested.is_(True))
                 .values(status=JobStatus.CANCELLED, finished_at=now, lease_expires_at=None)
                 .returning(*jobs.c)
             ).all()
             failed = conn.execute(
                 update(jobs)
-                .where(expired, jobs.c.attempts >= max_attempts)
+                .where(lost, jobs.c.attempts >= max_attempts)
                 .values(
                     status=JobStatus.FAILED,
                     error_type="worker_lost",
@@ -401,7 +422,7 @@ class JobQueue(JobQueries):
                 .returning(*jobs.c)
             ).all()
             requeued = conn.execute(
-                update(jobs).where(expired).values(**BACK_IN_QUEUE).returning(*jobs.c)
+                update(jobs).where(lost).values(**BACK_IN_QUEUE).returning(*jobs.c)
             ).all()
             changed = [*cancelled, *failed, *requeued]
             record_changes(conn, changed, now)

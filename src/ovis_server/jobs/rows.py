@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Row
 
-from ovis_server.jobs.job import Job, JobEvent, JobStatus, StoredOutput
+from ovis_server.jobs.job import Job, JobEvent, JobState, JobStatus, StoredOutput
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -21,10 +22,15 @@ def from_row(cls: type[D], row: Row[Any], **convert: Callable[[Any], Any]) -> D:
     each passed through its converter in ``convert`` if it has one."""
     data = row._mapping
     values: dict[str, Any] = {}
-    for field in fields(cls):
-        value = data[field.name]
-        values[field.name] = convert[field.name](value) if field.name in convert else value
+    for name in _field_names(cls):
+        value = data[name]
+        values[name] = convert[name](value) if name in convert else value
     return cls(**values)
+
+
+@functools.cache
+def _field_names(cls: type[DataclassInstance]) -> tuple[str, ...]:
+    return tuple(field.name for field in fields(cls))
 
 
 def job_from_row(row: Row[Any]) -> Job:
@@ -36,6 +42,15 @@ def job_from_row(row: Row[Any]) -> Job:
         cancel_requested=bool,
         webhook_intermediate=bool,
         outputs=lambda items: tuple(StoredOutput.from_json(item) for item in items or ()),
+        warnings=lambda items: tuple(str(item) for item in items or ()),
+    )
+
+
+def state_from_row(row: Row[Any]) -> JobState:
+    return from_row(
+        JobState,
+        row,
+        status=JobStatus,
         warnings=lambda items: tuple(str(item) for item in items or ()),
     )
 

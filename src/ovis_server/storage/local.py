@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -57,5 +58,8 @@ class LocalFileStore:
         if not folder.is_dir():
             return 0
         count = sum(1 for _ in folder.iterdir())
-        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile, by another
+            shutil.rmtree(folder)
+        # Any other OSError (a read-only or failing disk) reaches the caller, who tries
+        # again later (jobs/deletions.py): files are never left behind without a word.
         return count

@@ -7,10 +7,19 @@ or ``--s3-endpoint-url`` for MinIO, Ceph, R2 and the like.
 
 from __future__ import annotations
 
+import errno
+import logging
 from typing import Any
 from urllib.parse import urlparse
 
 from ovis_server.storage.base import WRITE_CHECK_NAME, check_key, check_request_id
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_SECONDS = 5
+READ_TIMEOUT_SECONDS = 60
+MAX_ATTEMPTS = 3  # botocore's tries per call, with its backoff between them
+BUCKET_REFUSED = "the bucket refused the write or could not be reached"
 
 
 class S3FileStore:
@@ -29,7 +38,16 @@ class S3FileStore:
             import boto3
         except ImportError as exc:
             raise ValueError("--storage s3://… needs boto3: pip install 'ovis-server[s3]'") from exc
-        client = boto3.client("s3", endpoint_url=endpoint_url or None)
+        from botocore.config import Config
+
+        # A bucket that cannot be reached fails a call within seconds (the worker keeps
+        # the job, a delete is tried again later) rather than after botocore's minutes.
+        config = Config(
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            read_timeout=READ_TIMEOUT_SECONDS,
+            retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        )
+        client = boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
         return cls(parts.netloc, parts.path, client)
 
     def _object(self, key: str) -> str:
@@ -53,7 +71,10 @@ class S3FileStore:
         try:
             self.client.put_object(Bucket=self.bucket, Key=name, Body=data, ContentType=media_type)
         except (BotoCoreError, ClientError) as exc:
-            raise OSError(f"the bucket {self.bucket!r} refused the write: {exc}") from exc
+            # The details (endpoint, bucket, key) go to the log; the error's own words,
+            # which the worker reports and /readyz shows, name none of them.
+            logger.warning("the bucket %r refused the write of %s: %s", self.bucket, name, exc)
+            raise OSError(errno.EIO, BUCKET_REFUSED) from exc
 
     def read(self, key: str) -> bytes:
         try:
@@ -78,5 +99,13 @@ class S3FileStore:
         listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
         objects = [{"Key": item["Key"]} for item in listing.get("Contents", [])]
         if objects:
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects})
+            answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects})
+            if answer.get("Errors"):
+                # Some objects stay: the caller tries again (jobs/deletions.py).
+                first = answer["Errors"][0]
+                raise OSError(
+                    errno.EIO,
+                    f"the bucket kept {len(answer['Errors'])} object(s) of {request_id}: "
+                    f"{first.get('Code')} {first.get('Message')}",
+                )
         return len(objects)

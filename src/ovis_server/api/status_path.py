@@ -1,0 +1,55 @@
+"""The status call's short path: what clients call most (they poll it until the job
+ends), answered without FastAPI's routing and dependency resolution.
+
+``GET /v1/requests/{id}/status`` with no query string, from a token verified within the
+last second (``TokenStore.verified``), is answered here: the one database read in the
+thread pool, the body rendered once by pydantic-core. Every other call (a query string, a
+token not verified lately, no token, any other path) goes on to the FastAPI route, which
+answers the same call with the same body; that route is what /openapi.json documents.
+It runs inside the HTTP edge's middleware (connection cap, Host check, body limit,
+security headers), which judge it as any other call.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ovis_server.api.auth import verified_caller
+from ovis_server.api.bodies import wire_json
+from ovis_server.api.errors import ApiError, database_error_response, error_response
+from ovis_server.api.owned_requests import OwnedRequests
+from ovis_server.api.routes import base_url
+
+STATUS_PATH = re.compile(r"/v1/requests/([^/]+)/status")
+
+
+class StatusShortPath:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = None
+        if scope["type"] == "http" and scope["method"] == "GET" and not scope["query_string"]:
+            match = STATUS_PATH.fullmatch(scope["path"])
+        caller = verified_caller(request := Request(scope)) if match else None
+        if match is None or caller is None:
+            await self.app(scope, receive, send)
+            return
+        requests: OwnedRequests = request.app.state.requests
+        response: Response
+        try:
+            body = await run_in_threadpool(
+                requests.status, caller.token_id, match.group(1), base_url(request)
+            )
+        except ApiError as exc:
+            response = error_response(exc)
+        except SQLAlchemyError as exc:
+            response = database_error_response(request, exc)
+        else:
+            response = Response(wire_json(body), media_type="application/json")
+        await response(scope, receive, send)
