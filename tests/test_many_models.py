@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ovis_server.catalogue import OVIS_IMAGE
+from ovis_server.catalogue import OVIS_IMAGE, Z_IMAGE_TURBO
 from ovis_server.catalogue.spec import ModelSpec
 from ovis_server.engine.pipeline import Engine
 from ovis_server.jobs.job import NewJob
@@ -28,8 +28,11 @@ from .helpers import Cluster, create_token, run_cli, start_server, wait_for, wai
 
 FT = "acme/ovis-ft"
 OVIS = OVIS_IMAGE.model_id
-# The issue's command: both models on the tiny build, the second an operator's entry.
+# Two models of one family: the second an operator's entry on the tiny build.
 TWO_MODELS = ("--model-id", OVIS, "--model-id", FT, "--extra-models", f"{FT}=tiny")
+# The two families, each on its own tiny build.
+ZI = Z_IMAGE_TURBO.model_id
+TWO_FAMILIES = ("--model-id", OVIS, "--model-id", ZI)
 
 
 # --- the swap policy, a pure function --------------------------------------------------------
@@ -265,26 +268,26 @@ def test_one_serve_answers_two_models_in_every_dialect(
 
     data_dir = tmp_path / "data"
     token = create_token(data_dir, "t")
-    server = start_server(data_dir, "tiny", *TWO_MODELS, "--metrics-public", timeout=120)
+    server = start_server(data_dir, "tiny", *TWO_FAMILIES, "--metrics-public", timeout=120)
     cluster.servers.append(server)
     small = {"image_size": "square", "num_inference_steps": 2}
     with server.client(token) as client:
         ready = wait_for(lambda: _ready(client), timeout=400, interval=0.5)
         (worker,) = ready["workers"]
-        assert worker["model"] == f"{OVIS},{FT}"
+        assert worker["model"] == f"{OVIS},{ZI}"
         assert [(m["model_id"], m["resident"]) for m in worker["models"]] == [
             (OVIS, True),
-            (FT, True),
+            (ZI, True),
         ]  # two tiny models fit (a CPU has no budget to plan): no swapping
         assert worker["swaps"] == 0
 
         listed = client.get("/v1/models", params={"include_schema": "true"}).json()
-        assert [row["model_id"] for row in listed["models"]] == [OVIS, FT]
-        assert [row["id"] for row in listed["data"]] == [OVIS, FT]
+        assert [row["model_id"] for row in listed["models"]] == [OVIS, ZI]
+        assert [row["id"] for row in listed["data"]] == [OVIS, ZI]
         assert all(row["input_schema"]["required"] == ["prompt"] for row in listed["models"])
 
         # RunComfy's route, for each model.
-        for model_id in (OVIS, FT):
+        for model_id in (OVIS, ZI):
             body = {"prompt": f"a sign that reads {model_id}", **small}
             submitted = client.post(f"/v1/models/{model_id}", json=body)
             assert submitted.status_code == 200, submitted.text
@@ -292,8 +295,8 @@ def test_one_serve_answers_two_models_in_every_dialect(
             assert result["status"] == "succeeded", result
             assert result["model_id"] == model_id
 
-        # OpenAI's route: an id, and the first model's alias.
-        for name in (FT, "ovis-image"):
+        # OpenAI's route: an id, and each model's alias.
+        for name in (ZI, "z-image-turbo", "ovis-image"):
             answer = client.post(
                 "/v1/images/generations",
                 json={"model": name, "prompt": "a lighthouse", "size": "64x64", "seed": 3}
@@ -305,13 +308,13 @@ def test_one_serve_answers_two_models_in_every_dialect(
             assert _png_pixels(client, image["url"]).shape == (64, 64, 3)
         refused = client.post("/v1/images/generations", json={"model": "z/none", "prompt": "x"})
         assert refused.status_code == 404
-        assert FT in refused.json()["error"]["message"]
+        assert ZI in refused.json()["error"]["message"]
 
         # The SDK, and the command-line client.
         with Client(server.base_url, token=token) as sdk:
-            ran_sdk = sdk.run({"prompt": "a lighthouse", **small}, model_id=FT)
+            ran_sdk = sdk.run({"prompt": "a lighthouse", **small}, model_id=ZI)
             assert ran_sdk.status == "succeeded"
-            assert client.get(f"/v1/requests/{ran_sdk.request_id}/result").json()["model_id"] == FT
+            assert client.get(f"/v1/requests/{ran_sdk.request_id}/result").json()["model_id"] == ZI
             assert sdk.status(ran_sdk.request_id).status == "completed"
             # An alias names its model on RunComfy's route too; the job is the model's.
             aliased = sdk.submit({"prompt": "a kite", **small}, model_id="ovis-image")
@@ -321,7 +324,7 @@ def test_one_serve_answers_two_models_in_every_dialect(
             )
         output = tmp_path / "cli.png"
         ran = run_cli(
-            "run", "a lighthouse", "--model-id", FT, "--steps", "2", "--image-size", "square",
+            "run", "a lighthouse", "--model-id", ZI, "--steps", "2", "--image-size", "square",
             "-o", str(output),
             env={"OVIS_SERVER_URL": server.base_url, "OVIS_SERVER_TOKEN": token},
         )  # fmt: skip
@@ -330,11 +333,11 @@ def test_one_serve_answers_two_models_in_every_dialect(
             assert written.size == (512, 512)
 
         metrics = client.get("/metrics").text
-        assert f'ovis_model_queue_depth{{model="{FT}"}} 0.0' in metrics
+        assert f'ovis_model_queue_depth{{model="{ZI}"}} 0.0' in metrics
         assert f'ovis_model_queue_depth{{model="{OVIS}"}} 0.0' in metrics
         resident = [line for line in metrics.splitlines() if "model_resident{" in line]
         assert any(
-            f'model="{FT}",where="device",' in line and line.endswith(" 1.0") for line in resident
+            f'model="{ZI}",where="device",' in line and line.endswith(" 1.0") for line in resident
         ), resident
         assert "ovis_worker_swaps_total{" in metrics
 
@@ -351,7 +354,7 @@ def test_one_resident_model_twenty_interleaved_jobs(tmp_path: Path, cluster: Clu
     data_dir = tmp_path / "data"
     token = create_token(data_dir, "t")
     server = start_server(
-        data_dir, "tiny", *TWO_MODELS, "--resident-models", "1", "--swap-after",
+        data_dir, "tiny", *TWO_FAMILIES, "--resident-models", "1", "--swap-after",
         f"{swap_after}s", "--metrics-public", timeout=120,
     )  # fmt: skip
     cluster.servers.append(server)
@@ -360,7 +363,7 @@ def test_one_resident_model_twenty_interleaved_jobs(tmp_path: Path, cluster: Clu
         (worker,) = ready["workers"]
         assert [(m["model_id"], m["where"]) for m in worker["models"]] == [
             (OVIS, "device"),
-            (FT, "host"),
+            (ZI, "host"),
         ]
 
         def submit(model_id: str, seed: int) -> str:
@@ -371,7 +374,7 @@ def test_one_resident_model_twenty_interleaved_jobs(tmp_path: Path, cluster: Clu
             return request_id
 
         jobs = [
-            (model_id, submit(model_id, index)) for index in range(10) for model_id in (FT, OVIS)
+            (model_id, submit(model_id, index)) for index in range(10) for model_id in (ZI, OVIS)
         ]
         results = {request_id: wait_result(client, request_id, 600) for _, request_id in jobs}
         assert {body["status"] for body in results.values()} == {"succeeded"}, results
@@ -400,7 +403,7 @@ def test_one_resident_model_twenty_interleaved_jobs(tmp_path: Path, cluster: Clu
         assert switches >= 2  # neither model ran all its jobs before the other began
         run = max(finished[rid] - started[rid] for rid in started)
         swapping = max(swap_seconds, 0.0)  # all the swaps: more than two of them
-        for model_id in (OVIS, FT):
+        for model_id in (OVIS, ZI):
             mine = [rid for mid, rid in jobs if mid == model_id]
             previous_start = 0.0
             for rid in mine:
