@@ -108,8 +108,10 @@ def load_engine(args: argparse.Namespace, spec: ModelSpec, device: torch.device)
     """The model as its worker loads it (``--weights`` as ``--model`` takes them: tiny is
     built into a temporary folder), uncompiled: the stock pipeline is timed first."""
     silence_loading_progress()
+    # Removed when the process exits (the object's finalizer): tiny is built in it.
+    args.scratch = tempfile.TemporaryDirectory(prefix="ovis-bench-")
     settings = Settings(
-        data_dir=Path(tempfile.mkdtemp(prefix="ovis-bench-")),
+        data_dir=Path(args.scratch.name),
         model=args.weights,
         model_id=spec.model_id,
         device=str(device),

@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     width, height = parse_size(args.size)
     size = {"width": width, "height": height}
     request = model_input(spec, PROMPTS[0], size, args.steps, 0, args.guidance)
-    args.data_dir = Path(tempfile.mkdtemp(prefix="ovis-bench-"))  # where tiny is built
+    # Where tiny is built; removed when the process exits (the object's finalizer).
+    args.scratch = tempfile.TemporaryDirectory(prefix="ovis-bench-")
+    args.data_dir = Path(args.scratch.name)
 
     def timed_row(name: str, memory: str, cap: float | None) -> Row:
         if args.budget is not None and time.monotonic() - started > args.budget:
