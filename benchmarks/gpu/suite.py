@@ -327,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                     report.add(outcome)
         with tarfile.open(args.outdir / "logs.tar.gz", "w:gz") as archive:
             archive.add(logs, arcname="logs")
+    # The status table last, where a caller that keeps only the end of the output sees it.
+    lines = (args.outdir / "report.md").read_text().splitlines()
+    first = lines.index("| part | model | status | seconds | note |")
+    print("\n".join(lines[first : lines.index("", first)]))
     print(f"report: {args.outdir / 'report.md'} ({time.monotonic() - started:.0f} s)")
     return 0
 
