@@ -86,6 +86,8 @@ def run_one(
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        if gpu_memory is None:  # a capped row before this one capped the allocator
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
     settings = Settings(
         data_dir=args.data_dir,
         model=args.weights,
