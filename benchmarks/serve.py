@@ -44,6 +44,7 @@ import datetime as dt
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -393,7 +394,29 @@ def parse_list(text: str, kind: type[int] | type[str]) -> list[Any]:
     return [kind(part.strip()) for part in text.split(",") if part.strip()]
 
 
+def own_session() -> int | None:
+    """Run in a session of our own, as the worker runs in one (serve starts it so): Linux's
+    autogroup scheduling shares the CPU between sessions first, so an engine left in the
+    caller's session would share one slice with whatever else that session runs (a test
+    suite, a build) while the worker has a slice to itself. A process-group leader cannot
+    start a session: this one runs itself again in a new one, and returns its exit code."""
+    if os.getsid(0) == os.getpid():
+        return None  # a session leader already (benchmarks/gpu/suite.py starts it so)
+    try:
+        os.setsid()
+    except PermissionError:
+        child = subprocess.Popen([sys.executable, *sys.argv], start_new_session=True)
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGINT)  # the terminal's Ctrl-C does not reach it
+            return child.wait()
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and (code := own_session()) is not None:
+        return code
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny, random-full, or a PATH/hub id")
     parser.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="the catalogue entry")
@@ -456,6 +479,14 @@ def print_header(
     print(f"# ovis-server serving benchmark, {dt.date.today().isoformat()}")
     print(f"server: {args.url or 'ovis-server serve, started here on loopback'}")
     print(f"model: {spec.model_id} ({args.model}), {args.steps} steps; engine on {baseline.about}")
+    try:
+        autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        autogroup = False
+    print(
+        f"this process: session {os.getsid(0)} of its own, as the worker's "
+        f"(autogroup scheduling {'on' if autogroup else 'off'})"
+    )
     mode = f"Prefer: wait={args.wait}" if args.wait else f"polling every {args.poll} s"
     print(
         f"worker: memory {worker.get('memory_profile', '?')}, batches of up to "
