@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import socket
 import subprocess
+from typing import Any
 
 import httpx
+
+from ovis_server.catalogue import ModelInput, ModelSpec
+from ovis_server.catalogue.registry import BUILT_IN
 
 PROMPTS = [
     'A neon sign that reads "OVIS" above a rainy street at night',
@@ -38,3 +42,38 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def model_spec(model_id: str) -> ModelSpec:
+    """The built-in catalogue entry ``model_id``; SystemExit naming the ones there are."""
+    for spec in BUILT_IN:
+        if spec.model_id == model_id:
+            return spec
+    names = ", ".join(spec.model_id for spec in BUILT_IN)
+    raise SystemExit(f"--model-id {model_id!r}: the built-in models are {names}")
+
+
+def default_steps(spec: ModelSpec) -> int:
+    """The model's own default ``num_inference_steps`` (Ovis-Image's 28)."""
+    return int(spec.input_schema()["properties"]["num_inference_steps"]["default"])
+
+
+def model_input(
+    spec: ModelSpec,
+    prompt: str,
+    image_size: str | dict[str, int],
+    steps: int,
+    seed: int,
+    guidance: float | None = None,
+) -> ModelInput:
+    """An input of the model's own schema (validated as a submit would be); ``guidance``
+    only where the model has a ``guidance_scale``."""
+    body: dict[str, Any] = {
+        "prompt": prompt,
+        "image_size": image_size,
+        "num_inference_steps": steps,
+        "seed": seed,
+    }
+    if guidance is not None and "guidance_scale" in spec.input_schema()["properties"]:
+        body["guidance_scale"] = guidance
+    return spec.input_model.model_validate(body)

@@ -8,8 +8,11 @@ ratio to stock.
     python benchmarks/engine.py --weights tiny --size square --steps 8        # CPU smoke run
     python benchmarks/engine.py --weights random-full --size square_hd --steps 28   # a GPU
 
---weights: tiny (random tiny checkpoint), random-full (the real 7B architecture with random
+--weights: tiny (random tiny checkpoint), random-full (the real architecture with random
 weights: no download), or a local diffusers directory or hub id (real weights).
+--model-id: the catalogue entry (default Ovis-Image), loaded as its worker loads it;
+--steps defaults to the model's own default. MFU is given where the FLOP count knows the
+model's transformer (Ovis-Image's, design.md).
 """
 
 from __future__ import annotations
@@ -35,18 +38,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import PROMPTS, default_steps, model_input, model_spec
 from benchmarks.flops import image_flops
-from ovis_server.catalogue import IMAGE_SIZE_PRESETS
-from ovis_server.engine.loading import pick_device, pick_dtype, silence_loading_progress
+from ovis_server.catalogue import DEFAULT_MODEL_ID, IMAGE_SIZE_PRESETS, ModelSpec
+from ovis_server.config import Settings
+from ovis_server.engine.loading import pick_device, silence_loading_progress
 from ovis_server.engine.pipeline import Engine
-from ovis_server.engine.request import GenerationRequest
-
-PROMPTS = [
-    'A neon sign that reads "OVIS" above a rainy street at night',
-    "A chalkboard menu listing coffee prices in neat handwriting",
-    "A vintage travel poster for the Alps with bold title lettering",
-    "A birthday cake with 'HAPPY 30TH' piped in blue icing",
-]
 
 
 @dataclass
@@ -107,25 +104,46 @@ def timed(
     return statistics.median(samples), peak
 
 
-def load_engine(args: argparse.Namespace, device: torch.device) -> Engine:
-    dtype = pick_dtype(device, args.dtype)
-    dtype_name = str(dtype).removeprefix("torch.")
+def load_engine(args: argparse.Namespace, spec: ModelSpec, device: torch.device) -> Engine:
+    """The model as its worker loads it (``--weights`` as ``--model`` takes them: tiny is
+    built into a temporary folder), uncompiled: the stock pipeline is timed first."""
     silence_loading_progress()
-    if args.weights == "tiny":
-        from ovis_server.engine.tiny import write_tiny_checkpoint
+    # Removed when the process exits (the object's finalizer): tiny is built in it.
+    args.scratch = tempfile.TemporaryDirectory(prefix="ovis-bench-")
+    settings = Settings(
+        data_dir=Path(args.scratch.name),
+        model=args.weights,
+        model_id=spec.model_id,
+        device=str(device),
+        dtype=args.dtype,
+        compile="off",
+    )
+    return spec.load_engine(settings)
 
-        directory = Path(tempfile.mkdtemp(prefix="ovis-bench-")) / "tiny"
-        write_tiny_checkpoint(directory)
-        return Engine.load(str(directory), device=str(device), dtype=dtype_name, compile=False)
-    # random-full (the real architecture with random weights) is built by Engine.load.
-    return Engine.load(args.weights, device=str(device), dtype=dtype_name, compile=False)
+
+def known_flops(
+    engine: Engine, width: int, height: int, steps: int, guidance: bool
+) -> float | None:
+    """design.md's FLOP count of one image, where it knows the transformer; else None."""
+    transformer = engine.pipeline.transformer
+    if not hasattr(transformer, "single_transformer_blocks"):
+        return None
+    return image_flops(
+        transformer,
+        width,
+        height,
+        steps,
+        guidance,
+        vae_scale_factor=engine.pipeline.vae_scale_factor,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default="tiny")
+    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="the catalogue entry")
     parser.add_argument("--size", default="square_hd")
-    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--steps", type=int, help="default: the model's own default")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--device", default="auto")
@@ -136,30 +154,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8", action="store_true", help="also time FP8 matmuls (torchao)")
     args = parser.parse_args(argv)
 
+    spec = model_spec(args.model_id)
+    if args.steps is None:
+        args.steps = default_steps(spec)
     device = pick_device(args.device)
     width, height = parse_size(args.size)
     started = time.perf_counter()
-    engine = load_engine(args, device)
+    engine = load_engine(args, spec, device)
     load_seconds = time.perf_counter() - started
     load_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
+    size = {"width": width, "height": height}
     requests = [
-        GenerationRequest(prompt, "", width, height, args.steps, args.guidance, seed)
-        for seed, prompt in enumerate(PROMPTS * (args.concurrency // len(PROMPTS) + 1))
-    ][: max(args.concurrency, 1)]
+        model_input(
+            spec, PROMPTS[seed % len(PROMPTS)], size, args.steps, seed, args.guidance
+        ).to_generation_request(seed)
+        for seed in range(max(args.concurrency, 1))
+    ]
     first = requests[0]
-    flops = image_flops(
-        engine.pipeline.transformer,
-        width,
-        height,
-        args.steps,
-        args.guidance > 1,
-        vae_scale_factor=engine.pipeline.vae_scale_factor,
-    )
+    flops = known_flops(engine, width, height, args.steps, first.guidance_scale > 1)
     peak = measured_bf16_peak(device)
 
     def row(name: str, seconds: float, memory: float | None, baseline: float) -> Row:
-        mfu = flops / seconds / peak if peak else None
+        mfu = flops / seconds / peak if peak and flops else None
         return Row(name, seconds, memory, mfu, baseline / seconds)
 
     def stock_image() -> int:
@@ -194,21 +211,25 @@ def main(argv: list[str] | None = None) -> int:
         fp8, memory = measure(engine_image)
         rows.append(row(f"engine{suffix} + FP8", fp8, memory, stock))
 
-    print_report(args, device, width, height, flops, peak, load_seconds, load_rss_gib, rows)
+    print_report(
+        args, spec, device, (width, height, first.guidance_scale), flops, peak,
+        (load_seconds, load_rss_gib), rows,
+    )  # fmt: skip
     return 0
 
 
 def print_report(
     args: argparse.Namespace,
+    spec: ModelSpec,
     device: torch.device,
-    width: int,
-    height: int,
-    flops: float,
+    shape: tuple[int, int, float],
+    flops: float | None,
     peak: float | None,
-    load_seconds: float,
-    load_rss_gib: float,
+    load: tuple[float, float],
     rows: list[Row],
 ) -> None:
+    width, height, guidance = shape
+    load_seconds, load_rss_gib = load
     import diffusers
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
@@ -220,12 +241,17 @@ def print_report(
         f"python {sys.version.split()[0]}"
     )
     print(
-        f"weights: {args.weights}; {width}x{height}, {args.steps} steps, guidance "
-        f"{args.guidance}; median of {args.repeats} after {args.warmup} warm-up"
+        f"model: {spec.model_id}, weights {args.weights}; {width}x{height}, {args.steps} "
+        f"steps, guidance {guidance:g}; median of {args.repeats} after {args.warmup} warm-up"
     )
     peak_text = f"{peak / 1e12:.0f} TFLOP/s measured bf16 matmul" if peak else "n/a (no CUDA)"
-    work = f"{flops / 1e15:.2f} PFLOP" if flops >= 1e13 else f"{flops / 1e9:.1f} GFLOP"
-    print(f"work per image: {work} (design.md's count); device peak: {peak_text}")
+    if flops is None:
+        work = "not counted (design.md's count is Ovis-Image's)"
+    elif flops >= 1e13:
+        work = f"{flops / 1e15:.2f} PFLOP (design.md's count)"
+    else:
+        work = f"{flops / 1e9:.1f} GFLOP (design.md's count)"
+    print(f"work per image: {work}; device peak: {peak_text}")
     print(f"load: {load_seconds:.1f} s to ready, peak host memory {load_rss_gib:.2f} GiB")
     print()
     header = "| variant | s / image | images / min | peak memory | MFU | vs stock |"

@@ -11,6 +11,11 @@ planner's choice for the real Ovis-Image-7B at 1024x1024 at each cap (arithmetic
     python benchmarks/memory.py --weights tiny --size 128x128 --steps 2            # CPU smoke
     python benchmarks/memory.py --weights random-full --size 1024x1024 --steps 28  # a GPU
 
+``--model-id`` picks the catalogue entry (default Ovis-Image), loaded as its worker loads it;
+``--steps`` defaults to the model's own default. The capped runs go first (they are what
+the memory targets are about), then the profiles; with ``--budget`` a row not started
+within that many seconds is left out and says so.
+
 On a CPU every profile either runs (offloading onto the CPU itself saves nothing) or is
 refused, and the caps do not apply: ``auto`` is ``full`` there.
 """
@@ -20,9 +25,10 @@ from __future__ import annotations
 import sys
 
 # Run as a script, this folder comes first on sys.path, and its queue.py would hide the
-# standard library's queue module from torch and everything else imported below.
+# standard library's queue module from torch and everything else imported below: the
+# repository root takes its place, from which ``benchmarks.common`` is imported.
 if sys.path and sys.path[0] == __file__.rsplit("/", 1)[0]:
-    del sys.path[0]
+    sys.path[0] = sys.path[0].rsplit("/", 1)[0]
 
 import argparse
 import datetime as dt
@@ -36,18 +42,13 @@ from pathlib import Path
 
 import torch
 
-from ovis_server.engine.loading import (
-    EngineLoadError,
-    pick_device,
-    pick_dtype,
-    silence_loading_progress,
-)
+from benchmarks.common import PROMPTS, default_steps, model_input, model_spec
+from ovis_server.catalogue import DEFAULT_MODEL_ID, OVIS_IMAGE_MODEL_ID, ModelSpec
+from ovis_server.config import Settings
+from ovis_server.engine.loading import EngineLoadError, pick_device, silence_loading_progress
 from ovis_server.engine.memory import AUTO, GiB, MemoryProfile, model_sizes, plan
-from ovis_server.engine.pipeline import Engine
 from ovis_server.engine.random_full import build_full_size_pipeline
 from ovis_server.engine.request import GenerationRequest
-
-PROMPT = 'A neon sign that reads "OVIS" above a rainy street at night'
 
 
 @dataclass
@@ -70,40 +71,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def weights_path(weights: str) -> str:
-    if weights != "tiny":
-        return weights  # random-full, a local directory or a hub id
-    from ovis_server.engine.tiny import write_tiny_checkpoint
-
-    directory = Path(tempfile.mkdtemp(prefix="ovis-bench-")) / "tiny"
-    write_tiny_checkpoint(directory)
-    return str(directory)
-
-
 def run_one(
     args: argparse.Namespace,
+    spec: ModelSpec,
     device: torch.device,
     name: str,
     memory: str,
-    gpu_memory: float | None,
+    gpu_memory: str | None,
     request: GenerationRequest,
 ) -> Row:
-    """Load the engine with ``memory`` under ``gpu_memory``, then time it."""
+    """Load the engine with ``memory`` under ``gpu_memory`` (as --gpu-memory takes it),
+    then time it."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    dtype = str(pick_dtype(device, args.dtype)).removeprefix("torch.")
-    compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
+        if gpu_memory is None:  # a capped row before this one capped the allocator
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    settings = Settings(
+        data_dir=args.data_dir,
+        model=args.weights,
+        model_id=spec.model_id,
+        device=str(device),
+        dtype=args.dtype,
+        compile=args.compile,
+        memory=memory,
+        gpu_memory=gpu_memory,
+    )
     try:
-        engine = Engine.load(
-            args.path,
-            device=str(device),
-            dtype=dtype,
-            compile=compile_flag,
-            memory=memory,
-            gpu_memory=gpu_memory,
-        )
+        engine = spec.load_engine(settings)
     except EngineLoadError as exc:
         return Row(name, memory, None, None, 0.0, f"refused: {exc}")
     chosen = engine.memory
@@ -131,8 +127,9 @@ def run_one(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default="tiny", help="tiny, random-full, a dir or hub id")
+    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="the catalogue entry")
     parser.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT")
-    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--steps", type=int, help="default: the model's own default")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -149,27 +146,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profiles", default=",".join(p.value for p in MemoryProfile), help="to time"
     )
+    parser.add_argument("--budget", type=float, help="seconds: start no row after this")
     args = parser.parse_args(argv)
+    started = time.monotonic()
 
     silence_loading_progress()
+    spec = model_spec(args.model_id)
+    if args.steps is None:
+        args.steps = default_steps(spec)
     device = pick_device(args.device)
     width, height = parse_size(args.size)
-    request = GenerationRequest(PROMPT, "", width, height, args.steps, args.guidance, 0)
-    args.path = weights_path(args.weights)
+    size = {"width": width, "height": height}
+    request = model_input(spec, PROMPTS[0], size, args.steps, 0, args.guidance)
+    # Where tiny is built; removed when the process exits (the object's finalizer).
+    args.scratch = tempfile.TemporaryDirectory(prefix="ovis-bench-")
+    args.data_dir = Path(args.scratch.name)
 
-    profiles = [MemoryProfile(name) for name in args.profiles.split(",") if name]
-    rows = [run_one(args, device, p.value, p.value, None, request) for p in profiles]
+    def timed_row(name: str, memory: str, cap: float | None) -> Row:
+        if args.budget is not None and time.monotonic() - started > args.budget:
+            return Row(name, memory, None, None, 0.0, f"not run: the {args.budget:g} s budget")
+        gpu_memory = None if cap is None else f"{cap:g}GiB"
+        row = run_one(
+            args, spec, device, name, memory, gpu_memory, request.to_generation_request(0)
+        )
+        print(f"{name}: {fmt_seconds(row)} s / image, peak {fmt_peak(row)}", file=sys.stderr)
+        return row
+
     caps = [float(cap) for cap in args.caps.split(",") if cap]
-    capped = [
-        run_one(args, device, f"auto, --gpu-memory {cap:g}GiB", AUTO, cap * GiB, request)
-        for cap in caps
-    ]
-    print_report(args, device, width, height, rows, capped, caps)
+    capped = [timed_row(f"auto, --gpu-memory {cap:g}GiB", AUTO, cap) for cap in caps]
+    profiles = [MemoryProfile(name) for name in args.profiles.split(",") if name]
+    rows = [timed_row(p.value, p.value, None) for p in profiles]
+    print_report(args, spec, device, (width, height), rows, capped, caps)
     return 0
 
 
 def fmt_seconds(row: Row) -> str:
-    return "refused" if row.seconds is None else f"{row.seconds:.3f}"
+    if row.seconds is None:
+        return "not run" if row.note.startswith("not run") else "refused"
+    return f"{row.seconds:.3f}"
 
 
 def fmt_ratio(row: Row, full: float | None) -> str:
@@ -188,15 +202,16 @@ def fmt_peak(row: Row) -> str:
 
 def print_report(
     args: argparse.Namespace,
+    spec: ModelSpec,
     device: torch.device,
-    width: int,
-    height: int,
+    shape: tuple[int, int],
     rows: list[Row],
     capped: list[Row],
     caps: list[float],
 ) -> None:
     import diffusers
 
+    width, height = shape
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print(f"# ovis-server memory benchmark, {dt.date.today().isoformat()}")
     print(
@@ -204,7 +219,8 @@ def print_report(
         f"threads); torch {torch.__version__}, diffusers {diffusers.__version__}"
     )
     print(
-        f"weights: {args.weights}; {width}x{height}, {args.steps} steps, guidance "
+        f"model: {spec.model_id}, weights {args.weights}; {width}x{height}, {args.steps} "
+        f"steps, guidance "
         f"{args.guidance}; compile {args.compile}; median of {args.repeats} after "
         f"{args.warmup} warm-up"
     )
@@ -219,13 +235,20 @@ def print_report(
             f"| {planned} | {row.note} |"
         )
     print()
-    print("| cap | chosen profile | s / image | time vs full | peak GPU memory | why |")
-    print("|---|---|---:|---:|---:|---|")
+    largest = capped[0] if capped else None
+    first_cap = f"vs {largest.name.rsplit(' ', 1)[-1]}" if largest else "vs first cap"
+    print(
+        f"| cap | chosen profile | s / image | time vs full | {first_cap} | peak GPU memory | why |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|")
     for row in capped:
+        versus = fmt_ratio(row, largest.seconds if largest else None)
         print(
             f"| {row.name} | {row.profile} | {fmt_seconds(row)} | {fmt_ratio(row, full)} "
-            f"| {fmt_peak(row)} | {row.note} |"
+            f"| {versus} | {fmt_peak(row)} | {row.note} |"
         )
+    if spec.model_id != OVIS_IMAGE_MODEL_ID:
+        return
     print()
     print("planned for Ovis-Image-7B (bf16, 1024x1024), whatever ran above:")
     sizes = model_sizes(build_full_size_pipeline("meta", torch.bfloat16))

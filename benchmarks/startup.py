@@ -11,6 +11,10 @@ than the second one still waited for compilation after ready.
     python benchmarks/startup.py --model random-full --steps 28
     python benchmarks/startup.py --model random-full --steps 28 --fp8
     python benchmarks/startup.py --model tiny --compile on --steps 8     # a CPU: minutes
+
+``--model-id`` picks the catalogue entry (default Ovis-Image); ``--steps`` defaults to the
+model's own default. With ``TORCHINDUCTOR_CACHE_DIR`` set, both starts use that folder as
+their compile cache (it should start empty for the cold start to be cold).
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import free_port, ready, stop
-from ovis_server.catalogue import IMAGE_SIZE_PRESETS
+from benchmarks.common import default_steps, free_port, model_input, model_spec, ready, stop
+from ovis_server.catalogue import DEFAULT_MODEL_ID, IMAGE_SIZE_PRESETS, ModelSpec
 
 READY_LINE = re.compile(
     r"ready ([0-9.]+)s after the worker started \(loading ([0-9.]+)s, warm-up ([0-9.]+s|off)\)"
@@ -62,6 +66,7 @@ def server(args: argparse.Namespace, data_dir: Path, label: str) -> Iterator[tup
     port = free_port()
     command = [sys.executable, "-m", "ovis_server", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--data-dir", str(data_dir), "--model", args.model]
+    command += ["--model-id", args.model_id]
     command += ["--device", args.device, "--compile", args.compile, "--warmup", args.warmup]
     command += ["--no-auth", "--log-level", "info"]
     command += ["--fp8"] if args.fp8 else []
@@ -89,13 +94,13 @@ def server(args: argparse.Namespace, data_dir: Path, label: str) -> Iterator[tup
         stop(process)
 
 
-def one_request(client: httpx.Client, size: str, steps: int, number: int) -> float:
+def one_request(client: httpx.Client, spec: ModelSpec, size: str, steps: int, number: int) -> float:
     """Seconds from submit to the final result (a prompt of its own: each request
     encodes one, as a new client's does)."""
-    body = {"prompt": f"A neon sign that reads OVIS {number}", "image_size": size, "seed": 7}
-    body["num_inference_steps"] = steps
+    prompt = f"A neon sign that reads OVIS {number}"
+    body = model_input(spec, prompt, size, steps, 7).model_dump(mode="json")
     started = time.monotonic()
-    answer = client.post("/v1/models/aidc-ai/ovis-image", json=body)
+    answer = client.post(f"/v1/models/{spec.model_id}", json=body)
     answer.raise_for_status()
     request_id = answer.json()["request_id"]
     while True:
@@ -107,41 +112,40 @@ def one_request(client: httpx.Client, size: str, steps: int, number: int) -> flo
         time.sleep(0.05)
 
 
+def print_start(start: Start) -> None:
+    print(
+        f"| {start.label} cache | {start.wall_seconds:.1f} s | {start.worker_seconds} s "
+        f"| {start.loading} s | {start.warmup} | {start.from_cache} | {start.compiled} |",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="random-full", help="tiny, random-full or a path")
+    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="the catalogue entry")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--compile-dynamic", action="store_true")
     parser.add_argument("--warmup", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--memory", default=None)
-    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--steps", type=int, help="default: the model's own default")
     parser.add_argument(
         "--sizes", default=",".join(IMAGE_SIZE_PRESETS), help="presets, comma-separated"
     )
     parser.add_argument("--ready-timeout", type=float, default=3600)
     args = parser.parse_args()
+    spec = model_spec(args.model_id)
+    if args.steps is None:
+        args.steps = default_steps(spec)
     sizes = [size.strip() for size in args.sizes.split(",") if size.strip()]
-
-    starts: list[Start] = []
-    latencies: list[tuple[str, float, float]] = []
-    with tempfile.TemporaryDirectory(prefix="ovis-startup-") as folder:
-        data_dir = Path(folder)
-        with server(args, data_dir, "cold") as (_base, start):
-            starts.append(start)
-        with server(args, data_dir, "warm") as (base, start):
-            starts.append(start)
-            with httpx.Client(base_url=base, timeout=3600) as client:
-                for number, size in enumerate(sizes):
-                    first = one_request(client, size, args.steps, 2 * number)
-                    second = one_request(client, size, args.steps, 2 * number + 1)
-                    latencies.append((size, first, second))
 
     machine = f"{platform.node()} {platform.machine()}, python {platform.python_version()}"
     print(f"# {dt.date.today()} {machine}")
     print(
-        f"# --model {args.model} --device {args.device} --compile {args.compile} "
+        f"# --model-id {args.model_id} --model {args.model} --device {args.device} "
+        f"--compile {args.compile} "
         f"--warmup {args.warmup}{' --compile-dynamic' if args.compile_dynamic else ''}"
         f"{' --fp8' if args.fp8 else ''}, {args.steps} steps"
     )
@@ -150,17 +154,27 @@ def main() -> None:
         "| start | to ready (client) | worker start to ready | loading | warm-up "
         "| graphs from cache | compiled anew |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for start in starts:
-        print(
-            f"| {start.label} cache | {start.wall_seconds:.1f} s | {start.worker_seconds} s "
-            f"| {start.loading} s | {start.warmup} | {start.from_cache} | {start.compiled} |"
-        )
-    print()
-    print("| size | first request after ready | second request | first / second |")
-    print("|---|---:|---:|---:|")
-    for size, first, second in latencies:
-        print(f"| {size} | {first:.2f} s | {second:.2f} s | {first / second:.2f} |")
+    print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    # Each row as soon as it is measured: a run stopped part-way still shows what it got.
+    latencies: list[tuple[str, float, float]] = []
+    with tempfile.TemporaryDirectory(prefix="ovis-startup-") as folder:
+        data_dir = Path(folder)
+        with server(args, data_dir, "cold") as (_base, start):
+            print_start(start)
+        with server(args, data_dir, "warm") as (base, start):
+            print_start(start)
+            print()
+            print("| size | first request after ready | second request | first / second |")
+            print("|---|---:|---:|---:|", flush=True)
+            with httpx.Client(base_url=base, timeout=3600) as client:
+                for number, size in enumerate(sizes):
+                    first = one_request(client, spec, size, args.steps, 2 * number)
+                    second = one_request(client, spec, size, args.steps, 2 * number + 1)
+                    latencies.append((size, first, second))
+                    print(
+                        f"| {size} | {first:.2f} s | {second:.2f} s | {first / second:.2f} |",
+                        flush=True,
+                    )
     worst = max((first / second for _, first, second in latencies), default=0.0)
     print()
     print(f"first / second, worst: {worst:.2f}")
