@@ -5,6 +5,7 @@ every bad image a 422 naming ``image_url``, and the API's memory bounded while r
 
 from __future__ import annotations
 
+import base64
 import io
 import sqlite3
 import struct
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from PIL import Image
 
 from ovis_server.catalogue.z_image_edit import auto_size
+from ovis_server.client import Client
 
-from .helpers import REFUSED_URLS, Server, start_server, wait_for, wait_result
+from .helpers import REFUSED_URLS, Server, run_cli, start_server, wait_for, wait_result
 from .test_image_inputs import body, data_uri, png_bomb, serving
 
 MODEL_ID = "tongyi-mai/z-image/turbo"
@@ -135,6 +138,36 @@ def test_an_http_url_on_loopback_completes_with_the_opt_in(served: Server) -> No
     assert result["status"] == "succeeded", result
     image = Image.open(io.BytesIO(httpx.get(result["output"]["image"]).content))
     assert image.size == (512, 512)
+
+
+def test_the_sdk_sends_a_local_file_as_a_data_uri(served: Server, tmp_path: Path) -> None:
+    source = tmp_path / "photo.png"
+    source.write_bytes(noise_png(96, 64, seed=4))
+    with Client(served.base_url, None) as client:
+        result = client.run(
+            {"prompt": "autumn", "image_url": str(source), "num_inference_steps": 2, "seed": 2},
+            EDIT_ID,
+            timeout=300,
+        )
+    assert result.image_url is not None
+    image = Image.open(io.BytesIO(httpx.get(result.image_url).content))
+    assert image.size == auto_size(96, 64)
+    with Client(served.base_url, None) as client:  # a Path too
+        submitted = client.submit({"prompt": "x", "image_url": source}, EDIT_ID)
+        assert client.wait(submitted.request_id, timeout=300).status == "succeeded"
+
+
+def test_the_cli_runs_image_to_image_from_a_local_file(served: Server, tmp_path: Path) -> None:
+    source = tmp_path / "in.jpg"
+    Image.open(io.BytesIO(noise_png(80, 80, seed=5))).save(source, format="JPEG")
+    out = tmp_path / "out.png"
+    done = run_cli(
+        "run", "a watercolour", "-o", str(out), "--image", str(source), "--strength", "0.8",
+        "--steps", "2", "--model-id", EDIT_ID, "--url", served.base_url,
+    )  # fmt: skip
+    assert "saved" in done.stderr
+    with Image.open(out) as image:
+        assert image.size == auto_size(80, 80)
 
 
 def test_a_60_mb_image_is_refused_without_the_api_growing(served: Server) -> None:
@@ -260,3 +293,46 @@ def test_a_body_over_the_image_cap_is_a_413(api_only: Server) -> None:
             headers={"Content-Type": "application/json"},
         )  # fmt: skip
         assert small.status_code == 413
+
+
+# --- OpenAI's images.edit ---------------------------------------------------------------------
+
+
+def test_openai_edits_run_on_the_image_to_image_variant(served: Server) -> None:
+    with openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused") as sdk:
+        answer = sdk.images.edit(
+            model="z-image-turbo",  # the text-to-image alias: its image-to-image variant
+            image=("in.png", noise_png(64, 48, seed=6), "image/png"),
+            prompt="the same, in winter",
+            n=2,
+            size="256x192",
+            response_format="b64_json",
+            extra_body={"seed": 4, "num_inference_steps": 2, "strength": 0.7},
+        )
+        assert answer.data is not None
+        assert len(answer.data) == 2
+        for data in answer.data:
+            assert data.b64_json is not None
+            with Image.open(io.BytesIO(base64.b64decode(data.b64_json))) as image:
+                assert image.size == (256, 192)
+        assert answer.size == "256x192"
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk.images.edit(
+                model="z-image-turbo", image=("t.png", b"not an image", "image/png"), prompt="x"
+            )
+        assert "image_url" in str(caught.value.body)
+
+
+def test_openai_edits_on_a_model_without_an_image_input_is_a_400(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "tiny", "--no-auth", "--no-worker")  # Ovis-Image only
+    try:
+        with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused") as sdk:
+            with pytest.raises(openai.BadRequestError) as caught:
+                sdk.images.edit(
+                    model="ovis-image", image=("in.png", noise_png(32, 32), "image/png"),
+                    prompt="x",
+                )  # fmt: skip
+            assert "takes no input image" in str(caught.value.body)
+            assert caught.value.body["param"] == "model"  # type: ignore[index]
+    finally:
+        server.stop()

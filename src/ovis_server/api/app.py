@@ -204,6 +204,8 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
         for spec in models
         if spec.takes_images
     }
+    if image_bodies:
+        image_bodies["/v1/images/edits"] = settings.max_image_body_size
     app.add_middleware(BodySizeLimit, limit=settings.max_body_size, wider=image_bodies)
     if settings.allowed_hosts:
         app.add_middleware(AllowedHosts, allowed_hosts=settings.allowed_hosts)
