@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import sqlite3
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 from collections.abc import Iterator
@@ -336,3 +339,31 @@ def test_openai_edits_on_a_model_without_an_image_input_is_a_400(tmp_path: Path)
             assert caught.value.body["param"] == "model"  # type: ignore[index]
     finally:
         server.stop()
+
+
+# --- the README's examples, as written ---------------------------------------------------------
+
+
+def test_the_readme_examples_run_as_written(served: Server, tmp_path: Path) -> None:
+    from .test_dialects import readme_block
+
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "OVIS_SERVER_URL": served.base_url,
+        "OVIS_SERVER_TOKEN": "unused",  # the served fixture runs --no-auth
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
+    shell = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", readme_block("image-to-image", "bash")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    assert '"request_id"' in shell.stdout
+    assert '"b64_json"' in shell.stdout
+    subprocess.run(
+        [sys.executable, "-c", readme_block("image-to-image-python", "python")],
+        cwd=tmp_path, env=env, timeout=600, check=True,
+    )  # fmt: skip
+    for name in ("night.png", "night-python.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.size == auto_size(320, 240)
