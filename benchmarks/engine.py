@@ -113,7 +113,7 @@ def load_engine(args: argparse.Namespace, spec: ModelSpec, device: torch.device)
     settings = Settings(
         data_dir=Path(args.scratch.name),
         model=args.weights,
-        model_id=spec.model_id,
+        model_ids=(spec.model_id,),
         device=str(device),
         dtype=args.dtype,
         compile="off",

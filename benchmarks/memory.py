@@ -91,7 +91,7 @@ def run_one(
     settings = Settings(
         data_dir=args.data_dir,
         model=args.weights,
-        model_id=spec.model_id,
+        model_ids=(spec.model_id,),
         device=str(device),
         dtype=args.dtype,
         compile=args.compile,

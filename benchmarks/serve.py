@@ -257,7 +257,7 @@ def load_baseline(
     settings = Settings(
         data_dir=data_dir,
         model=args.model,
-        model_id=spec.model_id,
+        model_ids=(spec.model_id,),
         device=args.device,
         fp8=args.fp8,
         memory=worker.get("memory_profile") or "auto",

@@ -44,7 +44,12 @@ RUN_HERE = {
     "openai-install",
     "openai-sdk",
 }
-RUN_ELSEWHERE = {"runcomfy-dialect": "test_dialects.py", "openai-curl": "test_dialects.py"}
+RUN_ELSEWHERE = {
+    "runcomfy-dialect": "test_dialects.py",
+    "openai-curl": "test_dialects.py",
+    "image-to-image": "test_image_inputs_api.py",
+    "image-to-image-python": "test_image_inputs_api.py",
+}
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,21 @@ class Settings(BaseSettings):
     max_body_size: Annotated[int, Cli(SERVE, show_default="1MiB", metavar="SIZE")] = 1024 * 1024
     """Largest request body taken (1048576, 512KiB, 1MiB); larger ones get 413 unread (0: no
     limit)."""
+    # Input images (image_url): fetched or decoded once, by the API, at submit (inputs/).
+    allow_private_image_urls: Annotated[bool, Cli(SERVE)] = False
+    """Fetch image_url from loopback, private and link-local addresses too, and over plain http;
+    by default only https URLs of public addresses are fetched."""
+    max_input_image_size: Annotated[int, Cli(SERVE, show_default="50MB", metavar="SIZE")] = (
+        50 * 1000 * 1000
+    )
+    """Largest input image taken (fetched, or decoded from a data URI); larger ones are a 422."""
+    max_input_image_pixels: Annotated[int, Cli(SERVE)] = Field(40_000_000, ge=1)
+    """Most pixels an input image may have (width x height, read before decoding it)."""
+    max_image_body_size: Annotated[int, Cli(SERVE, show_default="16MiB", metavar="SIZE")] = (
+        16 * 1024 * 1024
+    )
+    """Largest request body of a submit to a model with an image input (data URIs are large);
+    other bodies keep --max-body-size."""
     max_streams_per_token: Annotated[int, Cli(SERVE)] = Field(20, ge=0)
     """Status streams and 'Prefer: wait' submits one token holds open at once before 429 (0: no
     limit)."""
@@ -290,7 +305,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is neither 'auto' nor a whole number from 1")
         return text
 
-    @field_validator("max_body_size", mode="before")
+    @field_validator("max_body_size", "max_input_image_size", "max_image_body_size", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value

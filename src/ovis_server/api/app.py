@@ -224,7 +224,7 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
     # A worker counts as alive while its last heartbeat is this recent.
     alive_within = 3 * settings.heartbeat_seconds + 5
     capacity = SizeCapacity(registry, alive_within)
-    app.state.submissions = Submissions(store, catalogue, settings, capacity)
+    app.state.submissions = Submissions(store, catalogue, settings, capacity, file_store)
     app.state.requests = OwnedRequests(store, bodies, deletions)
     app.state.hub = hub
     install_error_handlers(app)
@@ -232,7 +232,14 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
     app.add_middleware(SecurityHeadersMiddleware)
     # The last added runs first: the server-wide cap, then the Host, then the body.
     app.add_middleware(TokenSlots, per_token=settings.max_streams_per_token)
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_size)
+    image_bodies = {
+        f"/v1/models/{spec.model_id}": settings.max_image_body_size
+        for spec in models
+        if spec.takes_images
+    }
+    if image_bodies:
+        image_bodies["/v1/images/edits"] = settings.max_image_body_size
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_size, wider=image_bodies)
     if settings.allowed_hosts:
         app.add_middleware(AllowedHosts, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(ConnectionLimit, limit=settings.max_connections)

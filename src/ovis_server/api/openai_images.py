@@ -23,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ovis_server.api.auth import Caller, authenticate
@@ -279,18 +279,30 @@ def model_for(models: ModelRegistry, name: str) -> ModelSpec:
     return spec
 
 
-async def generate(request: Request, token_id: str, body: ImageGenerationRequest) -> ImagesResponse:
+async def generate(
+    request: Request,
+    token_id: str,
+    body: ImageGenerationRequest,
+    edit: tuple[ModelSpec, dict[str, Any]] | None = None,
+) -> ImagesResponse:
+    """The images of ``body``; with ``edit``, of that image model with those fields added
+    to every job (the input image)."""
     taker, bodies, base = submissions(request), owned_requests(request).bodies, base_url(request)
     hub: StatusHub = request.app.state.hub
-    spec = model_for(taker.catalogue.models, body.model)
+    spec = model_for(taker.catalogue.models, body.model) if edit is None else edit[0]
     store = taker.store
     if body.stream:
         raise OpenAIError(
             400, "streaming is not supported: leave stream out", param="stream", code=None
         )
+    inputs = job_inputs(body)
+    if edit is not None:
+        inputs = [
+            {**one, **edit[1], **({} if body.size else {"image_size": "auto"})} for one in inputs
+        ]
     request_ids: list[str] = []
     try:
-        for job_input in job_inputs(body):
+        for job_input in inputs:
             submitted = await run_in_threadpool(
                 taker.submit,
                 token_id=token_id,
@@ -339,8 +351,8 @@ async def generate(request: Request, token_id: str, body: ImageGenerationRequest
         ImageData(seed=job.seed, **await run_in_threadpool(_image, bodies, job, body, base))
         for job in jobs
     ]
-    size = requested_size(body.size)
-    width, height = (1024, 1024) if isinstance(size, str) else (size["width"], size["height"])
+    made = jobs[0].outputs[0]  # the size made ("auto" of an edit: the input's ratio)
+    width, height = made.width, made.height
     return ImagesResponse(
         created=int(time.time()),
         data=data,
@@ -425,11 +437,105 @@ def _unsupported(operation: str) -> OpenAIError:
     )
 
 
-# Not operations this server offers: left out of the OpenAPI document.
-@router.post("/edits", include_in_schema=False)
-async def edit_images(_caller: Annotated[Caller, Depends(authenticate)]) -> Response:
-    """Not supported: answers 400."""
-    raise _unsupported("edits")
+EDIT_FORM_FIELDS = frozenset(
+    {
+        "image", "prompt", "model", "n", "size", "response_format", "output_format", "seed",
+        "num_inference_steps", "strength", "quality", "user", "background", "moderation",
+        "output_compression", "input_fidelity", "stream",
+    }
+)  # fmt: skip
+
+
+def edit_model(models: ModelRegistry, name: str | None) -> ModelSpec:
+    """The image model an edit runs on: ``name`` (or its image-to-image variant), else the
+    first served model with an image input; a 400 naming ``model`` if there is none."""
+    if name is None:
+        spec = next((spec for spec in models if spec.takes_images), None)
+        if spec is None:
+            raise OpenAIError(
+                400,
+                "image edits are not supported here: no model of this server takes an input "
+                "image; use POST /v1/images/generations",
+                param="model",
+                code="unsupported_operation",
+            )
+        return spec
+    spec = model_for(models, name)
+    if spec.takes_images:
+        return spec
+    variant = next(
+        (one for one in models if one.variant_of == spec.model_id and one.takes_images), None
+    )
+    if variant is None:
+        raise OpenAIError(
+            400,
+            f"the model {spec.model_id} takes no input image, so it cannot edit one; models "
+            "with one: " + (", ".join(m.model_id for m in models if m.takes_images) or "none"),
+            param="model",
+            code="unsupported_operation",
+        )
+    return variant
+
+
+def _form_number(form: Mapping[str, Any], name: str, kind: type[int] | type[float]) -> Any:
+    value = form.get(name)
+    if value is None:
+        return None
+    try:
+        return kind(str(value))
+    except ValueError:
+        raise OpenAIError(
+            400, f"{name}: {str(value)[:30]!r} is not a number", param=name, code="invalid_value"
+        ) from None
+
+
+@router.post("/edits", responses=_ERRORS, response_model_exclude_none=True)
+async def edit_images(
+    request: Request, caller: Annotated[Caller, Depends(authenticate)]
+) -> ImagesResponse:
+    """OpenAI's ``images.edit``: a multipart form with ``image`` (a file), ``prompt``,
+    ``n``, ``size``, ``response_format`` (and ``model``, ``strength``, ``seed``,
+    ``num_inference_steps``), run on a model with an image input (an image-to-image
+    variant); answers once the images are done."""
+    taker = submissions(request)
+    form = await request.form(max_files=1, max_fields=len(EDIT_FORM_FIELDS))
+    try:
+        unknown = sorted(set(form.keys()) - EDIT_FORM_FIELDS)
+        if unknown:
+            raise OpenAIError(
+                400, f"unknown parameter {unknown[0][:50]!r}", param=unknown[0][:50], code=None
+            )
+        model = form.get("model")
+        spec = edit_model(taker.catalogue.models, None if model is None else str(model))
+        image = form.get("image")
+        if image is None or isinstance(image, str):
+            raise OpenAIError(400, "image: send the image as a file", param="image", code=None)
+        data = await image.read()
+        kind = image.content_type if (image.content_type or "").startswith("image/") else None
+        uri = f"data:{kind or 'image/png'};base64," + base64.b64encode(data).decode("ascii")
+        del data
+        fields = {
+            "prompt": form.get("prompt"),
+            "model": spec.model_id,
+            "n": _form_number(form, "n", int),
+            "size": form.get("size"),
+            "response_format": form.get("response_format"),
+            "output_format": form.get("output_format"),
+            "seed": _form_number(form, "seed", int),
+            "num_inference_steps": _form_number(form, "num_inference_steps", int),
+        }
+        body = ImageGenerationRequest.model_validate(
+            {name: value for name, value in fields.items() if value is not None}
+        )
+        extra: dict[str, Any] = {"image_url": uri}
+        strength = _form_number(form, "strength", float)
+        if strength is not None:
+            extra["strength"] = strength
+    except ValidationError as exc:
+        raise from_validation_error(RequestValidationError(exc.errors())) from None
+    finally:
+        await form.close()
+    return await generate(request, caller.token_id, body, edit=(spec, extra))
 
 
 @router.post("/variations", include_in_schema=False)

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from ovis_server.api.auth import Caller, authenticate
 from ovis_server.api.bodies import wire_json
 from ovis_server.api.catalogue_pages import CataloguePages
-from ovis_server.api.limits import hold_slot
+from ovis_server.api.limits import hold_slot, read_body
 from ovis_server.api.owned_requests import OwnedRequests
 from ovis_server.api.protocol import (
     CancelResponse,
@@ -150,7 +150,7 @@ async def submit(
         hold_slot(request, caller.token_id)
     # The body is read here rather than declared, so that an unknown model answers 404
     # before its body is judged against a schema it does not have.
-    body = await request.body()
+    body = await read_body(request)
     submitted = await run_in_threadpool(
         submissions(request).submit,
         token_id=caller.token_id,

@@ -3,11 +3,13 @@ idempotency key and the submit limits, then the job in the queue."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import math
 import re
+import threading
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -20,8 +22,12 @@ from ovis_server.api.catalogue_pages import CataloguePages
 from ovis_server.api.errors import INVALID_INPUT, ApiError, too_many, validation_failed
 from ovis_server.api.limits import check_json_depth
 from ovis_server.api.protocol import SubmitResponse
+from ovis_server.catalogue.spec import ModelInput, ModelSpec
+from ovis_server.catalogue.z_image_edit import input_image_key
 from ovis_server.config import Settings
-from ovis_server.jobs.job import NewJob
+from ovis_server.inputs.fetch import FetchPolicy, Resolver
+from ovis_server.inputs.images import ImageInputError, ImagePolicy, load_input_image
+from ovis_server.jobs.job import Job, NewJob
 from ovis_server.jobs.store import (
     IdempotencyConflictError,
     JobStore,
@@ -29,6 +35,7 @@ from ovis_server.jobs.store import (
     SubmitLimits,
     utcnow,
 )
+from ovis_server.storage.base import FileStore
 from ovis_server.units import parse_duration
 from ovis_server.webhooks.params import (
     WEBHOOK_FIELDS,
@@ -61,6 +68,20 @@ def parse_cancel_after(value: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+# Bodies above this are judged one at a time (Submissions.submit).
+LARGE_BODY_BYTES = 1024 * 1024
+
+
+def url_digest(url: str) -> str:
+    """A short stand-in for an image URL in what is hashed: its SHA-256, taken a piece at a
+    time (no copy of a 16 MiB data URI)."""
+    digest = hashlib.sha256()
+    step = 1 << 20
+    for start in range(0, len(url), step):
+        digest.update(url[start : start + step].encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
 class Submissions:
     def __init__(
         self,
@@ -68,21 +89,45 @@ class Submissions:
         catalogue: CataloguePages,
         settings: Settings,
         capacity: SizeCapacity | None = None,
+        files: FileStore | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.store = store
         self.catalogue = catalogue
         self.settings = settings
         self.capacity = capacity  # a size no worker fits gets a 422 (capacity.py)
+        self.files = files  # where input images are stored (models with an image input)
+        self.resolver = resolver  # how fetches resolve names (a test seam; default: DNS)
+        self._large_bodies = threading.Lock()
 
     def submit(
         self,
         token_id: str,
         model_id: str,
-        body: bytes,
+        body: bytes | bytearray,
         base_url: str,
         idempotency_key: str | None = None,
         webhook: Webhook | None = None,
         cancel_after: str | None = None,
+    ) -> SubmitResponse:
+        arguments = (token_id, model_id, body, base_url, idempotency_key, webhook, cancel_after)
+        if len(body) <= LARGE_BODY_BYTES:
+            return self._submit(*arguments)
+        # A large body is a data URI: its parsed text and decoded bytes are several times
+        # its size, so large bodies are judged one at a time (memory: the bodies read, plus
+        # one being judged).
+        with self._large_bodies:
+            return self._submit(*arguments)
+
+    def _submit(
+        self,
+        token_id: str,
+        model_id: str,
+        body: bytes | bytearray,
+        base_url: str,
+        idempotency_key: str | None,
+        webhook: Webhook | None,
+        cancel_after: str | None,
     ) -> SubmitResponse:
         spec = self.catalogue.spec(model_id)
         lifetime = None if cancel_after is None else parse_cancel_after(cancel_after)
@@ -106,9 +151,13 @@ class Submissions:
             validated = spec.input_model.model_validate_json(body or b"{}")
         except ValidationError as exc:
             raise validation_failed(exc.errors(include_url=False)) from None
-        canonical = validated.model_dump_json()
         seed = validated.resolved_seed()
-        generation = validated.to_generation_request(seed)
+        image_urls = validated.image_urls()
+        # What is asked, for Idempotency-Key: an image by its digest (a data URI may be
+        # 16 MiB; the job row keeps a reference).
+        canonical = validated.model_copy(
+            update={name: url_digest(url) for name, url in image_urls.items()}
+        ).model_dump_json()
         asked = f"{spec.model_id}\n{canonical}"
         if webhook.url is not None:
             # Part of what is asked: a retry that changes the webhook is a new request.
@@ -125,24 +174,23 @@ class Submissions:
                 twin = self.store.idempotent_twin(token_id, idempotency_key, request_hash)
                 if twin is not None:
                     return SubmitResponse(request_id=twin.id, **request_urls(base_url, twin.id))
-            if self.capacity is not None:
-                self.capacity.check(spec.model_id, generation.width, generation.height)
-            new_job = NewJob(
-                id=str(uuid.uuid4()),
-                token_id=token_id,
-                model_id=spec.model_id,
-                input=json.loads(canonical),
-                seed=seed,
-                progress_total=generation.num_inference_steps,
-                batch_key=spec.batch_key(generation),
-                idempotency_key=idempotency_key,
-                request_hash=request_hash,
-                webhook_url=webhook.url,
-                webhook_intermediate=bool(webhook.intermediate),
-                base_url=base_url,
-                deadline=None if lifetime is None else utcnow() + lifetime,
-            )
-            job = self.store.submit(new_job, self._limits())
+            request_id = str(uuid.uuid4())
+            stored_image = False
+            if image_urls:
+                # Fetched or decoded once, here; the job row keeps a short reference.
+                validated = self._store_input_image(request_id, validated)
+                image_urls.clear()  # the data URI's text goes with the input as sent
+                stored_image = True
+                canonical = validated.model_dump_json()
+            try:
+                job = self._queue(
+                    spec, validated, canonical, seed, request_id, token_id, idempotency_key,
+                    request_hash, webhook, base_url, lifetime,
+                )  # fmt: skip
+            except BaseException:
+                if stored_image and self.files is not None:
+                    self.files.delete_request(request_id)  # no job: no input to keep
+                raise
         except LimitExceededError as exc:
             raise self._refusal(exc) from None
         except IdempotencyConflictError as exc:
@@ -153,6 +201,64 @@ class Submissions:
                 "a different body; use a new key for a new request",
             ) from None
         return SubmitResponse(request_id=job.id, **request_urls(base_url, job.id))
+
+    def _queue(
+        self,
+        spec: ModelSpec,
+        validated: ModelInput,
+        canonical: str,
+        seed: int,
+        request_id: str,
+        token_id: str,
+        idempotency_key: str | None,
+        request_hash: str,
+        webhook: Webhook,
+        base_url: str,
+        lifetime: timedelta | None,
+    ) -> Job:
+        """The job in the queue (its size checked against the workers first)."""
+        generation = validated.to_generation_request(seed)
+        if self.capacity is not None:
+            self.capacity.check(spec.model_id, generation.width, generation.height)
+        new_job = NewJob(
+            id=request_id,
+            token_id=token_id,
+            model_id=spec.model_id,
+            input=json.loads(canonical),
+            seed=seed,
+            progress_total=generation.steps_run,
+            batch_key=spec.batch_key(generation),
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            webhook_url=webhook.url,
+            webhook_intermediate=bool(webhook.intermediate),
+            base_url=base_url,
+            deadline=None if lifetime is None else utcnow() + lifetime,
+        )
+        return self.store.submit(new_job, self._limits())
+
+    def _store_input_image(self, request_id: str, validated: ModelInput) -> ModelInput:
+        """Fetch or decode the input image, check it and store it as the job's input; the
+        input with a reference to it. A bad image is a 422 naming the field and why."""
+        ((field, url),) = validated.image_urls().items()
+        if self.files is None:
+            raise ApiError(422, INVALID_INPUT, f"{field}: this server stores no input images")
+        settings = self.settings
+        policy = ImagePolicy(
+            FetchPolicy(
+                max_bytes=settings.max_input_image_size,
+                allow_private=settings.allow_private_image_urls,
+                allow_http=settings.allow_private_image_urls,
+            ),
+            max_pixels=settings.max_input_image_pixels,
+        )
+        try:
+            # A threadpool thread (routes.py): its own event loop for the async fetch.
+            image = asyncio.run(load_input_image(url, policy, self.resolver))
+        except ImageInputError as exc:
+            raise ApiError(422, INVALID_INPUT, f"{field}: {exc}") from None
+        self.files.put(input_image_key(request_id), image.png, "image/png")
+        return validated.with_input_image(image.width, image.height)
 
     def _limits(self) -> SubmitLimits:
         settings = self.settings

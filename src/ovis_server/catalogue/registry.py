@@ -17,11 +17,14 @@ from typing import TYPE_CHECKING
 from ovis_server.catalogue.ovis_image import OVIS_IMAGE
 from ovis_server.catalogue.spec import ModelSpec
 from ovis_server.catalogue.z_image import Z_IMAGE_TURBO
+from ovis_server.catalogue.z_image_edit import Z_IMAGE_EDIT
 
 if TYPE_CHECKING:
     from ovis_server.config import Settings
 
 BUILT_IN: tuple[ModelSpec, ...] = (OVIS_IMAGE, Z_IMAGE_TURBO)
+# Variants of built-in models (ModelSpec.variant_of): served whenever their model is.
+VARIANTS: tuple[ModelSpec, ...] = (Z_IMAGE_EDIT,)
 DEFAULT_MODEL_ID = OVIS_IMAGE.model_id
 # Path segments of letters, digits, '.', '_' and '-' (a model id is part of the submit URL);
 # at most the 200 characters the jobs table keeps.
@@ -38,7 +41,7 @@ class UnknownModelError(ValueError):
 def parse_extra_models(items: Sequence[str]) -> list[tuple[str, str]]:
     """``--extra-models``: (model id, weights) of each ``ID=WEIGHTS``; ValueError naming
     what is wrong (a malformed or taken id, no weights)."""
-    taken = {name for spec in BUILT_IN for name in (spec.model_id, *spec.aliases)}
+    taken = {name for spec in (*BUILT_IN, *VARIANTS) for name in (spec.model_id, *spec.aliases)}
     pairs = []
     for item in items:
         model_id, equals, weights = (part.strip() for part in item.partition("="))
@@ -99,6 +102,9 @@ class ModelRegistry:
                     f"{', '.join(known.ids())} (add one with --extra-models ID=WEIGHTS)"
                 )
             served.setdefault(spec.model_id, spec)
+        for variant in VARIANTS:
+            if variant.variant_of in served:
+                served.setdefault(variant.model_id, variant)
         return cls(
             replace(spec, base_price_usd=settings.base_price_usd) for spec in served.values()
         )

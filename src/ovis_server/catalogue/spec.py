@@ -6,7 +6,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel
 
@@ -72,6 +72,9 @@ class ModelInput(BaseModel):
     """A model's input schema: the wire fields clients send, and what the server needs of
     them (the seed to report, the request the engine runs)."""
 
+    # The fields that name an input image (an https URL or a data URI).
+    IMAGE_FIELDS: ClassVar[tuple[str, ...]] = ()
+
     @abstractmethod
     def resolved_seed(self) -> int:
         """The seed asked for, or a random one to use and report back."""
@@ -79,6 +82,20 @@ class ModelInput(BaseModel):
     @abstractmethod
     def to_generation_request(self, seed: int) -> GenerationRequest:
         """The engine's view of this input, with the seed resolved."""
+
+    def image_urls(self) -> dict[str, str]:
+        """The fields that name an input image still to fetch, and their values (none for
+        a model without image inputs)."""
+        return {}
+
+    def with_input_image(self, width: int, height: int) -> Self:
+        """This input once its image (``width`` x ``height``) is stored."""
+        return self
+
+    def reads_input_image(self) -> bool:
+        """Whether the job runs on an input image that the API stored (the worker reads
+        it from the file store)."""
+        return False
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,14 @@ class ModelSpec:
     # The model family the engine runs it as (engine/families/: "ovis-image", "z-image"):
     # what --model tiny and random-full build for it.
     family: str = "ovis-image"
+    # A variant of another model (its "/image-to-image", "/lora"): served with it, from its
+    # weights, by its workers; None for a model of its own.
+    variant_of: str | None = None
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether its input has image fields (bodies may be larger: data URIs)."""
+        return bool(self.input_model.IMAGE_FIELDS)
 
     def input_schema(self) -> dict[str, Any]:
         return self.input_model.model_json_schema()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -112,6 +112,9 @@ class TextToImageInput(ModelInput):
     """The checks and helpers of the shared fields; a subclass declares the fields
     (``prompt``, ``image_size``, ``seed``, ``aspect_ratio``...) it has."""
 
+    # Whether image_size may be "auto" (sized from an input image: z_image_edit.py).
+    AUTO_IMAGE_SIZE: ClassVar[bool] = False
+
     if TYPE_CHECKING:
         image_size: ImageSizePreset | ImageDimensions
         seed: int | None
@@ -130,6 +133,8 @@ class TextToImageInput(ModelInput):
         cls, value: object, handler: ValidatorFunctionWrapHandler
     ) -> ImageSizePreset | ImageDimensions:
         # One readable error per case instead of pydantic's error-per-union-member.
+        if value == "auto" and cls.AUTO_IMAGE_SIZE:
+            return handler(value)  # type: ignore[no-any-return]
         if isinstance(value, str):
             if value not in IMAGE_SIZE_PRESETS:
                 raise PydanticCustomError(

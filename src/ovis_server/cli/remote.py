@@ -68,6 +68,13 @@ def _client_errors(func: Any) -> Any:
 @click.option("--num-inference-steps", "--steps", type=int, default=None)
 @click.option("--guidance-scale", type=float, default=None)
 @click.option("--seed", type=int, default=None)
+@click.option(
+    "--image",
+    default=None,
+    help="The input image of an image-to-image model: a local file (sent as a data URI) or "
+    "an https URL.",
+)
+@click.option("--strength", type=float, default=None, help="Image to image: 0 to 1.")
 @click.option("--model-id", default=DEFAULT_MODEL_ID, show_default=True)
 @client_options
 @_client_errors
@@ -79,6 +86,8 @@ def run_remote(
     num_inference_steps: int | None,
     guidance_scale: float | None,
     seed: int | None,
+    image: str | None,
+    strength: float | None,
     output_format: str | None,
     model_id: str,
     url: str,
@@ -96,6 +105,8 @@ def run_remote(
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "seed": seed,
+        "image_url": image,  # a local file goes as a data URI (the SDK's submit)
+        "strength": strength,
         "output_format": output_format or SUFFIX_FORMATS.get(output.suffix.lower()),
     }
     payload.update({key: value for key, value in optional.items() if value is not None})

@@ -3,10 +3,14 @@ its answer's body becomes."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import mimetypes
+import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -93,11 +97,34 @@ class Call(Generic[T]):
         return self.read(parse(outcome))
 
 
+# Fields that name an input image: a local file given there is sent as a data URI.
+IMAGE_FIELDS = ("image_url",)
+_REMOTE = ("https://", "http://", "data:")
+
+
+def image_field(value: object) -> object:
+    """A local file (a ``Path``, or a string naming an existing file that is not a URL) as
+    a ``data:`` URI of its bytes (the server judges the content); anything else as it is."""
+    if isinstance(value, str) and value[:8].lower().startswith(_REMOTE):
+        return value
+    if not isinstance(value, str | os.PathLike):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        return value
+    kind = mimetypes.guess_type(path.name)[0] or "image/png"
+    if not kind.startswith("image/"):
+        kind = "image/png"
+    return f"data:{kind};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def submit(input: Mapping[str, Any], model_id: str) -> Call[Submission]:
-    """A fresh Idempotency-Key makes the submit's retries safe: the server queues one job."""
+    """A fresh Idempotency-Key makes the submit's retries safe: the server queues one job.
+    An image field naming a local file sends the file (a data URI)."""
     headers = {"Idempotency-Key": uuid.uuid4().hex}
     path = f"/v1/models/{model_id}"
-    return Call("POST", path, Submission.model_validate, headers, json=dict(input))
+    body = {key: image_field(v) if key in IMAGE_FIELDS else v for key, v in input.items()}
+    return Call("POST", path, Submission.model_validate, headers, json=body)
 
 
 def status(request_id: str) -> Call[Status]:

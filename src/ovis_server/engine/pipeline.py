@@ -326,7 +326,7 @@ class Engine:
             raise IncompatibleBatchError("a batch needs one size, step count and guidance")
         pipe = self.pipeline
         first = requests[0]
-        steps = first.num_inference_steps
+        steps = first.steps_run  # image to image runs strength's share of the schedule
         run = self.family.start(pipe, requests, self.prompts.get, self.device, light=light)
 
         active = list(range(len(requests)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Ovis-Image turns an 8x downsampled latent into 2x2 patches.
 PIXELS_PER_PATCH = 16
@@ -19,6 +19,10 @@ class GenerationRequest:
     num_inference_steps: int
     guidance_scale: float
     seed: int
+    # Image to image: how much of the input image is noised away (1.0: text to image).
+    strength: float = 1.0
+    # The input image as PNG bytes (image to image), read from the file store by the worker.
+    init_image: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.width % PIXELS_PER_PATCH or self.height % PIXELS_PER_PATCH:
@@ -32,8 +36,26 @@ class GenerationRequest:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must be between 0 and 1, got {self.strength}")
+
+    @property
+    def steps_run(self) -> int:
+        """The denoising steps actually run: all of them, or strength's share (image to
+        image skips the schedule's first steps)."""
+        if self.strength >= 1.0:
+            return self.num_inference_steps
+        return steps_to_run(self.num_inference_steps, self.strength)
 
     def batch_shape(self) -> str:
         """What requests that share one batched call have in common: size, steps and
         guidance (a job's batch key is its model and this)."""
-        return f"{self.width}x{self.height}:{self.num_inference_steps}:{self.guidance_scale!r}"
+        shape = f"{self.width}x{self.height}:{self.num_inference_steps}:{self.guidance_scale!r}"
+        return shape if self.strength >= 1.0 else f"{shape}:strength={self.strength!r}"
+
+
+def steps_to_run(steps: int, strength: float) -> int:
+    """How many of ``steps`` an image-to-image run at ``strength`` denoises, as diffusers'
+    ``ZImageImg2ImgPipeline.get_timesteps`` counts them."""
+    start = int(max(steps - min(steps * strength, steps), 0))
+    return steps - start

@@ -215,6 +215,9 @@ class Placement:
         self.clock = clock
         self.host_bytes = host_bytes
         self.models: dict[str, Placed] = {}
+        # Variants of served models (their "/image-to-image"...): id -> spec, run by the
+        # engine of the model they are a variant of.
+        self.variants: dict[str, ModelSpec] = {}
         self.capacity = 1
         self.swaps = SwapStats()
         self._lock = threading.Lock()
@@ -349,19 +352,40 @@ class Placement:
 
     # --- the worker's questions ------------------------------------------------------------
 
+    def add_variant(self, spec: ModelSpec) -> None:
+        """A variant of a model added before: its jobs run on that model's engine."""
+        if spec.variant_of not in self.models:
+            raise ValueError(f"{spec.model_id} is a variant of a model this worker lacks")
+        self.variants[spec.model_id] = spec
+
+    def spec_of(self, model_id: str) -> ModelSpec | None:
+        """The spec of a served model or variant (its input schema), or None."""
+        variant = self.variants.get(model_id)
+        if variant is not None:
+            return variant
+        placed = self.models.get(model_id)
+        return None if placed is None else placed.spec
+
+    def _base(self, model_id: str) -> str:
+        variant = self.variants.get(model_id)
+        return model_id if variant is None or variant.variant_of is None else variant.variant_of
+
     def claimable(self) -> list[str]:
-        """The models whose jobs the worker may claim now: the resident ones."""
-        return [mid for mid, model in self.models.items() if model.where == "device"]
+        """The models whose jobs the worker may claim now: the resident ones, and their
+        variants."""
+        resident = [mid for mid, model in self.models.items() if model.where == "device"]
+        return [*resident, *(mid for mid in self.variants if self._base(mid) in resident)]
 
     def waiting_models(self) -> list[str]:
         """Served models that are not on the device."""
         return [mid for mid, model in self.models.items() if model.where != "device"]
 
     def get(self, model_id: str) -> Placed | None:
-        return self.models.get(model_id)
+        """The placed model that runs ``model_id``'s jobs (a variant's: its model)."""
+        return self.models.get(self._base(model_id))
 
     def engine_of(self, model_id: str) -> Engine:
-        model = self.models[model_id]
+        model = self.models[self._base(model_id)]
         if model.engine is None or model.where != "device":
             raise RuntimeError(f"{model_id} is not on the device")
         return model.engine

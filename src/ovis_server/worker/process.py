@@ -116,7 +116,10 @@ def run_worker(
     from ovis_server.worker.hooks import load_step_hook
 
     started = time.perf_counter()
-    specs = list(models or ModelRegistry.from_settings(settings))
+    served_specs = list(models or ModelRegistry.from_settings(settings))
+    # Variants (image-to-image...) run on their model's engine: loaded once, for the model.
+    specs = [spec for spec in served_specs if spec.variant_of is None]
+    variants = [spec for spec in served_specs if spec.variant_of is not None]
 
     stop = threading.Event()
 
@@ -141,7 +144,7 @@ def run_worker(
     registry = WorkerRegistry(db)
     worker_id = new_worker_id()
     device = device_label or settings.device
-    served = ",".join(spec.model_id for spec in specs)
+    served = ",".join(spec.model_id for spec in served_specs)
     registry.register(worker_id, socket.gethostname(), os.getpid(), served, device)
     report = StateReport(registry, worker_id)
     report.phase("loading")
@@ -189,6 +192,9 @@ def run_worker(
                 batch = min(batch, warmed.batch_limit or batch)
                 warmup_seconds = round((warmup_seconds or 0.0) + warmed.seconds, 1)
             placement.add(spec, engine, batch)
+        for variant in variants:
+            if variant.variant_of in placement.models:
+                placement.add_variant(variant)
         placement.settle()
         first = placement.models[specs[0].model_id]
         engine = placement.engine_of(first.spec.model_id)  # settle keeps the first resident

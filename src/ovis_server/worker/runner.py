@@ -43,6 +43,7 @@ from ovis_server.worker.failures import (
 )
 from ovis_server.worker.finisher import Finisher, LeaseKeeper, Outcome, Stop
 from ovis_server.worker.hooks import StepHook, store_hook
+from ovis_server.worker.inputs import with_stored_inputs
 from ovis_server.worker.progress import ProgressWriter
 from ovis_server.worker.recording import MAX_RECORD_DELAY_SECONDS, JobRecorder
 
@@ -230,14 +231,15 @@ class Worker(JobRecorder):
         return cap
 
     def generation_request(self, job: Job) -> GenerationRequest:
-        placed = self.placement.get(job.model_id)
-        if placed is None:
+        spec = self.placement.spec_of(job.model_id)
+        if spec is None:
             raise InvalidJobError(f"this worker does not serve model {job.model_id!r}")
         try:
-            validated = placed.spec.input_model.model_validate(job.input)
-        except ValidationError as exc:
+            validated = spec.input_model.model_validate(job.input)
+            request = validated.to_generation_request(job.seed)
+        except (ValidationError, ValueError) as exc:
             raise InvalidJobError(f"stored input no longer validates: {exc}") from exc
-        return validated.to_generation_request(job.seed)
+        return with_stored_inputs(request, validated, job.id, self.files)
 
     def run_jobs(self, jobs: Sequence[Job], stop: threading.Event) -> None:
         """Run claimed jobs to their final state (or back to the queue on shutdown), on
@@ -356,7 +358,7 @@ class Worker(JobRecorder):
                     job,
                     started,
                     batch_size=len(batch),
-                    steps=request.num_inference_steps,
+                    steps=request.steps_run,
                     pixels=pixels[index],
                     stop=why.get(index),
                 )

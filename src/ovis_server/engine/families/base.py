@@ -122,6 +122,10 @@ class ModelFamily(ABC):
         """The plain pipeline call: the baseline the engine must match."""
         # The request's fields other than the seed are the pipeline's argument names.
         arguments = asdict(request)
+        if request.init_image is not None or request.strength < 1.0:
+            raise ValueError(f"{self.title} does not take an input image")
+        for name in ("init_image", "strength"):
+            arguments.pop(name)
         generator = torch.Generator(device="cpu").manual_seed(arguments.pop("seed"))
         output = pipeline(**arguments, generator=generator)
         image: Image.Image = output.images[0]

@@ -15,10 +15,13 @@ through one forward, as the stock pipeline also does.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
+from PIL import Image
 
 from ovis_server.engine.families.base import (
     Denoising,
@@ -86,6 +89,27 @@ def assemble(transformer: Any, text_encoder: Any, vae: Any, tokenizer: Any) -> A
     )
 
 
+def edit_pipeline(pipeline: Any) -> Any:
+    """diffusers' ZImageImg2ImgPipeline on ``pipeline``'s own modules (no copy)."""
+    from diffusers import ZImageImg2ImgPipeline
+
+    edit = ZImageImg2ImgPipeline(**pipeline.components)
+    edit.set_progress_bar_config(disable=True)
+    return edit
+
+
+def init_pixels(pipeline: Any, request: GenerationRequest) -> torch.Tensor:
+    """The request's input image as the VAE takes it: resized to the request's size (as
+    the image processor does) and scaled to [-1, 1], in float32 (the stock call's)."""
+    assert request.init_image is not None
+    with Image.open(io.BytesIO(request.init_image)) as image:
+        rgb = image.convert("RGB")
+    pixels: torch.Tensor = pipeline.image_processor.preprocess(
+        rgb, height=request.height, width=request.width
+    )
+    return pixels.to(dtype=torch.float32)
+
+
 class ZImageDenoising(Denoising):
     """A batch of Z-Image requests between steps: float32 latents, caption features per
     row (of each prompt's own length), and the negative prompts' with guidance."""
@@ -114,16 +138,22 @@ class ZImageDenoising(Denoising):
             else None
         )
         generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
-        self.latents: torch.Tensor = pipe.prepare_latents(
-            len(requests),
-            pipe.transformer.in_channels,
-            first.height,
-            first.width,
-            torch.float32,
-            device,
-            generators,
-        )
-        image_seq_len = (self.latents.shape[2] // 2) * (self.latents.shape[3] // 2)
+        edit = first.init_image is not None
+        if edit and any(request.init_image is None for request in requests):
+            raise ValueError("a batch is all image-to-image or all text-to-image")
+        if not edit:
+            self.latents: torch.Tensor = pipe.prepare_latents(
+                len(requests),
+                pipe.transformer.in_channels,
+                first.height,
+                first.width,
+                torch.float32,
+                device,
+                generators,
+            )
+        # The stock pipelines' latent sizes (both make them so): 2 x (side // 16).
+        latent_side = pipe.vae_scale_factor * 2
+        image_seq_len = (first.height // latent_side) * (first.width // latent_side)
         mu = calculate_shift(
             image_seq_len,
             pipe.scheduler.config.get("base_image_seq_len", 256),
@@ -133,7 +163,34 @@ class ZImageDenoising(Denoising):
         )
         sigmas = get_default_z_image_sigmas(steps)
         self.timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)
-        pipe.scheduler.set_begin_index(0)
+        if not edit:
+            pipe.scheduler.set_begin_index(0)
+            return
+        # Image to image, as ZImageImg2ImgPipeline: skip the schedule's first steps, encode
+        # each input with the VAE (a sample drawn with its own generator) and noise it to
+        # the first step kept.
+        img2img = edit_pipeline(pipe)
+        self.timesteps, run = img2img.get_timesteps(steps, first.strength, device)
+        if run != first.steps_run:
+            raise ValueError(f"{run} steps to run, {first.steps_run} counted at submit")
+        dtype = self.embeds[0].dtype  # the stock call's: its prompt features'
+        rows = []
+        for request, generator in zip(requests, generators, strict=True):
+            image = init_pixels(pipe, request)
+            rows.append(
+                img2img.prepare_latents(
+                    image,
+                    self.timesteps[:1],
+                    1,
+                    pipe.transformer.in_channels,
+                    request.height,
+                    request.width,
+                    dtype,
+                    device,
+                    generator,
+                )
+            )
+        self.latents = torch.cat(rows)
 
     def step(self, index: int) -> None:
         pipe = self.pipeline
@@ -278,6 +335,20 @@ class ZImageFamily(ModelFamily):
         light: bool,
     ) -> Denoising:
         return ZImageDenoising(pipeline, requests, prompts, device)
+
+    def stock(self, pipeline: Any, request: GenerationRequest) -> Image.Image:
+        """ZImagePipeline's call, or ZImageImg2ImgPipeline's for a request with an image."""
+        if request.init_image is None:
+            return super().stock(pipeline, request)
+        arguments = asdict(request)
+        for name in ("init_image", "seed", "negative_prompt"):
+            arguments.pop(name)
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        with Image.open(io.BytesIO(request.init_image)) as image:
+            rgb = image.convert("RGB")
+        output = edit_pipeline(pipeline)(**arguments, image=rgb, generator=generator)
+        result: Image.Image = output.images[0]
+        return result
 
 
 FAMILY = ZImageFamily()
