@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -48,14 +49,21 @@ def test_data_dir_from_the_environment(tmp_path: Path) -> None:
     assert (tmp_path / "ovis-server.db").is_file()
 
 
+def printed_tokens(log: str) -> list[str]:
+    """The tokens a start printed, in the export line the README's examples read."""
+    return re.findall(r"^\s*export OVIS_SERVER_TOKEN=(ovis_\S+)$", log, flags=re.M)
+
+
 def test_first_start_creates_a_token_and_prints_it_once(tmp_path: Path, tiny_weights: Path) -> None:
     first = start_server(tmp_path, tiny_weights, "--no-worker")
     first.stop()
-    printed = [line for line in first.log().splitlines() if line.startswith("ovis_")]
+    printed = printed_tokens(first.log())
     assert len(printed) == 1
+    assert "ovis_" not in first.log().replace(printed[0], "")  # nowhere else
     second = start_server(tmp_path, tiny_weights, "--no-worker")
     try:
-        assert not [line for line in second.log().splitlines() if line.startswith("ovis_")]
+        assert not printed_tokens(second.log())
+        assert "ovis_" not in second.log()
         with second.client(printed[0]) as client:
             assert client.get("/v1/models").status_code == 200
     finally:
@@ -67,7 +75,7 @@ def test_no_auth_serves_without_tokens_and_warns(tmp_path: Path, tiny_weights: P
     try:
         assert httpx.get(server.base_url + "/v1/models").status_code == 200
         assert "--no-auth" in server.log()
-        assert not [line for line in server.log().splitlines() if line.startswith("ovis_")]
+        assert not printed_tokens(server.log())
     finally:
         server.stop()
 
