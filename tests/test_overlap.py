@@ -302,7 +302,7 @@ def test_an_out_of_memory_error_is_retried_lighter_and_the_job_completes(
 def test_a_batch_that_runs_out_of_memory_completes_as_single_runs(
     store: JobStore, engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ovis_server.worker.runner")
+    caplog.set_level(logging.INFO, logger="ovis_server.worker")  # runner and recording
     ids = ["left", "right"]
     queue_jobs(store, ids)
     hook, struck = out_of_memory_at_first_step(1)
