@@ -33,6 +33,13 @@ TWO_MODELS = ("--model-id", OVIS, "--model-id", FT, "--extra-models", f"{FT}=tin
 # The two families, each on its own tiny build.
 ZI = Z_IMAGE_TURBO.model_id
 TWO_FAMILIES = ("--model-id", OVIS, "--model-id", ZI)
+# Served with Z-Image-Turbo, by its workers, on its weights.
+ZI_EDIT = f"{ZI}/image-to-image"
+
+
+def held(worker: dict[str, Any], key: str) -> list[tuple[str, Any]]:
+    """(model, worker["models"][...][key]) of the two families' models."""
+    return [(m["model_id"], m[key]) for m in worker["models"] if m["model_id"] in (OVIS, ZI)]
 
 
 # --- the swap policy, a pure function --------------------------------------------------------
@@ -274,17 +281,17 @@ def test_one_serve_answers_two_models_in_every_dialect(
     with server.client(token) as client:
         ready = wait_for(lambda: _ready(client), timeout=400, interval=0.5)
         (worker,) = ready["workers"]
-        assert worker["model"] == f"{OVIS},{ZI}"
-        assert [(m["model_id"], m["resident"]) for m in worker["models"]] == [
+        assert worker["model"] == f"{OVIS},{ZI},{ZI_EDIT}"
+        assert held(worker, "resident") == [
             (OVIS, True),
             (ZI, True),
         ]  # two tiny models fit (a CPU has no budget to plan): no swapping
         assert worker["swaps"] == 0
 
         listed = client.get("/v1/models", params={"include_schema": "true"}).json()
-        assert [row["model_id"] for row in listed["models"]] == [OVIS, ZI]
-        assert [row["id"] for row in listed["data"]] == [OVIS, ZI]
-        assert all(row["input_schema"]["required"] == ["prompt"] for row in listed["models"])
+        assert [row["model_id"] for row in listed["models"]] == [OVIS, ZI, ZI_EDIT]
+        assert [row["id"] for row in listed["data"]] == [OVIS, ZI, ZI_EDIT]
+        assert all("prompt" in row["input_schema"]["required"] for row in listed["models"])
 
         # RunComfy's route, for each model.
         for model_id in (OVIS, ZI):
@@ -361,10 +368,7 @@ def test_one_resident_model_twenty_interleaved_jobs(tmp_path: Path, cluster: Clu
     with server.client(token) as client:
         ready = wait_for(lambda: _ready(client), timeout=400, interval=0.5)
         (worker,) = ready["workers"]
-        assert [(m["model_id"], m["where"]) for m in worker["models"]] == [
-            (OVIS, "device"),
-            (ZI, "host"),
-        ]
+        assert held(worker, "where") == [(OVIS, "device"), (ZI, "host")]
 
         def submit(model_id: str, seed: int) -> str:
             body = {"prompt": "a shop sign", "image_size": "square", "num_inference_steps": 6}
