@@ -231,6 +231,9 @@ def test_readyz_needs_a_worker_with_a_loaded_model(
                 "phase": "ready",
                 "memory_profile": "full",
                 "batch_limit": 1,
+                "models": [{"model_id": "aidc-ai/ovis-image", "resident": True, "where": "device"}],
+                "swaps": 0,
+                "swap_seconds_total": 0.0,
             }
         ],
     }

@@ -222,7 +222,8 @@ def test_every_state_change_is_logged_and_owes_its_webhooks(store: JobStore) -> 
     ))  # fmt: skip
     add(store, "plain")
     add(store, "dropped")
-    assert store.queue_positions(["plain", "dropped", "unknown"]) == {"plain": 1, "dropped": 2}
+    # Positions count the job's own model's queue ("hooked" is model "m", the others Ovis).
+    assert store.queue_positions(["plain", "dropped", "unknown"]) == {"plain": 0, "dropped": 1}
     store.request_cancel("dropped")
     assert store.queue_positions(["plain"]) == {"plain": 1}
     claimed = store.claim_next("w", 30)

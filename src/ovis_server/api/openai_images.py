@@ -489,7 +489,9 @@ def _form_number(form: Mapping[str, Any], name: str, kind: type[int] | type[floa
         ) from None
 
 
-@router.post("/edits", responses=_ERRORS, response_model_exclude_none=True)
+# Out of /openapi.json as variations is: its multipart form is read by hand, so the document
+# could not describe the body it judges (OpenAI's SDK, the client that calls it, needs none).
+@router.post("/edits", include_in_schema=False, response_model_exclude_none=True)
 async def edit_images(
     request: Request, caller: Annotated[Caller, Depends(authenticate)]
 ) -> ImagesResponse:
