@@ -98,18 +98,24 @@ def api_load(
     env.pop("OVIS_SERVER_DATABASE_URL", None)
     if database_url:
         env["OVIS_SERVER_DATABASE_URL"] = database_url
+    created = subprocess.run(
+        [sys.executable, "-m", "ovis_server", "token", "create", "--name", "bench",
+         "--data-dir", str(data_dir)],
+        capture_output=True, text=True, check=True, env=env,
+    )  # fmt: skip
+    token = created.stdout.strip().splitlines()[-1]
     command = [sys.executable, "-m", "ovis_server", "serve", "--no-worker", "--model", "tiny"]
     command += ["--data-dir", str(data_dir), "--port", str(port), "--log-level", "warning"]
     command += ["--rate-limit", "0", "--max-queued", "0", "--max-queued-per-token", "0"]
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = (data_dir / "serve.log").open("wb")
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        assert server.stdout is not None
-        token = ""
-        while not token.startswith("ovis_"):
-            token = server.stdout.readline().decode().strip()
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited ({server.returncode}); see {log.name}")
             try:
                 if httpx.get(base + "/healthz").status_code == 200:
                     break
@@ -146,6 +152,7 @@ def api_load(
     finally:
         server.terminate()
         server.wait(60)
+        log.close()
 
 
 def free_port() -> int:
