@@ -5,7 +5,6 @@ and thrashing, and queue positions count only the job's own model."""
 from __future__ import annotations
 
 import io
-import itertools
 import os
 from dataclasses import replace
 from datetime import datetime
@@ -402,9 +401,11 @@ def test_one_resident_model_twenty_interleaved_jobs(tmp_path: Path, cluster: Clu
         # each way, and never more than one per --swap-after beyond the on-demand ones.
         assert swaps >= 2
         assert swaps <= elapsed / swap_after + 3, (swaps, elapsed)
-        order = sorted(jobs, key=lambda job: started[job[1]])
-        switches = sum(1 for one, two in itertools.pairwise(order) if one[0] != two[0])
-        assert switches >= 2  # neither model ran all its jobs before the other began
+        # Fairness is the bound below: each job starts within --swap-after (plus a job in
+        # hand and the swaps) of reaching its model's head. Whether the models alternate more
+        # than once depends on the machine: where one model's whole backlog runs inside
+        # --swap-after (a loaded machine that queued all twenty during the first swap), the
+        # policy rightly finishes it before swapping back.
         run = max(finished[rid] - started[rid] for rid in started)
         swapping = max(swap_seconds, 0.0)  # all the swaps: more than two of them
         for model_id in (OVIS, ZI):
