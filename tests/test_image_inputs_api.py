@@ -126,6 +126,9 @@ def test_a_data_uri_job_completes_at_the_inputs_aspect_ratio(served: Server) -> 
     (stored,) = [path for path in served.data_dir.rglob("input-0.png") if request_id in str(path)]
     with Image.open(stored) as kept:
         assert kept.size == (120, 90)
+    with served.client() as client:  # DELETE takes the input with the outputs
+        assert client.delete(f"/v1/requests/{request_id}").status_code == 204
+    assert not stored.exists()
 
 
 def test_an_http_url_on_loopback_completes_with_the_opt_in(served: Server) -> None:

@@ -184,3 +184,24 @@ def test_strength_decides_the_batch_and_the_steps(z_engine: Engine) -> None:
     assert image is not None
     assert image.size == (128, 128)  # the input is resized
     assert [total for _, total, _ in seen] == [3, 3, 3]
+
+
+def test_the_variant_runs_on_its_models_engine_in_the_worker(z_engine: Engine) -> None:
+    from ovis_server.catalogue.z_image import Z_IMAGE_TURBO
+    from ovis_server.worker.placement import Placement
+
+    base = Z_IMAGE_TURBO.model_id
+    placement = Placement.single(Z_IMAGE_TURBO, z_engine, 1)
+    placement.add_variant(Z_IMAGE_EDIT)
+    assert placement.claimable() == [base, MODEL_ID]
+    assert placement.queue_ids() == [base, MODEL_ID]
+    assert placement.engine_of(MODEL_ID) is z_engine
+    assert placement.get(MODEL_ID) is placement.get(base)
+    assert placement.spec_of(MODEL_ID) is Z_IMAGE_EDIT
+    assert placement.spec_of(base) is Z_IMAGE_TURBO
+    # A variant's queued jobs count as its model's when the worker weighs a swap.
+    assert placement.heads_by_model({MODEL_ID: 5.0, base: 7.0}) == {base: 5.0}
+    assert [m["model_id"] for m in placement.detail()["models"]] == [base]  # loaded once
+    lone = Placement(lambda spec: z_engine)
+    with pytest.raises(ValueError, match="variant"):
+        lone.add_variant(Z_IMAGE_EDIT)

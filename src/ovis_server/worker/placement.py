@@ -370,6 +370,18 @@ class Placement:
         variant = self.variants.get(model_id)
         return model_id if variant is None or variant.variant_of is None else variant.variant_of
 
+    def queue_ids(self) -> list[str]:
+        """Every id whose queued jobs this worker runs: its models and their variants."""
+        return [*self.models, *self.variants]
+
+    def heads_by_model(self, heads: Mapping[str, float]) -> dict[str, float]:
+        """Queue heads per placed model: a variant's jobs count as its model's."""
+        merged: dict[str, float] = {}
+        for model_id, since in heads.items():
+            base = self._base(model_id)
+            merged[base] = min(since, merged.get(base, since))
+        return merged
+
     def claimable(self) -> list[str]:
         """The models whose jobs the worker may claim now: the resident ones, and their
         variants."""

@@ -200,7 +200,7 @@ class Worker(JobRecorder):
         placement = self.placement
         waiting = placement.waiting_models()
         if waiting:
-            heads = self.store.queue_heads(list(placement.models))
+            heads = placement.heads_by_model(self.store.queue_heads(placement.queue_ids()))
             if placement.consider(heads) is not None and self.on_swap is not None:
                 self.on_swap()
         return self.store.claim_batch(
