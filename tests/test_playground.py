@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -14,6 +16,8 @@ from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
+
+from ovis_server.config import Settings
 
 from .helpers import InProcessServer, ServerFactory
 
@@ -329,3 +333,271 @@ def test_every_response_carries_the_security_headers(server: InProcessServer) ->
     with server.client() as anonymous:
         assert anonymous.get(PAGE_MODEL).json()["input_schema"]["required"] == ["prompt"]
         assert anonymous.get("/v1/models/aidc-ai/ovis-image").status_code == 401
+
+
+# --- image inputs and LoRA rows, driven by each model's schema ---------------------------------
+
+Z_IMAGE = "tongyi-mai/z-image/turbo"
+Z_IMAGE_EDIT = f"{Z_IMAGE}/image-to-image"
+Z_IMAGE_LORA = f"{Z_IMAGE}/lora"
+PHONE = {"width": 390, "height": 900}
+
+
+def png(width: int, height: int, colour: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def z_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    """Z-Image-Turbo's tiny build with a worker: it serves the image-to-image variant too."""
+    settings = Settings(
+        model="tiny", model_ids=[Z_IMAGE], data_dir=tmp_path_factory.mktemp("z-playground")
+    )
+    server = InProcessServer(settings)
+    try:
+        server.wait_until_ready(timeout=600)  # generous: the machine may be loaded
+        yield server
+    finally:
+        server.stop()
+
+
+def fits_the_screen(page: Any) -> bool:
+    """Nothing wider than the viewport: no sideways scrolling on a phone."""
+    return bool(
+        page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth + 1")
+    )
+
+
+def preview_size(page: Any) -> list[int]:
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#field-image_url-preview');"
+        " return !!(i && i.complete && i.naturalWidth && !i.closest('[hidden]')); }",
+        timeout=10_000,
+    )
+    size: list[int] = page.evaluate(
+        "() => { const i = document.querySelector('#field-image_url-preview');"
+        " return [i.naturalWidth, i.naturalHeight]; }"
+    )
+    return size
+
+
+def test_image_to_image_takes_a_file_picked_or_dropped_and_completes(
+    z_server: InProcessServer, browser: Any
+) -> None:
+    token = z_server.token("upload")
+    page = browser.new_page(viewport=PHONE)
+    page.goto(z_server.base_url + "/")
+    page.wait_for_selector("#field-prompt")
+    options = page.eval_on_selector_all("#model option", "o => o.map(x => x.value)")
+    assert options == [Z_IMAGE, Z_IMAGE_EDIT]
+    # The text-to-image model has no image input and no LoRA rows.
+    assert page.locator("#field-image_url-file").count() == 0
+    assert page.locator(".rows-field").count() == 0
+
+    page.select_option("#model", Z_IMAGE_EDIT)
+    page.wait_for_selector("#field-image_url-file")
+    assert page.locator(".rows-field").count() == 0
+    assert page.locator("#field-strength").input_value() == "0.6"
+    assert page.locator("#field-image_size").input_value() == "auto"  # the const, offered
+    assert page.locator("#field-image_url-preview").is_hidden()
+    # Labelled: the file input and the URL field each have a label of their own.
+    for control in ("field-image_url-file", "field-image_url"):
+        assert page.locator(f"label[for='{control}']").count() == 1
+
+    posts: list[Any] = []
+    page.on("request", lambda r: posts.append(r) if r.method == "POST" else None)
+    page.fill("#token", token)
+    page.dispatch_event("#token", "change")
+    page.fill("#field-prompt", "the same tile, at night")
+    # Without an image the form's own check stops the submit: nothing is sent.
+    page.click("#submit")
+    page.wait_for_timeout(300)
+    assert page.evaluate(
+        "() => document.querySelector('#field-image_url-file').validity.valueMissing"
+    )
+    assert posts == []
+
+    # Too large, or not an image: said at once, in the field, and nothing is kept.
+    page.set_input_files(
+        "#field-image_url-file",
+        files=[{"name": "huge.png", "mimeType": "image/png", "buffer": bytes(13_000_000)}],
+    )
+    page.wait_for_function(
+        "() => document.querySelector('#field-image_url-error').textContent.includes('13.0 MB')"
+    )
+    assert "up to 12.0 MB" in page.text_content("#field-image_url-error")
+    assert page.locator("#field-image_url-preview").is_hidden()
+    page.set_input_files(
+        "#field-image_url-file",
+        files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"just some text"}],
+    )
+    page.wait_for_function(
+        "() => document.querySelector('#field-image_url-error').textContent.includes('notes.png')"
+    )
+    assert "not a PNG, JPEG or WEBP image" in page.text_content("#field-image_url-error")
+    assert page.locator("#field-image_url-preview").is_hidden()
+
+    # A small PNG from the file picker: its preview, size and name.
+    picked = png(64, 48, "teal")
+    page.set_input_files(
+        "#field-image_url-file",
+        files=[{"name": "tile.png", "mimeType": "image/png", "buffer": picked}],
+    )
+    assert preview_size(page) == [64, 48]
+    assert page.text_content("#field-image_url-error") == ""
+    assert "tile.png" in page.text_content("#field-image_url-box figcaption")
+    assert "64\u00d748" in page.text_content("#field-image_url-box figcaption")
+
+    # Another, dropped on the drop zone, takes its place.
+    dropped = png(40, 40, "orange")
+    transfer = page.evaluate_handle(
+        "([bytes, name]) => { const t = new DataTransfer();"
+        " t.items.add(new File([new Uint8Array(bytes)], name, {type: 'image/png'}));"
+        " return t; }",
+        [list(dropped), "drop.png"],
+    )
+    page.dispatch_event(".dropzone", "dragover", {"dataTransfer": transfer})
+    page.dispatch_event(".dropzone", "drop", {"dataTransfer": transfer})
+    page.wait_for_function(
+        "() => document.querySelector('#field-image_url-box figcaption')"
+        ".textContent.includes('40\u00d740')"
+    )
+    assert preview_size(page) == [40, 40]
+    assert fits_the_screen(page)
+
+    page.select_option("#field-image_size", "square")
+    page.fill("#field-num_inference_steps", "2")
+    page.fill("#field-seed", "5")
+    page.click("#submit")
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#result-image');"
+        " return !!(i && !i.hidden && i.complete && i.naturalWidth); }",
+        timeout=300_000,  # generous: the machine may be loaded
+    )
+    (post,) = posts
+    assert urlsplit(post.url).path == f"/v1/models/{Z_IMAGE_EDIT}"
+    sent = post.post_data_json
+    assert sent["image_url"] == "data:image/png;base64," + base64.b64encode(dropped).decode()
+    assert sent["strength"] == 0.6
+    size = page.evaluate(
+        "() => { const i = document.querySelector('#result-image');"
+        " return [i.naturalWidth, i.naturalHeight]; }"
+    )
+    assert size == [512, 512]
+    assert "5" in page.text_content("#result-seed")
+    # Removing the image brings back the URL field and the form's check.
+    page.click("#field-image_url-box button:has-text('Remove image')")
+    assert page.locator("#field-image_url-preview").is_hidden()
+    assert page.evaluate("() => document.activeElement.id") == "field-image_url-file"
+    assert page.is_enabled("#field-image_url")
+    page.close()
+
+
+def lora_schema(base: dict[str, Any]) -> dict[str, Any]:
+    """Z-Image-Turbo's text-to-image schema plus RunComfy's ``loras``, shaped as pydantic
+    writes such a field (the LoRA id's own schema, where this server has it, is used too)."""
+    schema = {**base, "properties": dict(base["properties"])}
+    schema["properties"]["loras"] = {
+        "title": "Loras",
+        "description": "LoRAs to apply, at most 3.",
+        "type": "array",
+        "maxItems": 3,
+        "default": [],
+        "items": {
+            "title": "LoraWeight",
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["path"],
+            "properties": {
+                "path": {"title": "Path", "type": "string", "minLength": 1},
+                "scale": {
+                    "title": "Scale",
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": 4,
+                    "default": 1,
+                },
+            },
+        },
+    }
+    return schema
+
+
+def test_lora_rows_appear_for_a_schema_with_loras(z_server: InProcessServer, browser: Any) -> None:
+    """Rows from the schema alone: the page is shown a model whose schema has ``loras`` (the
+    id's own, where the server serves it; else the text-to-image schema with RunComfy's
+    field added) and builds add/remove rows for it, at most 3, by keyboard too."""
+    with z_server.client() as anonymous:
+        listing = anonymous.get("/playground/models").json()
+        served = anonymous.get(f"/playground/models/{Z_IMAGE_LORA}")
+        base = anonymous.get(f"/playground/models/{Z_IMAGE}").json()
+    if served.status_code == 200 and "loras" in served.json()["input_schema"]["properties"]:
+        detail = served.json()
+    else:
+        detail = {**base, "model_id": Z_IMAGE_LORA, "display_name": "Z-Image-Turbo LoRA",
+                  "input_schema": lora_schema(base["input_schema"])}  # fmt: skip
+        listing["models"].append({k: v for k, v in detail.items() if k != "input_schema"})
+    page = browser.new_page(viewport=PHONE)
+    page.route(
+        "**/playground/models",
+        lambda route: route.fulfill(json=listing),
+    )
+    page.route(
+        f"**/playground/models/{Z_IMAGE_LORA}",
+        lambda route: route.fulfill(json=detail),
+    )
+    page.goto(z_server.base_url + "/")
+    page.wait_for_selector("#field-prompt")
+    assert page.locator("#field-loras").count() == 0  # the text-to-image model
+    page.select_option("#model", Z_IMAGE_LORA)
+    page.wait_for_selector("#field-loras")
+    assert page.locator("#field-loras legend").text_content() == "LoRAs"
+    assert page.locator("#field-loras .row").count() == 0  # optional: none to start with
+
+    # By keyboard: the add button, Enter, and the new row's path has the focus.
+    page.focus("#field-loras-add")
+    page.keyboard.press("Enter")
+    focused = page.evaluate("() => document.activeElement.id")
+    assert focused.endswith("-path"), focused
+    assert page.locator(f"label[for='{focused}']").text_content() == "Name or path"
+    page.keyboard.type("my-style")
+    page.click("#field-loras-add")
+    page.click("#field-loras-add")
+    assert page.locator("#field-loras .row").count() == 3
+    assert page.is_disabled("#field-loras-add")  # at most 3
+    scales = page.locator("#field-loras .row input[name='scale']")
+    assert [scales.nth(i).input_value() for i in range(3)] == ["1", "1", "1"]
+    assert scales.first.get_attribute("min") == "0"
+    assert scales.first.get_attribute("max") == "4"
+    assert fits_the_screen(page)
+    # Remove the second: two rows, the add button back, the focus on the row that moved up.
+    page.click("#field-loras .row >> nth=1 >> button")
+    assert page.locator("#field-loras .row").count() == 2
+    assert page.is_enabled("#field-loras-add")
+    labels = page.eval_on_selector_all(
+        "#field-loras .row button", "b => b.map(x => x.getAttribute('aria-label'))"
+    )
+    assert labels == ["Remove LoRA 1", "Remove LoRA 2"]
+    second = page.locator("#field-loras .row").nth(1)
+    assert page.evaluate("() => document.activeElement.name") == "path"
+    second.locator("input[name='path']").fill("alibaba-pai/some-lora")
+    second.locator("input[name='scale']").fill("0.5")
+
+    posts: list[Any] = []
+    page.on("request", lambda r: posts.append(r) if r.method == "POST" else None)
+    page.fill("#token", z_server.token("loras"))
+    page.dispatch_event("#token", "change")
+    page.fill("#field-prompt", "a lighthouse")
+    page.click("#submit")
+    wait_for_post = time.monotonic() + 10
+    while not posts and time.monotonic() < wait_for_post:
+        page.wait_for_timeout(50)
+    (post,) = posts
+    assert urlsplit(post.url).path == f"/v1/models/{Z_IMAGE_LORA}"
+    assert json.loads(post.post_data)["loras"] == [
+        {"path": "my-style", "scale": 1},
+        {"path": "alibaba-pai/some-lora", "scale": 0.5},
+    ]
+    page.close()

@@ -1,7 +1,9 @@
 'use strict';
 // Ovis-Image playground: lists the served models, builds the form from the chosen model's
 // input schema (both public, so the form shows before a token is entered), submits jobs,
-// follows the newest one and lists this token's recent requests.
+// follows the newest one and lists this token's recent requests. A schema's image field
+// (image_url) becomes an upload (file picker, drop or paste; sent as a data URI) and an
+// array of objects (loras) becomes rows to add and remove: a new model needs no page change.
 
 const DEFAULT_MODEL = 'aidc-ai/ovis-image';
 // A schema's example prompt can run to a page: the form starts with a short one instead.
@@ -16,7 +18,25 @@ const PLAIN_HELP = {
   guidance_scale: 'How closely the image follows the prompt: higher is closer, lower is freer.',
   seed: 'Leave empty for a random one. The same seed and settings give the same image again.',
   output_format: 'The file type of the image.',
+  strength: 'How much of the input image is redrawn: near 0 keeps it, 1 ignores it.',
+  loras: 'LoRAs applied to the model, each with its strength. Optional.',
 };
+// Rows of an array field: its heading, the add button, one row's name, and plain labels
+// and help for the items' fields (others show the schema's).
+const ROWS_TEXT = {
+  loras: { legend: 'LoRAs', add: 'Add a LoRA', row: 'LoRA' },
+};
+const ITEM_TEXT = {
+  loras: {
+    path: ['Name or path', 'A LoRA on this server by its name, or a Hugging Face repo id or an https URL of a .safetensors file where the server allows them.'],
+    scale: ['Scale', 'How strongly it applies (0 not at all, 1 as trained).'],
+  },
+};
+// Input images travel base64-encoded (a third larger) in a JSON body that the server caps at
+// 16 MiB by default (--max-image-body-size): 12 MB leaves room for the rest. The server
+// checks everything again, with its own limits.
+const MAX_IMAGE_BYTES = 12 * 1000 * 1000;
+const IMAGE_TYPES = 'PNG, JPEG or WEBP';
 const TOKEN_SETTLE_MS = 250; // typing a token: act once it stops changing
 const TOKEN_KEY = 'ovis-server-token';
 const POLL_MS = 400;
@@ -178,6 +198,13 @@ function readNumber(raw, integer) {
   return Number(text);
 }
 
+// Fine steps for a small range (a strength of 0 to 1), coarser for a wide one.
+function numberStep(s) {
+  const lo = safeNumber(s.minimum);
+  const hi = safeNumber(s.maximum);
+  return lo !== undefined && hi !== undefined && hi - lo <= 10 ? 0.01 : 0.1;
+}
+
 function numberField(name, prop, s) {
   const input = el('input');
   const integer = typeOf(s) === 'integer';
@@ -185,7 +212,7 @@ function numberField(name, prop, s) {
   input.inputMode = integer ? 'numeric' : 'decimal';
   setAttr(input, 'min', safeNumber(s.minimum));
   setAttr(input, 'max', safeNumber(s.maximum));
-  input.step = String(s.multipleOf || (integer ? 1 : 0.5));
+  input.step = String(s.multipleOf || (integer ? 1 : numberStep(s)));
   if (typeof prop.default === 'number') input.value = String(prop.default);
   if (name === 'seed') input.placeholder = 'random';
   const element = wrap(`field-${name}`, name, prop, input, boundsText(s));
@@ -233,12 +260,12 @@ function customBox(root, object) {
 // "landscape_16_9" reads as "landscape 16:9".
 const prettify = (value) => String(value).replace(/_(\d+)_(\d+)$/, ' $1:$2').replace(/_/g, ' ');
 
-function selectField(root, name, prop, choice, object) {
+function selectField(root, name, prop, values, object) {
   const select = el('select');
-  choice.enum.forEach((value) => select.append(new Option(prettify(value), String(value))));
+  values.forEach((value) => select.append(new Option(prettify(value), String(value))));
   const custom = object ? customBox(root, object) : null;
   if (custom) select.append(new Option('custom size', 'custom'));
-  if (choice.enum.includes(prop.default)) select.value = String(prop.default);
+  if (values.includes(prop.default)) select.value = String(prop.default);
   const element = wrap(`field-${name}`, name, prop, select, '');
   if (custom) {
     // Hidden inputs are disabled too, so the browser does not validate them.
@@ -250,17 +277,301 @@ function selectField(root, name, prop, choice, object) {
     sync();
     element.append(custom.element);
   }
-  const read = () => (select.value === 'custom' && custom ? custom.read() : choice.enum[select.selectedIndex]);
+  const read = () => (select.value === 'custom' && custom ? custom.read() : values[select.selectedIndex]);
   return { element, read };
 }
 
+const sizeText = (bytes) => (bytes >= 1e6 ? `${(bytes / 1e6).toFixed(1)} MB` : `${Math.max(1, Math.round(bytes / 1e3))} KB`);
+
+// The image type from the file's first bytes (the name and the browser's guess may lie);
+// the server judges the content again.
+async function sniffImage(file) {
+  const head = new Uint8Array(await file.slice(0, 12).arrayBuffer());
+  const ascii = (from, to) => String.fromCharCode(...head.slice(from, to));
+  if (head[0] === 0x89 && ascii(1, 4) === 'PNG') return 'image/png';
+  if (head[0] === 0xff && head[1] === 0xd8 && head[2] === 0xff) return 'image/jpeg';
+  if (ascii(0, 4) === 'RIFF' && ascii(8, 12) === 'WEBP') return 'image/webp';
+  return '';
+}
+
+function readDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result));
+    reader.onerror = () => reject(reader.error || new Error('unreadable'));
+    reader.readAsDataURL(file);
+  });
+}
+
+// An image input: a file (picker, drop or paste) sent as a data:image/...;base64, URI with
+// a preview, or else the URL typed below it. The file is checked for its type and size here
+// so that a wrong one is said at once; the server checks both again, and more.
+function imageField(name, prop, required) {
+  const id = `field-${name}`;
+  const block = el('fieldset', 'field image-field');
+  block.id = `${id}-box`;
+  const title = (prop.title || name).replace(/\s*URL$/i, '') || 'Image';
+  block.append(el('legend', '', required ? title : `${title} (optional)`));
+
+  const zone = el('div', 'dropzone');
+  const file = el('input');
+  file.type = 'file';
+  file.id = `${id}-file`;
+  file.accept = 'image/png,image/jpeg,image/webp';
+  const fileLabel = el('label', '', `Drop an image here, paste one, or choose a file (${IMAGE_TYPES}, up to ${sizeText(MAX_IMAGE_BYTES)})`);
+  fileLabel.htmlFor = file.id;
+  const error = el('p', 'field-error');
+  error.id = `${id}-error`;
+  error.setAttribute('role', 'alert');
+  const preview = el('figure', 'preview');
+  preview.hidden = true;
+  const img = el('img');
+  img.id = `${id}-preview`;
+  const caption = el('figcaption');
+  const remove = el('button', '', 'Remove image');
+  remove.type = 'button';
+  preview.append(img, caption, remove);
+  zone.append(fileLabel, file, preview, error);
+
+  const urlLabel = el('label', 'url-label', 'Or the image’s URL');
+  const url = el('input');
+  url.type = 'url';
+  url.id = id;
+  url.placeholder = 'https://…';
+  url.autocomplete = 'off';
+  url.spellcheck = false;
+  urlLabel.htmlFor = id;
+  const help = el('p', 'help');
+  help.id = `${id}-help`;
+  putText(help, 'A file is sent with the request, inside it; a URL is fetched by the server when you submit. The server takes PNG, JPEG and WEBP and has its own size limits.');
+  file.setAttribute('aria-describedby', `${help.id} ${error.id}`);
+  url.setAttribute('aria-describedby', help.id);
+  block.append(zone, urlLabel, url, help);
+
+  let dataUri = '';
+  let loads = 0; // a slow read of an earlier file must not replace a newer one
+  const sync = () => {
+    file.required = required && !dataUri && !url.value.trim();
+    url.disabled = Boolean(dataUri);
+  };
+  const fail = (text) => {
+    error.textContent = text;
+    file.setAttribute('aria-invalid', 'true');
+  };
+  const clear = () => {
+    loads += 1;
+    dataUri = '';
+    file.value = '';
+    img.removeAttribute('src');
+    img.alt = '';
+    caption.textContent = '';
+    preview.hidden = true;
+    sync();
+  };
+  const take = async (chosen) => {
+    clear();
+    error.textContent = '';
+    file.removeAttribute('aria-invalid');
+    if (!chosen) return;
+    const gen = loads;
+    if (chosen.size > MAX_IMAGE_BYTES) {
+      fail(`${chosen.name} is ${sizeText(chosen.size)}: the playground sends images up to ${sizeText(MAX_IMAGE_BYTES)} (the request carries the image, a third larger once encoded). Use a smaller image, or give its https URL below.`);
+      return;
+    }
+    let type;
+    let text;
+    try {
+      type = await sniffImage(chosen);
+      text = type ? await readDataUrl(chosen) : '';
+    } catch (err) {
+      if (gen === loads) fail(`${chosen.name} could not be read (${err.message}).`);
+      return;
+    }
+    if (gen !== loads) return;
+    if (!type) {
+      fail(`${chosen.name} is not a ${IMAGE_TYPES} image.`);
+      return;
+    }
+    dataUri = `data:${type};base64,${text.slice(text.indexOf(',') + 1)}`;
+    img.onload = () => {
+      if (gen === loads) caption.textContent = `${chosen.name} · ${img.naturalWidth}×${img.naturalHeight} · ${sizeText(chosen.size)}`;
+    };
+    img.onerror = () => {
+      if (gen !== loads) return;
+      clear();
+      fail(`${chosen.name} could not be shown: it is damaged or not a ${IMAGE_TYPES} image.`);
+    };
+    img.src = dataUri; // a data: URI: the page's CSP allows these images, not blob: ones
+    img.alt = `The input image, ${chosen.name}`;
+    caption.textContent = `${chosen.name} · ${sizeText(chosen.size)}`;
+    preview.hidden = false;
+    sync();
+  };
+
+  file.addEventListener('change', () => take(file.files && file.files[0]));
+  url.addEventListener('input', sync);
+  remove.addEventListener('click', () => {
+    take(null);
+    file.focus();
+  });
+  zone.addEventListener('dragover', (event) => {
+    event.preventDefault();
+    event.dataTransfer.dropEffect = 'copy';
+    zone.classList.add('dragging');
+  });
+  zone.addEventListener('dragleave', () => zone.classList.remove('dragging'));
+  zone.addEventListener('drop', (event) => {
+    event.preventDefault();
+    zone.classList.remove('dragging');
+    const dropped = event.dataTransfer.files;
+    if (!dropped || !dropped.length) return;
+    take(dropped[0]).then(() => {
+      // The picker shows the dropped file too, so the form's own check sees it.
+      try { if (dataUri) file.files = dropped; } catch { /* an older browser: dataUri is what counts */ }
+    });
+  });
+  sync();
+  return {
+    element: block,
+    read: () => dataUri || url.value.trim() || undefined,
+    paste: (pasted) => take(pasted),
+  };
+}
+
+// Rows of an array of objects (loras: {path, scale}, at most maxItems): add and remove, each
+// row's fields from the item schema. Empty, the field is not sent (the server's default).
+function rowsField(root, name, prop, list, required) {
+  const id = `field-${name}`;
+  const item = resolveRef(root, list.items);
+  const itemRequired = item.required || [];
+  const words = ROWS_TEXT[name] || { legend: prop.title || name, add: 'Add a row', row: 'Row' };
+  const plain = ITEM_TEXT[name] || {};
+  const max = safeNumber(list.maxItems);
+  const min = Math.max(safeNumber(list.minItems) || 0, required ? 1 : 0);
+  const block = el('fieldset', 'field rows-field');
+  block.id = id;
+  block.append(el('legend', '', words.legend));
+  const help = el('p', 'help');
+  help.id = `${id}-help`;
+  const limit = max === undefined ? '' : `Up to ${max}.`;
+  // What each column means, said once for all rows.
+  const columns = Object.entries(item.properties || {}).map(([key, sub]) => {
+    const s = resolveRef(root, sub);
+    const scalar = variants(root, s).find((v) => typeOf(v) && typeOf(v) !== 'null') || {};
+    const [label, text] = plain[key] || [s.title || key, s.description];
+    const bounds = ['integer', 'number'].includes(typeOf(scalar)) ? boundsText(scalar) : '';
+    const said = [text, bounds].filter(Boolean).join(' ');
+    return said ? `${label}: ${said[0].toLowerCase()}${said.slice(1)}` : '';
+  });
+  putText(help, [PLAIN_HELP[name] || prop.description, limit, ...columns].filter(Boolean).join(' '));
+  block.setAttribute('aria-describedby', help.id);
+  const rows = el('ol', 'rows');
+  const add = el('button', 'add-row', words.add);
+  add.type = 'button';
+  add.id = `${id}-add`;
+  block.append(help, rows, add);
+
+  let made = 0; // ids stay unique as rows come and go
+  const live = [];
+  const sync = () => {
+    add.disabled = max !== undefined && live.length >= max;
+    live.forEach((row, i) => {
+      row.remove.disabled = live.length <= min;
+      row.remove.setAttribute('aria-label', `Remove ${words.row} ${i + 1}`);
+      row.element.setAttribute('aria-label', `${words.row} ${i + 1}`);
+    });
+  };
+  const addRow = () => {
+    made += 1;
+    const element = el('li', 'row');
+    element.setAttribute('role', 'group');
+    const parts = Object.entries(item.properties || {}).map(([key, sub]) => {
+      const s = resolveRef(root, sub);
+      const kinds = variants(root, s);
+      const scalar = kinds.find((v) => typeOf(v) && typeOf(v) !== 'null') || {};
+      const integer = typeOf(scalar) === 'integer';
+      const numeric = integer || typeOf(scalar) === 'number';
+      const input = el('input');
+      input.id = `${id}-${made}-${key}`;
+      input.name = key;
+      input.required = itemRequired.includes(key);
+      if (numeric) {
+        input.type = 'number';
+        input.inputMode = integer ? 'numeric' : 'decimal';
+        setAttr(input, 'min', safeNumber(scalar.minimum));
+        setAttr(input, 'max', safeNumber(scalar.maximum));
+        input.step = String(scalar.multipleOf || (integer ? 1 : numberStep(scalar)));
+        if (typeof s.default === 'number') input.value = String(s.default);
+      } else {
+        input.type = 'text';
+        input.autocomplete = 'off';
+        input.spellcheck = false;
+        setAttr(input, 'maxlength', scalar.maxLength);
+        if (typeof s.default === 'string') input.value = s.default;
+        if (name === 'loras' && key === 'path') input.placeholder = 'a name, owner/repo or https://…';
+      }
+      input.setAttribute('aria-describedby', help.id);
+      const cell = el('div', `cell cell-${key}`);
+      const tag = el('label', '', (plain[key] || [s.title || key])[0]);
+      tag.htmlFor = input.id;
+      cell.append(tag, input);
+      element.append(cell);
+      return [key, input, numeric, integer];
+    });
+    const remove = el('button', 'remove-row', 'Remove');
+    remove.type = 'button';
+    element.append(remove);
+    const row = {
+      element,
+      remove,
+      read: () => Object.fromEntries(parts
+        .map(([key, input, numeric, integer]) => [key, numeric ? readNumber(input.value, integer) : input.value.trim()])
+        .filter(([, value]) => value !== undefined && value !== '' && !Number.isNaN(value))),
+    };
+    remove.addEventListener('click', () => {
+      const at = live.indexOf(row);
+      live.splice(at, 1);
+      element.remove();
+      sync();
+      const next = live[Math.min(at, live.length - 1)];
+      (next ? next.element.querySelector('input') : add).focus();
+    });
+    live.push(row);
+    rows.append(element);
+    sync();
+    return row;
+  };
+  add.addEventListener('click', () => {
+    if (add.disabled) return;
+    addRow().element.querySelector('input').focus();
+  });
+  for (let i = 0; i < min; i += 1) addRow();
+  sync();
+  return {
+    element: block,
+    read: () => (live.length || required ? live.map((row) => row.read()) : undefined),
+  };
+}
+
+// A choice's values: every variant's enum and const ("auto" or a preset), in order.
+function choices(kinds) {
+  return kinds.flatMap((v) => (Array.isArray(v.enum) ? v.enum : 'const' in v ? [v.const] : []))
+    .filter((value) => value !== null);
+}
+
+// image_url, or any other field whose name ends so: a string the server fetches or decodes.
+const isImageField = (name, type) => type === 'string' && /(^|_)image_url$/.test(name);
+
 function makeField(root, name, prop, required) {
   const kinds = variants(root, prop);
-  const choice = kinds.find((v) => Array.isArray(v.enum));
+  const values = choices(kinds);
   const object = kinds.find((v) => typeOf(v) === 'object' && v.properties);
+  const list = kinds.find((v) => typeOf(v) === 'array');
   const scalar = kinds.find((v) => typeOf(v) && typeOf(v) !== 'null') || {};
   const type = typeOf(scalar);
-  if (choice) return selectField(root, name, prop, choice, object);
+  if (values.length) return selectField(root, name, prop, values, object);
+  if (list && typeOf(resolveRef(root, list.items)) === 'object') return rowsField(root, name, prop, list, required);
+  if (isImageField(name, type)) return imageField(name, prop, required);
   if (type === 'integer' || type === 'number') return numberField(name, prop, scalar);
   return textField(name, prop, scalar, required);
 }
@@ -272,8 +583,24 @@ function buildForm(schema) {
   state.fields = Object.entries(schema.properties || {}).map(([name, prop]) => {
     const field = makeField(schema, name, prop || {}, required.includes(name));
     box.append(field.element);
-    return { name, read: field.read };
+    return { name, read: field.read, paste: field.paste };
   });
+}
+
+// An image pasted anywhere on the page goes to the form's first image field.
+function onPaste(event) {
+  const files = [...((event.clipboardData && event.clipboardData.files) || [])];
+  const image = files.find((file) => file.type.startsWith('image/'));
+  const field = state.fields.find((f) => f.paste);
+  if (!image || !field) return;
+  event.preventDefault();
+  field.paste(image);
+}
+
+// A file dropped beside a drop zone is ignored, rather than opened in place of the page
+// (and the form with it).
+function onStrayDrop(event) {
+  if (event.dataTransfer && [...event.dataTransfer.types].includes('Files')) event.preventDefault();
 }
 
 // Only fields with a value are sent: the server applies its defaults to the rest.
@@ -646,6 +973,9 @@ function start() {
   $('form').addEventListener('submit', submit);
   $('cancel').addEventListener('click', cancelJob);
   $('gallery-more').addEventListener('click', () => loadGallery(false));
+  document.addEventListener('paste', onPaste);
+  document.addEventListener('dragover', onStrayDrop);
+  document.addEventListener('drop', onStrayDrop);
   loadModels();
 }
 
