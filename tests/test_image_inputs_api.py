@@ -363,10 +363,13 @@ def test_the_readme_examples_run_as_written(served: Server, tmp_path: Path) -> N
     )  # fmt: skip
     assert '"request_id"' in shell.stdout
     assert '"b64_json"' in shell.stdout
-    subprocess.run(
-        [sys.executable, "-c", readme_block("image-to-image-python", "python")],
-        cwd=tmp_path, env=env, timeout=600, check=True,
-    )  # fmt: skip
+    for marker in ("image-to-image-python", "image-to-image-openai"):
+        subprocess.run(
+            [sys.executable, "-c", readme_block(marker, "python")],
+            cwd=tmp_path, env=env, timeout=600, check=True,
+        )  # fmt: skip
     for name in ("night.png", "night-python.png"):
         with Image.open(tmp_path / name) as image:
             assert image.size == auto_size(320, 240)
+    with Image.open(tmp_path / "night-openai.png") as image:
+        assert image.size == (256, 192)
