@@ -215,6 +215,8 @@ def test_the_form_shows_before_a_token_and_submitting_asks_for_one(
     assert page.input_value("#token") == ""
     assert page.locator("#field-num_inference_steps").input_value() == "28"
     assert page.is_enabled("#submit")
+    # A text-to-image model: no image upload, no LoRA rows.
+    assert page.locator(".image-field, .rows-field").count() == 0
     # A short prompt to start from (not the schema's page-long example), and help in plain
     # words: no Markdown backticks, no "null".
     assert 0 < len(page.input_value("#field-prompt")) <= 200
@@ -391,7 +393,8 @@ def test_image_to_image_takes_a_file_picked_or_dropped_and_completes(
     page.goto(z_server.base_url + "/")
     page.wait_for_selector("#field-prompt")
     options = page.eval_on_selector_all("#model option", "o => o.map(x => x.value)")
-    assert options == [Z_IMAGE, Z_IMAGE_EDIT]
+    assert {Z_IMAGE, Z_IMAGE_EDIT} <= set(options), options
+    assert page.input_value("#model") == Z_IMAGE
     # The text-to-image model has no image input and no LoRA rows.
     assert page.locator("#field-image_url-file").count() == 0
     assert page.locator(".rows-field").count() == 0
@@ -450,14 +453,25 @@ def test_image_to_image_takes_a_file_picked_or_dropped_and_completes(
     assert "tile.png" in page.text_content("#field-image_url-box figcaption")
     assert "64\u00d748" in page.text_content("#field-image_url-box figcaption")
 
-    # Another, dropped on the drop zone, takes its place.
-    dropped = png(40, 40, "orange")
-    transfer = page.evaluate_handle(
-        "([bytes, name]) => { const t = new DataTransfer();"
-        " t.items.add(new File([new Uint8Array(bytes)], name, {type: 'image/png'}));"
-        " return t; }",
-        [list(dropped), "drop.png"],
+    # Another, pasted into the page, takes its place; then one dropped on the drop zone.
+    def files_of(data: bytes, name: str) -> Any:
+        return page.evaluate_handle(
+            "([bytes, name]) => { const t = new DataTransfer();"
+            " t.items.add(new File([new Uint8Array(bytes)], name, {type: 'image/png'}));"
+            " return t; }",
+            [list(data), name],
+        )
+
+    pasted = files_of(png(30, 20, "purple"), "pasted.png")
+    page.evaluate(
+        "t => document.querySelector('#field-prompt')"
+        ".dispatchEvent(new ClipboardEvent('paste', {clipboardData: t, bubbles: true}))",
+        pasted,
     )
+    assert preview_size(page) == [30, 20]
+    assert page.input_value("#field-prompt") == "the same tile, at night"  # text untouched
+    dropped = png(40, 40, "orange")
+    transfer = files_of(dropped, "drop.png")
     page.dispatch_event(".dropzone", "dragover", {"dataTransfer": transfer})
     page.dispatch_event(".dropzone", "drop", {"dataTransfer": transfer})
     page.wait_for_function(
