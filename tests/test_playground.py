@@ -562,6 +562,22 @@ def test_lora_rows_appear_for_a_schema_with_loras(z_server: InProcessServer, bro
         f"**/playground/models/{Z_IMAGE_LORA}",
         lambda route: route.fulfill(json=detail),
     )
+    # The operator's LoRAs, which GET /v1/loras lists to token holders, are offered as
+    # suggestions (the route's answer is made up where this server has no such route).
+    loras_dir = z_server.data_dir / "loras"
+    loras_dir.mkdir(exist_ok=True)
+    for name in ("my-style", "watercolour"):
+        (loras_dir / f"{name}.safetensors").write_bytes(b"")
+    mine = {"loras": [{"name": "my-style"}, {"name": "watercolour"}], "downloads": []}
+
+    def list_loras(route: Any) -> None:
+        real = route.fetch()
+        if real.status == 404:
+            route.fulfill(json=mine)
+        else:
+            route.fulfill(response=real)
+
+    page.route("**/v1/loras", list_loras)
     page.goto(z_server.base_url + "/")
     page.wait_for_selector("#field-prompt")
     assert page.locator("#field-loras").count() == 0  # the text-to-image model
@@ -603,6 +619,13 @@ def test_lora_rows_appear_for_a_schema_with_loras(z_server: InProcessServer, bro
     page.on("request", lambda r: posts.append(r) if r.method == "POST" else None)
     page.fill("#token", z_server.token("loras"))
     page.dispatch_event("#token", "change")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#field-loras-names option').length === 2",
+        timeout=10_000,
+    )
+    suggested = page.eval_on_selector_all("#field-loras-names option", "o => o.map(x => x.value)")
+    assert suggested == ["my-style", "watercolour"]
+    assert second.locator("input[name='path']").get_attribute("list") == "field-loras-names"
     page.fill("#field-prompt", "a lighthouse")
     page.click("#submit")
     wait_for_post = time.monotonic() + 10

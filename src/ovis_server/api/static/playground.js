@@ -470,6 +470,12 @@ function rowsField(root, name, prop, list, required) {
   add.type = 'button';
   add.id = `${id}-add`;
   block.append(help, rows, add);
+  // Suggestions for a LoRA's path: the operator's LoRAs, once a token may list them.
+  const names = name === 'loras' ? el('datalist') : null;
+  if (names) {
+    names.id = `${id}-names`;
+    block.append(names);
+  }
 
   let made = 0; // ids stay unique as rows come and go
   const live = [];
@@ -494,6 +500,7 @@ function rowsField(root, name, prop, list, required) {
       const input = el('input');
       input.id = `${id}-${made}-${key}`;
       input.name = key;
+      if (names && key === 'path') input.setAttribute('list', names.id);
       input.required = itemRequired.includes(key);
       if (numeric) {
         input.type = 'number';
@@ -550,7 +557,21 @@ function rowsField(root, name, prop, list, required) {
   return {
     element: block,
     read: () => (live.length || required ? live.map((row) => row.read()) : undefined),
+    names: names ? (list) => names.replaceChildren(...list.map((value) => new Option(value, value))) : null,
   };
+}
+
+// The operator's LoRAs (GET /v1/loras, for token holders) as suggestions in the LoRA rows.
+// A server without the route, or a token it refuses, leaves the rows without suggestions.
+async function loadLoraNames() {
+  const field = state.fields.find((f) => f.names);
+  if (!field || !token()) return;
+  const gen = state.modelGen;
+  try {
+    const page = await api('GET', '/v1/loras');
+    const list = ((page && page.loras) || []).map((entry) => entry && entry.name).filter((n) => typeof n === 'string');
+    if (gen === state.modelGen) field.names(list);
+  } catch { /* no suggestions */ }
 }
 
 // A choice's values: every variant's enum and const ("auto" or a preset), in order.
@@ -583,7 +604,7 @@ function buildForm(schema) {
   state.fields = Object.entries(schema.properties || {}).map(([name, prop]) => {
     const field = makeField(schema, name, prop || {}, required.includes(name));
     box.append(field.element);
-    return { name, read: field.read, paste: field.paste };
+    return { name, read: field.read, paste: field.paste, names: field.names };
   });
 }
 
@@ -654,7 +675,10 @@ async function loadModel() {
     state.ready = true;
     $('submit').disabled = false;
     setMessage(token() ? '' : 'Paste an API token above to submit.');
-    if (token()) loadGallery(true);
+    if (token()) {
+      loadGallery(true);
+      loadLoraNames();
+    }
   } catch (err) {
     if (gen === state.modelGen) showError(err, 'Loading the model');
   }
@@ -956,6 +980,7 @@ function onTokenChange() {
   setMessage('');
   if (state.pending && state.ready) $('form').requestSubmit();
   loadGallery(true);
+  loadLoraNames();
 }
 
 function start() {
