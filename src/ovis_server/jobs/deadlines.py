@@ -13,9 +13,9 @@ from typing import Any, Protocol
 
 from sqlalchemy import Engine, select, update
 
-from ovis_server.db.picks import locked_pick
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import jobs
+from ovis_server.db.skip_locked import locked_pick
 from ovis_server.jobs.events import record_changes, utcnow
 from ovis_server.jobs.job import JobStatus
 from ovis_server.jobs.sweeper import Sweeper

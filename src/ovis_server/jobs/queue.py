@@ -21,7 +21,7 @@ from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import job_events, jobs, webhook_deliveries
 from ovis_server.jobs.events import record_changes, utcnow
 from ovis_server.jobs.job import CancelOutcome, Job, JobStatus, NewJob
-from ovis_server.jobs.limits import SubmitLimits, check_limits, submit_transaction
+from ovis_server.jobs.quotas import SubmitLimits, check_limits, submit_transaction
 from ovis_server.jobs.rows import job_from_row
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)

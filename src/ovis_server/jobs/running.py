@@ -16,9 +16,9 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, Row, and_, or_, select, update
 
-from ovis_server.db.picks import locked_pick
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import jobs
+from ovis_server.db.skip_locked import locked_pick
 from ovis_server.jobs.events import record_changes, utcnow
 from ovis_server.jobs.job import Job, JobStatus, StoredOutput
 from ovis_server.jobs.rows import job_from_row

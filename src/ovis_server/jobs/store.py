@@ -23,9 +23,9 @@ from ovis_server.db.retry import DEFAULT_RETRY_SECONDS
 from ovis_server.jobs.deadlines import DEADLINE_EXCEEDED, DEADLINE_MESSAGE, DeadlineExpiry
 from ovis_server.jobs.events import utcnow
 from ovis_server.jobs.job import CancelOutcome, Job, JobEvent, JobState, NewJob, StoredOutput
-from ovis_server.jobs.limits import RATE_WINDOW, LimitExceededError, SubmitLimits
 from ovis_server.jobs.queries import JobQueries
 from ovis_server.jobs.queue import IDEMPOTENCY_WINDOW, IdempotencyConflictError, JobQueue
+from ovis_server.jobs.quotas import RATE_WINDOW, LimitExceededError, SubmitLimits
 from ovis_server.jobs.running import LeaseLostError, RunningJobs
 
 __all__ = [
