@@ -7,7 +7,7 @@ owns it:
 - ``queue``: the API's state changes (submit, cancel, delete), each one guarded statement;
 - ``running``: the worker's (claim, progress, lease, finish, release, recover);
 - ``deadlines``: the Cancel-After pass;
-- ``limits``: the submit's limits and the transaction that checks them;
+- ``quotas``: what a submit may not exceed, and the transaction that checks it;
 - ``events``: the event log and webhook outbox, written with each change;
 - ``rows``: rows to dataclasses.
 """
@@ -55,7 +55,7 @@ class JobStore:
         self.running = RunningJobs(engine, retry_seconds)
         self.deadlines = DeadlineExpiry(engine, retry_seconds)
 
-    # --- JobQueries (reads)
+    # --- reads: queries.py
     def get(self, request_id: str) -> Job | None:
         return self.reads.get(request_id)
 
@@ -92,7 +92,7 @@ class JobStore:
     def finished_before(self, cutoff: datetime, limit: int = 500) -> list[Job]:
         return self.reads.finished_before(cutoff, limit)
 
-    # --- JobQueue (queue)
+    # --- the API's changes: queue.py
     def submit(self, job: NewJob, limits: SubmitLimits | None = None) -> Job:
         return self.queue.submit(job, limits)
 
@@ -105,7 +105,7 @@ class JobStore:
     def request_cancel(self, request_id: str) -> tuple[Job, CancelOutcome] | None:
         return self.queue.request_cancel(request_id)
 
-    # --- RunningJobs (running)
+    # --- the worker's changes: running.py
     def set_warnings(self, request_id: str, warnings: Sequence[str]) -> None:
         return self.running.set_warnings(request_id, warnings)
 
@@ -157,6 +157,6 @@ class JobStore:
     def release_dead_worker(self, host: str, pid: int, max_attempts: int) -> int:
         return self.running.release_dead_worker(host, pid, max_attempts)
 
-    # --- DeadlineExpiry (deadlines)
+    # --- Cancel-After: deadlines.py
     def expire_deadlines(self) -> tuple[int, int]:
         return self.deadlines.expire_deadlines()
