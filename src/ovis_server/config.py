@@ -12,78 +12,41 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import platformdirs
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from ovis_server.catalogue.registry import DEFAULT_MODEL_ID, parse_extra_models
-from ovis_server.settings_sources import (
-    ENV_PREFIX,
-    Cli,
-    MappingSource,
-    environment_values,
-    file_values,
+from ovis_server import units
+from ovis_server.memory_profiles import MEMORY_CHOICES as MEMORY_CHOICES
+from ovis_server.memory_profiles import MemoryChoice
+from ovis_server.model_names import (
+    DEFAULT_MODEL_ID,
+    check_model_weights,
+    extra_model_items,
+    model_id_list,
+    parse_model_weights,
 )
-from ovis_server.units import (
-    DAY,
-    DEFAULT_WEBHOOK_SCHEDULE,
-    parse_devices,
-    parse_duration,
-    parse_memory_size,
-    parse_schedule,
-    parse_size,
+from ovis_server.settings_sources import (
+    DATA,
+    DOWNLOAD,
+    ENV_PREFIX,
+    MODEL,
+    SERVE,
+    STORE,
+    WORKER,
+    Cli,
+    ranked_sources,
 )
 
 # How ``serve`` hands the worker it starts its whole Settings, as JSON (not argv: the
 # database URL's password must not show in ``ps``).
 SETTINGS_JSON_ENV = ENV_PREFIX + "SETTINGS_JSON"
 
-# Which commands take a setting: "admin" is the token and db commands.
-SERVE = frozenset({"serve"})
-WORKER = frozenset({"serve", "worker"})
-MODEL = frozenset({"serve", "worker", "generate"})
-STORE = frozenset({"serve", "worker", "admin"})
-DATA = frozenset({"serve", "worker", "generate", "admin", "download"})
-# ``ovis-server download`` takes --model (and the data directory, for ``tiny``).
-DOWNLOAD = frozenset({"download"})
 
-
-def compile_choice(mode: str) -> bool | None:
-    """``--compile auto|on|off``: None lets the engine decide (compile on CUDA)."""
-    return None if mode == "auto" else mode == "on"
-
-
-# ``--memory``: auto, or a profile of ovis_server.engine.memory (kept here free of torch).
-MemoryChoice = Literal[
-    "auto", "full", "text-encoder-offload", "8bit", "group-offload-block", "group-offload-leaf"
-]
-MEMORY_CHOICES: tuple[str, ...] = get_args(MemoryChoice)
 # /metrics tokens are long random strings.
 MIN_METRICS_TOKEN = 16
-
-
-# --model values that mean each served model's own build, whatever its family.
-SHARED_BUILDS = frozenset({"tiny", "random-full"})
-
-
-def parse_model_weights(value: str) -> dict[str, str]:
-    """``--model``'s per-model form, ``ID=WEIGHTS,ID=WEIGHTS``: weights by model name (an id
-    or an alias); empty for a plain value. ValueError naming what is wrong."""
-    if "=" not in value:
-        return {}
-    given: dict[str, str] = {}
-    for item in value.split(","):
-        name, equals, weights = (part.strip() for part in item.partition("="))
-        if not item.strip():
-            continue
-        if not equals or not name or not weights:
-            raise ValueError(f"{item!r}: give ID=WEIGHTS, e.g. aidc-ai/ovis-image=/models/ovis")
-        if name in given:
-            raise ValueError(f"{name!r} is given weights twice")
-        given[name] = weights
-    return given
 
 
 def default_data_dir() -> Path:
@@ -109,7 +72,7 @@ class Settings(BaseSettings):
     """Serve /v1 without tokens. Only on a machine nobody else can reach."""
     no_worker: Annotated[bool, Cli(SERVE)] = False
     """Run the API alone; workers run elsewhere ('ovis-server worker')."""
-    url_ttl_seconds: Annotated[int, Cli(SERVE, name="url-ttl")] = Field(7 * DAY, ge=1)
+    url_ttl_seconds: Annotated[int, Cli(SERVE, name="url-ttl")] = Field(7 * units.DAY, ge=1)
     """Seconds an output file URL stays valid after it is handed out."""
     base_price_usd: Annotated[float, Cli(SERVE)] = Field(0.0, ge=0)
     """Price per output image shown in the catalogue and as each result's cost."""
@@ -121,13 +84,13 @@ class Settings(BaseSettings):
     """Submits per minute per token before 429 (0: no limit)."""
     retention_seconds: Annotated[
         int, Cli(SERVE, name="retention", show_default="7d", metavar="DURATION")
-    ] = 7 * DAY
+    ] = 7 * units.DAY
     """How long finished requests and their files are kept (90s, 12h, 7d...)."""
     cleanup_interval_seconds: Annotated[
         float, Cli(SERVE, name="cleanup-interval", show_default="10m", metavar="DURATION")
     ] = 600.0
     """How often expired requests are looked for."""
-    webhook_retry_schedule: Annotated[str, Cli(SERVE)] = DEFAULT_WEBHOOK_SCHEDULE
+    webhook_retry_schedule: Annotated[str, Cli(SERVE)] = units.DEFAULT_WEBHOOK_SCHEDULE
     """Delays of a webhook's attempts, each after the one before (0 first: at once); a message the
     receiver does not take (2xx within 10 s) by the last is given up."""
     allow_private_webhooks: Annotated[bool, Cli(SERVE)] = False
@@ -272,21 +235,14 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Arguments > ``OVIS_SERVER_*`` > the ``--config`` file > defaults."""
-        environment = environment_values(settings_cls)
-        given = getattr(init_settings, "init_kwargs", {})
-        config = given.get("config_file") or environment.get("config_file")
-        return (
-            init_settings,
-            MappingSource(settings_cls, environment),
-            MappingSource(settings_cls, file_values(settings_cls, config)),
-        )
+        return ranked_sources(settings_cls, init_settings)
 
     @field_validator("retention_seconds", "cleanup_interval_seconds", "stall_timeout_seconds",
                      "swap_after_seconds", mode="before")  # fmt: skip
     @classmethod
     def _duration(cls, value: Any) -> Any:
         if isinstance(value, str):
-            value = parse_duration(value)
+            value = units.parse_duration(value)
         if isinstance(value, int | float) and not value > 0:
             raise ValueError("a duration must be positive")
         return int(value) if isinstance(value, float) else value
@@ -294,74 +250,50 @@ class Settings(BaseSettings):
     @field_validator("webhook_retry_schedule")
     @classmethod
     def _schedule(cls, value: str) -> str:
-        parse_schedule(value)
+        units.parse_schedule(value)
         return value
 
     @field_validator("max_batch", mode="before")
     @classmethod
     def _batch(cls, value: Any) -> str:
-        text = str(value).strip().lower()
-        if text != "auto" and not (text.isdigit() and int(text) >= 1):
-            raise ValueError(f"{value!r} is neither 'auto' nor a whole number from 1")
-        return text
+        return units.parse_batch_size(value)
 
     @field_validator("max_body_size", "max_input_image_size", "max_image_body_size", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
-        return parse_size(value) if isinstance(value, str) else value
+        return units.parse_size(value) if isinstance(value, str) else value
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
     def _hosts(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = value.split(",")
-        if not isinstance(value, list | tuple):
-            return value
-        names = tuple(str(name).strip() for name in value if str(name).strip())
-        for pattern in names:
-            if "*" in pattern[1:] or (pattern.startswith("*") and not pattern.startswith("*.")):
-                raise ValueError(
-                    f"{pattern!r}: a wildcard stands alone or starts a name, as in *.example.com"
-                )
-        return names
+        return units.parse_host_patterns(value) if isinstance(value, list | tuple) else value
 
     @field_validator("devices", mode="before")
     @classmethod
     def _devices(cls, value: Any) -> Any:
         if isinstance(value, list | tuple):
             value = ",".join(str(item) for item in value)
-        return None if value is None else ",".join(parse_devices(str(value)))
+        return None if value is None else ",".join(units.parse_devices(str(value)))
 
     @field_validator("extra_models", mode="before")
     @classmethod
     def _extra_models(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = value.split(",")
-        if isinstance(value, list | tuple):
-            value = tuple(str(item).strip() for item in value if str(item).strip())
-            parse_extra_models(value)
-        return value
+        return extra_model_items(value) if isinstance(value, list | tuple) else value
 
     @field_validator("model_ids", mode="before")
     @classmethod
     def _model_ids(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = (value,)
-        if isinstance(value, list | tuple):
-            names = [part.strip() for item in value for part in str(item).split(",")]
-            value = tuple(dict.fromkeys(name for name in names if name))
-        return value
+        return model_id_list(value) if isinstance(value, list | tuple) else value
 
     @model_validator(mode="after")
     def _weights_per_model(self) -> Settings:
-        if self.model is None or "=" in self.model or self.model in SHARED_BUILDS:
-            parse_model_weights(self.model or "")
-            return self
-        if len(self.model_ids) > 1:
-            raise ValueError(
-                f"--model {self.model!r} with several --model-id: give each model its own "
-                "weights, comma-separated ID=WEIGHTS (tiny and random-full alone serve for all)"
-            )
+        check_model_weights(self.model, self.model_ids)
         return self
 
     @field_validator("gpu_memory")
@@ -369,7 +301,7 @@ class Settings(BaseSettings):
     def _memory_size(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parse_memory_size(value)
+        units.parse_memory_size(value)
         return value.strip()
 
     @field_validator("metrics_token")
@@ -431,15 +363,16 @@ class Settings(BaseSettings):
     @property
     def gpu_memory_bytes(self) -> float | None:
         """``--gpu-memory`` as bytes, or as a fraction of the GPU's memory when at most 1."""
-        return None if self.gpu_memory is None else parse_memory_size(self.gpu_memory)
+        return None if self.gpu_memory is None else units.parse_memory_size(self.gpu_memory)
 
     @property
     def webhook_schedule(self) -> tuple[float, ...]:
-        return parse_schedule(self.webhook_retry_schedule)
+        return units.parse_schedule(self.webhook_retry_schedule)
 
     @property
     def compile_flag(self) -> bool | None:
-        return compile_choice(self.compile)
+        """``--compile auto|on|off``: None lets the engine decide (compile on CUDA)."""
+        return None if self.compile == "auto" else self.compile == "on"
 
     def warms_up(self, compiling: bool) -> bool:
         """``--warmup``: auto warms up when the engine compiles."""

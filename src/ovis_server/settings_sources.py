@@ -17,6 +17,16 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 ENV_PREFIX = "OVIS_SERVER_"
 
 
+# Which commands take a setting: "admin" is the token and db commands.
+SERVE = frozenset({"serve"})
+WORKER = frozenset({"serve", "worker"})
+MODEL = frozenset({"serve", "worker", "generate"})
+STORE = frozenset({"serve", "worker", "admin"})
+DATA = frozenset({"serve", "worker", "generate", "admin", "download"})
+# ``ovis-server download`` takes --model (and the data directory, for ``tiny``).
+DOWNLOAD = frozenset({"download"})
+
+
 @dataclass(frozen=True)
 class Cli:
     """How a Settings field shows on the command line."""
@@ -97,3 +107,18 @@ def file_values(settings_cls: type[BaseSettings], path: Path | str | None) -> di
             raise SettingsFileError(f"config file {path}: there is no setting {key!r}")
         values[field_name] = value
     return values
+
+
+def ranked_sources(
+    settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    """Settings' sources, first the strongest: arguments > ``OVIS_SERVER_*`` > the
+    ``--config`` file (named by an argument or the environment) > defaults."""
+    environment = environment_values(settings_cls)
+    given = getattr(init_settings, "init_kwargs", {})
+    config = given.get("config_file") or environment.get("config_file")
+    return (
+        init_settings,
+        MappingSource(settings_cls, environment),
+        MappingSource(settings_cls, file_values(settings_cls, config)),
+    )

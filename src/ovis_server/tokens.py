@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, RowMapping, func, insert, or_, select, update
 
-from ovis_server.db.keys import shared_secret
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import tokens
+from ovis_server.db.shared_secrets import shared_secret
 
 SECRET_PREFIX = "ovis_"
 HINT_LENGTH = len(SECRET_PREFIX) + 4

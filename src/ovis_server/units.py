@@ -1,9 +1,11 @@
 """The values options take, written as people write them: durations (``90s``, ``7d``), byte
-sizes (``1MiB``), GPU memory (``24GiB`` or a fraction), retry schedules."""
+sizes (``1MiB``), GPU memory (``24GiB`` or a fraction), retry schedules, devices, host
+name patterns."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 DAY = 24 * 3600
 
@@ -107,3 +109,23 @@ def parse_devices(text: str) -> tuple[str, ...]:
                 "plans with that GPU's memory"
             )
     return tuple(normalized)
+
+
+def parse_host_patterns(names: Iterable[object]) -> tuple[str, ...]:
+    """``--allowed-hosts``: the names, stripped, empty ones left out; ValueError for a
+    wildcard anywhere but alone or at the start of a name (``*.example.com``)."""
+    patterns = tuple(str(name).strip() for name in names if str(name).strip())
+    for pattern in patterns:
+        if "*" in pattern[1:] or (pattern.startswith("*") and not pattern.startswith("*.")):
+            raise ValueError(
+                f"{pattern!r}: a wildcard stands alone or starts a name, as in *.example.com"
+            )
+    return patterns
+
+
+def parse_batch_size(value: object) -> str:
+    """``--max-batch``: ``auto``, or a whole number from 1 (as text)."""
+    text = str(value).strip().lower()
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise ValueError(f"{value!r} is neither 'auto' nor a whole number from 1")
+    return text

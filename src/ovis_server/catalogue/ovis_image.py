@@ -28,12 +28,13 @@ from ovis_server.catalogue.text_to_image import MIN_SIDE as MIN_SIDE
 from ovis_server.catalogue.text_to_image import SIZE_MULTIPLE as SIZE_MULTIPLE
 from ovis_server.catalogue.text_to_image import OutputFormat as OutputFormat
 from ovis_server.engine.request import GenerationRequest
+from ovis_server.model_names import OVIS_IMAGE_ALIASES
+from ovis_server.model_names import OVIS_IMAGE_MODEL_ID as OVIS_IMAGE_MODEL_ID
 
 if TYPE_CHECKING:
     from ovis_server.config import Settings
     from ovis_server.engine.pipeline import Engine
 
-OVIS_IMAGE_MODEL_ID = "aidc-ai/ovis-image"
 
 EXAMPLE_PROMPT = (
     "A casually captured spontaneous iPhone photograph featuring an individual standing relaxed "
@@ -129,5 +130,5 @@ OVIS_IMAGE = ModelSpec(
     categories=("text-to-image",),
     owned_by="aidc-ai",
     created=1764547200,  # 2025-12-01
-    aliases=("ovis-image",),
+    aliases=OVIS_IMAGE_ALIASES,
 )

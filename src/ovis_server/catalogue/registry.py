@@ -9,8 +9,7 @@ only their jobs. A known model left out of the list is not offered (a 404, as fo
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -18,6 +17,7 @@ from ovis_server.catalogue.ovis_image import OVIS_IMAGE
 from ovis_server.catalogue.spec import ModelSpec
 from ovis_server.catalogue.z_image import Z_IMAGE_TURBO
 from ovis_server.catalogue.z_image_edit import Z_IMAGE_EDIT
+from ovis_server.model_names import BUILT_IN_NAMES, DEFAULT_MODEL_ID, parse_extra_models
 
 if TYPE_CHECKING:
     from ovis_server.config import Settings
@@ -25,38 +25,16 @@ if TYPE_CHECKING:
 BUILT_IN: tuple[ModelSpec, ...] = (OVIS_IMAGE, Z_IMAGE_TURBO)
 # Variants of built-in models (ModelSpec.variant_of): served whenever their model is.
 VARIANTS: tuple[ModelSpec, ...] = (Z_IMAGE_EDIT,)
-DEFAULT_MODEL_ID = OVIS_IMAGE.model_id
-# Path segments of letters, digits, '.', '_' and '-' (a model id is part of the submit URL);
-# at most the 200 characters the jobs table keeps.
-MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
-MAX_MODEL_ID = 200
-# GET /v1/models/categories is a route of its own.
-RESERVED_IDS = frozenset({"categories"})
+_NAMES = {name for spec in (*BUILT_IN, *VARIANTS) for name in (spec.model_id, *spec.aliases)}
+if _NAMES != BUILT_IN_NAMES:  # pragma: no cover (a model added here but not there)
+    raise ImportError(
+        "the built-in models' names differ from ovis_server.model_names.BUILT_IN_NAMES: "
+        f"{sorted(_NAMES ^ BUILT_IN_NAMES)}"
+    )
 
 
 class UnknownModelError(ValueError):
     """A model id this deployment does not serve."""
-
-
-def parse_extra_models(items: Sequence[str]) -> list[tuple[str, str]]:
-    """``--extra-models``: (model id, weights) of each ``ID=WEIGHTS``; ValueError naming
-    what is wrong (a malformed or taken id, no weights)."""
-    taken = {name for spec in (*BUILT_IN, *VARIANTS) for name in (spec.model_id, *spec.aliases)}
-    pairs = []
-    for item in items:
-        model_id, equals, weights = (part.strip() for part in item.partition("="))
-        if not equals or not weights:
-            raise ValueError(f"{item!r}: give ID=WEIGHTS, e.g. acme/ovis-ft=/models/ovis-ft")
-        if not MODEL_ID_PATTERN.fullmatch(model_id) or len(model_id) > MAX_MODEL_ID:
-            raise ValueError(
-                f"{model_id!r}: a model id is letters, digits, '.', '_' and '-' in "
-                "'/'-separated parts, such as acme/ovis-ft"
-            )
-        if model_id in taken or model_id in RESERVED_IDS:
-            raise ValueError(f"{model_id!r}: that id is taken")
-        taken.add(model_id)
-        pairs.append((model_id, weights))
-    return pairs
 
 
 def extra_model(model_id: str, weights: str) -> ModelSpec:

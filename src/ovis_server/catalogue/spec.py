@@ -165,7 +165,7 @@ class ModelSpec:
         """The engine of this model, as ``settings`` say (the worker's and ``generate``'s).
         Weights named by a hub id are downloaded first if the cache lacks them, with progress
         in the log and in ``report`` (phase downloading); ``stop`` interrupts the download."""
-        from ovis_server.engine.weights import local_weights
+        from ovis_server.engine.download import local_weights
 
         weights = local_weights(
             self.weights(settings), settings.data_dir, report=report, stop=stop, family=self.family

@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ovis_server.catalogue.spec import ModelInput, field_problems
+from ovis_server.engine.request import PIXELS_PER_PATCH
 
 # width x height, the convention fal and RunComfy share.
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -40,8 +41,8 @@ ImageSizePreset = Literal[
 ]
 OutputFormat = Literal["jpeg", "png", "webp"]
 
-# Ovis-Image works on 2x2 patches of an 8x downsampled latent: sides are multiples of 16.
-SIZE_MULTIPLE = 16
+# Sides are whole patches of the latent (the engine's PIXELS_PER_PATCH).
+SIZE_MULTIPLE = PIXELS_PER_PATCH
 MIN_SIDE = 64
 MAX_SIDE = 2048
 # An ``aspect_ratio`` asks for about this many pixels (one megapixel)...

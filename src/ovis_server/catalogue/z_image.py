@@ -28,12 +28,13 @@ from ovis_server.catalogue.text_to_image import (
     ranged,
 )
 from ovis_server.engine.request import GenerationRequest
+from ovis_server.model_names import Z_IMAGE_TURBO_ALIASES
+from ovis_server.model_names import Z_IMAGE_TURBO_MODEL_ID as Z_IMAGE_TURBO_MODEL_ID
 
 if TYPE_CHECKING:
     from ovis_server.config import Settings
     from ovis_server.engine.pipeline import Engine
 
-Z_IMAGE_TURBO_MODEL_ID = "tongyi-mai/z-image/turbo"
 Z_IMAGE_FAMILY = "z-image"  # engine/families/z_image.py
 MAX_STEPS = 8  # the turbo model is distilled to 8 steps
 EXAMPLE_PROMPT = (
@@ -110,6 +111,6 @@ Z_IMAGE_TURBO = ModelSpec(
     categories=("text-to-image",),
     owned_by="tongyi-mai",
     created=1764201600,  # 2025-11-27, its release
-    aliases=("z-image-turbo",),
+    aliases=Z_IMAGE_TURBO_ALIASES,
     family=Z_IMAGE_FAMILY,
 )

@@ -43,8 +43,8 @@ from ovis_server.catalogue.z_image import (
     Z_IMAGE_TURBO_MODEL_ID,
 )
 from ovis_server.engine.request import GenerationRequest, steps_to_run
+from ovis_server.model_names import Z_IMAGE_EDIT_MODEL_ID
 
-Z_IMAGE_EDIT_MODEL_ID = f"{Z_IMAGE_TURBO_MODEL_ID}/image-to-image"
 # What image_url becomes in the job row once the image is stored (the worker reads the
 # file store's "<request id>/input-0.png"); a client cannot send it (not https nor data:).
 STORED_IMAGE_REFERENCE = "stored:input-0.png"

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ovis_server.catalogue.registry import DEFAULT_MODEL_ID, ModelRegistry, UnknownModelError
+from ovis_server.catalogue.registry import ModelRegistry, UnknownModelError
 from ovis_server.cli.options import settings_options
 from ovis_server.config import Settings
+from ovis_server.model_names import DEFAULT_MODEL_ID
 
 if TYPE_CHECKING:
     from ovis_server.tokens import TokenStore

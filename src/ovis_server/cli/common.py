@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ovis_server.catalogue.ovis_image import IMAGE_SIZE_PRESETS
+from ovis_server.catalogue.text_to_image import IMAGE_SIZE_PRESETS
 
 SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ovis_server.catalogue.ovis_image import IMAGE_SIZE_PRESETS
-from ovis_server.catalogue.registry import DEFAULT_MODEL_ID
+from ovis_server.catalogue.text_to_image import IMAGE_SIZE_PRESETS
 from ovis_server.cli.common import SUFFIX_FORMATS, output_options, parse_image_size
+from ovis_server.model_names import DEFAULT_MODEL_ID
 from ovis_server.settings_sources import ENV_PREFIX
 
 if TYPE_CHECKING:

@@ -12,9 +12,9 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
-from ovis_server.catalogue.ovis_image import IMAGE_SIZE_PRESETS
 from ovis_server.catalogue.registry import ModelRegistry, UnknownModelError
 from ovis_server.catalogue.spec import ModelSpec, field_problems
+from ovis_server.catalogue.text_to_image import IMAGE_SIZE_PRESETS, SIZE_MULTIPLE
 from ovis_server.cli.common import (
     SUFFIX_FORMATS,
     configure_logging,
@@ -212,7 +212,7 @@ def name_log_lines(name: str) -> None:
     "--image-size",
     default="landscape_4_3",
     show_default=True,
-    help=f"One of {', '.join(IMAGE_SIZE_PRESETS)}, or WIDTHxHEIGHT (multiples of 16).",
+    help=f"One of {', '.join(IMAGE_SIZE_PRESETS)}, or WIDTHxHEIGHT (multiples of {SIZE_MULTIPLE}).",
 )
 @click.option(
     "--num-inference-steps", "--steps", type=int, default=None,

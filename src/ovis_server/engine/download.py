@@ -38,7 +38,15 @@ from ovis_server.engine.download_progress import (
     their_progress,
     write_progress,
 )
-from ovis_server.engine.weights import MODEL_INDEX, PhaseReport, WeightsNotFoundError
+from ovis_server.engine.weights import (
+    MODEL_INDEX,
+    PhaseReport,
+    WeightsNotFoundError,
+    cache_folder,
+    cached_snapshot,
+    is_hub_id,
+    resolve_weights,
+)
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -100,41 +108,6 @@ def select_files(sizes: dict[str, int], model_index: dict[str, Any]) -> dict[str
 
 def _pickled(name: str) -> bool:
     return name.endswith(_PICKLED) or any(f"{suffix}.index" in name for suffix in _PICKLED)
-
-
-def cache_folder(repo_id: str, cache_dir: str | Path | None = None) -> Path:
-    """The repository's folder in the hub cache (``models--owner--name``)."""
-    from huggingface_hub import constants
-
-    root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
-    return root / ("models--" + repo_id.replace("/", "--"))
-
-
-def cached_snapshot(repo_id: str, cache_dir: str | Path | None = None) -> Path | None:
-    """The cached snapshot of the repository's main revision, if it holds every component
-    ``model_index.json`` names (and every shard their safetensors indexes list); found
-    without the hub."""
-    storage = cache_folder(repo_id, cache_dir)
-    try:
-        commit = (storage / "refs" / "main").read_text().strip()
-        folder = storage / "snapshots" / commit
-        model_index = json.loads((folder / MODEL_INDEX).read_text())
-    except (OSError, ValueError):
-        return None
-    for name, value in model_index.items():
-        if name.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
-            continue
-        component = folder / name
-        if not component.is_dir() or not any(component.iterdir()):
-            return None
-        for index in component.glob("*.index.json"):
-            try:
-                shards = set(json.loads(index.read_text())["weight_map"].values())
-            except (OSError, ValueError, KeyError, AttributeError):
-                return None
-            if not all((component / shard).is_file() for shard in shards):
-                return None
-    return folder
 
 
 @dataclass(frozen=True)
@@ -384,3 +357,19 @@ def _download(
         f"downloaded {repo_id}: {size_text(fetched)} in {duration_text(seconds)} "
         f"({size_text(fetched / max(seconds, 1e-3))}/s)"
     )
+
+
+def local_weights(
+    model: str,
+    data_dir: Path,
+    *,
+    report: PhaseReport | None = None,
+    stop: threading.Event | None = None,
+    family: str | None = None,
+) -> str:
+    """``resolve_weights``, then, for a hub id, the snapshot folder in the Hugging Face cache,
+    downloaded first if the cache lacks files (progress in the log and in ``report``)."""
+    weights = resolve_weights(model, data_dir, family)
+    if not is_hub_id(weights):
+        return weights
+    return fetch_weights(weights, report=report, stop=stop).folder

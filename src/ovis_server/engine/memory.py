@@ -21,7 +21,6 @@ and scaled by pixels, batch, dtype and parameter count (so the tiny model gets t
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -29,34 +28,13 @@ from typing import Any
 
 import torch
 
+from ovis_server.memory_profiles import AUTO as AUTO
+from ovis_server.memory_profiles import MEMORY_CHOICES as MEMORY_CHOICES
+from ovis_server.memory_profiles import MemoryProfile as MemoryProfile
+
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
-AUTO = "auto"
-
-
-class MemoryProfile(enum.StrEnum):
-    FULL = "full"
-    TEXT_ENCODER_OFFLOAD = "text-encoder-offload"
-    EIGHT_BIT = "8bit"
-    GROUP_OFFLOAD_BLOCK = "group-offload-block"
-    GROUP_OFFLOAD_LEAF = "group-offload-leaf"
-
-    @property
-    def keeps_image(self) -> bool:
-        """Whether the same seed gives the ``full`` image (offloading changes no arithmetic)."""
-        return self is not MemoryProfile.EIGHT_BIT
-
-    @property
-    def offloads_groups(self) -> bool:
-        return self in (MemoryProfile.GROUP_OFFLOAD_BLOCK, MemoryProfile.GROUP_OFFLOAD_LEAF)
-
-    @property
-    def offloads_text_encoder(self) -> bool:
-        return self in (MemoryProfile.TEXT_ENCODER_OFFLOAD, MemoryProfile.EIGHT_BIT)
-
-
-MEMORY_CHOICES = (AUTO, *(profile.value for profile in MemoryProfile))  # config.MEMORY_CHOICES
 
 
 class MemoryProfileError(ValueError):

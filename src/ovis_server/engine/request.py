@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Ovis-Image turns an 8x downsampled latent into 2x2 patches.
+# Ovis-Image and Z-Image turn an 8x downsampled latent into 2x2 patches: an image's sides
+# are multiples of 16 (the catalogue's SIZE_MULTIPLE).
 PIXELS_PER_PATCH = 16
 
 

@@ -1,20 +1,17 @@
 """Where the weights come from: a hub id, a local diffusers directory, ``tiny`` or
 ``random-full``. A hub id's weights are fetched into the Hugging Face cache first
-(engine/download.py)."""
+(engine/download.py, whose ``local_weights`` gives what to load)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from ovis_server.engine.tiny import write_tiny_checkpoint
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 
@@ -103,19 +100,36 @@ class PhaseReport(Protocol):
     def progress(self, progress: Progress, *, force: bool = False) -> None: ...
 
 
-def local_weights(
-    model: str,
-    data_dir: Path,
-    *,
-    report: PhaseReport | None = None,
-    stop: threading.Event | None = None,
-    family: str | None = None,
-) -> str:
-    """``resolve_weights``, then, for a hub id, the snapshot folder in the Hugging Face cache,
-    downloaded first if the cache lacks files (progress in the log and in ``report``)."""
-    from ovis_server.engine.download import fetch_weights
+def cache_folder(repo_id: str, cache_dir: str | Path | None = None) -> Path:
+    """The repository's folder in the hub cache (``models--owner--name``)."""
+    from huggingface_hub import constants
 
-    weights = resolve_weights(model, data_dir, family)
-    if not is_hub_id(weights):
-        return weights
-    return fetch_weights(weights, report=report, stop=stop).folder
+    root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    return root / ("models--" + repo_id.replace("/", "--"))
+
+
+def cached_snapshot(repo_id: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The cached snapshot of the repository's main revision, if it holds every component
+    ``model_index.json`` names (and every shard their safetensors indexes list); found
+    without the hub."""
+    storage = cache_folder(repo_id, cache_dir)
+    try:
+        commit = (storage / "refs" / "main").read_text().strip()
+        folder = storage / "snapshots" / commit
+        model_index = json.loads((folder / MODEL_INDEX).read_text())
+    except (OSError, ValueError):
+        return None
+    for name, value in model_index.items():
+        if name.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
+            continue
+        component = folder / name
+        if not component.is_dir() or not any(component.iterdir()):
+            return None
+        for index in component.glob("*.index.json"):
+            try:
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, AttributeError):
+                return None
+            if not all((component / shard).is_file() for shard in shards):
+                return None
+    return folder

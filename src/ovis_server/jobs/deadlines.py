@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import Engine, select, update
 
-from ovis_server.db.picks import locked_pick
-from ovis_server.db.retry import retried
+from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import jobs
+from ovis_server.db.skip_locked import locked_pick
 from ovis_server.jobs.events import record_changes, utcnow
 from ovis_server.jobs.job import JobStatus
-from ovis_server.jobs.queries import JobQueries
 from ovis_server.jobs.sweeper import Sweeper
-
-if TYPE_CHECKING:
-    from ovis_server.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +28,13 @@ DEADLINE_EXCEEDED = "deadline_exceeded"
 DEADLINE_MESSAGE = "the request did not complete before its Cancel-After deadline; it was cancelled"
 
 
-class DeadlineExpiry(JobQueries):
+class DeadlineExpiry:
     """The store's deadline pass (a part of ``JobStore``)."""
+
+    def __init__(self, engine: Engine, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
+        self.engine = engine
+        # How long a call retries a locked or unreachable database before it raises.
+        self.retry_seconds = retry_seconds
 
     @retried
     def expire_deadlines(self) -> tuple[int, int]:
@@ -74,12 +75,18 @@ class DeadlineExpiry(JobQueries):
         return locked_pick(found, f"past_deadline_{status.value}")
 
 
+class ExpiresDeadlines(Protocol):
+    """What the sweeper runs: ``JobStore``, or its ``DeadlineExpiry`` alone."""
+
+    def expire_deadlines(self) -> tuple[int, int]: ...
+
+
 class DeadlineSweeper(Sweeper):
     """Runs the deadline pass about once a second."""
 
     name = "deadlines"
 
-    def __init__(self, store: JobStore, interval_seconds: float = SWEEP_SECONDS) -> None:
+    def __init__(self, store: ExpiresDeadlines, interval_seconds: float = SWEEP_SECONDS) -> None:
         super().__init__(interval_seconds)
         self.store = store
 

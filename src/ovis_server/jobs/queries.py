@@ -53,7 +53,7 @@ def utcnow() -> datetime:
 
 
 class JobQueries:
-    """Read jobs and their events (the base of ``JobStore``, which also changes them)."""
+    """Read jobs and their events (a part of ``JobStore``, which also changes them)."""
 
     def __init__(self, engine: Engine, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
         self.engine = engine

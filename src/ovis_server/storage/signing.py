@@ -9,7 +9,7 @@ import time
 
 from sqlalchemy import Engine
 
-from ovis_server.db.keys import shared_secret
+from ovis_server.db.shared_secrets import shared_secret
 
 # The name of the signing key in the server_keys table, shared by every API replica.
 URL_SIGNING_KEY = "url_signing"

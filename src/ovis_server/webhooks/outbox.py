@@ -18,8 +18,8 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, func, or_, select, update
 
-from ovis_server.db.picks import locked_pick
 from ovis_server.db.schema import webhook_deliveries as deliveries
+from ovis_server.db.skip_locked import locked_pick
 from ovis_server.jobs.events import utcnow
 from ovis_server.jobs.job import DeliveryState, JobStatus
 from ovis_server.jobs.rows import from_row
