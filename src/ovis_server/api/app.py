@@ -19,26 +19,33 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server import __version__
-from ovis_server.api import files, openai_images, playground, routes
+from ovis_server.api import files, playground
 from ovis_server.api.auth import authorize_metrics
-from ovis_server.api.bodies import BodyRenderer
 from ovis_server.api.capacity import SizeCapacity, worker_max_pixels
-from ovis_server.api.catalogue_pages import CataloguePages
 from ovis_server.api.errors import install_error_handlers
-from ovis_server.api.limits import AllowedHosts, BodySizeLimit, ConnectionLimit, TokenSlots
 from ovis_server.api.metrics import Metrics, OvisCollector
-from ovis_server.api.owned_requests import OwnedRequests
-from ovis_server.api.protocol import (
+from ovis_server.api.middleware.body_size import (
+    AllowedHosts,
+    BodySizeLimit,
+    ConnectionLimit,
+    TokenSlots,
+)
+from ovis_server.api.middleware.security_headers import SecurityHeadersMiddleware
+from ovis_server.api.openai import serving as openai_images
+from ovis_server.api.runcomfy import routes
+from ovis_server.api.runcomfy.catalogue import CataloguePages
+from ovis_server.api.runcomfy.protocol import (
     Health,
     Readiness,
     WorkerModel,
     WorkerProgress,
     WorkerReadiness,
 )
-from ovis_server.api.security import SecurityHeadersMiddleware
-from ovis_server.api.status_path import StatusShortPath
+from ovis_server.api.runcomfy.rendering import BodyRenderer
+from ovis_server.api.runcomfy.requests import OwnedRequests
+from ovis_server.api.runcomfy.status_path import StatusShortPath
+from ovis_server.api.runcomfy.submissions import Submissions
 from ovis_server.api.stream import StatusHub
-from ovis_server.api.submissions import Submissions
 from ovis_server.catalogue.registry import ModelRegistry
 from ovis_server.config import Settings
 from ovis_server.db.connect import (

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ovis_server.api.protocol import ErrorBody
+from ovis_server.api.runcomfy.protocol import ErrorBody
 from ovis_server.catalogue import field_problems
 
 logger = logging.getLogger(__name__)

@@ -16,12 +16,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ovis_server.api.bodies import request_urls
 from ovis_server.api.capacity import SizeCapacity
-from ovis_server.api.catalogue_pages import CataloguePages
 from ovis_server.api.errors import INVALID_INPUT, ApiError, too_many, validation_failed
-from ovis_server.api.limits import check_json_depth
-from ovis_server.api.protocol import SubmitResponse
+from ovis_server.api.middleware.body_size import check_json_depth
+from ovis_server.api.runcomfy.catalogue import CataloguePages
+from ovis_server.api.runcomfy.protocol import SubmitResponse
+from ovis_server.api.runcomfy.rendering import request_urls
 from ovis_server.catalogue.spec import ModelInput, ModelSpec
 from ovis_server.catalogue.z_image_edit import input_image_key
 from ovis_server.config import Settings

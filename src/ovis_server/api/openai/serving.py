@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ovis_server.api.auth import Caller, authenticate
-from ovis_server.api.bodies import BodyRenderer
 from ovis_server.api.errors import MODEL_NOT_FOUND, ApiError
-from ovis_server.api.routes import base_url, owned_requests, submissions
+from ovis_server.api.runcomfy.rendering import BodyRenderer
+from ovis_server.api.runcomfy.routes import base_url, owned_requests, submissions
 from ovis_server.api.stream import StatusHub, wait_final
 from ovis_server.catalogue.ovis_image import (
     MAX_SIDE,

@@ -11,11 +11,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ovis_server.api.auth import Caller, authenticate
-from ovis_server.api.bodies import wire_json
-from ovis_server.api.catalogue_pages import CataloguePages
-from ovis_server.api.limits import hold_slot, read_body
-from ovis_server.api.owned_requests import OwnedRequests
-from ovis_server.api.protocol import (
+from ovis_server.api.middleware.body_size import hold_slot, read_body
+from ovis_server.api.runcomfy.catalogue import CataloguePages
+from ovis_server.api.runcomfy.protocol import (
     CancelResponse,
     CatalogueQuery,
     CategoryList,
@@ -27,8 +25,10 @@ from ovis_server.api.protocol import (
     StatusResponse,
     SubmitResponse,
 )
+from ovis_server.api.runcomfy.rendering import wire_json
+from ovis_server.api.runcomfy.requests import OwnedRequests
+from ovis_server.api.runcomfy.submissions import Submissions
 from ovis_server.api.stream import StatusHub, status_events, wait_final
-from ovis_server.api.submissions import Submissions
 from ovis_server.webhooks.params import Webhook
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
