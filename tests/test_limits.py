@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from ovis_server.api.middleware.access_log import redact_query
-from ovis_server.api.middleware.body_size import json_depth
+from ovis_server.api.request_body import json_depth
 from ovis_server.units import parse_size
 
 from .helpers import InProcessServer, ServerFactory, create_token, start_server, submit, wait_for

@@ -24,13 +24,11 @@ from ovis_server.api.auth import authorize_metrics
 from ovis_server.api.capacity import SizeCapacity, worker_max_pixels
 from ovis_server.api.errors import install_error_handlers
 from ovis_server.api.metrics import Metrics, OvisCollector
-from ovis_server.api.middleware.body_size import (
-    AllowedHosts,
-    BodySizeLimit,
-    ConnectionLimit,
-    TokenSlots,
-)
+from ovis_server.api.middleware.allowed_hosts import AllowedHosts
+from ovis_server.api.middleware.body_size import BodySizeLimit
+from ovis_server.api.middleware.connections import ConnectionLimit
 from ovis_server.api.middleware.security_headers import SecurityHeadersMiddleware
+from ovis_server.api.middleware.token_slots import TokenSlots
 from ovis_server.api.openai import serving as openai_images
 from ovis_server.api.runcomfy import routes
 from ovis_server.api.runcomfy.catalogue import CataloguePages

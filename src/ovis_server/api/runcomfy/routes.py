@@ -11,7 +11,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ovis_server.api.auth import Caller, authenticate
-from ovis_server.api.middleware.body_size import hold_slot, read_body
+from ovis_server.api.middleware.token_slots import hold_slot
+from ovis_server.api.request_body import read_body
 from ovis_server.api.runcomfy.catalogue import CataloguePages
 from ovis_server.api.runcomfy.protocol import (
     CancelResponse,

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from ovis_server.api.capacity import SizeCapacity
 from ovis_server.api.errors import INVALID_INPUT, ApiError, too_many, validation_failed
-from ovis_server.api.middleware.body_size import check_json_depth
+from ovis_server.api.request_body import check_json_depth
 from ovis_server.api.runcomfy.catalogue import CataloguePages
 from ovis_server.api.runcomfy.protocol import SubmitResponse
 from ovis_server.api.runcomfy.rendering import request_urls
