@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 BUILT_IN: tuple[ModelSpec, ...] = (OVIS_IMAGE, Z_IMAGE_TURBO)
 # Variants of built-in models (ModelSpec.variant_of): served whenever their model is.
 VARIANTS: tuple[ModelSpec, ...] = (Z_IMAGE_EDIT,)
-DEFAULT_MODEL_ID = OVIS_IMAGE.model_id
+DEFAULT_MODEL = OVIS_IMAGE
+DEFAULT_MODEL_ID = DEFAULT_MODEL.model_id
 # Path segments of letters, digits, '.', '_' and '-' (a model id is part of the submit URL);
 # at most the 200 characters the jobs table keeps.
 MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")

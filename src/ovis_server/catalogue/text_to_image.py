@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ovis_server.catalogue.spec import ModelInput, field_problems
+from ovis_server.catalogue.spec import ImageSizes, ModelInput, field_problems
 
 # width x height, the convention fal and RunComfy share.
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -114,6 +114,9 @@ class TextToImageInput(ModelInput):
 
     # Whether image_size may be "auto" (sized from an input image: z_image_edit.py).
     AUTO_IMAGE_SIZE: ClassVar[bool] = False
+    SIZES: ClassVar[ImageSizes | None] = ImageSizes(
+        SIZE_MULTIPLE, MIN_SIDE, MAX_SIDE, IMAGE_SIZE_PRESETS
+    )
 
     if TYPE_CHECKING:
         image_size: ImageSizePreset | ImageDimensions

@@ -1,5 +1,5 @@
 """The /v1 endpoints: thin handlers over the catalogue pages, submissions and a token's
-requests (catalogue_pages.py, submissions.py, owned_requests.py)."""
+requests (catalogue.py, submissions.py, requests.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from ovis_server.api.runcomfy.protocol import (
 from ovis_server.api.runcomfy.rendering import wire_json
 from ovis_server.api.runcomfy.requests import OwnedRequests
 from ovis_server.api.runcomfy.submissions import Submissions
+from ovis_server.api.state import base_url
 from ovis_server.api.stream import StatusHub, status_events, wait_final
 from ovis_server.webhooks.params import Webhook
 
@@ -61,12 +62,6 @@ def submissions(request: Request) -> Submissions:
 def owned_requests(request: Request) -> OwnedRequests:
     requests: OwnedRequests = request.app.state.requests
     return requests
-
-
-def base_url(request: Request) -> str:
-    """Absolute URLs start here: --public-url behind a proxy, else what the client called."""
-    configured: str | None = request.app.state.settings.public_url
-    return (configured or str(request.base_url)).rstrip("/")
 
 
 @router.get("/models", responses=_ERRORS, response_model_exclude_none=True)

@@ -219,7 +219,8 @@ class Submissions:
         """The job in the queue (its size checked against the workers first)."""
         generation = validated.to_generation_request(seed)
         if self.capacity is not None:
-            self.capacity.check(spec.model_id, generation.width, generation.height)
+            multiple = spec.sizes.multiple if spec.sizes else 1
+            self.capacity.check(spec.model_id, generation.width, generation.height, multiple)
         new_job = NewJob(
             id=request_id,
             token_id=token_id,
