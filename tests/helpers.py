@@ -21,8 +21,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from ovis_server.api.access_log import redact_access_log
-from ovis_server.api.app import ApiServer, create_app, server_config
+from ovis_server.api.app import create_app
+from ovis_server.api.middleware.access_log import redact_access_log
+from ovis_server.api.server import ApiServer, server_config
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.stats import StatsReader

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from ovis_server.api.capacity import SizeCapacity, largest_fitting, suggested_square
+from ovis_server.api.errors import ApiError
+from ovis_server.catalogue import OVIS_IMAGE
 from ovis_server.db.connect import connect, migrate, sqlite_url
 from ovis_server.engine import memory
 from ovis_server.engine.memory import GiB, MemoryProfile, ModelSizes, largest_image_pixels
@@ -47,8 +49,8 @@ def test_the_tiny_engine_on_a_cpu_has_no_limit(engine: Engine) -> None:
 
 
 def test_suggested_square() -> None:
-    assert suggested_square(512 * 512) == 512
-    assert suggested_square(512 * 512 - 1) == 496
+    assert suggested_square(512 * 512, multiple=16) == 512
+    assert suggested_square(512 * 512 - 1, multiple=16) == 496
 
 
 OVIS_MODEL_ID = "aidc-ai/ovis-image"
@@ -82,6 +84,22 @@ def test_capacity_reads_the_workers_table_at_most_once_a_second(tmp_path: Path) 
     assert largest_fitting(capacity.workers(), "aidc-ai/ovis-image") == 512 * 512
     assert largest_fitting(capacity.workers(), "someone/other") == 256 * 256
     assert largest_fitting(capacity.workers(), "nobody/serves-this") is None
+
+
+def test_the_suggested_size_takes_the_models_side_multiple(tmp_path: Path) -> None:
+    """The 422's example size is a square whose side is a multiple of the model's own
+    (``ModelSpec.sizes``), as the submit passes it: 496, not 511, for Ovis-Image."""
+    db = connect(sqlite_url(tmp_path))
+    migrate(db)
+    registry = WorkerRegistry(db)
+    fake_worker(registry, "small", max_pixels=512 * 512 - 1)
+    sizes = OVIS_IMAGE.sizes
+    assert sizes is not None
+    assert sizes.multiple == 16
+    with pytest.raises(ApiError, match="such as 496x496"):
+        SizeCapacity(registry, alive_within=60).check(OVIS_MODEL_ID, 2048, 2048, sizes.multiple)
+    with pytest.raises(ApiError, match="such as 511x511"):
+        SizeCapacity(registry, alive_within=60).check(OVIS_MODEL_ID, 2048, 2048)
 
 
 def test_too_large_a_size_is_refused_at_submit(

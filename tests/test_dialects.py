@@ -19,7 +19,10 @@ import openai
 import pytest
 from PIL import Image
 
-from ovis_server.catalogue import OvisImageInput
+from ovis_server.api.openai.errors import OpenAIError
+from ovis_server.api.openai.serving import requested_size
+from ovis_server.catalogue import OVIS_IMAGE, OvisImageInput
+from ovis_server.catalogue.spec import ImageSizes
 from ovis_server.storage.local import LocalFileStore
 from ovis_server.storage.s3 import S3FileStore
 from ovis_server.storage.signing import UrlSigner
@@ -497,3 +500,21 @@ def test_readme_examples_run_as_written(
     for name, size in images.items():
         with Image.open(tmp_path / name) as image:
             assert image.size == size
+
+
+def test_openai_sizes_are_judged_by_the_models_spec() -> None:
+    """``size`` is checked against the served model's ``ModelSpec.sizes``, not constants of
+    one family; a model without sizes judges a WxH itself."""
+    assert OVIS_IMAGE.sizes is not None
+    assert requested_size("1024x768", OVIS_IMAGE.sizes) == {"width": 1024, "height": 768}
+    coarse = ImageSizes(multiple=32, min_side=64, max_side=512, presets={})
+    assert requested_size("128x64", coarse) == {"width": 128, "height": 64}
+    assert requested_size("auto", coarse) == "square_hd"
+    with pytest.raises(OpenAIError, match="multiples of 32 from 64 to 512") as refused:
+        requested_size("1024x1024", coarse)
+    assert refused.value.param == "size"
+    with pytest.raises(OpenAIError, match="multiples of 32"):
+        requested_size("80x64", coarse)
+    assert requested_size("1000x7", None) == {"width": 1000, "height": 7}
+    with pytest.raises(OpenAIError, match="Invalid size"):
+        requested_size("large", None)

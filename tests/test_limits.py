@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from ovis_server.api.access_log import redact_query
-from ovis_server.api.limits import json_depth
+from ovis_server.api.middleware.access_log import redact_query
+from ovis_server.api.request_body import json_depth
 from ovis_server.units import parse_size
 
 from .helpers import InProcessServer, ServerFactory, create_token, start_server, submit, wait_for

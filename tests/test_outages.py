@@ -357,7 +357,7 @@ def test_token_verification_is_cached_for_at_most_its_window(tmp_path: Path) -> 
 
 
 def test_readyz_shows_a_workers_problem_only_in_plain_words() -> None:
-    from ovis_server.api.app import public_problem
+    from ovis_server.api.ops import public_problem
 
     plain = "the worker cannot write outputs: No space left on device"
     assert public_problem(plain) == plain

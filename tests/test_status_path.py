@@ -1,4 +1,4 @@
-"""The status call's short path (api/status_path.py) answers exactly as the FastAPI route
+"""The status call's short path (api/runcomfy/status_path.py) answers exactly as the FastAPI route
 it stands in front of: the same bodies, codes and headers."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ovis_server.api.app import worker_readiness
+from ovis_server.api.ops import worker_readiness
 from ovis_server.db.connect import connect, migrate
 from ovis_server.engine.weights import Progress
 from ovis_server.jobs.workers import WorkerRegistry, WorkerState

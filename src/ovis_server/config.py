@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     metrics_public: Annotated[bool, Cli(SERVE)] = False
     """Serve /metrics to anyone, without a token. Only where nobody else can connect."""
     log_level: Annotated[Literal["debug", "info", "warning", "error"], Cli(WORKER)] = "info"
-    # The HTTP edge (see api/limits.py); 0 turns a cap off, no allowed_hosts allows any.
+    # The HTTP edge (see api/middleware/); 0 turns a cap off, no allowed_hosts allows any.
     max_body_size: Annotated[int, Cli(SERVE, show_default="1MiB", metavar="SIZE")] = 1024 * 1024
     """Largest request body taken (1048576, 512KiB, 1MiB); larger ones get 413 unread (0: no
     limit)."""

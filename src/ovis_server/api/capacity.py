@@ -27,8 +27,6 @@ from ovis_server.jobs.workers import WorkerInfo, WorkerRegistry
 logger = logging.getLogger(__name__)
 
 CACHE_SECONDS = 1.0
-# Image sides are multiples of this (catalogue.SIZE_MULTIPLE): the suggested size is too.
-SIDE_MULTIPLE = 16
 
 
 def worker_models(worker: WorkerInfo) -> list[str]:
@@ -68,14 +66,15 @@ def largest_fitting(workers: Sequence[WorkerInfo], model_id: str) -> int | None:
     return max(limit for limit in limits if limit is not None)
 
 
-def suggested_square(pixels: int) -> int:
-    """The side of the largest square, in multiples of 16, within ``pixels``."""
-    return (math.isqrt(pixels) // SIDE_MULTIPLE) * SIDE_MULTIPLE
+def suggested_square(pixels: int, multiple: int = 1) -> int:
+    """The side of the largest square, in multiples of ``multiple`` (the model's side
+    multiple, ``ModelSpec.sizes``), within ``pixels``."""
+    return (math.isqrt(pixels) // multiple) * multiple
 
 
-def image_too_large(width: int, height: int, largest: int) -> ApiError:
-    side = suggested_square(largest)
-    example = f", such as {side}x{side}" if side >= SIDE_MULTIPLE else ""
+def image_too_large(width: int, height: int, largest: int, multiple: int = 1) -> ApiError:
+    side = suggested_square(largest, multiple)
+    example = f", such as {side}x{side}" if side >= multiple else ""
     message = (
         f"image_size: {width}x{height} ({width * height:,} pixels) does not fit the GPU "
         f"memory of this server's workers: the largest image that fits has {largest:,} "
@@ -115,8 +114,9 @@ class SizeCapacity:
                 self._read_at = now
             return self._workers
 
-    def check(self, model_id: str, width: int, height: int) -> None:
-        """Raise a 422 if ``width`` x ``height`` is larger than every ready worker fits."""
+    def check(self, model_id: str, width: int, height: int, multiple: int = 1) -> None:
+        """Raise a 422 if ``width`` x ``height`` is larger than every ready worker fits
+        (suggesting a square whose side is a multiple of ``multiple``, the model's)."""
         largest = largest_fitting(self.workers(), model_id)
         if largest is not None and width * height > largest:
-            raise image_too_large(width, height, largest)
+            raise image_too_large(width, height, largest, multiple)

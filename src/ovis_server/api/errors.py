@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ovis_server.api.protocol import ErrorBody
+from ovis_server.api.runcomfy.protocol import ErrorBody
 from ovis_server.catalogue import field_problems
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ TOO_MANY = 429001
 STORE_UNAVAILABLE = 503001
 # A locked database or a PostgreSQL failover is usually over within seconds.
 STORE_RETRY_AFTER_SECONDS = 5
-# The HTTP edge (api/limits.py). 503002 is ours: the contract's 503001 means the job store
+# The HTTP edge (api/middleware/). 503002 is ours: the contract's 503001 means the job store
 # is briefly unavailable, while this is the server refusing more requests at once.
 HOST_REFUSED = 400000
 BODY_TOO_LARGE = 413001

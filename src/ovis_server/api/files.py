@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from ovis_server.api.errors import LINK_REFUSED, ApiError, request_not_found
-from ovis_server.api.protocol import ErrorBody
+from ovis_server.api.runcomfy.protocol import ErrorBody
 from ovis_server.storage.base import KEY_PATTERN
 from ovis_server.storage.local import FILE_ROUTE, LocalFileStore
 

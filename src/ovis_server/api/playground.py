@@ -21,8 +21,9 @@ from PIL import Image
 from pydantic import BaseModel
 
 from ovis_server.api.files import signed_file
-from ovis_server.api.protocol import CatalogueQuery, ModelDetail, ModelList, ResultResponse
-from ovis_server.api.routes import CallerDep, base_url, catalogue, owned_requests
+from ovis_server.api.runcomfy.protocol import CatalogueQuery, ModelDetail, ModelList, ResultResponse
+from ovis_server.api.runcomfy.routes import CallerDep, catalogue, owned_requests
+from ovis_server.api.state import base_url
 
 STATIC = Path(__file__).parent / "static"
 THUMBNAIL_ROUTE = "/playground/thumbnails"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 
-from ovis_server.api.bodies import BodyRenderer, wire_json
+from ovis_server.api.runcomfy.rendering import BodyRenderer, wire_json
 from ovis_server.jobs.job import Job, JobEvent, JobStatus
 from ovis_server.jobs.store import JobStore
 from ovis_server.tokens import TokenStore

@@ -31,6 +31,7 @@ if _NAMES != BUILT_IN_NAMES:  # pragma: no cover (a model added here but not the
         "the built-in models' names differ from ovis_server.model_names.BUILT_IN_NAMES: "
         f"{sorted(_NAMES ^ BUILT_IN_NAMES)}"
     )
+DEFAULT_MODEL = OVIS_IMAGE
 
 
 class UnknownModelError(ValueError):

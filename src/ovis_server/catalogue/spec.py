@@ -68,12 +68,25 @@ def field_problems(errors: Iterable[Mapping[str, Any]], empty: str = "body") -> 
     ]
 
 
+@dataclass(frozen=True)
+class ImageSizes:
+    """The image sizes a model makes: sides that are multiples of ``multiple`` from
+    ``min_side`` to ``max_side``, and its named presets (width, height)."""
+
+    multiple: int
+    min_side: int
+    max_side: int
+    presets: Mapping[str, tuple[int, int]]
+
+
 class ModelInput(BaseModel):
     """A model's input schema: the wire fields clients send, and what the server needs of
     them (the seed to report, the request the engine runs)."""
 
     # The fields that name an input image (an https URL or a data URI).
     IMAGE_FIELDS: ClassVar[tuple[str, ...]] = ()
+    # The image sizes its image_size takes; None for a model that makes no images.
+    SIZES: ClassVar[ImageSizes | None] = None
 
     @abstractmethod
     def resolved_seed(self) -> int:
@@ -131,6 +144,11 @@ class ModelSpec:
     def takes_images(self) -> bool:
         """Whether its input has image fields (bodies may be larger: data URIs)."""
         return bool(self.input_model.IMAGE_FIELDS)
+
+    @property
+    def sizes(self) -> ImageSizes | None:
+        """The image sizes it makes (presets, bounds, multiple), or None."""
+        return self.input_model.SIZES
 
     def input_schema(self) -> dict[str, Any]:
         return self.input_model.model_json_schema()

@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ovis_server.catalogue.spec import ModelInput, field_problems
+from ovis_server.catalogue.spec import ImageSizes, ModelInput, field_problems
 from ovis_server.engine.request import PIXELS_PER_PATCH
 
 # width x height, the convention fal and RunComfy share.
@@ -115,6 +115,9 @@ class TextToImageInput(ModelInput):
 
     # Whether image_size may be "auto" (sized from an input image: z_image_edit.py).
     AUTO_IMAGE_SIZE: ClassVar[bool] = False
+    SIZES: ClassVar[ImageSizes | None] = ImageSizes(
+        SIZE_MULTIPLE, MIN_SIDE, MAX_SIDE, IMAGE_SIZE_PRESETS
+    )
 
     if TYPE_CHECKING:
         image_size: ImageSizePreset | ImageDimensions

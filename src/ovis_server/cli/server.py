@@ -73,8 +73,9 @@ def served_model(
 def serve(settings: Settings) -> None:
     """Serve the Model API, with worker processes beside it that run the model: one per
     GPU by default (--devices)."""
-    from ovis_server.api.access_log import redact_access_log
-    from ovis_server.api.app import ApiServer, create_app, server_config
+    from ovis_server.api.app import create_app
+    from ovis_server.api.middleware.access_log import redact_access_log
+    from ovis_server.api.server import ApiServer, server_config
     from ovis_server.worker.supervisor import DevicesError, WorkerPool, plan_workers
 
     configure_logging(settings.log_level)

@@ -7,15 +7,15 @@ import logging
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from ovis_server.api.bodies import BodyRenderer
 from ovis_server.api.errors import FORBIDDEN, INVALID_INPUT, ApiError, request_not_found
-from ovis_server.api.protocol import (
+from ovis_server.api.runcomfy.protocol import (
     STATUS_WORDS,
     CancelResponse,
     RequestList,
     ResultResponse,
     StatusResponse,
 )
+from ovis_server.api.runcomfy.rendering import BodyRenderer
 from ovis_server.jobs.deletions import FileDeletions, remove_files
 from ovis_server.jobs.job import Job, JobState
 from ovis_server.jobs.store import JobStore

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
-from ovis_server.api.protocol import (
+from ovis_server.api.runcomfy.protocol import (
     RESULT_WORDS,
     STATUS_WORDS,
     JobError,

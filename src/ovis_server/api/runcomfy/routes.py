@@ -1,5 +1,5 @@
 """The /v1 endpoints: thin handlers over the catalogue pages, submissions and a token's
-requests (catalogue_pages.py, submissions.py, owned_requests.py)."""
+requests (catalogue.py, submissions.py, requests.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ovis_server.api.auth import Caller, authenticate
-from ovis_server.api.bodies import wire_json
-from ovis_server.api.catalogue_pages import CataloguePages
-from ovis_server.api.limits import hold_slot, read_body
-from ovis_server.api.owned_requests import OwnedRequests
-from ovis_server.api.protocol import (
+from ovis_server.api.middleware.token_slots import hold_slot
+from ovis_server.api.request_body import read_body
+from ovis_server.api.runcomfy.catalogue import CataloguePages
+from ovis_server.api.runcomfy.protocol import (
     CancelResponse,
     CatalogueQuery,
     CategoryList,
@@ -27,8 +26,11 @@ from ovis_server.api.protocol import (
     StatusResponse,
     SubmitResponse,
 )
+from ovis_server.api.runcomfy.rendering import wire_json
+from ovis_server.api.runcomfy.requests import OwnedRequests
+from ovis_server.api.runcomfy.submissions import Submissions
+from ovis_server.api.state import base_url
 from ovis_server.api.stream import StatusHub, status_events, wait_final
-from ovis_server.api.submissions import Submissions
 from ovis_server.webhooks.params import Webhook
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
@@ -60,12 +62,6 @@ def submissions(request: Request) -> Submissions:
 def owned_requests(request: Request) -> OwnedRequests:
     requests: OwnedRequests = request.app.state.requests
     return requests
-
-
-def base_url(request: Request) -> str:
-    """Absolute URLs start here: --public-url behind a proxy, else what the client called."""
-    configured: str | None = request.app.state.settings.public_url
-    return (configured or str(request.base_url)).rstrip("/")
 
 
 @router.get("/models", responses=_ERRORS, response_model_exclude_none=True)

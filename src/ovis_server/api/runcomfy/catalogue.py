@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ovis_server.api.errors import MODEL_NOT_FOUND, ApiError
-from ovis_server.api.protocol import (
+from ovis_server.api.runcomfy.protocol import (
     CatalogueQuery,
     CategoryList,
     ModelDetail,

@@ -16,12 +16,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ovis_server.api.bodies import request_urls
 from ovis_server.api.capacity import SizeCapacity
-from ovis_server.api.catalogue_pages import CataloguePages
 from ovis_server.api.errors import INVALID_INPUT, ApiError, too_many, validation_failed
-from ovis_server.api.limits import check_json_depth
-from ovis_server.api.protocol import SubmitResponse
+from ovis_server.api.request_body import check_json_depth
+from ovis_server.api.runcomfy.catalogue import CataloguePages
+from ovis_server.api.runcomfy.protocol import SubmitResponse
+from ovis_server.api.runcomfy.rendering import request_urls
 from ovis_server.catalogue.spec import ModelInput, ModelSpec
 from ovis_server.catalogue.z_image_edit import input_image_key
 from ovis_server.config import Settings
@@ -219,7 +219,8 @@ class Submissions:
         """The job in the queue (its size checked against the workers first)."""
         generation = validated.to_generation_request(seed)
         if self.capacity is not None:
-            self.capacity.check(spec.model_id, generation.width, generation.height)
+            multiple = spec.sizes.multiple if spec.sizes else 1
+            self.capacity.check(spec.model_id, generation.width, generation.height, multiple)
         new_job = NewJob(
             id=request_id,
             token_id=token_id,

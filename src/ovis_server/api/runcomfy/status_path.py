@@ -20,10 +20,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ovis_server.api.auth import verified_caller
-from ovis_server.api.bodies import wire_json
 from ovis_server.api.errors import ApiError, database_error_response, error_response
-from ovis_server.api.owned_requests import OwnedRequests
-from ovis_server.api.routes import base_url
+from ovis_server.api.runcomfy.rendering import wire_json
+from ovis_server.api.runcomfy.requests import OwnedRequests
+from ovis_server.api.state import base_url
 
 STATUS_PATH = re.compile(r"/v1/requests/([^/]+)/status")
 
