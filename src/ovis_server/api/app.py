@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server import __version__
-from ovis_server.api import files, openai_images, playground, routes
+from ovis_server.api import files, loras, openai_images, playground, routes
 from ovis_server.api.auth import authorize_metrics
 from ovis_server.api.bodies import BodyRenderer
 from ovis_server.api.capacity import SizeCapacity, worker_max_pixels
@@ -246,6 +246,7 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
     app.include_router(routes.router)
     app.include_router(openai_images.router)
     app.include_router(files.router)
+    app.include_router(loras.router)
 
     exposition = Metrics(
         OvisCollector(

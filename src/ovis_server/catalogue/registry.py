@@ -18,13 +18,14 @@ from ovis_server.catalogue.ovis_image import OVIS_IMAGE
 from ovis_server.catalogue.spec import ModelSpec
 from ovis_server.catalogue.z_image import Z_IMAGE_TURBO
 from ovis_server.catalogue.z_image_edit import Z_IMAGE_EDIT
+from ovis_server.catalogue.z_image_lora import Z_IMAGE_LORA
 
 if TYPE_CHECKING:
     from ovis_server.config import Settings
 
 BUILT_IN: tuple[ModelSpec, ...] = (OVIS_IMAGE, Z_IMAGE_TURBO)
 # Variants of built-in models (ModelSpec.variant_of): served whenever their model is.
-VARIANTS: tuple[ModelSpec, ...] = (Z_IMAGE_EDIT,)
+VARIANTS: tuple[ModelSpec, ...] = (Z_IMAGE_EDIT, Z_IMAGE_LORA)
 DEFAULT_MODEL_ID = OVIS_IMAGE.model_id
 # Path segments of letters, digits, '.', '_' and '-' (a model id is part of the submit URL);
 # at most the 200 characters the jobs table keeps.

@@ -92,6 +92,11 @@ class ModelInput(BaseModel):
         """This input once its image (``width`` x ``height``) is stored."""
         return self
 
+    def lora_paths(self) -> list[str]:
+        """The LoRA paths the request names (none for a model without LoRAs): the API
+        judges them at submit."""
+        return []
+
     def reads_input_image(self) -> bool:
         """Whether the job runs on an input image that the API stored (the worker reads
         it from the file store)."""

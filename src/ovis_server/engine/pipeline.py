@@ -47,6 +47,7 @@ from ovis_server.engine.loading import (
     pick_dtype,
     silence_loading_progress,
 )
+from ovis_server.engine.loras import LoraAdapters
 from ovis_server.engine.memory import (
     AUTO,
     MemoryPlan,
@@ -132,6 +133,8 @@ class Engine:
         self.load_seconds = 0.0
         self.prompts = PromptCache(self._encode_prompt, prompt_cache_size)
         self.compiled = False  # whether optimize() compiled the transformer's blocks
+        # The LoRAs loaded into the pipeline, and those the next run uses (engine/loras.py).
+        self.loras = LoraAdapters(pipeline)
         self.sizes: ModelSizes | None = None  # the parameter sizes the plan was made from
         # Which memory profile the weights were placed by, and why (Engine.load plans it).
         self.memory = MemoryPlan(
@@ -326,6 +329,7 @@ class Engine:
             raise IncompatibleBatchError("a batch needs one size, step count and guidance")
         pipe = self.pipeline
         first = requests[0]
+        self.loras.activate(first.loras)  # one LoRA set a batch (its batch shape says so)
         steps = first.steps_run  # image to image runs strength's share of the schedule
         run = self.family.start(pipe, requests, self.prompts.get, self.device, light=light)
 
