@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from ovis_server.catalogue.z_image_lora import Z_IMAGE_LORA, ZImageLoraInput
-from ovis_server.engine.loras import LoraMismatchError
+from ovis_server.engine.loras import LoraMismatchError, quiet_peft
 from ovis_server.engine.pipeline import Engine, IncompatibleBatchError
 from ovis_server.engine.request import GenerationRequest
 
@@ -41,11 +41,12 @@ def make_lora(
     config = LoraConfig(
         r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False
     )
-    transformer.add_adapter(config, adapter_name="maker")
-    try:
-        state = get_peft_model_state_dict(transformer, adapter_name="maker")
-    finally:
-        transformer.delete_adapters("maker")
+    with quiet_peft():  # the transformer may hold other adapters
+        transformer.add_adapter(config, adapter_name="maker")
+        try:
+            state = get_peft_model_state_dict(transformer, adapter_name="maker")
+        finally:
+            transformer.delete_adapters("maker")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Strong enough to change the tiny model's image visibly.
     tensors = {f"transformer.{key}": (value * 3).contiguous() for key, value in state.items()}
