@@ -6,7 +6,10 @@ cannot be had or does not fit failing its job alone."""
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
@@ -200,6 +203,23 @@ def test_a_download_shows_in_the_jobs_status_then_loads(
     assert result["status"] == "succeeded", result
     assert "downloading LoRA" not in str(result.get("warnings"))
     assert len(list((served.data_dir / "lora-cache").glob("*.safetensors"))) == 1
+
+
+def test_the_readme_example_runs_as_written(
+    served: InProcessServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    from .test_dialects import readme_block
+
+    token = client.headers["Authorization"].removeprefix("Bearer ")
+    env = {**os.environ, "OVIS_SERVER_URL": served.base_url, "OVIS_SERVER_TOKEN": token}
+    shell = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", readme_block("loras", "bash")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    listed, submitted = shell.stdout.split("}{", 1)
+    assert '{"name":"watercolour"}' in listed
+    request_id = json.loads("{" + submitted)["request_id"]
+    assert wait_result(client, request_id)["status"] == "succeeded"
 
 
 @pytest.fixture(scope="module")

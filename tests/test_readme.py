@@ -49,6 +49,7 @@ RUN_ELSEWHERE = {
     "openai-curl": "test_dialects.py",
     "image-to-image": "test_image_inputs_api.py",
     "image-to-image-python": "test_image_inputs_api.py",
+    "loras": "test_loras_api.py",
 }
 
 
