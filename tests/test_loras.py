@@ -283,3 +283,51 @@ def test_loaded_loras_stay_within_their_bound(
         z_engine.generate(request(loras=three))
     finally:
         adapters.capacity = 8
+
+
+# --- a compiled transformer: LoRAs swapped in place -----------------------------------------
+
+
+def test_switching_loras_on_a_compiled_transformer_does_not_recompile(
+    z_tiny_weights: Path, z_engine: Engine, lora_files: dict[str, Path]
+) -> None:
+    compiled = Engine.load(str(z_tiny_weights), device="cpu", dtype="float32")
+    compiled.loras.model_id = MODEL_ID
+    compilations: list[int] = []
+
+    def counting(graph: torch.fx.GraphModule, _inputs: Any) -> Any:
+        compilations.append(1)
+        return graph.forward
+
+    compiled.loras.prepare_hotswap(rank=4)  # what optimize() does before it compiles
+    compiled.pipeline.transformer.compile_repeated_blocks(fullgraph=True, backend=counting)
+    compiled.compiled = True
+    one, two = str(lora_files["one"]), str(lora_files["two"])
+    try:
+        sets: list[tuple[tuple[str, float], ...]] = [
+            (),
+            ((one, 1.0),),
+            ((two, 0.5),),
+            ((one, 0.7), (two, 1.5)),
+            (),
+            ((one, 0.0),),
+        ]
+        images = [compiled.generate(request(seed=4, loras=loras)) for loras in sets[:1]]
+        first = len(compilations)
+        assert first > 0
+        images += [compiled.generate(request(seed=4, loras=loras)) for loras in sets[1:]]
+        assert len(compilations) == first  # five switches, no recompilation
+        # ...and each image is the uncompiled engine's with its LoRAs as separate adapters.
+        for loras, image in zip(sets, images, strict=True):
+            assert max_diff(image, z_engine.generate(request(seed=4, loras=loras))) <= TOLERANCE
+        assert max_diff(images[1], images[0]) > TOLERANCE
+        # A LoRA that does not fit is refused here too, and the slot keeps serving.
+        with pytest.raises(LoraMismatchError, match=f"this LoRA is not for {MODEL_ID}"):
+            compiled.generate(request(seed=4, loras=((str(lora_files["shapes"]), 1.0),)))
+        with pytest.raises(LoraMismatchError):
+            compiled.generate(request(seed=4, loras=((str(lora_files["keys"]), 1.0),)))
+        again = compiled.generate(request(seed=4, loras=((one, 1.0),)))
+        assert max_diff(again, images[1]) == 0
+        assert len(compilations) == first
+    finally:
+        torch._dynamo.reset()

@@ -171,6 +171,10 @@ class Settings(BaseSettings):
     """Largest LoRA file a worker downloads or loads."""
     max_loaded_loras: Annotated[int, Cli(WORKER)] = Field(8, ge=1)
     """LoRAs a worker keeps loaded into its model at once (the least recently used go first)."""
+    lora_hotswap_rank: Annotated[int, Cli(MODEL)] = Field(32, ge=0, le=1024)
+    """A compiled worker's LoRA slot, per LoRA: a job's LoRAs may have 3x this rank together
+    (more fails the job). Switching LoRAs then never recompiles; the slot costs memory and
+    compute on every job of a model that takes LoRAs. 0: no slot (switching recompiles)."""
     lora_cache_size: Annotated[int, Cli(WORKER, show_default="20GB", metavar="SIZE")] = (
         20 * 1000 * 1000 * 1000
     )

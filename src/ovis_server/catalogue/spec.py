@@ -57,6 +57,7 @@ def load_family_engine(family: str, weights: str, settings: Settings) -> Engine:
         gpu_memory=settings.gpu_memory_bytes,
         compile_dynamic=settings.compile_dynamic,
         family=family,
+        lora_hotswap_rank=settings.lora_hotswap_rank,
     )
 
 
