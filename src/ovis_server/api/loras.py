@@ -10,14 +10,14 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from ovis_server.api.auth import authenticate
-from ovis_server.api.protocol import ErrorBody
 from ovis_server.config import Settings
 from ovis_server.inputs.loras import local_names
 
 router = APIRouter(prefix="/v1", tags=["Model API"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "Missing, malformed, unknown or revoked token"},
+    # The error body is the API's usual one (api/errors.py).
+    401: {"description": "Missing, malformed, unknown or revoked token"},
 }
 
 
