@@ -34,6 +34,7 @@ ZI = Z_IMAGE_TURBO.model_id
 TWO_FAMILIES = ("--model-id", OVIS, "--model-id", ZI)
 # Served with Z-Image-Turbo, by its workers, on its weights.
 ZI_EDIT = f"{ZI}/image-to-image"
+ZI_LORA = f"{ZI}/lora"
 
 
 def held(worker: dict[str, Any], key: str) -> list[tuple[str, Any]]:
@@ -280,7 +281,7 @@ def test_one_serve_answers_two_models_in_every_dialect(
     with server.client(token) as client:
         ready = wait_for(lambda: _ready(client), timeout=400, interval=0.5)
         (worker,) = ready["workers"]
-        assert worker["model"] == f"{OVIS},{ZI},{ZI_EDIT}"
+        assert worker["model"] == f"{OVIS},{ZI},{ZI_EDIT},{ZI_LORA}"
         assert held(worker, "resident") == [
             (OVIS, True),
             (ZI, True),
@@ -288,8 +289,8 @@ def test_one_serve_answers_two_models_in_every_dialect(
         assert worker["swaps"] == 0
 
         listed = client.get("/v1/models", params={"include_schema": "true"}).json()
-        assert [row["model_id"] for row in listed["models"]] == [OVIS, ZI, ZI_EDIT]
-        assert [row["id"] for row in listed["data"]] == [OVIS, ZI, ZI_EDIT]
+        assert [row["model_id"] for row in listed["models"]] == [OVIS, ZI, ZI_EDIT, ZI_LORA]
+        assert [row["id"] for row in listed["data"]] == [OVIS, ZI, ZI_EDIT, ZI_LORA]
         assert all("prompt" in row["input_schema"]["required"] for row in listed["models"])
 
         # RunComfy's route, for each model.

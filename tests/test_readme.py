@@ -50,6 +50,7 @@ RUN_ELSEWHERE = {
     "image-to-image": "test_image_inputs_api.py",
     "image-to-image-python": "test_image_inputs_api.py",
     "image-to-image-openai": "test_image_inputs_api.py",
+    "loras": "test_loras_api.py",
 }
 
 

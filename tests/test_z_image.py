@@ -83,7 +83,9 @@ def test_the_catalogue_has_z_image_turbo_by_id_and_alias(tmp_path: Path) -> None
     assert ModelRegistry.from_settings(Settings(data_dir=tmp_path)).ids() == [OVIS_IMAGE.model_id]
     both = Settings(data_dir=tmp_path, model_ids=(OVIS_IMAGE.model_id, ALIAS))
     models = ModelRegistry.from_settings(both)
-    assert models.ids() == [OVIS_IMAGE.model_id, MODEL_ID, f"{MODEL_ID}/image-to-image"]
+    assert models.ids() == [
+        OVIS_IMAGE.model_id, MODEL_ID, f"{MODEL_ID}/image-to-image", f"{MODEL_ID}/lora",
+    ]  # fmt: skip
     spec = models.get(MODEL_ID)
     assert spec is not None
     assert models.resolve(ALIAS) is spec

@@ -121,6 +121,28 @@ class Settings(BaseSettings):
     )
     """Largest request body of a submit to a model with an image input (data URIs are large);
     other bodies keep --max-body-size."""
+    # LoRAs (loras[].path): the operator's in <data-dir>/loras/, downloads only if allowed.
+    lora_downloads: Annotated[
+        tuple[Literal["hub", "url"], ...], Cli(WORKER, show_default=False, metavar="TEXT")
+    ] = ()
+    """Where else a request's LoRA may come from: hub (a Hugging Face repo id), url (an https URL
+    of a .safetensors file), or hub,url; workers download them. Default: only the operator's
+    LoRAs in <data-dir>/loras/."""
+    max_lora_size: Annotated[int, Cli(WORKER, show_default="2GB", metavar="SIZE")] = (
+        2 * 1000 * 1000 * 1000
+    )
+    """Largest LoRA file a worker downloads or loads."""
+    max_loaded_loras: Annotated[int, Cli(WORKER)] = Field(8, ge=1)
+    """LoRAs a worker keeps loaded into its model at once (the least recently used go first)."""
+    lora_hotswap_rank: Annotated[int, Cli(MODEL)] = Field(32, ge=0, le=1024)
+    """A compiled worker's LoRA slot, per LoRA: a job's LoRAs may have 3x this rank together
+    (more fails the job). Switching LoRAs then never recompiles; the slot costs memory and
+    compute on every job of a model that takes LoRAs. 0: no slot (switching recompiles)."""
+    lora_cache_size: Annotated[int, Cli(WORKER, show_default="20GB", metavar="SIZE")] = (
+        20 * 1000 * 1000 * 1000
+    )
+    """Disk space for downloaded LoRAs (<data-dir>/lora-cache/; the least recently used go
+    first)."""
     max_streams_per_token: Annotated[int, Cli(SERVE)] = Field(20, ge=0)
     """Status streams and 'Prefer: wait' submits one token holds open at once before 429 (0: no
     limit)."""
@@ -258,10 +280,24 @@ class Settings(BaseSettings):
     def _batch(cls, value: Any) -> str:
         return units.parse_batch_size(value)
 
-    @field_validator("max_body_size", "max_input_image_size", "max_image_body_size", mode="before")
+    @field_validator(
+        "max_body_size",
+        "max_input_image_size",
+        "max_image_body_size",
+        "max_lora_size",
+        "lora_cache_size",
+        mode="before",
+    )
     @classmethod
     def _size(cls, value: Any) -> Any:
         return units.parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("lora_downloads", mode="before")
+    @classmethod
+    def _lora_downloads(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
@@ -392,3 +428,13 @@ class Settings(BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+    @property
+    def loras_dir(self) -> Path:
+        """The operator's LoRAs: ``<name>.safetensors``."""
+        return self.data_dir / "loras"
+
+    @property
+    def lora_cache_dir(self) -> Path:
+        """Where workers keep downloaded LoRAs."""
+        return self.data_dir / "lora-cache"

@@ -17,6 +17,7 @@ OVIS_IMAGE_ALIASES = ("ovis-image",)
 Z_IMAGE_TURBO_MODEL_ID = "tongyi-mai/z-image/turbo"
 Z_IMAGE_TURBO_ALIASES = ("z-image-turbo",)
 Z_IMAGE_EDIT_MODEL_ID = f"{Z_IMAGE_TURBO_MODEL_ID}/image-to-image"
+Z_IMAGE_LORA_MODEL_ID = f"{Z_IMAGE_TURBO_MODEL_ID}/lora"
 DEFAULT_MODEL_ID = OVIS_IMAGE_MODEL_ID
 
 # Every id and alias of the built-in models and their variants.
@@ -27,6 +28,7 @@ BUILT_IN_NAMES = frozenset(
         Z_IMAGE_TURBO_MODEL_ID,
         *Z_IMAGE_TURBO_ALIASES,
         Z_IMAGE_EDIT_MODEL_ID,
+        Z_IMAGE_LORA_MODEL_ID,
     }
 )
 # Path segments of letters, digits, '.', '_' and '-' (a model id is part of the submit URL);

@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 
 from ovis_server import __version__
-from ovis_server.api import files, playground
+from ovis_server.api import files, loras, playground
 from ovis_server.api.errors import install_error_handlers
 from ovis_server.api.middleware.allowed_hosts import AllowedHosts
 from ovis_server.api.middleware.body_size import BodySizeLimit
@@ -64,6 +64,7 @@ def create_app(settings: Settings, models: ModelRegistry | None = None) -> FastA
     app.include_router(runcomfy_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(files.router)
+    app.include_router(loras.router)
     app.include_router(ops_router(state.db, state.workers, state.alive_within, state.metrics))
     app.include_router(playground.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

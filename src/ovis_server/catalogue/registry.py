@@ -17,6 +17,7 @@ from ovis_server.catalogue.ovis_image import OVIS_IMAGE
 from ovis_server.catalogue.spec import ModelSpec
 from ovis_server.catalogue.z_image import Z_IMAGE_TURBO
 from ovis_server.catalogue.z_image_edit import Z_IMAGE_EDIT
+from ovis_server.catalogue.z_image_lora import Z_IMAGE_LORA
 from ovis_server.model_names import BUILT_IN_NAMES, DEFAULT_MODEL_ID, parse_extra_models
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 BUILT_IN: tuple[ModelSpec, ...] = (OVIS_IMAGE, Z_IMAGE_TURBO)
 # Variants of built-in models (ModelSpec.variant_of): served whenever their model is.
-VARIANTS: tuple[ModelSpec, ...] = (Z_IMAGE_EDIT,)
+VARIANTS: tuple[ModelSpec, ...] = (Z_IMAGE_EDIT, Z_IMAGE_LORA)
 _NAMES = {name for spec in (*BUILT_IN, *VARIANTS) for name in (spec.model_id, *spec.aliases)}
 if _NAMES != BUILT_IN_NAMES:  # pragma: no cover (a model added here but not there)
     raise ImportError(

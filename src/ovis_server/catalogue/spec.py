@@ -57,6 +57,7 @@ def load_family_engine(family: str, weights: str, settings: Settings) -> Engine:
         gpu_memory=settings.gpu_memory_bytes,
         compile_dynamic=settings.compile_dynamic,
         family=family,
+        lora_hotswap_rank=settings.lora_hotswap_rank,
     )
 
 
@@ -104,6 +105,11 @@ class ModelInput(BaseModel):
     def with_input_image(self, width: int, height: int) -> Self:
         """This input once its image (``width`` x ``height``) is stored."""
         return self
+
+    def lora_paths(self) -> list[str]:
+        """The LoRA paths the request names (none for a model without LoRAs): the API
+        judges them at submit."""
+        return []
 
     def reads_input_image(self) -> bool:
         """Whether the job runs on an input image that the API stored (the worker reads

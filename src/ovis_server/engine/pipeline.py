@@ -47,6 +47,7 @@ from ovis_server.engine.loading import (
     pick_dtype,
     silence_loading_progress,
 )
+from ovis_server.engine.loras import HOTSWAP_RANK, LoraAdapters
 from ovis_server.engine.memory import (
     AUTO,
     MemoryPlan,
@@ -132,6 +133,8 @@ class Engine:
         self.load_seconds = 0.0
         self.prompts = PromptCache(self._encode_prompt, prompt_cache_size)
         self.compiled = False  # whether optimize() compiled the transformer's blocks
+        # The LoRAs loaded into the pipeline, and those the next run uses (engine/loras.py).
+        self.loras = LoraAdapters(pipeline)
         self.sizes: ModelSizes | None = None  # the parameter sizes the plan was made from
         # Which memory profile the weights were placed by, and why (Engine.load plans it).
         self.memory = MemoryPlan(
@@ -151,6 +154,7 @@ class Engine:
         gpu_memory: float | None = None,
         compile_dynamic: bool = False,
         family: ModelFamily | str | None = None,
+        lora_hotswap_rank: int = HOTSWAP_RANK,
     ) -> Engine:
         """Load ``weights`` (a hub id, a local diffusers directory, or ``random-full``)
         of ``family`` (engine/families/; by default the directory's own, else Ovis-Image)
@@ -215,6 +219,7 @@ class Engine:
             compile=compile,
             fp8=fp8 and profile is not MemoryProfile.EIGHT_BIT,
             dynamic=compile_dynamic,
+            lora_hotswap_rank=lora_hotswap_rank,
         )
         engine.load_seconds = time.perf_counter() - started
         logger.info(
@@ -222,7 +227,9 @@ class Engine:
         )
         return engine
 
-    def optimize(self, *, compile: bool, fp8: bool, dynamic: bool = False) -> None:
+    def optimize(
+        self, *, compile: bool, fp8: bool, dynamic: bool = False, lora_hotswap_rank: int = 0
+    ) -> None:
         """Speed-ups that leave the model's arithmetic as it is, plus opt-in FP8.
 
         ``dynamic`` compiles with dynamic shapes from the first call (the weights' shapes
@@ -248,6 +255,10 @@ class Engine:
             # Not under group offloading: its hooks keep copies of the weights as they were.
             pipe.vae.to(memory_format=torch.channels_last)
         if compile:
+            # LoRAs are then swapped into one slot made now, so that switching them does
+            # not recompile (engine/loras.py); a family without LoRAs has none.
+            if lora_hotswap_rank > 0:
+                self.loras.prepare_hotswap(rank=lora_hotswap_rank)
             # Regional compile: each repeated block compiles once and is reused 33 times,
             # so the warm-up stays short.
             pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic or None)
@@ -326,6 +337,7 @@ class Engine:
             raise IncompatibleBatchError("a batch needs one size, step count and guidance")
         pipe = self.pipeline
         first = requests[0]
+        self.loras.activate(first.loras)  # one LoRA set a batch (its batch shape says so)
         steps = first.steps_run  # image to image runs strength's share of the schedule
         run = self.family.start(pipe, requests, self.prompts.get, self.device, light=light)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 # Ovis-Image and Z-Image turn an 8x downsampled latent into 2x2 patches: an image's sides
@@ -24,6 +26,9 @@ class GenerationRequest:
     strength: float = 1.0
     # The input image as PNG bytes (image to image), read from the file store by the worker.
     init_image: bytes | None = field(default=None, repr=False, compare=False)
+    # LoRAs, (path, scale) each: the request's paths as sent; the worker replaces each with
+    # its local file (worker/loras.py) before the engine loads it (engine/loras.py).
+    loras: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.width % PIXELS_PER_PATCH or self.height % PIXELS_PER_PATCH:
@@ -52,7 +57,13 @@ class GenerationRequest:
         """What requests that share one batched call have in common: size, steps and
         guidance (a job's batch key is its model and this)."""
         shape = f"{self.width}x{self.height}:{self.num_inference_steps}:{self.guidance_scale!r}"
-        return shape if self.strength >= 1.0 else f"{shape}:strength={self.strength!r}"
+        if self.strength < 1.0:
+            shape = f"{shape}:strength={self.strength!r}"
+        if self.loras:
+            # One LoRA set a batch: its paths and scales, hashed (the key column is short).
+            text = json.dumps([list(pair) for pair in self.loras])
+            shape = f"{shape}:loras={hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        return shape
 
 
 def steps_to_run(steps: int, strength: float) -> int:

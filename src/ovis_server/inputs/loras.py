@@ -27,9 +27,12 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ovis_server.inputs.fetch import FetchError, FetchPolicy, check_url, fetch_into
+
+if TYPE_CHECKING:
+    from ovis_server.config import Settings
 
 SUFFIX = ".safetensors"
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -72,6 +75,33 @@ class LoraPolicy:
     loras_dir: Path
     downloads: frozenset[DownloadKind] = frozenset()
     fetch: FetchPolicy = field(default_factory=lambda: FetchPolicy(max_bytes=DEFAULT_MAX_SIZE))
+
+
+def policy_from_settings(settings: Settings) -> LoraPolicy:
+    """The operator's LoRA rules: ``<data-dir>/loras/``, ``--lora-downloads``,
+    ``--max-lora-size``; private addresses and plain http only with
+    ``--allow-private-image-urls`` (the opt-in input images have)."""
+    return LoraPolicy(
+        settings.loras_dir,
+        frozenset(settings.lora_downloads),
+        FetchPolicy(
+            max_bytes=settings.max_lora_size,
+            allow_private=settings.allow_private_image_urls,
+            allow_http=settings.allow_private_image_urls,
+        ),
+    )
+
+
+def source_problems(paths: Iterable[str], policy: LoraPolicy) -> list[dict[str, Any]]:
+    """What is wrong with a request's LoRA paths, as pydantic's errors read (``loc``
+    ``("loras", index, "path")``): empty where every one is allowed and exists."""
+    problems: list[dict[str, Any]] = []
+    for index, path in enumerate(paths):
+        try:
+            parse_source(path, policy)
+        except LoraSourceError as exc:
+            problems.append({"loc": ("loras", index, "path"), "msg": str(exc), "type": "lora"})
+    return problems
 
 
 def local_names(loras_dir: Path) -> list[str]:

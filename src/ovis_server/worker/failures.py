@@ -7,6 +7,7 @@ import logging
 from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server.db.retry import is_transient
+from ovis_server.engine.loras import LoraError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
 
     if isinstance(exc, torch.OutOfMemoryError):  # torch.cuda.OutOfMemoryError is this class
         return "out_of_memory", OUT_OF_MEMORY_MESSAGE
-    if isinstance(exc, InvalidJobError):
+    if isinstance(exc, InvalidJobError | LoraError):  # LoraError: a LoRA that does not fit
         return "invalid_input", str(exc)
     if isinstance(exc, SQLAlchemyError):
         # Its text holds SQL, parameters and worker ids: none of that reaches a client.

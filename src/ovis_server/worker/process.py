@@ -24,6 +24,7 @@ from ovis_server.engine.compile_cache import use_compile_cache
 from ovis_server.jobs.store import JobStore
 from ovis_server.jobs.workers import WorkerRegistry, WorkerState
 from ovis_server.storage import open_file_store
+from ovis_server.worker.loras import LoraFiles
 from ovis_server.worker.placement import Placement
 from ovis_server.worker.report import StateReport
 from ovis_server.worker.runner import Worker
@@ -181,6 +182,7 @@ def run_worker(
         for spec in specs:
             placement.make_room()  # each model plans its memory as if alone on the device
             engine = load(spec)
+            engine.loras.capacity = settings.max_loaded_loras
             if stop.is_set():
                 return
             batch = settings.batch_limit(engine.device.type, engine.memory.batch_limit)
@@ -213,6 +215,7 @@ def run_worker(
                 on_problem=lambda problem: _report_problem(registry, worker_id, problem),
                 placement=placement,
                 on_swap=lambda: report.update(**placement.detail()),
+                loras=LoraFiles.from_settings(settings, store),
             )
         )
         startup_seconds = round(time.perf_counter() - started, 1)

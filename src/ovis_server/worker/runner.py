@@ -44,6 +44,7 @@ from ovis_server.worker.failures import (
 from ovis_server.worker.finisher import Finisher, LeaseKeeper, Outcome, Stop
 from ovis_server.worker.hooks import StepHook, store_hook
 from ovis_server.worker.inputs import with_stored_inputs
+from ovis_server.worker.loras import LoraFiles
 from ovis_server.worker.progress import ProgressWriter
 from ovis_server.worker.recording import MAX_RECORD_DELAY_SECONDS, JobRecorder
 
@@ -89,6 +90,7 @@ class Worker(JobRecorder):
         memory_plan: MemoryPlan | None = None,
         placement: Placement | None = None,
         on_swap: Callable[[], None] | None = None,
+        loras: LoraFiles | None = None,
     ) -> None:
         self.store = store
         self.files = files
@@ -119,6 +121,7 @@ class Worker(JobRecorder):
             placement.models[model.model_id].plan = self.memory_plan
         self.placement = placement
         self.on_swap = on_swap  # told after each swap (the worker's report)
+        self.loras = loras  # where jobs' LoRA files come from (worker/loras.py); None: none
         # When the jobs in the device's hands last moved (claimed, or a step done); None
         # when it holds none. Likewise for the finisher's batch in hand.
         self._last_progress: float | None = None
@@ -274,7 +277,7 @@ class Worker(JobRecorder):
             runnable: list[tuple[Job, GenerationRequest]] = []
             for job in jobs:
                 try:
-                    runnable.append((job, self.generation_request(job)))
+                    runnable.append((job, self._with_lora_files(job)))
                 except InvalidJobError as exc:
                     outcomes.append(self._failed(job, exc, started))
                 else:
@@ -284,6 +287,20 @@ class Worker(JobRecorder):
             return outcomes
         finally:
             self._last_progress = None
+
+    def _with_lora_files(self, job: Job) -> GenerationRequest:
+        """The job's request, its LoRAs as local files (downloaded if need be)."""
+        request = self.generation_request(job)
+        if not request.loras:
+            return request
+        if self.loras is None:
+            raise InvalidJobError("this worker takes no LoRAs")
+        self.placement.engine_of(job.model_id).loras.model_id = self._base_model(job)
+        return self.loras.localise(job, request)
+
+    def _base_model(self, job: Job) -> str:
+        spec = self.placement.spec_of(job.model_id)
+        return job.model_id if spec is None else spec.variant_of or spec.model_id
 
     def _record_warnings(self, job: Job, request: GenerationRequest) -> None:
         """Tell the client, in its status and result, what the model will not read."""

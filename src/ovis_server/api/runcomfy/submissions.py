@@ -27,6 +27,7 @@ from ovis_server.catalogue.z_image_edit import input_image_key
 from ovis_server.config import Settings
 from ovis_server.inputs.fetch import FetchPolicy, Resolver
 from ovis_server.inputs.images import ImageInputError, ImagePolicy, load_input_image
+from ovis_server.inputs.loras import policy_from_settings, source_problems
 from ovis_server.jobs.job import Job, NewJob
 from ovis_server.jobs.store import (
     IdempotencyConflictError,
@@ -151,6 +152,9 @@ class Submissions:
             validated = spec.input_model.model_validate_json(body or b"{}")
         except ValidationError as exc:
             raise validation_failed(exc.errors(include_url=False)) from None
+        lora_problems = source_problems(validated.lora_paths(), policy_from_settings(self.settings))
+        if lora_problems:
+            raise validation_failed(lora_problems)  # a LoRA not allowed, or no such name
         seed = validated.resolved_seed()
         image_urls = validated.image_urls()
         # What is asked, for Idempotency-Key: an image by its digest (a data URI may be

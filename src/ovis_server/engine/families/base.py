@@ -124,7 +124,7 @@ class ModelFamily(ABC):
         arguments = asdict(request)
         if request.init_image is not None or request.strength < 1.0:
             raise ValueError(f"{self.title} does not take an input image")
-        for name in ("init_image", "strength"):
+        for name in ("init_image", "strength", "loras"):
             arguments.pop(name)
         generator = torch.Generator(device="cpu").manual_seed(arguments.pop("seed"))
         output = pipeline(**arguments, generator=generator)

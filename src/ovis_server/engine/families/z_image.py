@@ -341,7 +341,7 @@ class ZImageFamily(ModelFamily):
         if request.init_image is None:
             return super().stock(pipeline, request)
         arguments = asdict(request)
-        for name in ("init_image", "seed", "negative_prompt"):
+        for name in ("init_image", "seed", "negative_prompt", "loras"):
             arguments.pop(name)
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         with Image.open(io.BytesIO(request.init_image)) as image:
