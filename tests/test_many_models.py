@@ -21,7 +21,9 @@ from ovis_server.catalogue.spec import ModelSpec
 from ovis_server.engine.pipeline import Engine
 from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.store import JobStore
-from ovis_server.worker.placement import Placement, device_bytes, plan_swap
+from ovis_server.worker.host_copy import device_bytes
+from ovis_server.worker.placement import Placement
+from ovis_server.worker.swap_policy import plan_swap
 
 from .helpers import Cluster, create_token, run_cli, start_server, wait_for, wait_result
 
