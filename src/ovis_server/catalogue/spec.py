@@ -74,6 +74,8 @@ class ModelInput(BaseModel):
 
     # The fields that name an input image (an https URL or a data URI).
     IMAGE_FIELDS: ClassVar[tuple[str, ...]] = ()
+    # The named image sizes it takes, (width, height) each: a worker warms them up.
+    SIZE_PRESETS: ClassVar[Mapping[str, tuple[int, int]]] = {}
 
     @abstractmethod
     def resolved_seed(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 from pydantic import (
@@ -114,6 +115,7 @@ class TextToImageInput(ModelInput):
 
     # Whether image_size may be "auto" (sized from an input image: z_image_edit.py).
     AUTO_IMAGE_SIZE: ClassVar[bool] = False
+    SIZE_PRESETS: ClassVar[Mapping[str, tuple[int, int]]] = IMAGE_SIZE_PRESETS
 
     if TYPE_CHECKING:
         image_size: ImageSizePreset | ImageDimensions

@@ -24,8 +24,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
+from ovis_server.jobs.worker_detail import ModelDetail, PlacementDetail, Where
 from ovis_server.worker.host_copy import (
     HostCopy,
     available_host_bytes,
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Where a model is: on the device, waiting in host memory, or to be loaded from disk.
-Where = Literal["device", "host", "disk"]
 # What a swap may use of the host's available memory for the copies it keeps.
 HOST_SHARE = 0.8
 
@@ -319,25 +318,24 @@ class Placement:
         )
         return seconds
 
-    def detail(self) -> dict[str, Any]:
+    def detail(self) -> PlacementDetail:
         """What /readyz and /metrics show: each model, where it is, and the swaps."""
         with self._lock:
             models = [
-                {
-                    "model_id": mid,
-                    "resident": model.where == "device",
-                    "where": model.where,
-                    "batch_limit": model.batch_limit,
-                    **({} if model.max_pixels is None else {"max_pixels": model.max_pixels}),
-                }
+                ModelDetail(
+                    model_id=mid,
+                    resident=model.where == "device",
+                    where=model.where,
+                    batch_limit=model.batch_limit,
+                    max_pixels=model.max_pixels,
+                )
                 for mid, model in self.models.items()
             ]
-            return {
-                "models": models,
-                "resident_models": self.capacity,
-                "swaps": self.swaps.count,
-                "swap_seconds_total": round(self.swaps.seconds_total, 3),
-                "last_swap_seconds": None
-                if self.swaps.last_seconds is None
-                else round(self.swaps.last_seconds, 3),
-            }
+            last = self.swaps.last_seconds
+            return PlacementDetail(
+                models=models,
+                resident_models=self.capacity,
+                swaps=self.swaps.count,
+                swap_seconds_total=round(self.swaps.seconds_total, 3),
+                last_swap_seconds=None if last is None else round(last, 3),
+            )
