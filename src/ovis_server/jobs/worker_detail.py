@@ -48,7 +48,7 @@ def _log_unreadable(what: str) -> None:
             return
         _unreadable_seen.add(what)
     logger.warning(
-        "a worker reports an unreadable %s (a worker of another version?); it is left out",
+        "a worker reports an unreadable %s; it is left out (a worker of another version?)",
         what,
     )
 
@@ -69,7 +69,7 @@ class DetailPart(BaseModel):
             name = info.field_name or "?"
             if cls.model_fields[name].is_required():
                 raise
-            _log_unreadable(f"{name} ({cls.__name__})")
+            _log_unreadable(f"{name} in its {cls.__name__}")
             return None
 
 
