@@ -2,9 +2,9 @@
 
 The phase (downloading, loading, warming, ready) and details such as progress or the memory
 profile (a WorkerDetail, jobs/worker_detail.py) live in the worker's row of the workers
-table. A change of phase is written at once;
-progress at most once a second (a download reports many times a second); every heartbeat
-writes the latest again, so a write lost to a database blip is repaired by the next beat.
+table. A change of phase is written at once; progress at most once a second (a download
+reports many times a second); every heartbeat writes the latest again, so a write lost to
+a database blip is repaired by the next beat.
 """
 
 from __future__ import annotations
