@@ -16,6 +16,7 @@ from ovis_server.engine import memory
 from ovis_server.engine.memory import GiB, MemoryProfile, ModelSizes, largest_image_pixels
 from ovis_server.engine.pipeline import Engine
 from ovis_server.engine.random_full import build_full_size_pipeline
+from ovis_server.jobs.worker_detail import WorkerDetail
 from ovis_server.jobs.workers import WorkerRegistry, WorkerState
 
 from .helpers import start_server, wait_for
@@ -62,7 +63,8 @@ def fake_worker(
     """A worker row as a ready worker of ``model`` writes it (worker/process.py), with
     ``detail``."""
     registry.register(worker_id, "host", 1, model, "cuda:0")
-    registry.heartbeat(worker_id, WorkerState(ready=True, phase="ready", detail=dict(detail)))
+    state = WorkerState(ready=True, phase="ready", detail=WorkerDetail.model_validate(detail))
+    registry.heartbeat(worker_id, state)
 
 
 def test_capacity_reads_the_workers_table_at_most_once_a_second(tmp_path: Path) -> None:

@@ -201,7 +201,7 @@ def test_the_variant_runs_on_its_models_engine_in_the_worker(z_engine: Engine) -
     assert placement.spec_of(base) is Z_IMAGE_TURBO
     # A variant's queued jobs count as its model's when the worker weighs a swap.
     assert placement.heads_by_model({MODEL_ID: 5.0, base: 7.0}) == {base: 5.0}
-    assert [m["model_id"] for m in placement.detail()["models"]] == [base]  # loaded once
+    assert [m.model_id for m in placement.detail().models or []] == [base]  # loaded once
     lone = Placement(lambda spec: z_engine)
     with pytest.raises(ValueError, match="variant"):
         lone.add_variant(Z_IMAGE_EDIT)

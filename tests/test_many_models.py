@@ -21,7 +21,9 @@ from ovis_server.catalogue.spec import ModelSpec
 from ovis_server.engine.pipeline import Engine
 from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.store import JobStore
-from ovis_server.worker.placement import Placement, device_bytes, plan_swap
+from ovis_server.worker.host_copy import device_bytes
+from ovis_server.worker.placement import Placement
+from ovis_server.worker.swap_policy import plan_swap
 
 from .helpers import Cluster, create_token, run_cli, start_server, wait_for, wait_result
 
@@ -170,7 +172,7 @@ def test_models_that_fit_the_budget_together_all_stay_resident(
         assert placed.plan.budget_bytes == budget - weights[FT]
     else:
         assert placement.claimable() == [OVIS]
-        assert [m["where"] for m in placement.detail()["models"]] == ["device", "host"]
+        assert [m.where for m in placement.detail().models or []] == ["device", "host"]
 
 
 def test_a_swap_copies_weights_through_host_memory_or_loads_them_again(
@@ -200,8 +202,9 @@ def test_a_swap_copies_weights_through_host_memory_or_loads_them_again(
     assert placement.consider({OVIS: 0.0}) == (FT, OVIS)
     assert np.array_equal(_pixels_of(placement.engine_of(OVIS)), before)
     detail = placement.detail()
-    assert detail["swaps"] == 2
-    assert detail["swap_seconds_total"] >= 0
+    assert detail.swaps == 2
+    assert detail.swap_seconds_total is not None
+    assert detail.swap_seconds_total >= 0
     assert loads == []
 
     # No room in host memory: the model leaves the device for disk and is loaded again.
@@ -209,10 +212,10 @@ def test_a_swap_copies_weights_through_host_memory_or_loads_them_again(
     for spec, engine in _two_engines(tiny_weights):
         crowded.add(spec, engine, 1)
     crowded.settle()
-    assert [m["where"] for m in crowded.detail()["models"]] == ["device", "disk"]
+    assert [m.where for m in crowded.detail().models or []] == ["device", "disk"]
     assert crowded.consider({FT: 0.0}) == (OVIS, FT)
     assert loads == [FT]
-    assert [m["where"] for m in crowded.detail()["models"]] == ["disk", "device"]
+    assert [m.where for m in crowded.detail().models or []] == ["disk", "device"]
     assert np.array_equal(_pixels_of(crowded.engine_of(FT)), before)  # same tiny weights
 
 

@@ -15,10 +15,12 @@ import httpx
 import pytest
 import torch
 
+from ovis_server.catalogue import OVIS_IMAGE, Z_IMAGE_TURBO
 from ovis_server.config import Settings
 from ovis_server.engine.compile_cache import CACHE_DIR_ENV, CompileCache, use_compile_cache
 from ovis_server.engine.pipeline import Engine
 from ovis_server.engine.warmup import WarmupShape, warm_up, warmup_shapes
+from ovis_server.worker.readiness import default_shapes
 
 from .helpers import start_server, submit, wait_for, wait_result
 
@@ -224,3 +226,20 @@ def test_serve_warms_up_before_ready_and_readyz_shows_it(
             assert wait_result(client, request_id)["status"] == "succeeded"
     finally:
         server.stop()
+
+
+def test_a_worker_warms_up_its_models_defaults_and_the_preset_sizes_its_input_takes() -> None:
+    # The sizes come through the spec (ModelSpec.sizes), whatever the family.
+    for spec in (OVIS_IMAGE, Z_IMAGE_TURBO):
+        shapes, _ = default_shapes(spec, 2, None)
+        assert spec.sizes is not None
+        presets = list(spec.sizes.presets.values())
+        assert (512, 512) in presets  # RunComfy's "square"
+        assert (shapes[0].batch, shapes[1].batch) == (1, 2)  # the default size, batched
+        assert {(s.width, s.height) for s in shapes} == {(shapes[0].width, shapes[0].height)} | set(
+            presets
+        )
+        # Sizes over the plan's largest image are left out.
+        small, _ = default_shapes(spec, 1, 512 * 512)
+        assert all(s.width * s.height <= 512 * 512 for s in small)
+        assert small

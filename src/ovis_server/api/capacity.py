@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -34,22 +33,14 @@ def worker_models(worker: WorkerInfo) -> list[str]:
     return [model for model in worker.model.split(",") if model]
 
 
-def _pixels(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return None
-    return value
-
-
 def worker_max_pixels(worker: WorkerInfo, model_id: str | None = None) -> int | None:
     """The most pixels ``worker`` says it fits (of ``model_id``, where it reports its models
     one by one), or None for no limit (or none readable)."""
-    detail: Any = worker.detail if isinstance(worker.detail, dict) else {}
-    models = detail.get("models")
-    if model_id is not None and isinstance(models, list):
-        for entry in models:
-            if isinstance(entry, dict) and entry.get("model_id") == model_id:
-                return _pixels(entry.get("max_pixels"))
-    return _pixels(detail.get("max_pixels"))
+    if model_id is not None and worker.detail.models is not None:
+        for entry in worker.detail.models:
+            if entry.model_id == model_id:
+                return entry.max_pixels
+    return worker.detail.max_pixels
 
 
 def largest_fitting(workers: Sequence[WorkerInfo], model_id: str) -> int | None:

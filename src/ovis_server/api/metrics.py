@@ -279,14 +279,6 @@ def worker_state_families(alive: Sequence[WorkerInfo]) -> Iterator[Metric]:
     yield phase
 
 
-def _detail_number(worker: WorkerInfo, key: str) -> float | None:
-    detail = worker.detail if isinstance(worker.detail, dict) else {}
-    value = detail.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
 def worker_plan_families(alive: Sequence[WorkerInfo]) -> Iterator[Metric]:
     """Each worker's memory plan and start-up, from the details it reports (report.py)."""
     info = GaugeMetricFamily(
@@ -315,18 +307,16 @@ def worker_plan_families(alive: Sequence[WorkerInfo]) -> Iterator[Metric]:
         labels=["worker"],
     )
     for worker in alive:
-        detail = worker.detail if isinstance(worker.detail, dict) else {}
-        profile = detail.get("memory_profile")
-        info.add_metric([worker.id, worker.device, profile if isinstance(profile, str) else ""], 1)
-        for family, key in (
-            (batch, "batch_limit"),
-            (budget, "memory_budget_bytes"),
-            (pixels, "max_pixels"),
-            (startup, "startup_seconds"),
+        detail = worker.detail  # jobs/worker_detail.py: what does not read is left out
+        info.add_metric([worker.id, worker.device, detail.memory_profile or ""], 1)
+        for family, value in (
+            (batch, detail.batch_limit),
+            (budget, detail.memory_budget_bytes),
+            (pixels, detail.max_pixels),
+            (startup, detail.startup_seconds),
         ):
-            value = _detail_number(worker, key)
             if value is not None:
-                family.add_metric([worker.id], value)
+                family.add_metric([worker.id], float(value))
     yield from (info, batch, budget, pixels, startup)
 
 
@@ -355,21 +345,17 @@ def worker_model_families(alive: Sequence[WorkerInfo]) -> Iterator[Metric]:
         labels=["worker", "device"],
     )
     for worker in alive:
-        detail = worker.detail if isinstance(worker.detail, dict) else {}
-        models = detail.get("models")
-        for entry in models if isinstance(models, list) else []:
-            if isinstance(entry, dict) and isinstance(entry.get("model_id"), str):
-                where = entry.get("where") if isinstance(entry.get("where"), str) else ""
-                labels = [worker.id, worker.device, entry["model_id"], where]
-                resident.add_metric(labels, 1 if entry.get("resident") is True else 0)
-        for family, key in (
-            (swaps, "swaps"),
-            (seconds, "swap_seconds_total"),
-            (last, "last_swap_seconds"),
+        detail = worker.detail
+        for entry in detail.models or []:
+            labels = [worker.id, worker.device, entry.model_id, entry.where]
+            resident.add_metric(labels, 1 if entry.resident else 0)
+        for family, value in (
+            (swaps, detail.swaps),
+            (seconds, detail.swap_seconds_total),
+            (last, detail.last_swap_seconds),
         ):
-            value = _detail_number(worker, key)
             if value is not None:
-                family.add_metric([worker.id, worker.device], value)
+                family.add_metric([worker.id, worker.device], float(value))
     yield from (resident, swaps, seconds, last)
 
 

@@ -9,13 +9,14 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server.api.auth import authorize_metrics
 from ovis_server.api.capacity import worker_max_pixels
 from ovis_server.api.metrics import Metrics
+from ovis_server.jobs.worker_detail import PlacementDetail
 from ovis_server.jobs.workers import WorkerInfo, WorkerRegistry
 
 
@@ -108,44 +109,31 @@ def public_problem(problem: str) -> str:
 
 def worker_readiness(worker: WorkerInfo) -> WorkerReadiness:
     """A worker's row as /readyz shows it; details it cannot read are left out."""
-    detail = worker.detail if isinstance(worker.detail, dict) else {}
+    detail = worker.detail  # jobs/worker_detail.py: what does not read is left out
     phase = worker.phase if worker.phase in ("downloading", "loading", "warming") else None
-    try:
-        progress = WorkerProgress.model_validate(detail.get("progress"))
-    except ValidationError:
-        progress = None
-    profile = detail.get("memory_profile")
-    batch_limit = detail.get("batch_limit")
+    progress = None if detail.progress is None else detail.progress.model_dump()
     return WorkerReadiness(
         model=worker.model,
         device=worker.device,
         phase="ready" if worker.ready else (phase or "loading"),
-        progress=None if worker.ready else progress,
-        memory_profile=profile if isinstance(profile, str) else None,
-        batch_limit=batch_limit if type(batch_limit) is int and batch_limit > 0 else None,
+        progress=None if worker.ready or progress is None else WorkerProgress(**progress),
+        memory_profile=detail.memory_profile,
+        batch_limit=detail.batch_limit,
         max_pixels=worker_max_pixels(worker),
         problem=None if worker.problem is None else public_problem(worker.problem),
         **worker_models_readiness(detail),
     )
 
 
-def worker_models_readiness(detail: dict[str, Any]) -> dict[str, Any]:
-    """A worker's models and swaps as /readyz shows them (worker/placement.py's detail);
-    what it cannot read is left out."""
-    shown: dict[str, Any] = {}
-    try:
-        models = detail.get("models")
-        if isinstance(models, list):
-            shown["models"] = [WorkerModel.model_validate(entry) for entry in models]
-    except ValidationError:
-        pass
-    if type(detail.get("swaps")) is int:
-        shown["swaps"] = detail["swaps"]
-    for key in ("swap_seconds_total", "last_swap_seconds"):
-        value = detail.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            shown[key] = float(value)
-    return shown
+def worker_models_readiness(detail: PlacementDetail) -> dict[str, Any]:
+    """A worker's models and swaps as /readyz shows them (worker/placement.py's detail)."""
+    models = detail.models
+    return {
+        "models": None if models is None else [WorkerModel(**m.model_dump()) for m in models],
+        "swaps": detail.swaps,
+        "swap_seconds_total": detail.swap_seconds_total,
+        "last_swap_seconds": detail.last_swap_seconds,
+    }
 
 
 def ops_router(

@@ -48,7 +48,6 @@ from ovis_server.model_names import Z_IMAGE_EDIT_MODEL_ID
 # What image_url becomes in the job row once the image is stored (the worker reads the
 # file store's "<request id>/input-0.png"); a client cannot send it (not https nor data:).
 STORED_IMAGE_REFERENCE = "stored:input-0.png"
-INPUT_IMAGE_NAME = "input-0.png"
 EXAMPLE_IMAGE_URL = "https://example.com/photo.png"
 
 
@@ -63,11 +62,6 @@ def auto_size(width: int, height: int) -> tuple[int, int]:
         return max(MIN_SIDE, min(MAX_SIDE, snapped))
 
     return side(width * scale), side(height * scale)
-
-
-def input_image_key(request_id: str) -> str:
-    """The file store key of a job's input image."""
-    return f"{request_id}/{INPUT_IMAGE_NAME}"
 
 
 class ZImageEditInput(TextToImageInput):

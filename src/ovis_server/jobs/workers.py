@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from types import EllipsisType
-from typing import Any
 
 from sqlalchemy import Engine, delete, insert, select, update
 
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import workers
+from ovis_server.jobs.worker_detail import WorkerDetail
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class WorkerInfo:
     heartbeat_at: datetime
     problem: str | None = None
     phase: str | None = None
-    detail: dict[str, Any] | None = None
+    detail: WorkerDetail = field(default_factory=WorkerDetail)
 
 
 @dataclass(frozen=True)
@@ -34,23 +34,26 @@ class WorkerState:
     """What a heartbeat tells of the worker besides that it is alive: each field given
     replaces the row's, each left None keeps it. ``problem`` (a string, or None once it
     is over) says why the worker takes no jobs, and is kept when not given; ``phase`` and
-    ``detail`` are what /readyz shows of the worker; ``device`` is sent once ``auto`` is
-    resolved."""
+    ``detail`` (jobs/worker_detail.py) are what /readyz and /metrics show of the worker;
+    ``device`` is sent once ``auto`` is resolved."""
 
     ready: bool | None = None
     memory_bytes: int | None = None
     problem: str | EllipsisType | None = ...
     phase: str | None = None
-    detail: dict[str, Any] | None = None
+    detail: WorkerDetail | None = None
     device: str | None = None
 
     def changes(self) -> dict[str, object]:
         """The worker row's columns this state changes, and their new values."""
         changed: dict[str, object] = {
-            field.name: value
-            for field in fields(self)
-            if field.name != "problem" and (value := getattr(self, field.name)) is not None
+            column.name: value
+            for column in fields(self)
+            if column.name not in ("problem", "detail")
+            and (value := getattr(self, column.name)) is not None
         }
+        if self.detail is not None:
+            changed["detail"] = self.detail.stored()
         if not isinstance(self.problem, EllipsisType):
             changed["problem"] = self.problem[:500] if self.problem else None
         return changed
@@ -90,7 +93,9 @@ class WorkerRegistry:
             rows = conn.execute(
                 select(workers).where(workers.c.heartbeat_at >= since).order_by(workers.c.id)
             ).mappings()
-            return [WorkerInfo(**row) for row in rows]
+            return [
+                WorkerInfo(**{**row, "detail": WorkerDetail.read(row["detail"])}) for row in rows
+            ]
 
     @retried
     def forget_process(self, host: str, pid: int) -> int:

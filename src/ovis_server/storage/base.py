@@ -11,6 +11,8 @@ KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}/[A-Za-z0-9_-]{1,64}\.[a-z0-9]{2
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # What the worker writes to test that the store takes writes again (outside the key space).
 WRITE_CHECK_NAME = ".write-check"
+# A job's input image, under its request id.
+INPUT_IMAGE_NAME = "input-0.png"
 
 
 class InvalidKeyError(ValueError):
@@ -31,6 +33,12 @@ def check_request_id(request_id: str) -> str:
 
 def output_key(request_id: str, index: int, extension: str) -> str:
     return check_key(f"{request_id}/{index}.{extension}")
+
+
+def input_image_key(request_id: str) -> str:
+    """The file store key of a job's input image (the API stores it at submit, the worker
+    reads it), whatever the model."""
+    return f"{request_id}/{INPUT_IMAGE_NAME}"
 
 
 class FileStore(Protocol):

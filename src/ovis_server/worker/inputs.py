@@ -7,9 +7,8 @@ from __future__ import annotations
 import dataclasses
 
 from ovis_server.catalogue.spec import ModelInput
-from ovis_server.catalogue.z_image_edit import input_image_key
 from ovis_server.engine.request import GenerationRequest
-from ovis_server.storage.base import FileStore
+from ovis_server.storage.base import FileStore, input_image_key
 from ovis_server.worker.failures import InvalidJobError
 
 

@@ -12,163 +12,40 @@ only the resident models' jobs; the others wait:
   weights never change;
 - else on disk: a swap loads them again (``ModelSpec.load_engine``).
 
-When to swap is ``plan_swap``, a pure function of the queue's heads: a model whose oldest
-queued job exists takes the place of a resident model with no queued job at once, and of a
-busy one once that job has waited ``--swap-after`` seconds, counted from when the busy
-model came in at the earliest. So one busy model cannot starve another (its jobs start
-within ``--swap-after`` plus the batch in hand and a swap), and two busy models swap at
-most once per ``--swap-after`` (no thrashing).
-
-Only ``ModelSpec`` and the engine's own objects are used: the pipeline's modules move with
-their own tensors, whatever the family.
+When to swap is ``plan_swap`` (worker/swap_policy.py), a pure function of the queue's
+heads; moving the weights is worker/host_copy.py's. Only ``ModelSpec`` and the engine's own
+objects are used, whatever the family.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
+
+from ovis_server.jobs.worker_detail import ModelDetail, PlacementDetail, Where
+from ovis_server.worker.host_copy import (
+    HostCopy,
+    available_host_bytes,
+    device_bytes,
+    movable,
+    release_device_memory,
+    weight_bytes,
+)
+from ovis_server.worker.swap_policy import plan_swap
 
 if TYPE_CHECKING:
-    import torch
-
     from ovis_server.catalogue.spec import ModelSpec
     from ovis_server.engine.memory import MemoryPlan
     from ovis_server.engine.pipeline import Engine
 
 logger = logging.getLogger(__name__)
 
-# Where a model is: on the device, waiting in host memory, or to be loaded from disk.
-Where = Literal["device", "host", "disk"]
 # What a swap may use of the host's available memory for the copies it keeps.
 HOST_SHARE = 0.8
-
-
-# --- the policy -----------------------------------------------------------------------------
-
-
-def plan_swap(
-    resident: Mapping[str, float],
-    heads: Mapping[str, float],
-    now: float,
-    swap_after: float,
-) -> tuple[str, str] | None:
-    """The swap to make now, as (model out, model in), or None to keep the resident models.
-
-    ``resident``: each resident model and when it came in; ``heads``: each model with a
-    queued job and when its oldest one was queued (models without one are absent); all in
-    seconds on one clock. The model to come in is the non-resident one whose oldest job is
-    oldest. It replaces a resident model without queued jobs (the one in longest) at once;
-    else the model in longest, once that job has waited ``swap_after``, counted from when
-    that model came in at the earliest."""
-    waiting = {model: queued for model, queued in heads.items() if model not in resident}
-    if not waiting or not resident:
-        return None
-    incoming = min(waiting, key=lambda model: (waiting[model], model))
-    idle = [model for model in resident if model not in heads]
-    if idle:
-        return min(idle, key=lambda model: (resident[model], model)), incoming
-    victim = min(resident, key=lambda model: (resident[model], model))
-    if now - max(waiting[incoming], resident[victim]) >= swap_after:
-        return victim, incoming
-    return None
-
-
-# --- moving weights -------------------------------------------------------------------------
-
-
-def _modules(engine: Engine) -> list[torch.nn.Module]:
-    """The pipeline's torch modules (transformer, text encoder, VAE...), whatever the family."""
-    import torch
-
-    components = getattr(getattr(engine, "pipeline", None), "components", None) or {}
-    return [item for item in components.values() if isinstance(item, torch.nn.Module)]
-
-
-def _tensors(engine: Engine) -> Iterator[torch.Tensor]:
-    """Every parameter and buffer of the pipeline, once each (tied weights are one)."""
-    seen: set[int] = set()
-    for module in _modules(engine):
-        for tensor in (*module.parameters(), *module.buffers()):
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                yield tensor
-
-
-def device_bytes(engine: Engine) -> int:
-    """Bytes of the pipeline's weights that are on the device now (not on the CPU)."""
-    return sum(
-        tensor.numel() * tensor.element_size()
-        for tensor in _tensors(engine)
-        if tensor.device.type != "cpu" or engine.device.type == "cpu"
-    )
-
-
-def weight_bytes(engine: Engine) -> int:
-    """Bytes of all the pipeline's weights, wherever they are."""
-    return sum(tensor.numel() * tensor.element_size() for tensor in _tensors(engine))
-
-
-def available_host_bytes() -> int | None:
-    """The host memory available to new allocations (Linux's MemAvailable); None unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def movable(engine: Engine) -> bool:
-    """Whether the engine's weights can wait in host memory and come back by a copy: the
-    ``full`` profile, every weight a plain tensor on the device. Offloading and quantized
-    profiles are reloaded from disk instead."""
-    from ovis_server.engine.memory import MemoryProfile
-
-    return engine.memory.profile is MemoryProfile.FULL
-
-
-class HostCopy:
-    """A copy of an engine's weights in host memory (pinned on CUDA), kept while the model is
-    not resident; leaving the device is pointing each tensor back at it, coming in is one copy."""
-
-    def __init__(self, engine: Engine) -> None:
-        import torch
-
-        pin = engine.device.type == "cuda" and torch.cuda.is_available()
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for tensor in _tensors(engine):
-            host = tensor.data.to("cpu", copy=True)
-            self.pairs.append((tensor, host.pin_memory() if pin else host))
-        self.nbytes = sum(host.numel() * host.element_size() for _, host in self.pairs)
-
-    def leave(self) -> None:
-        """Free the device's copies: each tensor is its host copy again."""
-        for tensor, host in self.pairs:
-            tensor.data = host
-
-    def bring(self, device: torch.device) -> None:
-        """Copy the weights onto ``device`` (the host copy stays for the next leave)."""
-        import torch
-
-        for tensor, host in self.pairs:
-            tensor.data = host.to(device, non_blocking=True, copy=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-
-def release_device_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # --- the placement --------------------------------------------------------------------------
@@ -441,25 +318,24 @@ class Placement:
         )
         return seconds
 
-    def detail(self) -> dict[str, Any]:
+    def detail(self) -> PlacementDetail:
         """What /readyz and /metrics show: each model, where it is, and the swaps."""
         with self._lock:
             models = [
-                {
-                    "model_id": mid,
-                    "resident": model.where == "device",
-                    "where": model.where,
-                    "batch_limit": model.batch_limit,
-                    **({} if model.max_pixels is None else {"max_pixels": model.max_pixels}),
-                }
+                ModelDetail(
+                    model_id=mid,
+                    resident=model.where == "device",
+                    where=model.where,
+                    batch_limit=model.batch_limit,
+                    max_pixels=model.max_pixels,
+                )
                 for mid, model in self.models.items()
             ]
-            return {
-                "models": models,
-                "resident_models": self.capacity,
-                "swaps": self.swaps.count,
-                "swap_seconds_total": round(self.swaps.seconds_total, 3),
-                "last_swap_seconds": None
-                if self.swaps.last_seconds is None
-                else round(self.swaps.last_seconds, 3),
-            }
+            last = self.swaps.last_seconds
+            return PlacementDetail(
+                models=models,
+                resident_models=self.capacity,
+                swaps=self.swaps.count,
+                swap_seconds_total=round(self.swaps.seconds_total, 3),
+                last_swap_seconds=None if last is None else round(last, 3),
+            )

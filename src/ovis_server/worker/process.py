@@ -22,6 +22,7 @@ from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.engine.compile_cache import use_compile_cache
 from ovis_server.jobs.store import JobStore
+from ovis_server.jobs.worker_detail import StartupDetail
 from ovis_server.jobs.workers import WorkerRegistry, WorkerState
 from ovis_server.storage import open_file_store
 from ovis_server.worker.loras import LoraFiles
@@ -167,7 +168,7 @@ def run_worker(
     try:
         # Before anything compiles: torch reads where its caches are when it first needs them.
         cache = use_compile_cache(settings.compile_cache_dir) if settings.compile != "off" else None
-        from ovis_server.worker.warmup import memory_detail, warm_up_worker
+        from ovis_server.worker.readiness import memory_detail, warm_up_worker
 
         def load(spec: ModelSpec) -> Engine:
             names = (spec.model_id, *spec.aliases)
@@ -187,7 +188,7 @@ def run_worker(
                 return
             batch = settings.batch_limit(engine.device.type, engine.memory.batch_limit)
             if settings.warms_up(engine.compiled):
-                report.update(**memory_detail(engine, batch))
+                report.update(memory_detail(engine, batch))
                 warmed = warm_up_worker(spec, engine, report, batch, stop, cache)
                 if warmed.stopped or stop.is_set():
                     return
@@ -214,17 +215,16 @@ def run_worker(
                 step_hook=step_hook,
                 on_problem=lambda problem: _report_problem(registry, worker_id, problem),
                 placement=placement,
-                on_swap=lambda: report.update(**placement.detail()),
+                on_swap=lambda: report.update(placement.detail()),
                 loras=LoraFiles.from_settings(settings, store),
             )
         )
         startup_seconds = round(time.perf_counter() - started, 1)
         report.phase(
             "ready",
-            **memory_detail(engine, first.batch_limit),
-            **placement.detail(),
-            startup_seconds=startup_seconds,
-            warmup_seconds=warmup_seconds,
+            memory_detail(engine, first.batch_limit),
+            placement.detail(),
+            StartupDetail(startup_seconds=startup_seconds, warmup_seconds=warmup_seconds),
         )
         logger.info(
             "ready %.1fs after the worker started (loading %.1fs, warm-up %s)",

@@ -4,7 +4,7 @@ never waits on the database between two denoising steps.
 The device's thread posts each step (``post``) and reads, without waiting, what the writes
 so far have answered: which jobs have a cancel requested and which the worker no longer
 holds. Steps are written in the order posted, every one of them (a status stream shows
-each step), and the finisher waits for a job's posted steps (``wait_written``) before it
+each step), and the finisher waits for a job's posted steps (``finished``) before it
 records the job's end, so no step arrives after it. A cancel is therefore seen a step or
 two later than a write on the device's thread would see it.
 """
@@ -24,6 +24,9 @@ from ovis_server.jobs.store import JobStore
 from ovis_server.worker.failures import database_cause
 
 logger = logging.getLogger(__name__)
+
+# The longest wait for a batch's step progress to be written before its end is recorded.
+PROGRESS_WAIT_SECONDS = 30.0
 
 
 class ProgressWriter:
@@ -61,6 +64,13 @@ class ProgressWriter:
         """Wait until every step posted for ``ids`` is written (or given up on)."""
         with self._cond:
             return self._cond.wait_for(lambda: not any(self._pending[i] for i in ids), timeout)
+
+    def finished(self, ids: Collection[str]) -> None:
+        """Wait (``PROGRESS_WAIT_SECONDS`` at most) until every step of the jobs ``ids``
+        is written, then forget them: a status stream shows each step, in order, before
+        the job's end is recorded."""
+        self.wait_written(ids, PROGRESS_WAIT_SECONDS)
+        self.forget(ids)
 
     def forget(self, ids: Collection[str]) -> None:
         """The jobs have ended: drop what was learnt about them."""

@@ -1,12 +1,11 @@
 """The finisher's side of the worker: store a finished job's image, record how each job
 ended (for as long as the database takes), and keep track of whether the files store takes
-writes. :class:`~ovis_server.worker.runner.Worker` is a JobRecorder; the finisher thread
-(finisher.py) calls ``_finish`` with each batch's outcomes."""
+writes. :class:`~ovis_server.worker.runner.Worker` holds a JobRecorder; the finisher thread
+(finisher.py) hands it each batch's outcomes."""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -19,11 +18,10 @@ from ovis_server.jobs.store import JobStore, LeaseLostError
 from ovis_server.storage.base import FileStore, output_key
 from ovis_server.worker.failures import DatabasePauses, describe_failure
 from ovis_server.worker.finisher import LeaseKeeper, Outcome, Stop
+from ovis_server.worker.hooks import StoreHook
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from ovis_server.worker.progress import ProgressWriter
 
     Pixels = np.ndarray[Any, np.dtype[np.uint8]]
 
@@ -33,24 +31,35 @@ T = TypeVar("T")
 P = ParamSpec("P")
 # The longest pause between tries to record a job's end while the database is out.
 MAX_RECORD_DELAY_SECONDS = 5.0
-# The longest wait for a batch's step progress to be written before its end is recorded.
-PROGRESS_WAIT_SECONDS = 30.0
 
 
 class JobRecorder:
-    """What the finisher does with each job's outcome (the attributes are the Worker's)."""
+    """What the finisher does with each job's outcome: store its image, record its end in
+    ``store`` under ``worker_id``'s lease, and drop the job from ``leases`` once recorded."""
 
-    store: JobStore
-    files: FileStore
-    worker_id: str
-    store_hook: Callable[[Job], None] | None
-    output_problem: str | None
-    on_problem: Callable[[str | None], None] | None
-    _leases: LeaseKeeper
-    _progress: ProgressWriter | None
-    _last_progress: float | None
-    _finishing_since: float | None
-    _finishing_thread: int | None
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        files: FileStore,
+        worker_id: str,
+        leases: LeaseKeeper,
+        store_hook: StoreHook | None = None,
+        on_problem: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.files = files
+        self.worker_id = worker_id
+        self.leases = leases
+        # Called with each job before its image is stored: tests only (worker/hooks.py).
+        self.store_hook = store_hook
+        # Why the files store cannot take this worker's outputs; None while it can. The
+        # heartbeat reports it, and /readyz answers 503 naming it.
+        self.output_problem: str | None = None
+        self.on_problem = on_problem  # told of each change of ``output_problem``
+        # When the job in hand last moved (its recording began, or a wait on the database);
+        # None when it holds none: the stall watchdog reads it.
+        self.finishing_since: float | None = None
 
     def check_output_writable(self) -> bool:
         """A test write to the files store; clears ``output_problem`` when it succeeds."""
@@ -74,17 +83,11 @@ class JobRecorder:
             if self.on_problem is not None:
                 self.on_problem(problem)
 
-    def _finish(self, outcomes: list[Outcome]) -> None:
+    def finish(self, outcomes: list[Outcome]) -> None:
         """Store the images of a batch's run and record how each job ended."""
-        self._finishing_thread = threading.get_ident()
-        ids = [outcome.job.id for outcome in outcomes]
-        if self._progress is not None:
-            # Every step goes out before the end: a status stream shows each, in order.
-            self._progress.wait_written(ids, PROGRESS_WAIT_SECONDS)
-            self._progress.forget(ids)
         try:
             for outcome in outcomes:
-                self._finishing_since = time.monotonic()
+                self.finishing_since = time.monotonic()
                 try:
                     self._record(outcome)
                 except LeaseLostError:
@@ -94,9 +97,9 @@ class JobRecorder:
                     logger.error("job %s failed: %s", outcome.job.id, message, exc_info=exc)
                     self._record_failure(outcome.job, error_type, message)
                 finally:
-                    self._leases.drop([outcome.job.id])
+                    self.leases.drop([outcome.job.id])
         finally:
-            self._finishing_since = None
+            self.finishing_since = None
 
     def _record(self, outcome: Outcome) -> None:
         job = outcome.job
@@ -170,13 +173,5 @@ class JobRecorder:
             except SQLAlchemyError as exc:
                 pause = pauses.after(exc, "could not record a job's end")
                 # Waiting on the database, not stuck in model code: no stall watchdog.
-                self._touch()
+                self.finishing_since = time.monotonic()
                 time.sleep(pause)
-
-    def _touch(self) -> None:
-        """Progress for the stall watchdog, on behalf of the thread that calls."""
-        now = time.monotonic()
-        if self._finishing_since is not None and self._finishing_thread == threading.get_ident():
-            self._finishing_since = now
-        elif self._last_progress is not None:
-            self._last_progress = now

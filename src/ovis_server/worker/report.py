@@ -1,9 +1,10 @@
 """What a worker tells /readyz about itself while it gets ready: its phase and details.
 
 The phase (downloading, loading, warming, ready) and details such as progress or the memory
-profile live in the worker's row of the workers table. A change of phase is written at once;
-progress at most once a second (a download reports many times a second); every heartbeat
-writes the latest again, so a write lost to a database blip is repaired by the next beat.
+profile (a WorkerDetail, jobs/worker_detail.py) live in the worker's row of the workers
+table. A change of phase is written at once; progress at most once a second (a download
+reports many times a second); every heartbeat writes the latest again, so a write lost to
+a database blip is repaired by the next beat.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Literal
+from typing import Literal
 
 from ovis_server.engine.weights import Progress
+from ovis_server.jobs.worker_detail import DetailPart, ProgressDetail, WorkerDetail
 from ovis_server.jobs.workers import WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -28,42 +30,38 @@ class StateReport:
         self.min_interval = min_interval
         self._lock = threading.Lock()
         self._phase: Phase = "loading"
-        self._detail: dict[str, Any] = {}
+        self._detail = WorkerDetail()
         self._written_at = 0.0
 
-    def snapshot(self) -> tuple[Phase, dict[str, Any]]:
+    def snapshot(self) -> tuple[Phase, WorkerDetail]:
         with self._lock:
-            return self._phase, dict(self._detail)
+            return self._phase, self._detail
 
-    def phase(self, phase: Phase, **detail: Any) -> None:
-        """Enter ``phase``: its progress starts anew; other details (None drops one) merge."""
+    def phase(self, phase: Phase, *parts: DetailPart) -> None:
+        """Enter ``phase``: its progress starts anew; the fields given in ``parts`` replace
+        the detail's (None drops one)."""
         with self._lock:
             self._phase = phase
-            self._detail.pop("progress", None)
-            self._merge(detail)
+            self._detail = self._detail.with_progress(None).merged(*parts)
         self._write()
 
     def progress(self, progress: Progress, *, force: bool = False) -> None:
         """Progress of the current phase, written at most every ``min_interval`` seconds
         unless ``force``."""
         with self._lock:
-            self._detail["progress"] = progress.detail()
+            self._detail = self._detail.with_progress(
+                ProgressDetail.model_validate(progress.detail())
+            )
             due = force or time.monotonic() - self._written_at >= self.min_interval
         if due:
             self._write()
 
-    def update(self, **detail: Any) -> None:
-        """Merge details (None drops one) without changing the phase."""
+    def update(self, *parts: DetailPart) -> None:
+        """Let the fields given in ``parts`` replace the detail's (None drops one), without
+        changing the phase."""
         with self._lock:
-            self._merge(detail)
+            self._detail = self._detail.merged(*parts)
         self._write()
-
-    def _merge(self, detail: dict[str, Any]) -> None:
-        for key, value in detail.items():
-            if value is None:
-                self._detail.pop(key, None)
-            else:
-                self._detail[key] = value
 
     def _write(self) -> None:
         phase, detail = self.snapshot()

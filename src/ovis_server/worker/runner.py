@@ -20,7 +20,6 @@ first: an image that was made is recorded before the worker returns.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -43,6 +42,7 @@ from ovis_server.worker.failures import (
 )
 from ovis_server.worker.finisher import Finisher, LeaseKeeper, Outcome, Stop
 from ovis_server.worker.hooks import StepHook, store_hook
+from ovis_server.worker.host_copy import release_device_memory
 from ovis_server.worker.inputs import with_stored_inputs
 from ovis_server.worker.loras import LoraFiles
 from ovis_server.worker.progress import ProgressWriter
@@ -68,7 +68,7 @@ WRITE_CHECK_SECONDS = 2.0
 FINISH_QUEUE_BATCHES = 2
 
 
-class Worker(JobRecorder):
+class Worker:
     """Runs jobs from the store on one engine, oldest first, in batches of compatible jobs."""
 
     def __init__(
@@ -105,12 +105,7 @@ class Worker(JobRecorder):
         self.max_batch = max(1, max_batch)
         # Called with each job in hand after each step: tests only (worker/hooks.py).
         self.step_hook = step_hook
-        self.store_hook = store_hook(step_hook)
         self.write_check_seconds = write_check_seconds
-        # Why the files store cannot take this worker's outputs; None while it can. The
-        # heartbeat reports it, and /readyz answers 503 naming it.
-        self.output_problem: str | None = None
-        self.on_problem = on_problem
         self.finish_queue = max(1, finish_queue)
         # How many images of a size fit in one batch (default: the engine's plan).
         self.memory_plan = memory_plan if memory_plan is not None else engine.memory
@@ -123,22 +118,34 @@ class Worker(JobRecorder):
         self.on_swap = on_swap  # told after each swap (the worker's report)
         self.loras = loras  # where jobs' LoRA files come from (worker/loras.py); None: none
         # When the jobs in the device's hands last moved (claimed, or a step done); None
-        # when it holds none. Likewise for the finisher's batch in hand.
+        # when it holds none. The recorder keeps the same for the finisher's job in hand.
         self._last_progress: float | None = None
-        self._finishing_since: float | None = None
-        self._finishing_thread: int | None = None
         self._leases = LeaseKeeper(store, worker_id, lease_seconds)
+        # Stores each finished job's image and records its end (on the finisher's thread).
+        self.recorder = JobRecorder(
+            store=store,
+            files=files,
+            worker_id=worker_id,
+            leases=self._leases,
+            store_hook=store_hook(step_hook),
+            on_problem=on_problem,
+        )
         self._finisher: Finisher | None = None
         self._progress: ProgressWriter | None = None
         # Where given (a list), how long each step's write took: benchmarks only.
         self.step_write_seconds: list[float] | None = None
 
+    @property
+    def output_problem(self) -> str | None:
+        """Why the files store takes no outputs (the heartbeat reports it), or None."""
+        return self.recorder.output_problem
+
     def stalled_for(self) -> float:
         """Seconds the jobs in hand, on the device or in the finisher, have gone without
         progress (0 when idle)."""
         now = time.monotonic()
-        stamps = [s for s in (self._last_progress, self._finishing_since) if s is not None]
-        return max((now - stamp for stamp in stamps), default=0.0)
+        stamps = (self._last_progress, self.recorder.finishing_since)
+        return max((now - stamp for stamp in stamps if stamp is not None), default=0.0)
 
     @property
     def images_unstored(self) -> int:
@@ -163,14 +170,15 @@ class Worker(JobRecorder):
 
     def _loop(self, stop: threading.Event, finisher: Finisher) -> None:
         next_recovery = 0.0
-        self.check_output_writable()  # a store that refuses writes is known before a job runs
+        # A store that refuses writes is known before a job runs.
+        self.recorder.check_output_writable()
         next_write_check = time.monotonic() + self.write_check_seconds
         database_pauses = DatabasePauses(self.poll_seconds, MAX_RECORD_DELAY_SECONDS)
         while not stop.is_set():
             finisher.raise_failure()
             if self.output_problem is not None:
                 if time.monotonic() >= next_write_check:
-                    self.check_output_writable()
+                    self.recorder.check_output_writable()
                     next_write_check = time.monotonic() + self.write_check_seconds
                 if self.output_problem is not None:
                     stop.wait(min(self.poll_seconds, self.write_check_seconds))
@@ -249,6 +257,12 @@ class Worker(JobRecorder):
         this thread, their ends recorded before it returns."""
         with self._leases.running(), self._writing_progress():
             self._finish(self._run_claimed(jobs, stop))
+
+    def _finish(self, outcomes: list[Outcome]) -> None:
+        """Record how each job of a batch ended, once its steps are all written."""
+        if self._progress is not None:
+            self._progress.finished([outcome.job.id for outcome in outcomes])
+        self.recorder.finish(outcomes)
 
     @contextmanager
     def _writing_progress(self) -> Iterator[None]:
@@ -382,7 +396,7 @@ class Worker(JobRecorder):
                 for index, (job, request) in enumerate(batch)
             ]
 
-        self._release_device_memory()
+        release_device_memory()
         if failure is not None:
             return [Outcome(jobs[0], started, failure=failure)]
         if len(batch) > 1:  # a batch failed: each job alone, so only a faulty one fails
@@ -401,13 +415,3 @@ class Worker(JobRecorder):
             return self._run_batch(batch, stop, light=True)
         logger.error("job %s failed: %s", jobs[0].id, OUT_OF_MEMORY_MESSAGE)
         return [Outcome(jobs[0], started, failure=("out_of_memory", OUT_OF_MEMORY_MESSAGE))]
-
-    @staticmethod
-    def _release_device_memory() -> None:
-        """Free what a failed run left: its tensors (in reference cycles with frames of a
-        traceback), then the allocator's cached blocks."""
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()

@@ -23,7 +23,6 @@ from ovis_server.api.runcomfy.catalogue import CataloguePages
 from ovis_server.api.runcomfy.protocol import SubmitResponse
 from ovis_server.api.runcomfy.rendering import request_urls
 from ovis_server.catalogue.spec import ModelInput, ModelSpec
-from ovis_server.catalogue.z_image_edit import input_image_key
 from ovis_server.config import Settings
 from ovis_server.inputs.fetch import FetchPolicy, Resolver
 from ovis_server.inputs.images import ImageInputError, ImagePolicy, load_input_image
@@ -36,7 +35,7 @@ from ovis_server.jobs.store import (
     SubmitLimits,
     utcnow,
 )
-from ovis_server.storage.base import FileStore
+from ovis_server.storage.base import FileStore, input_image_key
 from ovis_server.units import parse_duration
 from ovis_server.webhooks.params import (
     WEBHOOK_FIELDS,

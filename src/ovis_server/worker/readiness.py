@@ -1,17 +1,17 @@
 """The worker between loading and ready: what it tells of its memory plan, and its warm-up.
 
-The warm-up's shapes come from the catalogue (the default image size, steps and guidance,
-and the preset sizes); engine/warmup.py runs them. /readyz shows the phase ``warming`` with
-progress in shapes, and the log has the time of each shape.
+The warm-up's shapes come from the model's spec (the default image size, steps and
+guidance, and the preset sizes its input takes); engine/warmup.py runs them. /readyz
+shows the phase ``warming`` with progress in shapes, and the log has the time of each
+shape.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ovis_server.catalogue import IMAGE_SIZE_PRESETS
 from ovis_server.engine.compile_cache import CompileCache, cache_counters
 from ovis_server.engine.warmup import (
     WARMUP_PROMPT,
@@ -22,6 +22,7 @@ from ovis_server.engine.warmup import (
     warmup_shapes,
 )
 from ovis_server.engine.weights import Progress
+from ovis_server.jobs.worker_detail import MemoryPlanDetail
 from ovis_server.worker.report import StateReport
 
 if TYPE_CHECKING:
@@ -31,17 +32,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def memory_detail(engine: Engine, batch_limit: int) -> dict[str, Any]:
+def memory_detail(engine: Engine, batch_limit: int) -> MemoryPlanDetail:
     """The memory plan as the worker reports it (/readyz, metrics, the submit check)."""
     plan = engine.memory
-    max_pixels = engine.max_pixels
-    return {
-        "memory_profile": str(plan.profile),
-        "memory_budget_bytes": plan.budget_bytes,
-        "memory_reason": plan.reason,
-        "batch_limit": batch_limit,
-        "max_pixels": max_pixels,
-    }
+    return MemoryPlanDetail(
+        memory_profile=str(plan.profile),
+        memory_budget_bytes=plan.budget_bytes,
+        memory_reason=plan.reason,
+        batch_limit=batch_limit,
+        max_pixels=engine.max_pixels,
+    )
 
 
 def default_shapes(
@@ -51,9 +51,8 @@ def default_shapes(
     request with only a prompt gets), and the preset sizes."""
     defaults = spec.input_model.model_validate({"prompt": WARMUP_PROMPT})
     request = defaults.to_generation_request(0)
-    shapes = warmup_shapes(
-        (request.width, request.height), IMAGE_SIZE_PRESETS.values(), batch_limit, max_pixels
-    )
+    presets = spec.sizes.presets.values() if spec.sizes else ()
+    shapes = warmup_shapes((request.width, request.height), presets, batch_limit, max_pixels)
     return shapes, request.guidance_scale
 
 
