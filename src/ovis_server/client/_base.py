@@ -106,9 +106,18 @@ class BaseClient(Generic[HttpT]):
         timeout: float = 60.0,
         max_retries: int = 3,
         backoff: float = 0.5,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``transport``: the httpx transport to send through (an ``httpx.BaseTransport``
+        for Client, an ``httpx.AsyncBaseTransport`` for AsyncClient; downloads too), e.g.
+        an ``httpx.MockTransport`` in tests; None sends over the network."""
         self.settings = ClientSettings.resolve(base_url, token, timeout, max_retries, backoff)
-        self._http: HttpT = self._http_class(base_url=self.settings.base_url, timeout=timeout)
+        self._transport = transport  # downloads' plain client sends through it too
+        self._http: HttpT = self._http_class(
+            base_url=self.settings.base_url,
+            timeout=timeout,
+            transport=transport,  # type: ignore[arg-type]
+        )
 
     def _request(self, call: Call[Any]) -> httpx.Request:
         """The HTTP request that makes ``call``: with the token, and a stream's long read

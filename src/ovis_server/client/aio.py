@@ -162,7 +162,10 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
 
     async def _download(self, url: str, target: Path) -> None:
         async with (
-            httpx.AsyncClient(timeout=self.settings.timeout) as plain,
+            httpx.AsyncClient(
+                timeout=self.settings.timeout,
+                transport=self._transport,  # type: ignore[arg-type]
+            ) as plain,
             _opened(plain, plain.build_request("GET", url)) as response,
         ):
             with target.open("wb") as handle:

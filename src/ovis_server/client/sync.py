@@ -167,7 +167,10 @@ class Client(BaseClient[httpx.Client]):
         target = Path(path)
         with (
             connection_errors(),
-            httpx.Client(timeout=self.settings.timeout) as plain,
+            httpx.Client(
+                timeout=self.settings.timeout,
+                transport=self._transport,  # type: ignore[arg-type]
+            ) as plain,
             _opened(plain, plain.build_request("GET", url)) as response,
             target.open("wb") as handle,
         ):
