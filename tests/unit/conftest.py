@@ -8,6 +8,8 @@ take as ``transport=``; ``clock`` is a fake clock the clients sleep and time out
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -176,6 +178,20 @@ class _AsyncSleep:
 
     async def sleep(self, seconds: float) -> None:
         self._clock.sleep(seconds)
+
+
+@pytest.fixture(autouse=True)
+def _no_sockets_or_subprocesses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick tier's rule, enforced: a test here that connects a socket or starts a
+    process fails (it belongs with the server tests)."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("tests/unit opens no socket and starts no process")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture

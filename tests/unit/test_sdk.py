@@ -392,3 +392,12 @@ def test_call_sends_any_route(client: Client, fake_api: FakeApi) -> None:
     fake_api.before = [httpx.Response(200, json={"models": [], "total": 0})]
     assert client._call("GET", "/v1/models", params={"limit": 5}) == {"models": [], "total": 0}
     assert fake_api.requests[-1].url.params["limit"] == "5"
+
+
+def test_the_tier_refuses_real_connections() -> None:
+    """Without transport=, a call would open a socket: the tier's guard stops it."""
+    with (
+        Client("http://127.0.0.1:9", TOKEN, max_retries=0) as sdk,
+        pytest.raises(AssertionError, match="opens no socket"),
+    ):
+        sdk.status("abc")
