@@ -12,8 +12,9 @@ DAY = 24 * 3600
 # Standard Webhooks' suggestion: at once, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 DEFAULT_WEBHOOK_SCHEDULE = "0,5s,5m,30m,2h,5h,10h,10h"
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": float(DAY)}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# ASCII digits only: \d would take any script's digits (a full-width one, say).
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def parse_duration(text: str) -> float:
@@ -116,7 +117,9 @@ def parse_host_patterns(names: Iterable[object]) -> tuple[str, ...]:
     wildcard anywhere but alone or at the start of a name (``*.example.com``)."""
     patterns = tuple(str(name).strip() for name in names if str(name).strip())
     for pattern in patterns:
-        if "*" in pattern[1:] or (pattern.startswith("*") and not pattern.startswith("*.")):
+        if pattern != "*" and (
+            "*" in pattern[1:] or (pattern.startswith("*") and not pattern.startswith("*."))
+        ):
             raise ValueError(
                 f"{pattern!r}: a wildcard stands alone or starts a name, as in *.example.com"
             )

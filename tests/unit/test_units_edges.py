@@ -26,7 +26,9 @@ def test_more_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["1w", "inf", "1h 30m", "ms", ".5s", "1y"])
+@pytest.mark.parametrize(
+    "text", ["1w", "inf", "1h 30m", "ms", ".5s", "1y", "\uff11s", "\u0661\u0662"]
+)
 def test_more_non_durations(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)
@@ -123,6 +125,8 @@ def test_host_patterns() -> None:
         "*.example.com",
         "7",
     )
+    # A wildcard alone is any host, as Starlette's own check reads it.
+    assert parse_host_patterns(["*"]) == ("*",)
 
 
 @pytest.mark.parametrize("pattern", ["a.*.com", "*example.com", "example.*", "**"])
