@@ -99,7 +99,7 @@ def refused(client: httpx.Client, image_url: str) -> str:
 def test_serving_the_model_serves_its_image_to_image_variant(served: Server) -> None:
     with served.client() as client:
         ids = [row["model_id"] for row in client.get("/v1/models").json()["models"]]
-        assert ids == [MODEL_ID, EDIT_ID]
+        assert ids == [MODEL_ID, EDIT_ID, f"{MODEL_ID}/lora"]  # and its LoRA variant
         schema = client.get(f"/v1/models/{EDIT_ID}").json()["input_schema"]
         assert schema["required"] == ["prompt", "image_url"]
 
