@@ -74,12 +74,14 @@ def serve(settings: Settings) -> None:
     """Serve the Model API, with worker processes beside it that run the model: one per
     GPU by default (--devices)."""
     from ovis_server.api.app import create_app
+    from ovis_server.api.large_buffers import map_large_buffers
     from ovis_server.api.middleware.access_log import redact_access_log
     from ovis_server.api.server import ApiServer, server_config
     from ovis_server.worker.supervisor import DevicesError, WorkerPool, plan_workers
 
     configure_logging(settings.log_level)
     logger = logging.getLogger("ovis_server.serve")
+    map_large_buffers()  # a 16 MiB body, once answered, is not kept resident
     models = model_registry(settings)
     try:
         slots = plan_workers(settings)

@@ -7,6 +7,10 @@ header and checked before a single pixel is decoded, so a decompression bomb (a
 30000x30000 PNG of one colour is a few KB) costs nothing; a truncated file is refused;
 EXIF orientation is applied and the image converted to RGB. What comes out is a PNG of
 that RGB image, which the API stores as the job's input.
+
+Memory: a data URI is decoded into one buffer of its exact size, and Pillow reads that
+buffer in place, a PNG's text chunks left out (:mod:`ovis_server.inputs.image_bytes`):
+judging a 16 MiB body costs its parsed text and its decoded bytes, no more.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-from ovis_server.inputs.fetch import FetchError, FetchPolicy, Resolver, fetch
+from ovis_server.inputs.fetch import FetchError, FetchPolicy, Resolver, fetch_into
+from ovis_server.inputs.image_bytes import without_png_text
 
 FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -48,33 +53,39 @@ class InputImage:
     height: int
 
 
-def decode_data_uri(uri: str, max_bytes: int) -> bytes:
+def decode_data_uri(uri: str, max_bytes: int) -> bytearray:
     """The bytes of a ``data:image/...;base64,`` URI, bounded before decoding."""
     match = _DATA_URI.match(uri)
     if match is None:
         raise ImageInputError("must be an https URL or a data:image/...;base64, URI")
     start = match.end()
     # Base64 gives 3 bytes for 4 characters: judge the size before decoding it.
-    if (len(uri) - start) // 4 * 3 > max_bytes + 2:
+    most = (len(uri) - start) // 4 * 3
+    if most > max_bytes + 2:
         raise ImageInputError(f"is larger than {max_bytes} bytes")
-    # A piece at a time (whole groups of 4 characters), so that no copy of the text is
-    # made: a data URI may be 16 MiB.
-    decoded = bytearray()
+    # A piece at a time (whole groups of 4 characters) into one buffer of the decoded
+    # size, so that neither the text nor the bytes are copied whole: a data URI may be
+    # 16 MiB, and several arrive at once.
+    decoded = bytearray(most)
+    filled = 0
     try:
         for piece in range(start, len(uri), _DECODE_STEP):
-            decoded += base64.b64decode(uri[piece : piece + _DECODE_STEP], validate=True)
+            part = base64.b64decode(uri[piece : piece + _DECODE_STEP], validate=True)
+            decoded[filled : filled + len(part)] = part
+            filled += len(part)
     except (binascii.Error, ValueError):
         raise ImageInputError("is not valid base64") from None
-    return bytes(decoded)
+    del decoded[filled:]  # the padding's bytes
+    return decoded
 
 
-def check_image(data: bytes, max_pixels: int) -> InputImage:
+def check_image(data: bytes | bytearray, max_pixels: int) -> InputImage:
     """``data`` as a checked RGB image (ImageInputError if it is none or too large)."""
     try:
         with warnings.catch_warnings():
             # Our own pixel cap below is the bomb check; Pillow's warning is noise here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(without_png_text(data))
     except Image.DecompressionBombError:
         raise ImageInputError(f"has more than {max_pixels} pixels") from None
     except (OSError, ValueError, SyntaxError):
@@ -108,11 +119,13 @@ async def load_input_image(
     image_url: str, policy: ImagePolicy, resolver: Resolver | None = None
 ) -> InputImage:
     """Fetch or decode ``image_url`` and check it: the image a job will use."""
+    data: bytes | bytearray
     if image_url[:5].lower() == "data:":
         data = decode_data_uri(image_url, policy.fetch.max_bytes)
     else:
         try:
-            data = await fetch(image_url, policy.fetch, resolver)
+            data = bytearray()  # grown in place: no list of pieces joined into a copy
+            await fetch_into(image_url, policy.fetch, data.extend, resolver)
         except FetchError as exc:
             raise ImageInputError(str(exc)) from None
     return check_image(data, policy.max_pixels)
