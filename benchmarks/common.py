@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +27,17 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def create_token(data_dir: Path, env: Mapping[str, str] | None = None) -> str:
+    """A new API token's secret, made by ``ovis-server token create`` in ``data_dir`` (its
+    database: ``env``'s OVIS_SERVER_DATABASE_URL, else the data directory's SQLite)."""
+    created = subprocess.run(
+        [sys.executable, "-m", "ovis_server", "token", "create", "--name", "bench",
+         "--data-dir", str(data_dir)],
+        capture_output=True, text=True, check=True, env=None if env is None else dict(env),
+    )  # fmt: skip
+    return created.stdout.strip().splitlines()[-1]  # the secret is alone on the last line
 
 
 def ready(base: str) -> bool:

@@ -17,14 +17,14 @@ from __future__ import annotations
 import sys
 
 # Run as a script, this file's folder comes first on sys.path, where this file's name
-# would hide the standard library's queue module from everything imported below.
+# would hide the standard library's queue module from everything imported below: the
+# repository's root takes its place (for benchmarks.common).
 if sys.path and sys.path[0] == __file__.rsplit("/", 1)[0]:
-    del sys.path[0]
+    sys.path[0] = sys.path[0].rsplit("/", 1)[0]
 
 import argparse
 import multiprocessing
 import os
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -37,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from benchmarks.common import create_token, free_port
 from ovis_server.db.connect import connect, migrate, sqlite_url
 from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.store import JobStore
@@ -98,12 +99,7 @@ def api_load(
     env.pop("OVIS_SERVER_DATABASE_URL", None)
     if database_url:
         env["OVIS_SERVER_DATABASE_URL"] = database_url
-    created = subprocess.run(
-        [sys.executable, "-m", "ovis_server", "token", "create", "--name", "bench",
-         "--data-dir", str(data_dir)],
-        capture_output=True, text=True, check=True, env=env,
-    )  # fmt: skip
-    token = created.stdout.strip().splitlines()[-1]
+    token = create_token(data_dir, env)
     command = [sys.executable, "-m", "ovis_server", "serve", "--no-worker", "--model", "tiny"]
     command += ["--data-dir", str(data_dir), "--port", str(port), "--log-level", "warning"]
     command += ["--rate-limit", "0", "--max-queued", "0", "--max-queued-per-token", "0"]
@@ -153,13 +149,6 @@ def api_load(
         server.terminate()
         server.wait(60)
         log.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def fresh_postgres(admin_url: str) -> tuple[str, str]:

@@ -60,6 +60,7 @@ import httpx
 
 from benchmarks.common import (
     PROMPTS,
+    create_token,
     default_steps,
     free_port,
     model_input,
@@ -105,11 +106,6 @@ def percentile(values: list[float], fraction: float) -> float:
     """Nearest rank: the smallest value with ``fraction`` of them at or below it."""
     ordered = sorted(values)
     return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
-
-
-def ovis_server(*args: str) -> str:
-    command = [sys.executable, "-m", "ovis_server", *args]
-    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
 def cpu_seconds(pid: int) -> float:
@@ -161,7 +157,7 @@ class CpuMeter:
 def local_server(args: argparse.Namespace, data_dir: Path) -> Iterator[tuple[str, str, int | None]]:
     """``ovis-server serve`` on a free loopback port; yields (base URL, token, its pid) once
     ready."""
-    token = ovis_server("token", "create", "--name", "bench", "--data-dir", str(data_dir))
+    token = create_token(data_dir)
     port = free_port()
     command = [sys.executable, "-m", "ovis_server", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--data-dir", str(data_dir), "--model", args.model]
@@ -177,7 +173,7 @@ def local_server(args: argparse.Namespace, data_dir: Path) -> Iterator[tuple[str
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not get ready:\n{log_path.read_text()}")
             time.sleep(0.5)
-        yield base, token.strip().splitlines()[-1], process.pid
+        yield base, token, process.pid
     finally:
         stop(process)
 

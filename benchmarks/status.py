@@ -43,7 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from benchmarks.common import free_port, stop
+from benchmarks.common import create_token, free_port, stop
 
 MODEL_PATH = "/v1/models/aidc-ai/ovis-image"
 JOB_INPUT = {
@@ -178,12 +178,7 @@ def run(
         env.pop("OVIS_SERVER_DATABASE_URL", None)
         if database_url:
             env["OVIS_SERVER_DATABASE_URL"] = database_url
-        created = subprocess.run(
-            [sys.executable, "-m", "ovis_server", "token", "create", "--name", "bench",
-             "--data-dir", str(data_dir)],
-            capture_output=True, text=True, check=True, env=env,
-        )  # fmt: skip
-        secret = created.stdout.strip().splitlines()[-1]
+        secret = create_token(data_dir, env)
         api_port, bare_port = free_port(), free_port()
         logs = [(data_dir / name).open("wb") for name in ("serve.log", "bare.log")]
         api = subprocess.Popen(
