@@ -77,6 +77,9 @@ class LoraAdapters:
         # (name -> (in, out)) and its rank; None without.
         self.slot_layers: dict[str, tuple[int, int]] | None = None
         self.slot_rank = 0
+        # The slot's LoRAs as read from their files, least recently used first: switching
+        # back to a LoRA does not read and check its file again.
+        self.read: OrderedDict[str, dict[str, tuple[Any, Any]]] = OrderedDict()
 
     @property
     def supported(self) -> bool:
@@ -173,7 +176,6 @@ class LoraAdapters:
         state = self._slot_state(loras)
         with quiet_peft():
             self.pipeline.load_lora_weights(state, adapter_name=SLOT, hotswap=True)
-        self.loads += len(loras)
         self.active = loras
 
     def _slot_state(self, loras: tuple[tuple[str, float], ...]) -> dict[str, Any]:
@@ -184,7 +186,7 @@ class LoraAdapters:
         assert self.slot_layers is not None
         pieces: dict[str, list[tuple[Any, Any]]] = {}
         for path, scale in loras:
-            for layer, (down, up) in self._pairs(Path(path)).items():
+            for layer, (down, up) in self._read(Path(path)).items():
                 pieces.setdefault(layer, []).append((down, up * scale))
         state: dict[str, Any] = {}
         rank = self.slot_rank
@@ -207,6 +209,19 @@ class LoraAdapters:
             state[f"transformer.{layer}.lora_A.weight"] = down
             state[f"transformer.{layer}.lora_B.weight"] = up
         return state
+
+    def _read(self, path: Path) -> dict[str, tuple[Any, Any]]:
+        """``path``'s pairs (``_pairs``), from the cache of the last ``capacity`` read."""
+        name = adapter_name(path)
+        if name in self.read:
+            self.read.move_to_end(name)
+            return self.read[name]
+        pairs = self._pairs(path)
+        self.loads += 1
+        self.read[name] = pairs
+        while len(self.read) > self.capacity:
+            self.read.popitem(last=False)
+        return pairs
 
     def _pairs(self, path: Path) -> dict[str, tuple[Any, Any]]:
         """A LoRA file's (A, B x alpha/rank) per layer, in diffusers' own reading of it;
