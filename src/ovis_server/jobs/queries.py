@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Engine, Select, bindparam, case, func, or_, s
 
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import job_events, jobs
+from ovis_server.jobs.events import utcnow
 from ovis_server.jobs.job import Job, JobEvent, JobState, JobStatus
 from ovis_server.jobs.rows import event_from_row, job_from_row, state_from_row
 
@@ -48,10 +49,6 @@ def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class JobQueries:
     """Read jobs and their events (a part of ``JobStore``, which also changes them)."""
 
@@ -79,6 +76,10 @@ class JobQueries:
     def get_with_position(self, request_id: str) -> tuple[JobState, int | None] | None:
         """Where the job stands and, if it is queued, its queue position, in one query (a
         status call's one read); None if there is no such job."""
+        return self.get_with_position_once(request_id)
+
+    def get_with_position_once(self, request_id: str) -> tuple[JobState, int | None] | None:
+        """``get_with_position``, tried once: a transient error is raised, not retried."""
         with self._one_statement() as conn:
             row = conn.execute(_WITH_POSITION, {"request_id": request_id}).first()
         if row is None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 
 from sqlalchemy import Engine
+from sqlalchemy.pool import QueuePool
 
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS
 from ovis_server.jobs.deadlines import DEADLINE_EXCEEDED, DEADLINE_MESSAGE, DeadlineExpiry
@@ -61,6 +62,19 @@ class JobStore:
 
     def get_with_position(self, request_id: str) -> tuple[JobState, int | None] | None:
         return self.reads.get_with_position(request_id)
+
+    def get_with_position_once(self, request_id: str) -> tuple[JobState, int | None] | None:
+        return self.reads.get_with_position_once(request_id)
+
+    def reads_at_once(self) -> bool:
+        """Whether a read now would not wait: on SQLite (a local file in WAL mode, where a
+        reader never waits on a writer; microseconds) with an idle pooled connection.
+        PostgreSQL's reads are round trips to a server: never."""
+        engine = self.reads.engine
+        pool = engine.pool
+        return (
+            engine.dialect.name == "sqlite" and isinstance(pool, QueuePool) and pool.checkedin() > 0
+        )
 
     def queue_position(self, job: Job) -> int:
         return self.reads.queue_position(job)

@@ -44,14 +44,18 @@ class OwnedRequests:
         return job
 
     def status(
-        self, token_id: str, request_id: str, base_url: str, logs: bool = False
+        self,
+        token_id: str,
+        request_id: str,
+        base_url: str,
+        logs: bool = False,
+        *,
+        once: bool = False,
     ) -> StatusResponse:
-        """The status body, from one read of the database."""
-        found = (
-            self.store.get_with_position(request_id)
-            if REQUEST_ID_PATTERN.fullmatch(request_id)
-            else None
-        )
+        """The status body, from one read of the database (``once``: not retried after a
+        transient error, which is raised)."""
+        read = self.store.get_with_position_once if once else self.store.get_with_position
+        found = read(request_id) if REQUEST_ID_PATTERN.fullmatch(request_id) else None
         if found is None:
             raise request_not_found(request_id)
         job, position = found

@@ -12,6 +12,7 @@ security headers), which judge it as any other call.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from fastapi import Request, Response
@@ -43,9 +44,20 @@ class StatusShortPath:
         requests: OwnedRequests = request.app.state.requests
         response: Response
         try:
-            body = await run_in_threadpool(
-                requests.status, caller.token_id, match.group(1), base_url(request)
-            )
+            body = None
+            if requests.store.reads_at_once():
+                # SQLite: the read here, on the event loop, tried once. In a thread it cost
+                # a hop and, more, the wait to take the GIL back after each SQLite call
+                # (py-spy: a third of the call's time). A busy database, or no idle
+                # connection, goes on below, to a thread and the store's retries.
+                with contextlib.suppress(SQLAlchemyError):
+                    body = requests.status(
+                        caller.token_id, match.group(1), base_url(request), once=True
+                    )
+            if body is None:
+                body = await run_in_threadpool(
+                    requests.status, caller.token_id, match.group(1), base_url(request)
+                )
         except ApiError as exc:
             response = error_response(exc)
         except SQLAlchemyError as exc:
