@@ -1,4 +1,4 @@
-"""worker/swap_policy.plan_swap, beyond tests/test_many_models.py's cases: ties, several
+"""worker/swap_policy.plan_swap, beyond tests/e2e/test_many_models.py's cases: ties, several
 resident models, the exact boundary, and invariants over a grid of inputs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""units.py's parsers at their edges (tests/test_units.py has parse_duration's main cases;
+"""units.py's parsers at their edges (tests/unit/test_units.py has parse_duration's main cases;
 the others were only exercised through servers and the CLI)."""
 
 from __future__ import annotations

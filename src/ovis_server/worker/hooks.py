@@ -6,7 +6,7 @@ hand after each denoising step, inside the pipeline, where it may raise, hang or
 process as model code could. A ``Hooks`` can also carry ``before_store``, which the
 worker's finisher thread calls with each job whose image it is about to encode and write
 (to slow the files store down, or stall it). The reliability tests use them
-(tests/faults.py) to inject faults; a server that does not set the variable imports
+(tests/e2e/faults.py) to inject faults; a server that does not set the variable imports
 nothing and runs no hook.
 """
 

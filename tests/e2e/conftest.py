@@ -1,0 +1,266 @@
+"""The server tier's fixtures: the tiny checkpoints, loaded engines, job stores on both
+databases, moto's S3, and the server: in this process (``shared_server``,
+``fresh_server``) wherever the process boundary is not what a test is about. Request
+bodies more than one module sends are in ``bodies.py``, helpers in ``helpers.py``.
+
+Every test here is marked ``slow``; those that run on PostgreSQL ``postgres`` and those
+that drive Chromium ``browser`` (``pytest -m "not postgres"`` and the like pick them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+from uuid import uuid4
+
+import httpx
+import pytest
+
+from ovis_server.config import Settings
+from ovis_server.db.connect import connect, migrate, sqlite_url
+from ovis_server.engine.pipeline import Engine
+from ovis_server.jobs.store import JobStore
+
+from .bodies import Z_IMAGE_ID
+from .helpers import Cluster, InProcessServer, MotoS3, Server, ServerFactory, run_cli, wait_for
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here not in item.path.parents:
+            continue
+        item.add_marker(pytest.mark.slow)
+        fixtures = getattr(item, "fixturenames", ())
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        if any(value == "postgresql" for value in params.values() if isinstance(value, str)):
+            item.add_marker(pytest.mark.postgres)
+        if "browser" in fixtures:
+            item.add_marker(pytest.mark.browser)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint written once per session by ``ovis-server tiny-model``."""
+    directory = tmp_path_factory.mktemp("weights") / "tiny"
+    run_cli("tiny-model", str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_weights: Path) -> Engine:
+    return Engine.load(str(tiny_weights), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def z_tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Z-Image checkpoint written once per session by ``ovis-server tiny-model``."""
+    directory = tmp_path_factory.mktemp("z-weights") / "tiny"
+    run_cli("tiny-model", str(directory), "--model-id", Z_IMAGE_ID)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def z_engine(z_tiny_weights: Path) -> Engine:
+    """The tiny Z-Image engine in float32, one per module (LoRA tests load adapters in it)."""
+    return Engine.load(str(z_tiny_weights), device="cpu", dtype="float32")
+
+
+# An admin URL of a PostgreSQL server the tests may create databases on; .ci/run starts
+# Debian's PostgreSQL and sets it.
+POSTGRES_URL_ENV = "OVIS_TEST_POSTGRES_URL"
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def fresh_postgres_database() -> tuple[str, Callable[[], None]]:
+    """A new, empty database: its URL, and how to drop it."""
+    admin = os.environ.get(POSTGRES_URL_ENV)
+    if not admin:
+        message = f"no PostgreSQL to test on: set {POSTGRES_URL_ENV} (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    import psycopg
+
+    name = "ovis_test_" + uuid4().hex[:12]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = urlunsplit(urlsplit(admin)._replace(path="/" + name))
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return url, drop
+
+
+@contextmanager
+def backend_environment(backend: str) -> Iterator[str | None]:
+    """Point every ovis-server process started inside at ``backend`` (through the
+    environment they inherit); yields the database URL, None for SQLite."""
+    with pytest.MonkeyPatch.context() as patch:
+        if backend == "sqlite":
+            patch.delenv("OVIS_SERVER_DATABASE_URL", raising=False)
+            yield None
+            return
+        url, drop = fresh_postgres_database()
+        patch.setenv("OVIS_SERVER_DATABASE_URL", url)
+        try:
+            yield url
+        finally:
+            drop()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The test runs once on SQLite and once on PostgreSQL."""
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str) -> Iterator[str | None]:
+    """The test runs once on SQLite and once on PostgreSQL, each a new database."""
+    with backend_environment(backend) as url:
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    """A migrated job store, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        db = connect(sqlite_url(tmp_path))
+        migrate(db)
+        yield JobStore(db)
+        db.dispose()
+        return
+    url, drop = fresh_postgres_database()
+    db = connect(url)
+    migrate(db)
+    try:
+        yield JobStore(db)
+    finally:
+        db.dispose()
+        drop()
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Made-up AWS credentials in the environment, for moto's S3."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def s3(aws_credentials: None) -> Iterator[MotoS3]:
+    """moto's S3 server on loopback with an empty bucket (``s3.bucket``), stopped at the end."""
+    import boto3
+
+    server = MotoS3()
+    server.start()
+    boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=server.bucket)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """Servers and workers the test starts, all stopped at its end."""
+    started = Cluster()
+    yield started
+    started.close()
+
+
+def tiny_settings(tiny_weights: Path, data_dir: Path, **options: Any) -> Settings:
+    """``serve --model TINY --data-dir DATA_DIR`` with ``options`` (Settings' field names);
+    the environment counts as it does for ``serve``."""
+    return Settings(model=str(tiny_weights), data_dir=data_dir, **options)
+
+
+@pytest.fixture(scope="session")
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path
+) -> Iterator[ServerFactory]:
+    """``shared_server(backend="sqlite", **options)``: the in-process server (and its worker
+    process, unless ``no_worker=True``) with these Settings, started the first time a test
+    asks for it and shared for the rest of the session by every test that asks for the same.
+    With a worker, it is handed out ready and with no job queued or running. Tests keep to
+    tokens of their own; state that is not per token (counters, the queue) they read as
+    changes."""
+    started: dict[tuple[Any, ...], InProcessServer] = {}
+    drops: list[Callable[[], None]] = []
+
+    def get(backend: str = "sqlite", **options: Any) -> InProcessServer:
+        key = (backend, *sorted(options.items()))
+        server = started.get(key)
+        if server is None:
+            database_url = None
+            if backend == "postgresql":
+                database_url, drop = fresh_postgres_database()
+                drops.append(drop)
+            settings = tiny_settings(
+                tiny_weights,
+                tmp_path_factory.mktemp("shared"),
+                database_url=database_url,
+                **options,
+            )
+            server = started[key] = InProcessServer(settings)
+            if server.worker is not None:
+                server.wait_until_ready()
+        if server.worker is not None:
+            running = server
+            wait_for(lambda: running.unfinished_jobs() == 0, timeout=600, interval=0.2)
+        return server
+
+    yield get
+    for server in started.values():
+        server.stop()
+    for drop in drops:
+        drop()
+
+
+@pytest.fixture(scope="module")
+def server(shared_server: ServerFactory) -> InProcessServer:
+    """The shared in-process server with its defaults (SQLite, a worker)."""
+    return shared_server()
+
+
+@pytest.fixture(scope="module")
+def bob(server: InProcessServer) -> Iterator[httpx.Client]:
+    """A client of ``server`` with a token of its own, named bob."""
+    with server.client(server.token("bob")) as client:
+        yield client
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    """Servers (processes) a test starts, killed at its end whatever happened."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path, tiny_weights: Path) -> Iterator[ServerFactory]:
+    """``fresh_server(data_dir=tmp_path, **options)``: a new in-process server (see
+    ``shared_server``) for this test alone, stopped at its end; the database is the
+    environment's (``database_url``), as for ``serve``."""
+    started: list[InProcessServer] = []
+
+    def start(data_dir: Path = tmp_path, **options: Any) -> InProcessServer:
+        server = InProcessServer(tiny_settings(tiny_weights, data_dir, **options))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,148 @@
+"""Many machines: API replicas and standalone workers on one PostgreSQL, and S3 storage.
+
+"Another host" here is another process with a data directory of its own: all they share
+is the database (and, for files, the bucket or the shared directory).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import fresh_postgres_database
+from .helpers import (
+    Cluster,
+    MotoS3,
+    create_token,
+    download,
+    start_server,
+    status_of,
+    submit,
+    wait_for,
+    wait_result,
+)
+
+FAST = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 2, "guidance_scale": 1}
+
+
+@pytest.fixture
+def postgres(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh PostgreSQL database, which every process started here uses."""
+    url, drop = fresh_postgres_database()
+    monkeypatch.setenv("OVIS_SERVER_DATABASE_URL", url)
+    yield url
+    drop()
+
+
+def test_two_apis_three_workers_200_jobs_one_worker_killed(
+    tmp_path: Path, tiny_weights: Path, postgres: str, cluster: Cluster
+) -> None:
+    shared = tmp_path / "shared"  # the files directory the hosts share
+    apis = [start_server(shared, tiny_weights, "--no-worker") for _ in range(2)]
+    cluster.servers += apis
+    token = create_token(shared, "scale")
+    workers = [cluster.worker(shared, tiny_weights, "--lease-seconds", "2") for _ in range(3)]
+
+    clients = [api.client(token) for api in apis]
+    try:
+        jobs = [submit(clients[n % 2], prompt=f"job {n}", **FAST) for n in range(200)]
+
+        def done() -> int:
+            return cluster.worker_logs().count(" succeeded in ")
+
+        wait_for(lambda: done() >= 20, timeout=180)
+        victim = workers[0]
+        victim.kill()  # kill -9, most likely in the middle of a job
+        victim.wait()
+
+        results = [wait_result(clients[n % 2], rid, timeout=600) for n, rid in enumerate(jobs)]
+        assert [r["status"] for r in results] == ["succeeded"] * 200
+        logs = cluster.worker_logs()
+        runs = {rid: logs.count(f"job {rid} succeeded") for rid in jobs}
+        assert set(runs.values()) == {1}, "every job ran to completion exactly once"
+        per_worker = [path.read_text().count(" succeeded in ") for _, path in cluster.workers]
+        assert all(count > 0 for count in per_worker), per_worker
+        # The replicas agree on every result.
+        other = wait_result(clients[1], jobs[0])
+        assert other["output"].keys() == results[0]["output"].keys()
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_queue_positions_agree_across_replicas(
+    tmp_path: Path, tiny_weights: Path, postgres: str, cluster: Cluster
+) -> None:
+    apis = [start_server(tmp_path / f"api-{n}", tiny_weights, "--no-worker") for n in range(2)]
+    cluster.servers += apis
+    token = create_token(tmp_path / "api-0", "positions")
+    first, second = (api.client(token) for api in apis)
+    with first, second:
+        jobs = [submit((first, second)[n % 2], **FAST) for n in range(6)]
+        for index, rid in enumerate(jobs):
+            assert status_of(first, rid)["queue_position"] == index
+            assert status_of(second, rid)["queue_position"] == index
+        assert second.post(f"/v1/requests/{jobs[2]}/cancel").json()["outcome"] == "cancelled"
+        later = [rid for index, rid in enumerate(jobs) if index != 2]
+        assert [status_of(first, rid)["queue_position"] for rid in later] == [0, 1, 2, 3, 4]
+
+
+def test_cancel_sent_to_one_replica_stops_a_job_running_on_another_host(
+    tmp_path: Path, tiny_weights: Path, postgres: str, cluster: Cluster
+) -> None:
+    apis = [start_server(tmp_path / f"api-{n}", tiny_weights, "--no-worker") for n in range(2)]
+    cluster.servers += apis
+    cluster.worker(tmp_path / "gpu-host", tiny_weights)
+    token = create_token(tmp_path / "api-0", "cancel")
+    first, second = (api.client(token) for api in apis)
+    with first, second:
+        request_id = submit(first, image_size="square_hd", num_inference_steps=50)
+        wait_for(lambda: status_of(second, request_id)["status"] == "in_progress", timeout=120)
+        answer = second.post(f"/v1/requests/{request_id}/cancel").json()
+        assert answer["outcome"] == "cancellation_requested"  # answered at once
+        wait_for(lambda: status_of(first, request_id)["status"] == "cancelled", timeout=60)
+        assert re.search(rf"job {request_id} cancelled", cluster.worker_logs())
+
+
+@pytest.mark.usefixtures("database_url")
+def test_s3_storage_serves_presigned_urls_and_expires_objects(
+    tmp_path: Path, tiny_weights: Path, s3: MotoS3, cluster: Cluster
+) -> None:
+    server = start_server(
+        tmp_path,
+        tiny_weights,
+        *("--storage", f"s3://{s3.bucket}/results", "--s3-endpoint-url", s3.endpoint),
+        *("--retention", "4s", "--cleanup-interval", "1s"),
+    )
+    cluster.servers.append(server)
+    with server.client(create_token(tmp_path, "s3")) as client:
+        request_id = submit(client, output_format="webp", **FAST)
+        result = wait_result(client, request_id)
+        url = result["output"]["image"]
+        assert url.startswith(f"{s3.endpoint}/{s3.bucket}/results/{request_id}/0.webp?")
+        assert "Signature" in url
+        image = download(url)  # no Authorization header: the URL itself carries the right
+        assert (image.size, image.format) == ((64, 64), "WEBP")
+        assert s3.objects() == [f"results/{request_id}/0.webp"]
+        assert not (tmp_path / "files").exists()
+
+        wait_for(lambda: s3.objects() == [], timeout=60)
+        assert client.get(f"/v1/requests/{request_id}/result").status_code == 404
+    assert httpx.get(url).status_code == 404
+
+
+def test_bad_storage_url_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ovis_server", "serve", "--storage", "gs://nope",
+         "--data-dir", str(tmp_path), "--no-worker"],
+        capture_output=True, text=True, timeout=120, env={**os.environ}, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "s3://BUCKET" in result.stderr
