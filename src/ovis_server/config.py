@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import platformdirs
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ovis_server import units
@@ -24,9 +24,22 @@ from ovis_server.memory_profiles import MemoryChoice
 from ovis_server.model_names import (
     DEFAULT_MODEL_ID,
     check_model_weights,
-    extra_model_items,
-    model_id_list,
     parse_model_weights,
+)
+from ovis_server.setting_checks import (
+    ABSOLUTE,
+    BATCH_SIZE,
+    COMMA_LIST,
+    DEVICES,
+    DURATION,
+    EXTRA_MODELS,
+    HOST_PATTERNS,
+    LONG_TOKEN,
+    MEMORY_SIZE,
+    MODEL_IDS,
+    NO_TRAILING_SLASH,
+    SCHEDULE,
+    SIZE,
 )
 from ovis_server.settings_sources import (
     DATA,
@@ -46,7 +59,6 @@ SETTINGS_JSON_ENV = ENV_PREFIX + "SETTINGS_JSON"
 
 
 # /metrics tokens are long random strings.
-MIN_METRICS_TOKEN = 16
 
 
 def default_data_dir() -> Path:
@@ -65,7 +77,7 @@ class Settings(BaseSettings):
     host: Annotated[str, Cli(SERVE)] = "127.0.0.1"
     """Interface to listen on; 0.0.0.0 for every one."""
     port: Annotated[int, Cli(SERVE)] = 8000
-    public_url: Annotated[str | None, Cli(SERVE)] = None
+    public_url: Annotated[str | None, Cli(SERVE), NO_TRAILING_SLASH] = None
     """The URL clients reach this server at (behind a proxy); result, status and file URLs start
     with it. Default: the URL each request came in on."""
     no_auth: Annotated[bool, Cli(SERVE)] = False
@@ -83,52 +95,56 @@ class Settings(BaseSettings):
     rate_limit_per_minute: Annotated[int, Cli(SERVE, name="rate-limit")] = Field(600, ge=0)
     """Submits per minute per token before 429 (0: no limit)."""
     retention_seconds: Annotated[
-        int, Cli(SERVE, name="retention", show_default="7d", metavar="DURATION")
+        int, Cli(SERVE, name="retention", show_default="7d", metavar="DURATION"), DURATION
     ] = 7 * units.DAY
     """How long finished requests and their files are kept (90s, 12h, 7d...)."""
     cleanup_interval_seconds: Annotated[
-        float, Cli(SERVE, name="cleanup-interval", show_default="10m", metavar="DURATION")
+        float, Cli(SERVE, name="cleanup-interval", show_default="10m", metavar="DURATION"), DURATION
     ] = 600.0
     """How often expired requests are looked for."""
-    webhook_retry_schedule: Annotated[str, Cli(SERVE)] = units.DEFAULT_WEBHOOK_SCHEDULE
+    webhook_retry_schedule: Annotated[str, Cli(SERVE), SCHEDULE] = units.DEFAULT_WEBHOOK_SCHEDULE
     """Delays of a webhook's attempts, each after the one before (0 first: at once); a message the
     receiver does not take (2xx within 10 s) by the last is given up."""
     allow_private_webhooks: Annotated[bool, Cli(SERVE)] = False
     """Send webhooks to loopback, private and link-local addresses too (receivers on your internal
     network); by default only public addresses are reached."""
-    metrics_token: Annotated[str | None, Cli(SERVE)] = Field(None, repr=False)
+    metrics_token: Annotated[str | None, Cli(SERVE), LONG_TOKEN] = Field(None, repr=False)
     """Bearer token Prometheus sends to read /metrics (at least 16 characters). Without it
     /metrics answers 401, unless --metrics-public."""
     metrics_public: Annotated[bool, Cli(SERVE)] = False
     """Serve /metrics to anyone, without a token. Only where nobody else can connect."""
     log_level: Annotated[Literal["debug", "info", "warning", "error"], Cli(WORKER)] = "info"
     # The HTTP edge (see api/middleware/); 0 turns a cap off, no allowed_hosts allows any.
-    max_body_size: Annotated[int, Cli(SERVE, show_default="1MiB", metavar="SIZE")] = 1024 * 1024
+    max_body_size: Annotated[int, Cli(SERVE, show_default="1MiB", metavar="SIZE"), SIZE] = (
+        1024 * 1024
+    )
     """Largest request body taken (1048576, 512KiB, 1MiB); larger ones get 413 unread (0: no
     limit)."""
     # Input images (image_url): fetched or decoded once, by the API, at submit (inputs/).
     allow_private_image_urls: Annotated[bool, Cli(SERVE)] = False
     """Fetch image_url from loopback, private and link-local addresses too, and over plain http;
     by default only https URLs of public addresses are fetched."""
-    max_input_image_size: Annotated[int, Cli(SERVE, show_default="50MB", metavar="SIZE")] = (
+    max_input_image_size: Annotated[int, Cli(SERVE, show_default="50MB", metavar="SIZE"), SIZE] = (
         50 * 1000 * 1000
     )
     """Largest input image taken (fetched, or decoded from a data URI); larger ones are a 422."""
     max_input_image_pixels: Annotated[int, Cli(SERVE)] = Field(40_000_000, ge=1)
     """Most pixels an input image may have (width x height, read before decoding it)."""
-    max_image_body_size: Annotated[int, Cli(SERVE, show_default="16MiB", metavar="SIZE")] = (
+    max_image_body_size: Annotated[int, Cli(SERVE, show_default="16MiB", metavar="SIZE"), SIZE] = (
         16 * 1024 * 1024
     )
     """Largest request body of a submit to a model with an image input (data URIs are large);
     other bodies keep --max-body-size."""
     # LoRAs (loras[].path): the operator's in <data-dir>/loras/, downloads only if allowed.
     lora_downloads: Annotated[
-        tuple[Literal["hub", "url"], ...], Cli(WORKER, show_default=False, metavar="TEXT")
+        tuple[Literal["hub", "url"], ...],
+        Cli(WORKER, show_default=False, metavar="TEXT"),
+        COMMA_LIST,
     ] = ()
     """Where else a request's LoRA may come from: hub (a Hugging Face repo id), url (an https URL
     of a .safetensors file), or hub,url; workers download them. Default: only the operator's
     LoRAs in <data-dir>/loras/."""
-    max_lora_size: Annotated[int, Cli(WORKER, show_default="2GB", metavar="SIZE")] = (
+    max_lora_size: Annotated[int, Cli(WORKER, show_default="2GB", metavar="SIZE"), SIZE] = (
         2 * 1000 * 1000 * 1000
     )
     """Largest LoRA file a worker downloads or loads."""
@@ -138,7 +154,7 @@ class Settings(BaseSettings):
     """A compiled worker's LoRA slot, per LoRA: a job's LoRAs may have 3x this rank together
     (more fails the job). Switching LoRAs then never recompiles; the slot costs memory and
     compute on every job of a model that takes LoRAs. 0: no slot (switching recompiles)."""
-    lora_cache_size: Annotated[int, Cli(WORKER, show_default="20GB", metavar="SIZE")] = (
+    lora_cache_size: Annotated[int, Cli(WORKER, show_default="20GB", metavar="SIZE"), SIZE] = (
         20 * 1000 * 1000 * 1000
     )
     """Disk space for downloaded LoRAs (<data-dir>/lora-cache/; the least recently used go
@@ -149,7 +165,9 @@ class Settings(BaseSettings):
     max_connections: Annotated[int, Cli(SERVE)] = Field(1000, ge=0)
     """Requests in progress at once, server-wide, before 503 with Retry-After (probes and /metrics
     excepted; 0: no limit)."""
-    allowed_hosts: Annotated[tuple[str, ...], Cli(SERVE, show_default=False, metavar="TEXT")] = ()
+    allowed_hosts: Annotated[
+        tuple[str, ...], Cli(SERVE, show_default=False, metavar="TEXT"), HOST_PATTERNS
+    ] = ()
     """Comma-separated Host names this server answers to (*.example.com allowed); others get 400.
     Default: any, and absolute URLs follow the client's Host unless --public-url."""
     model: Annotated[str | None, Cli(MODEL | DOWNLOAD, show_default=False)] = None
@@ -170,18 +188,21 @@ class Settings(BaseSettings):
             metavar="ID",
             show_default=f"{DEFAULT_MODEL_ID} and every --extra-models id",
         ),
+        MODEL_IDS,
     ] = ()
     """A model to serve (a catalogue id or alias); repeat it for several (comma-separated in the
     environment and the config file). A worker loads them all and takes only their jobs; the
     API lists and takes exactly these, so give an API replica every id its workers serve."""
     extra_models: Annotated[
-        tuple[str, ...], Cli(MODEL | DOWNLOAD, show_default=False, metavar="ID=WEIGHTS,...")
+        tuple[str, ...],
+        Cli(MODEL | DOWNLOAD, show_default=False, metavar="ID=WEIGHTS,..."),
+        EXTRA_MODELS,
     ] = ()
     """More catalogue entries: Ovis-Image checkpoints (fine-tunes) under ids of their own,
     comma-separated ID=WEIGHTS, WEIGHTS as --model takes them. Give the API and its workers the
     same list."""
     swap_after_seconds: Annotated[
-        float, Cli(WORKER, name="swap-after", show_default="30s", metavar="DURATION")
+        float, Cli(WORKER, name="swap-after", show_default="30s", metavar="DURATION"), DURATION
     ] = 30.0
     """Where a worker's device cannot hold all its models at once: how long another model's
     oldest job may wait before the worker swaps that model in, even while the resident model
@@ -203,7 +224,7 @@ class Settings(BaseSettings):
     """How much of the model stays on the GPU, from fastest to smallest: full,
     text-encoder-offload, 8bit (torchao; changes numerics), group-offload-block,
     group-offload-leaf. auto: the fastest that keeps the image and fits."""
-    gpu_memory: Annotated[str | None, Cli(MODEL, metavar="SIZE")] = None
+    gpu_memory: Annotated[str | None, Cli(MODEL, metavar="SIZE"), MEMORY_SIZE] = None
     """GPU memory the worker may plan with and use (24GiB, 16GB, or a fraction such as 0.5); the
     allocator is capped to it, so a large GPU can stand in for a small one. Default: what is
     free."""
@@ -221,10 +242,10 @@ class Settings(BaseSettings):
     max_attempts: Annotated[int, Cli(WORKER)] = Field(3, ge=1)
     """Workers a job may lose (crash, kill) before it fails instead of rerunning."""
     stall_timeout_seconds: Annotated[
-        float, Cli(WORKER, name="stall-timeout", show_default="600", metavar="DURATION")
+        float, Cli(WORKER, name="stall-timeout", show_default="600", metavar="DURATION"), DURATION
     ] = 600.0
     """A worker whose job makes no step this long is ended and replaced (a hang)."""
-    max_batch: Annotated[str, Cli(WORKER, metavar="AUTO|N")] = "auto"
+    max_batch: Annotated[str, Cli(WORKER, metavar="AUTO|N"), BATCH_SIZE] = "auto"
     """Queued jobs of one size, steps and guidance that a worker runs in one call; auto: 4 on CUDA
     (fewer if the memory plan has no room), 1 elsewhere."""
     storage: Annotated[str | None, Cli(WORKER)] = None
@@ -235,12 +256,14 @@ class Settings(BaseSettings):
     database_url: Annotated[str | None, Cli(STORE)] = None
     """postgresql://user:password@host/db for a shared job store; default: SQLite in the data
     directory."""
-    data_dir: Annotated[Path, Cli(DATA, show_default="~/.local/share/ovis-server")] = Field(
-        default_factory=default_data_dir
+    data_dir: Annotated[Path, Cli(DATA, show_default="~/.local/share/ovis-server"), ABSOLUTE] = (
+        Field(default_factory=default_data_dir)
     )
     """Where the job database, output files and built checkpoints live."""
     # serve's workers: one per device (see worker/supervisor.py).
-    devices: Annotated[str | None, Cli(SERVE, show_default="all", metavar="all|N,N|cpu")] = None
+    devices: Annotated[
+        str | None, Cli(SERVE, show_default="all", metavar="all|N,N|cpu"), DEVICES
+    ] = None
     """The workers serve starts, one per entry: all (one per visible CUDA GPU, or one worker where
     there is none), GPU numbers such as 0,2 (each worker pinned to its GPU), or cpu (cpu,cpu
     starts two). --device instead picks one device for one worker; not both."""
@@ -259,112 +282,16 @@ class Settings(BaseSettings):
         """Arguments > ``OVIS_SERVER_*`` > the ``--config`` file > defaults."""
         return ranked_sources(settings_cls, init_settings)
 
-    @field_validator("retention_seconds", "cleanup_interval_seconds", "stall_timeout_seconds",
-                     "swap_after_seconds", mode="before")  # fmt: skip
-    @classmethod
-    def _duration(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = units.parse_duration(value)
-        if isinstance(value, int | float) and not value > 0:
-            raise ValueError("a duration must be positive")
-        return int(value) if isinstance(value, float) else value
-
-    @field_validator("webhook_retry_schedule")
-    @classmethod
-    def _schedule(cls, value: str) -> str:
-        units.parse_schedule(value)
-        return value
-
-    @field_validator("max_batch", mode="before")
-    @classmethod
-    def _batch(cls, value: Any) -> str:
-        return units.parse_batch_size(value)
-
-    @field_validator(
-        "max_body_size",
-        "max_input_image_size",
-        "max_image_body_size",
-        "max_lora_size",
-        "lora_cache_size",
-        mode="before",
-    )
-    @classmethod
-    def _size(cls, value: Any) -> Any:
-        return units.parse_size(value) if isinstance(value, str) else value
-
-    @field_validator("lora_downloads", mode="before")
-    @classmethod
-    def _lora_downloads(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
-    @field_validator("allowed_hosts", mode="before")
-    @classmethod
-    def _hosts(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.split(",")
-        return units.parse_host_patterns(value) if isinstance(value, list | tuple) else value
-
-    @field_validator("devices", mode="before")
-    @classmethod
-    def _devices(cls, value: Any) -> Any:
-        if isinstance(value, list | tuple):
-            value = ",".join(str(item) for item in value)
-        return None if value is None else ",".join(units.parse_devices(str(value)))
-
-    @field_validator("extra_models", mode="before")
-    @classmethod
-    def _extra_models(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.split(",")
-        return extra_model_items(value) if isinstance(value, list | tuple) else value
-
-    @field_validator("model_ids", mode="before")
-    @classmethod
-    def _model_ids(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = (value,)
-        return model_id_list(value) if isinstance(value, list | tuple) else value
-
     @model_validator(mode="after")
     def _weights_per_model(self) -> Settings:
         check_model_weights(self.model, self.model_ids)
         return self
-
-    @field_validator("gpu_memory")
-    @classmethod
-    def _memory_size(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        units.parse_memory_size(value)
-        return value.strip()
-
-    @field_validator("metrics_token")
-    @classmethod
-    def _long_token(cls, value: str | None) -> str | None:
-        if value is not None and len(value.strip()) < MIN_METRICS_TOKEN:
-            raise ValueError(
-                f"use a long random string (at least {MIN_METRICS_TOKEN} characters), "
-                "e.g. from 'openssl rand -hex 32'"
-            )
-        return None if value is None else value.strip()
 
     @model_validator(mode="after")
     def _one_way_to_metrics(self) -> Settings:
         if self.metrics_token and self.metrics_public:
             raise ValueError("give --metrics-token or --metrics-public, not both")
         return self
-
-    @field_validator("data_dir")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        return value.expanduser().resolve()
-
-    @field_validator("public_url")
-    @classmethod
-    def _no_trailing_slash(cls, value: str | None) -> str | None:
-        return value.rstrip("/") if value else None
 
     def batch_limit(self, device_type: str, planned: int | None = None) -> int:
         """``--max-batch``: auto batches up to 4 on CUDA, where it pays, and 1 elsewhere,
