@@ -27,7 +27,6 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_server.engine.request import GenerationRequest
@@ -43,7 +42,7 @@ from ovis_server.worker.failures import (
 from ovis_server.worker.finisher import Finisher, LeaseKeeper, Outcome, Stop
 from ovis_server.worker.hooks import StepHook, store_hook
 from ovis_server.worker.host_copy import release_device_memory
-from ovis_server.worker.inputs import with_stored_inputs
+from ovis_server.worker.inputs import job_request, with_lora_files
 from ovis_server.worker.loras import LoraFiles
 from ovis_server.worker.progress import ProgressWriter
 from ovis_server.worker.recording import MAX_RECORD_DELAY_SECONDS, JobRecorder
@@ -242,15 +241,7 @@ class Worker:
         return cap
 
     def generation_request(self, job: Job) -> GenerationRequest:
-        spec = self.placement.spec_of(job.model_id)
-        if spec is None:
-            raise InvalidJobError(f"this worker does not serve model {job.model_id!r}")
-        try:
-            validated = spec.input_model.model_validate(job.input)
-            request = validated.to_generation_request(job.seed)
-        except (ValidationError, ValueError) as exc:
-            raise InvalidJobError(f"stored input no longer validates: {exc}") from exc
-        return with_stored_inputs(request, validated, job.id, self.files)
+        return job_request(job, self.placement, self.files)
 
     def run_jobs(self, jobs: Sequence[Job], stop: threading.Event) -> None:
         """Run claimed jobs to their final state (or back to the queue on shutdown), on
@@ -291,7 +282,10 @@ class Worker:
             runnable: list[tuple[Job, GenerationRequest]] = []
             for job in jobs:
                 try:
-                    runnable.append((job, self._with_lora_files(job)))
+                    request = self.generation_request(job)
+                    runnable.append(
+                        (job, with_lora_files(job, request, self.placement, self.loras))
+                    )
                 except InvalidJobError as exc:
                     outcomes.append(self._failed(job, exc, started))
                 else:
@@ -301,20 +295,6 @@ class Worker:
             return outcomes
         finally:
             self._last_progress = None
-
-    def _with_lora_files(self, job: Job) -> GenerationRequest:
-        """The job's request, its LoRAs as local files (downloaded if need be)."""
-        request = self.generation_request(job)
-        if not request.loras:
-            return request
-        if self.loras is None:
-            raise InvalidJobError("this worker takes no LoRAs")
-        self.placement.engine_of(job.model_id).loras.model_id = self._base_model(job)
-        return self.loras.localise(job, request)
-
-    def _base_model(self, job: Job) -> str:
-        spec = self.placement.spec_of(job.model_id)
-        return job.model_id if spec is None else spec.variant_of or spec.model_id
 
     def _record_warnings(self, job: Job, request: GenerationRequest) -> None:
         """Tell the client, in its status and result, what the model will not read."""
