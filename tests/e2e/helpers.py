@@ -291,7 +291,6 @@ class InProcessServer:
 ServerFactory = Callable[..., InProcessServer]
 
 
-@dataclass
 class MotoS3:
     """moto's S3 server on a fixed loopback port, with one bucket, that a test can take
     away and bring back (the objects stay: moto keeps them in this process)."""
@@ -323,6 +322,7 @@ class MotoS3:
         return [item["Key"] for item in listing.get("Contents", [])]
 
 
+@dataclass
 class Cluster:
     """Processes a test starts, all stopped at its end whatever happened."""
 
