@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -293,11 +294,11 @@ ServerFactory = Callable[..., InProcessServer]
 
 class MotoS3:
     """moto's S3 server on a fixed loopback port, with one bucket, that a test can take
-    away and bring back (the objects stay: moto keeps them in this process)."""
-
-    bucket = "ovis-test-bucket"
+    away and bring back (the objects stay: moto keeps them in this process, for every
+    server it starts; hence a bucket of its own for each)."""
 
     def __init__(self) -> None:
+        self.bucket = f"ovis-test-{uuid.uuid4().hex[:12]}"
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.server: Any = None
