@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,42 @@ def test_the_report_merges_the_parts_it_is_given(tmp_path: Path) -> None:
     report.phase("ready", MemoryPlanDetail(memory_profile=None, batch_limit=2))
     assert report.snapshot()[1].stored() == {"batch_limit": 2, "startup_seconds": 2.0}
     assert registry.alive(60)[0].detail == report.snapshot()[1]
+
+
+class PausedRegistry(WorkerRegistry):
+    """A registry whose heartbeats from one thread wait, between the snapshot they were
+    given and the write, until the test lets them go on."""
+
+    def __init__(self, registry: WorkerRegistry, paused_thread: str) -> None:
+        super().__init__(registry.engine)
+        self.paused_thread = paused_thread
+        self.entered = threading.Event()
+        self.go_on = threading.Event()
+
+    def heartbeat(self, worker_id: str, state: WorkerState) -> None:
+        if threading.current_thread().name == self.paused_thread:
+            self.entered.set()
+            self.go_on.wait(5)
+        super().heartbeat(worker_id, state)
+
+
+def test_a_heartbeat_never_writes_a_snapshot_older_than_the_row(tmp_path: Path) -> None:
+    # The heartbeat thread took its snapshot while the worker loaded, and wrote it after
+    # the worker had written "ready" with its memory plan: /readyz showed a ready worker
+    # without its plan until the next beat (a CI failure on PostgreSQL).
+    registry = PausedRegistry(registry_at(tmp_path), paused_thread="heartbeat")
+    report = StateReport(registry, "w1", min_interval=3600)
+    report.phase("loading")
+    beat = threading.Thread(target=report.write, kwargs={"memory_bytes": 1}, name="heartbeat")
+    beat.start()
+    assert registry.entered.wait(5)  # the beat holds its (loading) snapshot
+    ready = threading.Thread(
+        target=report.phase, args=("ready", MemoryPlanDetail(memory_profile="full"))
+    )
+    ready.start()
+    time.sleep(0.2)  # time for the ready write to overtake the beat, were it allowed to
+    registry.go_on.set()
+    beat.join(5)
+    ready.join(5)
+    (worker,) = registry.alive(60)
+    assert (worker.phase, worker.detail.memory_profile) == ("ready", "full")

@@ -66,8 +66,6 @@ def memory_in_use() -> int:
 
 
 def _beat(
-    registry: WorkerRegistry,
-    worker_id: str,
     interval: float,
     stop: threading.Event,
     runner: list[Worker],
@@ -78,11 +76,7 @@ def _beat(
     while not stop.wait(interval):
         try:
             problem = runner[0].output_problem if runner else None
-            phase, detail = report.snapshot()
-            state = WorkerState(
-                memory_bytes=memory_in_use(), problem=problem, phase=phase, detail=detail
-            )
-            registry.heartbeat(worker_id, state)
+            report.write(memory_bytes=memory_in_use(), problem=problem)
         except Exception:
             logger.exception("heartbeat failed")
         if runner and runner[0].stalled_for() > stall_timeout:
@@ -154,8 +148,6 @@ def run_worker(
     threading.Thread(
         target=_beat,
         args=(
-            registry,
-            worker_id,
             settings.heartbeat_seconds,
             stop,
             runner,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from types import EllipsisType
 from typing import Literal
 
 from ovis_server.engine.weights import Progress
@@ -29,6 +30,10 @@ class StateReport:
         self.worker_id = worker_id
         self.min_interval = min_interval
         self._lock = threading.Lock()
+        # Held from a snapshot until it is written, so that a snapshot taken before a
+        # change cannot be written after it (the heartbeat thread once wrote the loading
+        # detail over the ready one, and /readyz showed a ready worker without its plan).
+        self._writing = threading.Lock()
         self._phase: Phase = "loading"
         self._detail = WorkerDetail()
         self._written_at = 0.0
@@ -63,10 +68,21 @@ class StateReport:
             self._detail = self._detail.merged(*parts)
         self._write()
 
+    def write(
+        self, memory_bytes: int | None = None, problem: str | EllipsisType | None = ...
+    ) -> None:
+        """Write the phase and detail as they are now into the worker's row, with the
+        heartbeat's other fields; raises what the database raises."""
+        with self._writing:
+            phase, detail = self.snapshot()
+            state = WorkerState(
+                memory_bytes=memory_bytes, problem=problem, phase=phase, detail=detail
+            )
+            self.registry.heartbeat(self.worker_id, state)
+
     def _write(self) -> None:
-        phase, detail = self.snapshot()
         try:
-            self.registry.heartbeat(self.worker_id, WorkerState(phase=phase, detail=detail))
+            self.write()
         except Exception:  # the heartbeat writes it again
             logger.exception("could not report the worker's state")
         with self._lock:
