@@ -113,8 +113,16 @@ def postgres_database(admin_url: str | None) -> Iterator[str | None]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def hammer(port: int, path: str, headers: dict[str, str], clients: int, calls: int) -> Round:
-    """``calls`` GETs of ``path`` from ``clients`` threads, one connection each."""
+def expected(request_id: str) -> bytes:
+    """What every answer's body holds: the request's id, and that it waits in the queue."""
+    return f'"request_id":"{request_id}","status":"in_queue"'.encode()
+
+
+def hammer(
+    port: int, path: str, headers: dict[str, str], expect: bytes, clients: int, calls: int
+) -> Round:
+    """``calls`` GETs of ``path`` from ``clients`` threads, one connection each; every
+    answer must be a 200 whose body holds ``expect``."""
     latencies: list[float] = []
     lock = threading.Lock()
     left = [calls]
@@ -132,10 +140,10 @@ def hammer(port: int, path: str, headers: dict[str, str], clients: int, calls: i
             started = time.perf_counter()
             conn.request("GET", path, headers=headers)
             answer = conn.getresponse()
-            answer.read()
+            body = answer.read()
             mine.append(time.perf_counter() - started)
-            if answer.status != 200:
-                raise RuntimeError(f"GET {path} answered {answer.status}")
+            if answer.status != 200 or expect not in body:
+                raise RuntimeError(f"GET {path} answered {answer.status}: {body[:200]!r}")
         conn.close()
         with lock:
             latencies.extend(mine)
@@ -204,11 +212,11 @@ def run(
             if shown.get("status") != "in_queue":
                 raise RuntimeError(f"unexpected status body: {json.dumps(shown)}")
             targets = {
-                "status": (api_port, status_path, headers),
-                "bare": (bare_port, "/v1/requests/bare/status", {}),
+                "status": (api_port, status_path, headers, expected(request_id)),
+                "bare": (bare_port, "/v1/requests/bare/status", {}, expected("bare")),
             }
-            for port, path, sent in targets.values():  # warm both up
-                hammer(port, path, sent, clients, min(calls, 500))
+            for port, path, sent, expect in targets.values():  # warm both up
+                hammer(port, path, sent, expect, clients, min(calls, 500))
             results: dict[str, list[Round]] = {"status": [], "bare": []}
             report("| round | target | calls / s | p50 ms |")
             report("|---:|---|---:|---:|")

@@ -9,12 +9,15 @@ import httpx
 import pytest
 
 from .bodies import ONE_STEP
+from .conftest import BACKENDS
 from .helpers import InProcessServer, ServerFactory, submit
 
 
-@pytest.fixture(scope="module")
-def server(shared_server: ServerFactory) -> InProcessServer:
-    return shared_server(no_worker=True)
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request: pytest.FixtureRequest, shared_server: ServerFactory) -> InProcessServer:
+    """On SQLite the short path reads through the engine on the event loop; on PostgreSQL
+    through db/loop_reads.py's connections."""
+    return shared_server(backend=request.param, no_worker=True)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,12 @@ from ovis_server.config import Settings
 from ovis_server.db.connect import (
     API_LOCK_TIMEOUT_MS,
     API_STATEMENT_TIMEOUT_MS,
+    PG_CONNECT_TIMEOUT_SECONDS,
     connect,
     migrate,
+    pg_options,
 )
+from ovis_server.db.loop_reads import LoopReads
 from ovis_server.jobs.deadlines import DeadlineSweeper
 from ovis_server.jobs.deletions import DeletionSweeper, FileDeletions
 from ovis_server.jobs.job import Job
@@ -113,6 +116,10 @@ class ApiState:
             statement_timeout_ms=API_STATEMENT_TIMEOUT_MS,
         )
         migrate(db)
+        loop_reads = None
+        if db.dialect.name == "postgresql":
+            options = pg_options(API_LOCK_TIMEOUT_MS, API_STATEMENT_TIMEOUT_MS)
+            loop_reads = LoopReads.for_engine(db, options, PG_CONNECT_TIMEOUT_SECONDS)
         store = JobStore(db)
         file_store = open_file_store(settings, db)
         registry = WorkerRegistry(db)
@@ -153,7 +160,7 @@ class ApiState:
             hub=hub,
             catalogue=catalogue,
             submissions=submissions,
-            requests=OwnedRequests(store, bodies, deletions),
+            requests=OwnedRequests(store, bodies, deletions, loop_reads),
             images=ImagesService(models, QueuedImages(submissions, store, hub, bodies)),
             metrics=Metrics(collector),
             alive_within=alive_within,
@@ -176,6 +183,8 @@ class ApiState:
         finally:
             await self.dispatcher.stop()
             await self.hub.stop()
+            if self.requests.loop_reads is not None:
+                await self.requests.loop_reads.close()
             self.file_deletions.stop()
             self.deadlines.stop()
             self.sweeper.stop()

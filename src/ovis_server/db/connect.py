@@ -122,6 +122,19 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         raise DisconnectionError(f"a pooled connection was lost: {type(exc).__name__}") from exc
 
 
+def pg_options(lock_timeout_ms: int | None, statement_timeout_ms: int | None) -> str | None:
+    """The session settings a PostgreSQL connection starts with (libpq's ``options``)."""
+    options = [
+        f"-c {name}={value}"
+        for name, value in (
+            ("lock_timeout", lock_timeout_ms),
+            ("statement_timeout", statement_timeout_ms),
+        )
+        if value
+    ]
+    return " ".join(options) or None
+
+
 def connect(
     url: str, *, lock_timeout_ms: int | None = None, statement_timeout_ms: int | None = None
 ) -> Engine:
@@ -154,17 +167,9 @@ def connect(
             raise ValueError(
                 "--database-url postgresql://… needs psycopg: pip install 'ovis-server[postgresql]'"
             ) from None
-        options = [
-            f"-c {name}={value}"
-            for name, value in (
-                ("lock_timeout", lock_timeout_ms),
-                ("statement_timeout", statement_timeout_ms),
-            )
-            if value
-        ]
         connect_args: dict[str, Any] = {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
-        if options:
-            connect_args["options"] = " ".join(options)
+        if options := pg_options(lock_timeout_ms, statement_timeout_ms):
+            connect_args["options"] = options
         # Fewer kept than on SQLite: a PostgreSQL server's connections are shared by every
         # API replica and worker (max_connections is 100 by default).
         engine = create_engine(

@@ -6,18 +6,19 @@ is locked or unreachable.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, bindparam, case, func, or_, select
 
+from ovis_server.db.loop_reads import LoopReads, LoopStatement
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import job_events, jobs
 from ovis_server.jobs.events import utcnow
 from ovis_server.jobs.job import Job, JobEvent, JobState, JobStatus
-from ovis_server.jobs.rows import event_from_row, job_from_row, state_from_row
+from ovis_server.jobs.rows import event_from_row, job_from_row, state_from_mapping
 
 
 def _with_position() -> Select[Any]:
@@ -45,6 +46,11 @@ _WITH_POSITION = _with_position()
 _GET = select(jobs).where(jobs.c.id == bindparam("request_id"))
 
 
+def _state_and_position(found: Mapping[Any, Any]) -> tuple[JobState, int | None]:
+    queued_ahead = found["queue_position"]
+    return state_from_mapping(found), None if queued_ahead is None else int(queued_ahead)
+
+
 def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
@@ -56,6 +62,7 @@ class JobQueries:
         self.engine = engine
         # How long a call retries a locked or unreachable database before it raises.
         self.retry_seconds = retry_seconds
+        self._loop_with_position: LoopStatement | None = None
 
     def _one_statement(self) -> Connection:
         """A connection for a read that is one statement. On PostgreSQL, outside any
@@ -82,10 +89,17 @@ class JobQueries:
         """``get_with_position``, tried once: a transient error is raised, not retried."""
         with self._one_statement() as conn:
             row = conn.execute(_WITH_POSITION, {"request_id": request_id}).first()
-        if row is None:
-            return None
-        queued_ahead = row._mapping["queue_position"]
-        return state_from_row(row), None if queued_ahead is None else int(queued_ahead)
+        return None if row is None else _state_and_position(row._mapping)
+
+    async def get_with_position_on_loop(
+        self, reads: LoopReads, request_id: str
+    ) -> tuple[JobState, int | None] | None:
+        """``get_with_position`` through ``reads`` on the running event loop (PostgreSQL);
+        ``LoopReadError`` if the read was not made."""
+        if self._loop_with_position is None:
+            self._loop_with_position = LoopStatement(_WITH_POSITION, self.engine)
+        found = await reads.first(self._loop_with_position, request_id=request_id)
+        return None if found is None else _state_and_position(found)
 
     @retried
     def queue_position(self, job: Job) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,7 +20,11 @@ D = TypeVar("D", bound="DataclassInstance")
 def from_row(cls: type[D], row: Row[Any], **convert: Callable[[Any], Any]) -> D:
     """``cls`` from the row's columns named as its fields (extra columns ignored),
     each passed through its converter in ``convert`` if it has one."""
-    data = row._mapping
+    return from_mapping(cls, row._mapping, **convert)
+
+
+def from_mapping(cls: type[D], data: Mapping[Any, Any], **convert: Callable[[Any], Any]) -> D:
+    """``from_row`` for a row given as a mapping of column names to values."""
     values: dict[str, Any] = {}
     for name in _field_names(cls):
         value = data[name]
@@ -47,9 +51,13 @@ def job_from_row(row: Row[Any]) -> Job:
 
 
 def state_from_row(row: Row[Any]) -> JobState:
-    return from_row(
+    return state_from_mapping(row._mapping)
+
+
+def state_from_mapping(data: Mapping[Any, Any]) -> JobState:
+    return from_mapping(
         JobState,
-        row,
+        data,
         status=JobStatus,
         warnings=lambda items: tuple(str(item) for item in items or ()),
     )

@@ -20,6 +20,7 @@ from datetime import datetime
 from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 
+from ovis_server.db.loop_reads import LoopReads
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS
 from ovis_server.jobs.deadlines import DEADLINE_EXCEEDED, DEADLINE_MESSAGE, DeadlineExpiry
 from ovis_server.jobs.events import utcnow
@@ -65,6 +66,11 @@ class JobStore:
 
     def get_with_position_once(self, request_id: str) -> tuple[JobState, int | None] | None:
         return self.reads.get_with_position_once(request_id)
+
+    async def get_with_position_on_loop(
+        self, reads: LoopReads, request_id: str
+    ) -> tuple[JobState, int | None] | None:
+        return await self.reads.get_with_position_on_loop(reads, request_id)
 
     def reads_at_once(self) -> bool:
         """Whether a read now would not wait: on SQLite (a local file in WAL mode, where a

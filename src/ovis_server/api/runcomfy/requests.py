@@ -16,6 +16,7 @@ from ovis_server.api.runcomfy.protocol import (
     StatusResponse,
 )
 from ovis_server.api.runcomfy.rendering import BodyRenderer
+from ovis_server.db.loop_reads import LoopReads
 from ovis_server.jobs.deletions import FileDeletions, remove_files
 from ovis_server.jobs.job import Job, JobState
 from ovis_server.jobs.store import JobStore
@@ -31,10 +32,18 @@ def check_owner(job: Job | JobState, token_id: str) -> None:
 
 
 class OwnedRequests:
-    def __init__(self, store: JobStore, bodies: BodyRenderer, deletions: FileDeletions) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        bodies: BodyRenderer,
+        deletions: FileDeletions,
+        loop_reads: LoopReads | None = None,
+    ) -> None:
         self.store = store
         self.bodies = bodies
         self.deletions = deletions
+        # PostgreSQL: the status call's read on the event loop (db/loop_reads.py).
+        self.loop_reads = loop_reads
 
     def owned_job(self, token_id: str, request_id: str) -> Job:
         job = self.store.get(request_id) if REQUEST_ID_PATTERN.fullmatch(request_id) else None
@@ -56,6 +65,26 @@ class OwnedRequests:
         transient error, which is raised)."""
         read = self.store.get_with_position_once if once else self.store.get_with_position
         found = read(request_id) if REQUEST_ID_PATTERN.fullmatch(request_id) else None
+        return self._status_body(found, token_id, request_id, base_url, logs)
+
+    async def status_on_loop(
+        self, reads: LoopReads, token_id: str, request_id: str, base_url: str
+    ) -> StatusResponse:
+        """``status``, its read made through ``reads`` on the event loop; ``LoopReadError``
+        if it was not made."""
+        found = None
+        if REQUEST_ID_PATTERN.fullmatch(request_id):
+            found = await self.store.get_with_position_on_loop(reads, request_id)
+        return self._status_body(found, token_id, request_id, base_url)
+
+    def _status_body(
+        self,
+        found: tuple[JobState, int | None] | None,
+        token_id: str,
+        request_id: str,
+        base_url: str,
+        logs: bool = False,
+    ) -> StatusResponse:
         if found is None:
             raise request_not_found(request_id)
         job, position = found

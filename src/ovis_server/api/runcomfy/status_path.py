@@ -2,8 +2,9 @@
 ends), answered without FastAPI's routing and dependency resolution.
 
 ``GET /v1/requests/{id}/status`` with no query string, from a token verified within the
-last second (``TokenStore.verified``), is answered here: the one database read in the
-thread pool, the body rendered once by pydantic-core. Every other call (a query string, a
+last second (``TokenStore.verified``), is answered here: the one database read made on
+the event loop (SQLite through the engine; PostgreSQL through db/loop_reads.py), or else
+in the thread pool, the body rendered once by pydantic-core. Every other call (a query string, a
 token not verified lately, no token, any other path) goes on to the FastAPI route, which
 answers the same call with the same body; that route is what /openapi.json documents.
 It runs inside the HTTP edge's middleware (connection cap, Host check, body limit,
@@ -25,6 +26,7 @@ from ovis_server.api.errors import ApiError, database_error_response, error_resp
 from ovis_server.api.runcomfy.rendering import wire_json
 from ovis_server.api.runcomfy.requests import OwnedRequests
 from ovis_server.api.state import base_url
+from ovis_server.db.loop_reads import LoopReadError
 
 STATUS_PATH = re.compile(r"/v1/requests/([^/]+)/status")
 
@@ -53,6 +55,12 @@ class StatusShortPath:
                 with contextlib.suppress(SQLAlchemyError):
                     body = requests.status(
                         caller.token_id, match.group(1), base_url(request), once=True
+                    )
+            elif requests.loop_reads is not None:
+                # PostgreSQL: the read on the event loop too (db/loop_reads.py), tried once.
+                with contextlib.suppress(LoopReadError):
+                    body = await requests.status_on_loop(
+                        requests.loop_reads, caller.token_id, match.group(1), base_url(request)
                     )
             if body is None:
                 body = await run_in_threadpool(

@@ -1,0 +1,130 @@
+"""The status call's read on the event loop, on PostgreSQL (db/loop_reads.py): the same
+answer as the engine's read, and, when it cannot be made, a quick LoopReadError that
+sends the caller to the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import UTC
+
+import pytest
+from sqlalchemy import func, select
+
+from ovis_server.db.connect import connect, migrate
+from ovis_server.db.loop_reads import LoopReadError, LoopReads, LoopStatement
+from ovis_server.jobs.job import JobState, NewJob
+from ovis_server.jobs.store import JobStore
+
+from .conftest import fresh_postgres_database
+from .helpers import free_port
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def store() -> Iterator[JobStore]:
+    url, drop = fresh_postgres_database()
+    db = connect(url)
+    migrate(db)
+    try:
+        yield JobStore(db)
+    finally:
+        db.dispose()
+        drop()
+
+
+def add(store: JobStore, request_id: str) -> None:
+    store.submit(
+        NewJob(
+            id=request_id,
+            token_id="tok_a",
+            model_id="aidc-ai/ovis-image",
+            input={"prompt": request_id},
+            seed=1,
+            progress_total=4,
+            batch_key="k",
+        )
+    )
+
+
+def test_a_loop_read_is_the_engines_read(store: JobStore) -> None:
+    for name in ("running", "failed", "second", "third"):
+        add(store, name)
+    store.claim_next("w", 30)  # "running"
+    store.report_progress("running", "w", 2, 30)
+    store.set_warnings("running", ["seed was clamped"])
+    store.claim_next("w", 30)
+    store.fail("failed", "w", "ValueError", "a message with 'quotes' and ünïcode")
+    reads = LoopReads.for_engine(store.engine, None, 5)
+
+    async def on_loop() -> dict[str, tuple[JobState, int | None] | None]:
+        try:
+            return {
+                name: await store.get_with_position_on_loop(reads, name)
+                for name in ("running", "failed", "second", "third", "no-such-job")
+            }
+        finally:
+            await reads.close()
+
+    found = asyncio.run(on_loop())
+    for name, loop_read in found.items():
+        assert loop_read == store.get_with_position(name), name
+    assert found["no-such-job"] is None
+    positions = [(read or (None, None))[1] for read in (found["second"], found["third"])]
+    assert positions == [0, 1]
+    assert found["running"] is not None
+    running, position = found["running"]
+    assert (running.progress_step, running.warnings, position) == (2, ("seed was clamped",), None)
+    assert running.created_at.tzinfo == UTC
+    assert running.started_at is not None
+    assert running.started_at.tzinfo == UTC
+
+
+def test_an_unreachable_database_fails_at_once_and_then_rests(store: JobStore) -> None:
+    nobody = store.engine.url.set(drivername="postgresql", port=free_port())
+    reads = LoopReads(nobody.render_as_string(hide_password=False), None, 5)
+    statement = LoopStatement(select(func.now().label("now")), store.engine)
+
+    async def twice() -> list[float]:
+        took = []
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(LoopReadError):
+                await reads.first(statement)
+            took.append(time.monotonic() - started)
+        return took
+
+    first, second = asyncio.run(twice())
+    assert first < 2  # refused: no wait for TIMEOUT_SECONDS
+    assert second < 0.05  # resting: not even a connection attempt
+
+
+def test_a_slow_or_cancelled_read_closes_its_connection(store: JobStore) -> None:
+    reads = LoopReads.for_engine(store.engine, None, 5)
+    reads.timeout = 0.3  # a read slower than this fails
+    sleep = LoopStatement(select(func.pg_sleep(2).label("slept")), store.engine)
+    now = LoopStatement(select(func.now().label("now")), store.engine)
+
+    async def scenario() -> None:
+        assert (await reads.first(now)) is not None
+        assert len(reads._idle) == 1  # kept for the next read
+        started = time.monotonic()
+        with pytest.raises(LoopReadError):
+            await reads.first(sleep)
+        assert time.monotonic() - started < 1.5
+        assert reads._idle == []  # the connection that timed out is closed, not kept
+        reads._resting_until = 0.0  # (a failure rests the reads; this test goes on)
+        task = asyncio.create_task(reads.first(sleep))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert reads._idle == []
+        found = await reads.first(now)  # a fresh connection serves the next read
+        assert found is not None
+        assert found["now"].tzinfo is not None
+        await reads.close()
+
+    asyncio.run(scenario())
