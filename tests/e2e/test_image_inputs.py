@@ -20,7 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from ovis_server.inputs.fetch import FetchError, FetchPolicy, fetch
+from ovis_server.inputs.fetch import FetchError, FetchPolicy, fetch_into
 from ovis_server.inputs.images import (
     ImageInputError,
     ImagePolicy,
@@ -228,7 +228,11 @@ def test_a_redirect_to_loopback_is_refused() -> None:
         port = httpx.URL(outer).port
         policy = FetchPolicy(max_bytes=MB, allow_http=True)
         with pytest.raises(FetchError, match="loopback"):
-            asyncio.run(fetch(f"http://images.example:{port}/x.png", policy, public_dns))
+            asyncio.run(
+                fetch_into(
+                    f"http://images.example:{port}/x.png", policy, bytearray().extend, public_dns
+                )
+            )
     assert reached == []
 
 

@@ -77,18 +77,12 @@ def check_url(url: str, policy: FetchPolicy) -> None:
         raise FetchError(problem)
 
 
-async def fetch(url: str, policy: FetchPolicy, resolver: Resolver | None = None) -> bytes:
-    """The body at ``url``, under ``policy``; FetchError if it cannot be had or is refused."""
-    parts: list[bytes] = []
-    await fetch_into(url, policy, parts.append, resolver)
-    return b"".join(parts)
-
-
 async def fetch_into(
     url: str, policy: FetchPolicy, sink: Sink, resolver: Resolver | None = None
 ) -> int:
-    """Like :func:`fetch`, handing the body to ``sink`` a chunk at a time (a file's write,
-    for what is too large to hold in memory); the number of bytes it was given."""
+    """The body at ``url``, under ``policy``, handed to ``sink`` a chunk at a time (a
+    buffer's extend; a file's write, for what is too large to hold in memory); the number
+    of bytes it was given. FetchError if it cannot be had or is refused."""
     check_url(url, policy)
     lookup = resolver or _default_resolve
     timeout = httpx.Timeout(policy.total_seconds, connect=policy.connect_seconds)

@@ -44,6 +44,7 @@ class StatusShortPath:
             await self.app(scope, receive, send)
             return
         requests: OwnedRequests = request.app.state.requests
+        request_id, url = match.group(1), base_url(request)
         response: Response
         try:
             body = None
@@ -53,19 +54,15 @@ class StatusShortPath:
                 # (py-spy: a third of the call's time). A busy database, or no idle
                 # connection, goes on below, to a thread and the store's retries.
                 with contextlib.suppress(SQLAlchemyError):
-                    body = requests.status(
-                        caller.token_id, match.group(1), base_url(request), once=True
-                    )
+                    body = requests.status(caller.token_id, request_id, url, once=True)
             elif requests.loop_reads is not None:
                 # PostgreSQL: the read on the event loop too (db/loop_reads.py), tried once.
                 with contextlib.suppress(LoopReadError):
                     body = await requests.status_on_loop(
-                        requests.loop_reads, caller.token_id, match.group(1), base_url(request)
+                        requests.loop_reads, caller.token_id, request_id, url
                     )
             if body is None:
-                body = await run_in_threadpool(
-                    requests.status, caller.token_id, match.group(1), base_url(request)
-                )
+                body = await run_in_threadpool(requests.status, caller.token_id, request_id, url)
         except ApiError as exc:
             response = error_response(exc)
         except SQLAlchemyError as exc:
