@@ -74,7 +74,9 @@ def test_all_is_one_worker_per_gpu_each_pinned_to_its_own(tmp_path: Path) -> Non
     assert plan_workers(settings, gpus()) == [WorkerSlot(0, "auto")]
 
 
-def test_device_picks_one_worker_and_devices_many(tmp_path: Path) -> None:
+def test_device_picks_one_worker_and_devices_many(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (slot,) = plan_workers(Settings(data_dir=tmp_path, device="cuda:1"), gpus("0", "1"))
     assert (slot.device, slot.label, slot.env) == (
         "cuda:0",
@@ -85,14 +87,18 @@ def test_device_picks_one_worker_and_devices_many(tmp_path: Path) -> None:
     assert (slot.device, slot.label) == ("cpu", "cpu")
     (slot,) = plan_workers(Settings(data_dir=tmp_path, device="mps"), gpus())
     assert (slot.device, slot.label, slot.env) == ("mps", None, {})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # (the suite sets it: conftest.py)
     two = plan_workers(Settings(data_dir=tmp_path, devices="cpu,cpu"), gpus())
     assert [(s.number, s.device, s.name) for s in two] == [
         (0, "cpu", "worker 0 (cpu)"),
         (1, "cpu", "worker 1 (cpu)"),
     ]
-    if "OMP_NUM_THREADS" not in os.environ:  # the cores are shared out between them
-        expected = str(max(1, (os.cpu_count() or 1) // 2))
-        assert all(s.env == {"OMP_NUM_THREADS": expected} for s in two)
+    expected = str(max(1, (os.cpu_count() or 1) // 2))  # the cores are shared out
+    assert all(s.env == {"OMP_NUM_THREADS": expected} for s in two)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # an operator's choice stands
+    assert all(
+        s.env == {} for s in plan_workers(Settings(data_dir=tmp_path, devices="cpu,cpu"), gpus())
+    )
 
 
 def test_contradictions_and_missing_gpus_are_refused(tmp_path: Path) -> None:
