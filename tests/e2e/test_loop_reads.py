@@ -6,52 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from datetime import UTC
 
 import pytest
 from sqlalchemy import func, select
 
-from ovis_server.db.connect import connect, migrate
 from ovis_server.db.loop_reads import LoopReadError, LoopReads, LoopStatement
-from ovis_server.jobs.job import JobState, NewJob
+from ovis_server.jobs.job import JobState
 from ovis_server.jobs.store import JobStore
 
-from .conftest import fresh_postgres_database
-from .helpers import free_port
+from .helpers import free_port, queue_job
 
-pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def store() -> Iterator[JobStore]:
-    url, drop = fresh_postgres_database()
-    db = connect(url)
-    migrate(db)
-    try:
-        yield JobStore(db)
-    finally:
-        db.dispose()
-        drop()
-
-
-def add(store: JobStore, request_id: str) -> None:
-    store.submit(
-        NewJob(
-            id=request_id,
-            token_id="tok_a",
-            model_id="aidc-ai/ovis-image",
-            input={"prompt": request_id},
-            seed=1,
-            progress_total=4,
-            batch_key="k",
-        )
-    )
+# The conftest's store, on PostgreSQL only (SQLite's reads on the loop go through the engine).
+pytestmark = pytest.mark.parametrize("store", ["postgresql"], indirect=True)
 
 
 def test_a_loop_read_is_the_engines_read(store: JobStore) -> None:
     for name in ("running", "failed", "second", "third"):
-        add(store, name)
+        queue_job(store, name)
     store.claim_next("w", 30)  # "running"
     store.report_progress("running", "w", 2, 30)
     store.set_warnings("running", ["seed was clamped"])
