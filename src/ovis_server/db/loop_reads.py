@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Engine, Select
-from sqlalchemy.engine import make_url
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class LoopReads:
 
     @classmethod
     def for_engine(cls, engine: Engine, options: str | None, connect_timeout: int) -> LoopReads:
-        url = make_url(engine.url).set(drivername="postgresql")
+        url = engine.url.set(drivername="postgresql")
         return cls(url.render_as_string(hide_password=False), options, connect_timeout)
 
     async def first(self, statement: LoopStatement, **params: Any) -> dict[str, Any] | None:

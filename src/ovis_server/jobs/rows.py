@@ -50,10 +50,6 @@ def job_from_row(row: Row[Any]) -> Job:
     )
 
 
-def state_from_row(row: Row[Any]) -> JobState:
-    return state_from_mapping(row._mapping)
-
-
 def state_from_mapping(data: Mapping[Any, Any]) -> JobState:
     return from_mapping(
         JobState,

@@ -16,7 +16,7 @@ from ovis_server.api.runcomfy.protocol import (
     StatusResponse,
 )
 from ovis_server.api.runcomfy.rendering import BodyRenderer
-from ovis_server.db.loop_reads import LoopReads
+from ovis_server.db.loop_reads import LoopReadError, LoopReads
 from ovis_server.jobs.deletions import FileDeletions, remove_files
 from ovis_server.jobs.job import Job, JobState
 from ovis_server.jobs.store import JobStore
@@ -67,14 +67,14 @@ class OwnedRequests:
         found = read(request_id) if REQUEST_ID_PATTERN.fullmatch(request_id) else None
         return self._status_body(found, token_id, request_id, base_url, logs)
 
-    async def status_on_loop(
-        self, reads: LoopReads, token_id: str, request_id: str, base_url: str
-    ) -> StatusResponse:
-        """``status``, its read made through ``reads`` on the event loop; ``LoopReadError``
-        if it was not made."""
+    async def status_on_loop(self, token_id: str, request_id: str, base_url: str) -> StatusResponse:
+        """``status``, its read made through ``loop_reads`` on the event loop;
+        ``LoopReadError`` if it was not made (or there are no loop reads: SQLite)."""
+        if self.loop_reads is None:
+            raise LoopReadError("no reads on the event loop for this database")
         found = None
         if REQUEST_ID_PATTERN.fullmatch(request_id):
-            found = await self.store.get_with_position_on_loop(reads, request_id)
+            found = await self.store.get_with_position_on_loop(self.loop_reads, request_id)
         return self._status_body(found, token_id, request_id, base_url)
 
     def _status_body(

@@ -58,9 +58,7 @@ class StatusShortPath:
             elif requests.loop_reads is not None:
                 # PostgreSQL: the read on the event loop too (db/loop_reads.py), tried once.
                 with contextlib.suppress(LoopReadError):
-                    body = await requests.status_on_loop(
-                        requests.loop_reads, caller.token_id, request_id, url
-                    )
+                    body = await requests.status_on_loop(caller.token_id, request_id, url)
             if body is None:
                 body = await run_in_threadpool(requests.status, caller.token_id, request_id, url)
         except ApiError as exc:
