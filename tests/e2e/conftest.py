@@ -27,20 +27,24 @@ from ovis_server.jobs.store import JobStore
 from .bodies import Z_IMAGE_ID
 from .helpers import Cluster, InProcessServer, MotoS3, Server, ServerFactory, run_cli, wait_for
 
-# The longest files (seconds of tests on the 2-core machine, 2026-12-06) run first, so
-# that the two processes of ``-n 2 --dist loadfile`` end together, rather than one of them
-# starting a long file when the other has nothing left.
+# The longest files (seconds of tests on the 2-core machine with one OpenMP thread a
+# process, 2026-12-06) run first, so that the two processes of ``-n 2 --dist loadfile``
+# end together, rather than one of them starting a long file when the other has nothing
+# left.
 LONGEST_FIRST = [
-    "test_faults.py",  # about 550 s
-    "test_benchmarks.py",  # 450 s
-    "test_readme.py",  # 300 s
+    "test_faults.py",  # about 400 s
+    "test_benchmarks.py",  # 290 s
+    "test_live.py",  # 120 s
     "test_queue.py",
     "test_scale_out.py",
-    "test_many_models.py",
+    "test_store_faults.py",
     "test_api_contract.py",
+    "test_outages.py",
+    "test_devices.py",
+    "test_overlap.py",
+    "test_readme.py",
+    "test_quality.py",
     "test_z_image.py",
-    "test_live.py",
-    "test_fidelity.py",
 ]
 
 
