@@ -205,8 +205,16 @@ def test_an_unwritable_files_store_keeps_jobs_queued_until_it_is_fixed(
         # The files folder becomes a regular file: every write under it fails with
         # ENOTDIR, as a full disk fails with ENOSPC (and root ignores permissions).
         files = tmp_path / "files"
-        shutil.rmtree(files, ignore_errors=True)
-        files.write_text("not a directory")
+
+        def files_made_a_file() -> bool:
+            shutil.rmtree(files, ignore_errors=True)
+            try:
+                files.write_text("not a directory")
+            except IsADirectoryError:  # the server made its folder again in between
+                return False
+            return True
+
+        wait_for(files_made_a_file, timeout=10, interval=0.05)
 
         request_id = submit(client, **ONE_STEP)
 
