@@ -57,7 +57,12 @@ def test_two_apis_three_workers_200_jobs_one_worker_killed(
         def done() -> int:
             return cluster.worker_logs().count(" succeeded in ")
 
-        wait_for(lambda: done() >= 20, timeout=180)
+        def victim_done() -> int:
+            return cluster.workers[0][1].read_text().count(" succeeded in ")
+
+        # The victim has made images too (the workers load at their own pace), so that
+        # its kill lands among jobs it runs, and the count below sees its share.
+        wait_for(lambda: done() >= 20 and victim_done() > 0, timeout=180)
         victim = workers[0]
         victim.kill()  # kill -9, most likely in the middle of a job
         victim.wait()
