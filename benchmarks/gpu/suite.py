@@ -106,9 +106,12 @@ def plan(dry_run: bool, cache_root: Path) -> list[Part]:
                           "--concurrency", "1", *more)  # fmt: skip
 
         def serve(model: str, *more: str) -> list[str]:
+            # Two rounds of two images a case: tests/e2e/test_benchmarks.py checks the
+            # rounds' table and their median on this step's output.
             return script("serve.py", "--model", "tiny", "--model-id", model, *weights,
-                          "--size", "64x64", "--steps", "1", "--rounds", "1",
-                          "--concurrency", "2,1", "--poll", "0.1", *more)  # fmt: skip
+                          "--size", "64x64", "--steps", "1", "--requests", "2",
+                          "--rounds", "2", "--concurrency", "2,1", "--poll", "0.1",
+                          *more)  # fmt: skip
 
         def memory(model: str) -> list[str]:
             return script("memory.py", "--weights", "tiny", "--model-id", model, *weights,

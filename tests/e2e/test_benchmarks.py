@@ -22,6 +22,31 @@ from ovis_server.catalogue.registry import BUILT_IN
 from ovis_server.engine.random_full import build_full_size_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
+OVIS = "aidc-ai/ovis-image"
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The GPU run's dry run (benchmarks/gpu/run.sh --dry-run: every part on the CPU with
+    the tiny model), once for the module: its report and logs, in the folder returned. Its
+    startup and serve steps run those scripts as their own tests would, so these tests read
+    the steps' output instead of running the scripts again."""
+    out = tmp_path_factory.mktemp("gpu-dry-run") / "out"
+    subprocess.run(
+        ["benchmarks/gpu/run.sh", str(out), "--dry-run", "--budget", "1200"],
+        cwd=ROOT, env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
+        text=True, timeout=1500, check=True,
+    )  # fmt: skip
+    return out
+
+
+def step_stdout(out: Path, part: str, model_id: str) -> str:
+    """What the dry run's step of ``part`` for ``model_id`` printed, from its logs."""
+    name = f"logs/{part}-{model_id.replace('/', '_')}.out"
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        member = archive.extractfile(name)
+        assert member is not None, name
+        return member.read().decode()
 
 
 def test_engine_benchmark_prints_its_table() -> None:
@@ -42,14 +67,12 @@ def test_engine_benchmark_prints_its_table() -> None:
     assert "512x512, 4 steps" in result.stdout
 
 
-def test_serve_benchmark_alternates_rounds_and_prints_the_median_ratio() -> None:
-    result = subprocess.run(
-        [sys.executable, "benchmarks/serve.py", "--model", "tiny", "--size", "64x64",
-         "--steps", "1", "--requests", "2", "--rounds", "2", "--concurrency", "2",
-         "--device", "cpu", "--poll", "0.1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
-    )  # fmt: skip
-    lines = result.stdout.splitlines()
+def test_serve_benchmark_alternates_rounds_and_prints_the_median_ratio(dry_run: Path) -> None:
+    # The dry run's serve step: --size 64x64 --steps 1 --requests 2 --rounds 2
+    # --concurrency 2,1 --poll 0.1 on the CPU; the 2-client case comes first.
+    stdout = step_stdout(dry_run, "serve", OVIS)
+    lines = stdout.splitlines()
+    lines = lines[: lines.index("## 64x64, 1 client: rounds of 2 images, engine batches of 1")]
     assert "## 64x64, 2 clients: rounds of 2 images, engine batches of 1" in lines
     # Each round: the engine alone, then HTTP, on the same number of images.
     start = lines.index(
@@ -70,13 +93,14 @@ def test_serve_benchmark_alternates_rounds_and_prints_the_median_ratio() -> None
                          "engine (this process)"]  # fmt: skip
     assert all(re.search(r"\| \d+ ms \|$", row) for row in rows[2:])
     assert re.search(r"^worker CPU per image beyond the engine alone: -?\d+ ms; of it, .*"
-                     r"PNG encode \d+ ms$", result.stdout, re.MULTILINE)  # fmt: skip
-    assert "aidc-ai/ovis-image (tiny), 1 steps" in result.stdout
-    # The last line: the median of the rounds' ratios, with their range.
+                     r"PNG encode \d+ ms$", stdout, re.MULTILINE)  # fmt: skip
+    assert "aidc-ai/ovis-image (tiny), 1 steps" in stdout
+    # The summary, a line a case at the end: the median of the rounds' ratios, with their
+    # range.
     match = re.fullmatch(
         r"end-to-end / engine, 64x64, 2 clients: median (\d+\.\d\d) "
         r"\(range (\d+\.\d\d) to (\d+\.\d\d) over 2 rounds\)",
-        lines[-1],
+        stdout.splitlines()[-2],
     )
     assert match is not None
     assert float(match[2]) == min(ratios)
@@ -196,33 +220,26 @@ def test_status_benchmark_prints_its_ratio() -> None:
     assert float(ratio[0].split(": ")[1]) > 0
 
 
-def test_startup_benchmark_prints_its_tables() -> None:
-    result = subprocess.run(
-        [sys.executable, "benchmarks/startup.py", "--model", "tiny", "--device", "cpu",
-         "--compile", "off", "--warmup", "off", "--sizes", "square", "--steps", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
-    )  # fmt: skip
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+def test_startup_benchmark_prints_its_tables(dry_run: Path) -> None:
+    # The dry run's startup step: --device cpu --compile off --warmup off --sizes square
+    # --steps 1 on the tiny model.
+    stdout = step_stdout(dry_run, "startup", OVIS)
+    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows] == [
         "| start", "| cold cache", "| warm cache", "| size", "| square"
     ]  # fmt: skip
     # The worker's own times come from its log: a changed log line would show as "?".
     assert "?" not in rows[1]
     assert rows[1].endswith("| off | - | - |")
-    assert re.search(r"first / second, worst: \d+\.\d\d$", result.stdout)
+    assert re.search(r"first / second, worst: \d+\.\d\d$", stdout)
 
 
 # --- the GPU run (benchmarks/gpu) -----------------------------------------------------------
 
 
-def test_gpu_run_dry_run_writes_the_whole_report(tmp_path: Path) -> None:
+def test_gpu_run_dry_run_writes_the_whole_report(dry_run: Path) -> None:
     """run.sh --dry-run: every part on the CPU with the tiny model, one report."""
-    out = tmp_path / "out"
-    subprocess.run(
-        ["benchmarks/gpu/run.sh", str(out), "--dry-run", "--budget", "1200"],
-        cwd=ROOT, env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
-        text=True, timeout=1500, check=True,
-    )  # fmt: skip
+    out = dry_run
     report = (out / "report.md").read_text()
     lines = report.splitlines()
     start = lines.index("| part | model | status | seconds | note |") + 2
