@@ -135,6 +135,24 @@ def test_worker_loop_benchmark_prints_its_table() -> None:
     assert re.fullmatch(r"step progress: 3 writes, mean [\d.]+ ms, p95 [\d.]+ ms, .*", lines[-1])
 
 
+def test_worker_start_benchmark_compares_with_a_baseline_checkout() -> None:
+    # This checkout's src as its own baseline: one round, the table and the ratio line.
+    result = subprocess.run(
+        [sys.executable, "benchmarks/worker_start.py", "--rounds", "1", "--baseline", "src"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    start = lines.index(
+        "| code | worker CPU to ready (median) | range | serve to ready (median) | range |"
+    )
+    assert [row.split(" | ")[0] for row in lines[start + 2 : start + 4]] == [
+        "| baseline",
+        "| this checkout",
+    ]
+    assert re.fullmatch(r"worker CPU, this checkout / baseline: median \d+\.\d\d "
+                        r"\(rounds: \d+\.\d\d\)", lines[-1])  # fmt: skip
+
+
 def test_random_full_has_the_real_sizes() -> None:
     pipeline = build_full_size_pipeline("meta", torch.bfloat16)
     billions = {

@@ -99,10 +99,14 @@ class HostCopy:
 
 
 def release_device_memory() -> None:
-    """Free what is no longer referenced on the device: tensors in reference cycles (the
-    frames of a failed run's traceback), then the allocator's cached blocks."""
+    """Free what is no longer referenced on the GPU: tensors in reference cycles (the
+    frames of a failed run's traceback), then the allocator's cached blocks. Without CUDA
+    there is no device memory to free, and nothing is done: a full collection among the
+    half a million objects a worker holds takes 0.25 s of CPU (2-core machine), and the
+    garbage collector frees host memory in its own time."""
     import torch
 
+    if not torch.cuda.is_available():
+        return
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()

@@ -1,0 +1,129 @@
+"""Worker start-up benchmark: the CPU a worker spends from its start to ready.
+
+Starts ``ovis-server serve`` on a fresh data directory, waits for /readyz, and reads the
+worker process's CPU time (user + system, /proc, so Linux only) and the wall time from
+serve's start to ready; then stops it. With ``--baseline SRC`` (the ``src`` folder of
+another checkout) each round starts this checkout's server and the baseline's in turn,
+the same model and settings, and the table shows both with the ratio, per round and its
+median: rounds interleave, as this machine's load drifts.
+
+    python benchmarks/worker_start.py --model tiny --rounds 6 --baseline ../old/src
+
+The model's weights are built once (``tiny``: the tiny checkpoint, written to a temporary
+folder) or read from a local diffusers folder given as ``--model``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Run as a script, this folder comes first on sys.path, and its queue.py would hide the
+# standard library's queue module from httpx and everything else imported below.
+if sys.path and sys.path[0] == __file__.rsplit("/", 1)[0]:
+    sys.path[0] = __file__.rsplit("/", 2)[0]  # the repository: benchmarks.common
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import free_port, ready, stop
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+WORKER_LINE = re.compile(r"started worker process (\d+)")
+
+
+@dataclass
+class Start:
+    worker_cpu: float  # seconds of CPU, the worker's start to ready
+    wall: float  # seconds, serve's start to /readyz ready
+
+
+def process_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_once(src: Path, model: str, scratch: Path, timeout: float) -> Start:
+    data_dir = Path(tempfile.mkdtemp(dir=scratch))
+    port = free_port()
+    log = data_dir / "serve.log"
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ovis_server", "serve", "--host", "127.0.0.1",
+             "--port", str(port), "--model", model, "--data-dir", str(data_dir), "--no-auth"],
+            env=env, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        while not ready(base):
+            if process.poll() is not None or time.monotonic() - started > timeout:
+                raise RuntimeError(f"serve did not get ready:\n{log.read_text()}")
+            time.sleep(0.05)
+        wall = time.monotonic() - started
+        found = WORKER_LINE.search(log.read_text())
+        if found is None:
+            raise RuntimeError(f"no worker in serve's log:\n{log.read_text()}")
+        return Start(process_cpu(int(found[1])), wall)
+    finally:
+        stop(process)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny", help="tiny, or a local diffusers folder")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--baseline", type=Path, help="the src folder of another checkout")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to ready")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    trees = {"this checkout": SRC}
+    if args.baseline is not None:
+        if not (args.baseline / "ovis_server").is_dir():
+            parser.error(f"--baseline {args.baseline}: no ovis_server package there")
+        trees = {"baseline": args.baseline.resolve(), **trees}
+    with tempfile.TemporaryDirectory(prefix="ovis-worker-start-") as scratch:
+        model = args.model
+        if model == "tiny":
+            model = str(Path(scratch, "tiny"))
+            subprocess.run([sys.executable, "-m", "ovis_server", "tiny-model", model],
+                           env={**os.environ, "PYTHONPATH": str(SRC)}, check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+        runs: dict[str, list[Start]] = {name: [] for name in trees}
+        for _ in range(args.rounds):
+            for name, src in trees.items():
+                runs[name].append(start_once(src, model, Path(scratch), args.timeout))
+    print(f"# worker start-up, {args.model}, {args.rounds} round(s), OMP_NUM_THREADS=1")
+    print()
+    print("| code | worker CPU to ready (median) | range | serve to ready (median) | range |")
+    print("|---|---:|---:|---:|---:|")
+    for name, starts in runs.items():
+        cpu = [start.worker_cpu for start in starts]
+        wall = [start.wall for start in starts]
+        print(
+            f"| {name} | {statistics.median(cpu):.2f} s | {min(cpu):.2f}-{max(cpu):.2f} s | "
+            f"{statistics.median(wall):.2f} s | {min(wall):.2f}-{max(wall):.2f} s |"
+        )
+    if args.baseline is not None:
+        ratios = [
+            new.worker_cpu / old.worker_cpu
+            for old, new in zip(runs["baseline"], runs["this checkout"], strict=True)
+        ]
+        print()
+        print(
+            "worker CPU, this checkout / baseline: median "
+            f"{statistics.median(ratios):.2f} (rounds: {' '.join(f'{r:.2f}' for r in ratios)})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
