@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -177,6 +178,7 @@ def worker(
     Run one per GPU (--device cuda:N) on any number of hosts, pointed at the same
     --database-url and --storage as the API replicas.
     """
+    started = time.perf_counter()  # the time to ready the worker reports counts its imports
     # torch's, diffusers' and our imports make about half a million objects that live as
     # long as the process. Imported with the garbage collector off, then frozen out of its
     # reach, they are not scanned again by each full collection while the models load: a
@@ -198,7 +200,13 @@ def worker(
     models = model_registry(settings)
     served_model(models, settings)
     try:
-        run_worker(settings, parent_pid=parent_pid, device_label=device_label, models=models)
+        run_worker(
+            settings,
+            parent_pid=parent_pid,
+            device_label=device_label,
+            models=models,
+            started=started,
+        )
     except DownloadInterrupted:
         # Stopped while downloading: what is downloaded stays in the cache. Download threads
         # still busy with a file would hold the interpreter's exit until it is done.

@@ -104,14 +104,16 @@ def run_worker(
     parent_pid: int | None = None,
     device_label: str | None = None,
     models: ModelRegistry | None = None,
+    started: float | None = None,
 ) -> None:
     """Load the models ``--model-id`` names (``models``, by default the settings'), warm each
     up, place them on the device (worker/placement.py), then take their jobs until SIGTERM or
     SIGINT; the jobs in hand are put back. ``device_label``: the device as serve numbers it
-    (its GPU worker sees one GPU, cuda:0)."""
+    (its GPU worker sees one GPU, cuda:0). ``started``: when the worker started, on
+    ``time.perf_counter``'s clock (by default now), for the time to ready it reports."""
     from ovis_server.worker.hooks import load_step_hook
 
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     served_specs = list(models or ModelRegistry.from_settings(settings))
     # Variants (image-to-image...) run on their model's engine: loaded once, for the model.
     specs = [spec for spec in served_specs if spec.variant_of is None]
