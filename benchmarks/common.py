@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -38,6 +39,15 @@ def create_token(data_dir: Path, env: Mapping[str, str] | None = None) -> str:
         capture_output=True, text=True, check=True, env=None if env is None else dict(env),
     )  # fmt: skip
     return created.stdout.strip().splitlines()[-1]  # the secret is alone on the last line
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (Linux's /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ready(base: str) -> bool:

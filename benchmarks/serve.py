@@ -60,6 +60,7 @@ import httpx
 
 from benchmarks.common import (
     PROMPTS,
+    cpu_seconds,
     create_token,
     default_steps,
     free_port,
@@ -106,15 +107,6 @@ def percentile(values: list[float], fraction: float) -> float:
     """Nearest rank: the smallest value with ``fraction`` of them at or below it."""
     ordered = sorted(values)
     return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of process ``pid`` so far (Linux's /proc; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import free_port, ready, stop
+from benchmarks.common import cpu_seconds, free_port, ready, stop
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WORKER_LINE = re.compile(r"started worker process (\d+)")
@@ -42,11 +42,6 @@ WORKER_LINE = re.compile(r"started worker process (\d+)")
 class Start:
     worker_cpu: float  # seconds of CPU, the worker's start to ready
     wall: float  # seconds, serve's start to /readyz ready
-
-
-def process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_once(src: Path, model: str, scratch: Path, timeout: float) -> Start:
@@ -71,7 +66,7 @@ def start_once(src: Path, model: str, scratch: Path, timeout: float) -> Start:
         found = WORKER_LINE.search(log.read_text())
         if found is None:
             raise RuntimeError(f"no worker in serve's log:\n{log.read_text()}")
-        return Start(process_cpu(int(found[1])), wall)
+        return Start(cpu_seconds(int(found[1])), wall)
     finally:
         stop(process)
 

@@ -21,8 +21,9 @@ from packaging.requirements import Requirement
 from ovis_server.catalogue.registry import BUILT_IN
 from ovis_server.engine.random_full import build_full_size_pipeline
 
+from .bodies import OVIS_ID
+
 ROOT = Path(__file__).resolve().parents[2]
-OVIS = "aidc-ai/ovis-image"
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,10 @@ def test_engine_benchmark_prints_its_table() -> None:
 def test_serve_benchmark_alternates_rounds_and_prints_the_median_ratio(dry_run: Path) -> None:
     # The dry run's serve step: --size 64x64 --steps 1 --requests 2 --rounds 2
     # --concurrency 2,1 --poll 0.1 on the CPU; the 2-client case comes first.
-    stdout = step_stdout(dry_run, "serve", OVIS)
-    lines = stdout.splitlines()
-    lines = lines[: lines.index("## 64x64, 1 client: rounds of 2 images, engine batches of 1")]
+    stdout = step_stdout(dry_run, "serve", OVIS_ID)
+    printed = stdout.splitlines()
+    # The 2-client case's section: up to the 1-client case's heading.
+    lines = printed[: printed.index("## 64x64, 1 client: rounds of 2 images, engine batches of 1")]
     assert "## 64x64, 2 clients: rounds of 2 images, engine batches of 1" in lines
     # Each round: the engine alone, then HTTP, on the same number of images.
     start = lines.index(
@@ -100,7 +102,7 @@ def test_serve_benchmark_alternates_rounds_and_prints_the_median_ratio(dry_run: 
     match = re.fullmatch(
         r"end-to-end / engine, 64x64, 2 clients: median (\d+\.\d\d) "
         r"\(range (\d+\.\d\d) to (\d+\.\d\d) over 2 rounds\)",
-        stdout.splitlines()[-2],
+        printed[-2],
     )
     assert match is not None
     assert float(match[2]) == min(ratios)
@@ -241,7 +243,7 @@ def test_status_benchmark_prints_its_ratio() -> None:
 def test_startup_benchmark_prints_its_tables(dry_run: Path) -> None:
     # The dry run's startup step: --device cpu --compile off --warmup off --sizes square
     # --steps 1 on the tiny model.
-    stdout = step_stdout(dry_run, "startup", OVIS)
+    stdout = step_stdout(dry_run, "startup", OVIS_ID)
     rows = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows] == [
         "| start", "| cold cache", "| warm cache", "| size", "| square"
