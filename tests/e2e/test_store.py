@@ -15,8 +15,14 @@ from sqlalchemy import text
 
 from ovis_server.db.connect import alembic_config, connect, migrate, sqlite_url
 from ovis_server.db.schema import metadata
+from ovis_server.jobs.deletions import DeletionSweeper, FileDeletions
 from ovis_server.jobs.job import CancelOutcome, JobStatus, NewJob, StoredOutput
+from ovis_server.jobs.retention import RetentionSweeper
 from ovis_server.jobs.store import JobStore, LeaseLostError, utcnow
+from ovis_server.jobs.workers import WorkerRegistry
+from ovis_server.storage.base import output_key
+from ovis_server.storage.local import LocalFileStore
+from ovis_server.storage.signing import UrlSigner
 from ovis_server.webhooks.outbox import DeliveryStore
 
 
@@ -301,3 +307,61 @@ def test_upgrading_a_0001_database_keeps_its_jobs(tmp_path: Path) -> None:
     assert (old.webhook_url, old.webhook_intermediate) == (None, False)
     assert store.queue_positions(["old"]) == {"old": 0}
     db.dispose()
+
+
+class WatchedRemovals(LocalFileStore):
+    """A real file store that notes, at each removal, whether the request's row was still
+    there, and refuses the removals of ``refused`` (a disk gone read-only)."""
+
+    def __init__(self, root: Path, store: JobStore) -> None:
+        super().__init__(root, UrlSigner("retention"))
+        self.store = store
+        self.refused: set[str] = set()
+        self.row_there: dict[str, bool] = {}
+
+    def delete_request(self, request_id: str) -> int:
+        self.row_there[request_id] = self.store.get(request_id) is not None
+        if request_id in self.refused:
+            raise OSError(30, "Read-only file system")
+        return super().delete_request(request_id)
+
+
+def test_retention_deletes_rows_before_files_and_keeps_the_removals_refused(
+    store: JobStore, tmp_path: Path
+) -> None:
+    files = WatchedRemovals(tmp_path / "files", store)
+    for name in ("old-1", "old-2", "queued"):
+        add(store, name)
+    for name in ("old-1", "old-2"):
+        claimed = store.claim_next("w", 30)
+        assert claimed is not None
+        assert claimed.id == name
+        key = output_key(name, 0, "png")
+        files.put(key, b"png", "image/png")
+        store.complete(name, "w", [StoredOutput(key, "image/png", 64, 64)])
+    files.refused.add("old-2")
+    deletions = FileDeletions(store.engine)
+    sweeper = RetentionSweeper(
+        store, deletions, files, WorkerRegistry(store.engine), 0, interval_seconds=1
+    )
+
+    assert sweeper.sweep() == (2, 1)
+    # A reader never sees a request whose files are gone: the row went first.
+    assert files.row_there == {"old-1": False, "old-2": False}
+    assert not (files.root / "old-1").exists()
+    assert (files.root / "old-2").is_dir()
+    assert deletions.owed() == ["old-2"], "the refused removal is on record"
+    assert [store.get(name) is not None for name in ("old-1", "old-2", "queued")] == [
+        False,
+        False,
+        True,
+    ]
+
+    files.refused.clear()  # the disk is back: the deletion sweeper finishes the job
+    remover = DeletionSweeper(deletions, files)
+    deadline = time.monotonic() + 10
+    while remover.sweep() == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the record's next attempt is a second away
+    assert deletions.owed() == []
+    assert not (files.root / "old-2").exists()
+    assert sweeper.sweep() == (0, 0)

@@ -123,14 +123,15 @@ class ApiState:
         store = JobStore(db)
         file_store = open_file_store(settings, db)
         registry = WorkerRegistry(db)
+        deletions = FileDeletions(db)
         sweeper = RetentionSweeper(
             store,
+            deletions,
             file_store,
             registry,
             retention_seconds=settings.retention_seconds,
             interval_seconds=settings.cleanup_interval_seconds,
         )
-        deletions = FileDeletions(db)
         tokens = TokenStore(db)
         hub = StatusHub(store, tokens)
         catalogue = CataloguePages(models)

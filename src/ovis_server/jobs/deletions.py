@@ -7,17 +7,19 @@ the store to remove the files; when the store cannot be reached (a bucket down, 
 call), the record stays and ``DeletionSweeper`` tries again with backoff, on whichever API
 process runs first, after restarts too, until the store confirms. Until then a presigned
 S3 URL handed out earlier still fetches the object: the bucket, not the API, serves it.
+Retention (jobs/retention.py) deletes expired requests the same way, a batch at a time.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 
 from sqlalchemy import Engine, delete, insert, select, update
 
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
-from ovis_server.db.schema import file_deletions
+from ovis_server.db.schema import file_deletions, jobs
 from ovis_server.jobs.events import utcnow
 from ovis_server.jobs.queue import delete_rows
 from ovis_server.jobs.sweeper import Sweeper
@@ -46,25 +48,41 @@ class FileDeletions:
         self.engine = engine
         self.retry_seconds = retry_seconds
 
-    @retried
     def delete_request(self, request_id: str) -> bool:
         """Delete the request's rows and record its files as owed a deletion, in one
         transaction, counting the attempt the caller makes next; False when there is no
         such request."""
+        return self.delete_requests([request_id]) == 1
+
+    @retried
+    def delete_requests(self, request_ids: Sequence[str]) -> int:
+        """``delete_request`` for several requests in one transaction; returns how many
+        there were (only those get a record)."""
+        if not request_ids:
+            return 0
         now = utcnow()
+        table = file_deletions.c
         with self.engine.begin() as conn:
-            if not delete_rows(conn, [request_id]):
-                return False
-            conn.execute(delete(file_deletions).where(file_deletions.c.request_id == request_id))
-            conn.execute(
-                insert(file_deletions).values(
-                    request_id=request_id,
-                    attempts=1,
-                    next_attempt_at=now + timedelta(seconds=retry_delay(1)),
-                    created_at=now,
-                )
+            present = list(
+                conn.execute(select(jobs.c.id).where(jobs.c.id.in_(request_ids))).scalars()
             )
-        return True
+            if not present:
+                return 0
+            removed = delete_rows(conn, present)
+            conn.execute(delete(file_deletions).where(table.request_id.in_(present)))
+            conn.execute(
+                insert(file_deletions),
+                [
+                    {
+                        "request_id": request_id,
+                        "attempts": 1,
+                        "next_attempt_at": now + timedelta(seconds=retry_delay(1)),
+                        "created_at": now,
+                    }
+                    for request_id in present
+                ],
+            )
+        return removed
 
     @retried
     def claim_next(self) -> tuple[str, int] | None:
@@ -94,10 +112,12 @@ class FileDeletions:
         return (str(row.request_id), attempt) if claimed else None
 
     @retried
-    def done(self, request_id: str) -> None:
-        """The store confirmed the files gone: nothing is owed any more."""
+    def done(self, *request_ids: str) -> None:
+        """The store confirmed these requests' files gone: nothing is owed any more."""
+        if not request_ids:
+            return
         with self.engine.begin() as conn:
-            conn.execute(delete(file_deletions).where(file_deletions.c.request_id == request_id))
+            conn.execute(delete(file_deletions).where(file_deletions.c.request_id.in_(request_ids)))
 
     @retried
     def owed(self) -> list[str]:
@@ -110,11 +130,11 @@ class FileDeletions:
             )
 
 
-def remove_files(files: FileStore, request_id: str, attempt: int) -> bool:
-    """Ask the store to remove the request's files; False (logged, with the store's own
-    words, which no client sees) when it cannot now."""
+def remove_files(files: FileStore, request_id: str, attempt: int) -> int | None:
+    """Ask the store to remove the request's files; how many there were, or None (logged,
+    with the store's own words, which no client sees) when it cannot now."""
     try:
-        files.delete_request(request_id)
+        removed = files.delete_request(request_id)
     except Exception as exc:  # the store's errors are many (OSError, botocore's): all wait
         logger.warning(
             "the files of deleted request %s could not be removed (attempt %d: %s: %s); "
@@ -125,10 +145,10 @@ def remove_files(files: FileStore, request_id: str, attempt: int) -> bool:
             exc,
             retry_delay(attempt),
         )
-        return False
+        return None
     if attempt > 1:
         logger.info("removed the files of deleted request %s (attempt %d)", request_id, attempt)
-    return True
+    return removed
 
 
 class DeletionSweeper(Sweeper):
@@ -149,7 +169,7 @@ class DeletionSweeper(Sweeper):
         removed = 0
         for _ in range(MAX_PER_PASS):
             due = self.deletions.claim_next()
-            if due is None or not remove_files(self.files, *due):
+            if due is None or remove_files(self.files, *due) is None:
                 break
             self.deletions.done(due[0])
             removed += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from ovis_server.jobs.deletions import FileDeletions, remove_files
 from ovis_server.jobs.store import JobStore, utcnow
 from ovis_server.jobs.sweeper import Sweeper
 from ovis_server.jobs.workers import WorkerRegistry
@@ -17,7 +18,10 @@ SILENT_WORKER_SECONDS = 24 * 3600
 
 
 class RetentionSweeper(Sweeper):
-    """Deletes jobs finished longer ago than the retention time, files first, then rows."""
+    """Deletes jobs finished longer ago than the retention time as ``DELETE`` does: the
+    rows first, with a record of the files owed a deletion (so the request answers 404
+    before its files go, and none is lost to a crash or a store that is down), then the
+    files; ``DeletionSweeper`` finishes what the store refused."""
 
     name = "retention"
     stop_timeout = 30.0
@@ -25,6 +29,7 @@ class RetentionSweeper(Sweeper):
     def __init__(
         self,
         store: JobStore,
+        deletions: FileDeletions,
         files: FileStore,
         workers: WorkerRegistry,
         retention_seconds: float,
@@ -32,6 +37,7 @@ class RetentionSweeper(Sweeper):
     ) -> None:
         super().__init__(interval_seconds)
         self.store = store
+        self.deletions = deletions
         self.files = files
         self.workers = workers
         self.retention = timedelta(seconds=retention_seconds)
@@ -40,10 +46,19 @@ class RetentionSweeper(Sweeper):
         """One pass: returns (jobs removed, files removed)."""
         cutoff = utcnow() - self.retention
         jobs_removed = files_removed = 0
+        store_up = True
         while batch := self.store.finished_before(cutoff):
-            for job in batch:
-                files_removed += self.files.delete_request(job.id)
-            jobs_removed += self.store.delete([job.id for job in batch])
+            request_ids = [job.id for job in batch]
+            jobs_removed += self.deletions.delete_requests(request_ids)
+            confirmed = []
+            for request_id in request_ids if store_up else ():
+                removed = remove_files(self.files, request_id, attempt=1)
+                if removed is None:
+                    store_up = False  # the rest stay recorded, for DeletionSweeper
+                    break
+                files_removed += removed
+                confirmed.append(request_id)
+            self.deletions.done(*confirmed)
         self.workers.forget_silent(SILENT_WORKER_SECONDS)
         if jobs_removed:
             logger.info(

@@ -131,7 +131,7 @@ class OwnedRequests:
         # that stored it before has it removed here, or by the sweeper if the store is down.
         if not self.deletions.delete_request(request_id):
             raise request_not_found(request_id)
-        if not remove_files(self.bodies.files, request_id, attempt=1):
+        if remove_files(self.bodies.files, request_id, attempt=1) is None:
             return  # recorded: DeletionSweeper tries again once the store is back
         try:
             self.deletions.done(request_id)
