@@ -14,6 +14,7 @@ from ovis_server.catalogue import OVIS_IMAGE
 from ovis_server.client import AsyncClient, Client, NotFoundError
 from ovis_server.db.connect import connect, migrate, sqlite_url
 from ovis_server.engine.pipeline import Engine
+from ovis_server.jobs.deletions import FileDeletions
 from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.store import JobStore
 from ovis_server.storage.local import LocalFileStore
@@ -122,7 +123,7 @@ class DeletedDuringPut(LocalFileStore):
 
     def put(self, key: str, data: bytes, media_type: str) -> None:
         request_id = key.split("/")[0]
-        self.store.delete([request_id])
+        FileDeletions(self.store.engine).delete_request(request_id)
         self.delete_request(request_id)
         super().put(key, data, media_type)
 

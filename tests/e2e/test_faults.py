@@ -335,8 +335,9 @@ def test_retention_deletes_results_and_files(tmp_path: Path, fresh_server: Serve
         assert wait_for(expired, timeout=30).json()["error_code"] == 404001
         assert client.get(f"/v1/requests/{request_id}/status").status_code == 404
         assert httpx.get(url).status_code == 404
-        assert not (tmp_path / "files" / request_id).exists()
-    assert "retention: removed 1 job(s)" in server.log()
+        # The rows go first, then the files, in the same pass.
+        wait_for(lambda: not (tmp_path / "files" / request_id).exists(), timeout=10)
+    wait_for(lambda: "retention: removed 1 job(s)" in server.log(), timeout=10)
 
 
 def raw_get(server: InProcessServer, path: str) -> tuple[int, bytes]:

@@ -17,6 +17,7 @@ from ovis_server.cli import main
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate, sqlite_url
 from ovis_server.db.schema import jobs
+from ovis_server.jobs.deletions import FileDeletions
 from ovis_server.jobs.stats import StatsReader
 from ovis_server.jobs.store import JobStore, utcnow
 from ovis_server.jobs.workers import WorkerRegistry
@@ -75,7 +76,7 @@ def test_counters_count_each_job_once_and_survive_retention(store: JobStore) -> 
     assert scrape(metrics) == first
 
     # The retention sweep deletes finished jobs: the counters do not go down.
-    store.delete(["a", "b", "cancelled", "before-start"])
+    FileDeletions(store.engine).delete_requests(["a", "b", "cancelled", "before-start"])
     before_last_scrape = utcnow()
     assert scrape(metrics)[("ovis_jobs_finished_total", (("status", "succeeded"),))] == 2
 

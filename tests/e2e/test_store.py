@@ -284,7 +284,7 @@ def test_every_state_change_is_logged_and_owes_its_webhooks(store: JobStore) -> 
     assert deliveries.counts()["pending"] == 2
     late = utcnow() + timedelta(days=1)
     assert [job.id for job in store.finished_before(late)] == ["hooked", "dropped"]
-    store.delete(["hooked"])
+    FileDeletions(store.engine).delete_requests(["hooked"])
     assert deliveries.counts() == {"pending": 0, "delivered": 0, "failed": 0}
     assert all(event.request_id != "hooked" for event in store.events_after(0))
 

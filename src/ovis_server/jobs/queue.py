@@ -1,5 +1,6 @@
 """The queue's state changes on the API's side: submit (with idempotency and limits),
-cancel, delete. The worker's side (claim, progress, finish, release, recover) is
+cancel, and ``delete_rows``, which a deletion (``DELETE``, retention: jobs/deletions.py)
+runs in its transaction. The worker's side (claim, progress, finish, release, recover) is
 ``running.py``.
 
 Every state change is one SQL statement whose WHERE clause states what must still hold
@@ -44,7 +45,7 @@ class IdempotencyConflictError(Exception):
 
 
 class JobQueue:
-    """Submit, cancel and delete jobs (a part of ``JobStore``)."""
+    """Submit and cancel jobs (a part of ``JobStore``)."""
 
     def __init__(self, engine: Engine, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
         self.engine = engine
@@ -104,13 +105,6 @@ class JobQueue:
         if job.request_hash != request_hash:
             raise IdempotencyConflictError(job)
         return job
-
-    @retried
-    def delete(self, request_ids: Sequence[str]) -> int:
-        if not request_ids:
-            return 0
-        with self.engine.begin() as conn:
-            return delete_rows(conn, request_ids)
 
     @retried
     def request_cancel(self, request_id: str) -> tuple[Job, CancelOutcome] | None:

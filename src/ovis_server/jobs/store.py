@@ -4,7 +4,7 @@
 owns it:
 
 - ``queries``: reads (a job, lists, queue positions, the event log, counts);
-- ``queue``: the API's state changes (submit, cancel, delete), each one guarded statement;
+- ``queue``: the API's state changes (submit, cancel), each one guarded statement;
 - ``running``: the worker's (claim, progress, lease, finish, release, recover);
 - ``deadlines``: the Cancel-After pass;
 - ``quotas``: what a submit may not exceed, and the transaction that checks it;
@@ -118,9 +118,6 @@ class JobStore:
 
     def idempotent_twin(self, token_id: str, key: str, request_hash: str | None) -> Job | None:
         return self.queue.idempotent_twin(token_id, key, request_hash)
-
-    def delete(self, request_ids: Sequence[str]) -> int:
-        return self.queue.delete(request_ids)
 
     def request_cancel(self, request_id: str) -> tuple[Job, CancelOutcome] | None:
         return self.queue.request_cancel(request_id)
