@@ -29,9 +29,10 @@ from ovis_server.api.server import ApiServer, server_config
 from ovis_server.config import Settings
 from ovis_server.db.connect import connect, migrate
 from ovis_server.jobs.events import utcnow
-from ovis_server.jobs.job import NewJob
+from ovis_server.jobs.job import NewJob, StoredOutput
 from ovis_server.jobs.stats import StatsReader
 from ovis_server.jobs.store import JobStore
+from ovis_server.storage.base import FileStore, output_key
 from ovis_server.tokens import TokenStore
 from ovis_server.worker.supervisor import worker_command, worker_environment
 
@@ -358,6 +359,18 @@ class Cluster:
             server.kill()
         for log in self.logs:
             log.close()
+
+
+def complete_with_file(store: JobStore, files: FileStore, request_id: str) -> str:
+    """Play the worker: claim the next job (it must be ``request_id``), store a file for it
+    and record it completed; returns the file's key."""
+    claimed = store.claim_next("test-worker", 30)
+    assert claimed is not None
+    assert claimed.id == request_id
+    key = output_key(request_id, 0, "png")
+    files.put(key, b"not really a png", "image/png")
+    store.complete(request_id, "test-worker", [StoredOutput(key, "image/png", 64, 64)])
+    return key
 
 
 def queue_job(

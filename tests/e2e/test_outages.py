@@ -22,8 +22,6 @@ from sqlalchemy import create_engine, text
 
 from ovis_server.db.connect import connect, migrate, sqlite_url
 from ovis_server.jobs.deletions import FileDeletions
-from ovis_server.jobs.job import StoredOutput
-from ovis_server.storage.base import output_key
 from ovis_server.tokens import TokenStore
 
 from .bodies import ONE_STEP, OVIS_PATH
@@ -33,6 +31,7 @@ from .helpers import (
     InProcessServer,
     MotoS3,
     ServerFactory,
+    complete_with_file,
     create_token,
     start_server,
     status_of,
@@ -154,13 +153,7 @@ def test_a_delete_the_disk_refuses_answers_at_once_and_the_files_go_later(
     store, files = server.app.state.store, server.app.state.files
     with server.client(server.token("disk")) as client:
         request_id = submit(client, **ONE_STEP)
-        # Play the worker: the job completes with a file.
-        claimed = store.claim_next("test-worker", 30)
-        assert claimed is not None
-        assert claimed.id == request_id
-        key = output_key(request_id, 0, "png")
-        files.put(key, b"not really a png", "image/png")
-        store.complete(request_id, "test-worker", [StoredOutput(key, "image/png", 64, 64)])
+        key = complete_with_file(store, files, request_id)
         url = wait_result(client, request_id)["output"]["image"]
         assert httpx.get(url).status_code == 200
 

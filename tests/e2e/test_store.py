@@ -20,10 +20,11 @@ from ovis_server.jobs.job import CancelOutcome, JobStatus, NewJob, StoredOutput
 from ovis_server.jobs.retention import RetentionSweeper
 from ovis_server.jobs.store import JobStore, LeaseLostError, utcnow
 from ovis_server.jobs.workers import WorkerRegistry
-from ovis_server.storage.base import output_key
 from ovis_server.storage.local import LocalFileStore
 from ovis_server.storage.signing import UrlSigner
 from ovis_server.webhooks.outbox import DeliveryStore
+
+from .helpers import complete_with_file
 
 
 def add(store: JobStore, request_id: str, token: str = "tok_a", batch_key: str = "k") -> None:
@@ -333,12 +334,7 @@ def test_retention_deletes_rows_before_files_and_keeps_the_removals_refused(
     for name in ("old-1", "old-2", "queued"):
         add(store, name)
     for name in ("old-1", "old-2"):
-        claimed = store.claim_next("w", 30)
-        assert claimed is not None
-        assert claimed.id == name
-        key = output_key(name, 0, "png")
-        files.put(key, b"png", "image/png")
-        store.complete(name, "w", [StoredOutput(key, "image/png", 64, 64)])
+        complete_with_file(store, files, name)
     files.refused.add("old-2")
     deletions = FileDeletions(store.engine)
     sweeper = RetentionSweeper(
