@@ -50,11 +50,13 @@ class RetentionSweeper(Sweeper):
         while batch := self.store.finished_before(cutoff):
             request_ids = [job.id for job in batch]
             jobs_removed += self.deletions.delete_requests(request_ids)
+            if not store_up:
+                continue  # the store refused: the files stay on record, for DeletionSweeper
             confirmed = []
-            for request_id in request_ids if store_up else ():
+            for request_id in request_ids:
                 removed = remove_files(self.files, request_id, attempt=1)
                 if removed is None:
-                    store_up = False  # the rest stay recorded, for DeletionSweeper
+                    store_up = False
                     break
                 files_removed += removed
                 confirmed.append(request_id)
