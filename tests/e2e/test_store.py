@@ -24,7 +24,7 @@ from ovis_server.storage.local import LocalFileStore
 from ovis_server.storage.signing import UrlSigner
 from ovis_server.webhooks.outbox import DeliveryStore
 
-from .helpers import complete_with_file
+from .helpers import complete_with_file, wait_for
 
 
 def add(store: JobStore, request_id: str, token: str = "tok_a", batch_key: str = "k") -> None:
@@ -355,9 +355,8 @@ def test_retention_deletes_rows_before_files_and_keeps_the_removals_refused(
 
     files.refused.clear()  # the disk is back: the deletion sweeper finishes the job
     remover = DeletionSweeper(deletions, files)
-    deadline = time.monotonic() + 10
-    while remover.sweep() == 0 and time.monotonic() < deadline:
-        time.sleep(0.2)  # the record's next attempt is a second away
+    # The record's next attempt is a second away.
+    wait_for(lambda: remover.sweep() == 1, timeout=10, interval=0.2)
     assert deletions.owed() == []
     assert not (files.root / "old-2").exists()
     assert sweeper.sweep() == (0, 0)
