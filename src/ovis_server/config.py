@@ -304,7 +304,7 @@ class Settings(BaseSettings):
 
     @property
     def model_id(self) -> str:
-        """The first model served (by id or alias): the one ``generate`` and ``download`` take."""
+        """The first model served (by id or alias): the one ``generate`` takes."""
         return self.model_ids[0] if self.model_ids else DEFAULT_MODEL_ID
 
     def weights_for(self, names: Sequence[str]) -> str | None:

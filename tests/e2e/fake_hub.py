@@ -1,6 +1,7 @@
 """A stand-in for the Hugging Face hub on 127.0.0.1: the part of its HTTP API that
 ``HfApi.model_info``, ``hf_hub_download`` and ``snapshot_download`` use, serving one local
-folder as one model repository, as fast as it can or at a set pace.
+folder as one model repository (and ``more`` folders as more), as fast as it can or at a set
+pace.
 
 - ``GET /api/models/{repo}[/revision/{rev}]``: the model's info, with its files (``siblings``,
   with sizes and blob ids when ``?blobs=true``) and its commit (``sha``);
@@ -18,6 +19,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -30,18 +32,33 @@ def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
 
 
+def _repository(folder: Path) -> tuple[dict[str, bytes], str]:
+    """A folder as a repository: its files by path, and a commit id that follows them."""
+    files = {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+    digest = hashlib.sha1(usedforsecurity=False)
+    for name, data in files.items():
+        digest.update(name.encode() + b"\0" + data)
+    return files, digest.hexdigest()
+
+
 class FakeHub:
-    def __init__(self, repo_id: str, folder: Path, bytes_per_second: float | None = None) -> None:
+    def __init__(
+        self,
+        repo_id: str,
+        folder: Path,
+        bytes_per_second: float | None = None,
+        more: Mapping[str, Path] | None = None,
+    ) -> None:
         self.repo_id = repo_id
-        self.files = {
-            path.relative_to(folder).as_posix(): path.read_bytes()
-            for path in sorted(folder.rglob("*"))
-            if path.is_file()
+        # Each repository's files and commit; ``files`` and ``commit`` are repo_id's.
+        self.repos = {
+            repo: _repository(path) for repo, path in {repo_id: folder, **(more or {})}.items()
         }
-        digest = hashlib.sha1(usedforsecurity=False)
-        for name, data in self.files.items():
-            digest.update(name.encode() + b"\0" + data)
-        self.commit = digest.hexdigest()
+        self.files, self.commit = self.repos[repo_id]
         self.bytes_per_second = bytes_per_second
         self.requests: list[str] = []
         self._pace_lock = threading.Lock()
@@ -93,9 +110,16 @@ class FakeHub:
         url = urlsplit(request.path)
         path = unquote(url.path)
         self.requests.append(f"{request.command} {path}")
-        repo = re.escape(self.repo_id)
+        named = re.fullmatch(r"/(?:api/models/)?([^/]+/[^/]+)(?:/.*)?", path)
+        repo_id = named.group(1) if named else ""
+        found = self.repos.get(repo_id)
+        if found is None:
+            self._error(request, 404, "RepoNotFound", "Repository not found")
+            return
+        files, commit = found
+        repo = re.escape(repo_id)
         if match := re.fullmatch(rf"/api/models/{repo}(?:/revision/([^/]+))?", path):
-            if not self._revision(request, match.group(1) or "main"):
+            if not self._revision(request, match.group(1) or "main", commit):
                 return
             blobs = "blobs=true" in url.query.lower()
             siblings = [
@@ -103,33 +127,33 @@ class FakeHub:
                     "rfilename": name,
                     **({"size": len(data), "blobId": git_blob_id(data)} if blobs else {}),
                 }
-                for name, data in self.files.items()
+                for name, data in files.items()
             ]
-            self._json(request, {"id": self.repo_id, "modelId": self.repo_id, "sha": self.commit,
+            self._json(request, {"id": repo_id, "modelId": repo_id, "sha": commit,
                                  "private": False, "siblings": siblings}, body)  # fmt: skip
         elif match := re.fullmatch(rf"/api/models/{repo}/tree/([^/]+)(/.*)?", path):
-            if not self._revision(request, match.group(1)):
+            if not self._revision(request, match.group(1), commit):
                 return
             under = (match.group(2) or "").strip("/")
             entries = [
                 {"type": "file", "oid": git_blob_id(data), "size": len(data), "path": name}
-                for name, data in self.files.items()
+                for name, data in files.items()
                 if not under or name.startswith(under + "/")
             ]
             self._json(request, entries, body)
         elif match := re.fullmatch(rf"/{repo}/resolve/([^/]+)/(.+)", path):
-            if not self._revision(request, match.group(1)):
+            if not self._revision(request, match.group(1), commit):
                 return
-            data = self.files.get(match.group(2))
+            data = files.get(match.group(2))
             if data is None:
                 self._error(request, 404, "EntryNotFound", "Entry not found")
                 return
-            self._file(request, data, body)
+            self._file(request, data, commit, body)
         else:
             self._error(request, 404, "RepoNotFound", "Repository not found")
 
-    def _revision(self, request: BaseHTTPRequestHandler, revision: str) -> bool:
-        if revision in ("main", self.commit):
+    def _revision(self, request: BaseHTTPRequestHandler, revision: str, commit: str) -> bool:
+        if revision in ("main", commit):
             return True
         self._error(request, 404, "RevisionNotFound", "Invalid rev id")
         return False
@@ -154,12 +178,12 @@ class FakeHub:
         if request.command != "HEAD":
             request.wfile.write(data)
 
-    def _file(self, request: BaseHTTPRequestHandler, data: bytes, body: bool) -> None:
+    def _file(self, request: BaseHTTPRequestHandler, data: bytes, commit: str, body: bool) -> None:
         start = 0
         if match := re.fullmatch(r"bytes=(\d+)-", request.headers.get("Range", "")):
             start = min(int(match.group(1)), len(data))
         request.send_response(206 if start else 200)
-        request.send_header("X-Repo-Commit", self.commit)
+        request.send_header("X-Repo-Commit", commit)
         request.send_header("ETag", f'"{git_blob_id(data)}"')
         request.send_header("Content-Length", str(len(data) - start))
         request.send_header("Accept-Ranges", "bytes")

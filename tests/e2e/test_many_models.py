@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -18,12 +19,14 @@ from PIL import Image
 
 from ovis_server.catalogue import OVIS_IMAGE, Z_IMAGE_TURBO
 from ovis_server.catalogue.spec import ModelSpec
+from ovis_server.engine import families
 from ovis_server.engine.pipeline import Engine
 from ovis_server.jobs.store import JobStore
 from ovis_server.worker.host_copy import device_bytes
 from ovis_server.worker.placement import Placement
 from ovis_server.worker.swap_policy import plan_swap
 
+from .fake_hub import FakeHub
 from .helpers import Cluster, create_token, queue_job, run_cli, start_server, wait_for, wait_result
 
 FT = "acme/ovis-ft"
@@ -430,3 +433,45 @@ def test_an_unknown_model_id_is_refused_naming_the_known_ones(tmp_path: Path) ->
     assert "'nobody/this' is not a model of this server" in ran.stderr
     assert FT in ran.stderr
     assert os.environ.get("OVIS_SERVER_MODEL_ID") is None
+
+
+# --- download ------------------------------------------------------------------------------
+
+
+def test_download_fetches_every_served_models_weights_and_names_the_one_that_failed(
+    tmp_path: Path, tiny_weights: Path, z_tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    ovis_repo, zi_repo = "AIDC-AI/Ovis-Image-7B", "Tongyi-MAI/Z-Image-Turbo"  # the defaults
+    with FakeHub(ovis_repo, tiny_weights, more={zi_repo: z_tiny_weights}) as hub:
+        env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": hub.url}
+        both = run_cli("download", *TWO_FAMILIES, "--data-dir", str(tmp_path), env=env)
+    # Each family's weights once (Z-Image-Turbo's variants load its own), from its own
+    # repository, each said where serve with both --model-id finds it.
+    for model_id, repo, family in [
+        (OVIS, ovis_repo, families.OVIS_IMAGE),
+        (ZI, zi_repo, families.Z_IMAGE),
+    ]:
+        assert len(re.findall(rf"^downloaded {repo}: ", both.stdout, re.M)) == 1, both.stdout
+        done = re.search(rf"^done: serve and worker with --model {model_id}={repo} load it "
+                         r"from (.+)$", both.stdout, re.M)  # fmt: skip
+        assert done is not None, both.stdout
+        assert families.family_of_directory(Path(done[1])) == family
+
+    # A model the hub lacks fails, named at the end, after the others have downloaded.
+    with FakeHub(ovis_repo, tiny_weights) as hub:
+        env = {"HF_HOME": str(tmp_path / "hf-home-2"), "HF_ENDPOINT": hub.url}
+        one = run_cli("download", "--model-id", ZI, "--model-id", OVIS, "--data-dir",
+                      str(tmp_path), env=env, check=False)  # fmt: skip
+    assert one.returncode == 1, one.stderr
+    assert re.search(rf"^downloaded {ovis_repo}: ", one.stdout, re.M), one.stdout
+    assert "Error: 1 of 2 models did not download:" in one.stderr
+    assert f"{ZI}: there is no model {zi_repo} on the Hugging Face hub" in (one.stderr)
+    assert "Traceback" not in one.stderr
+
+    # Built and local weights download nothing, each said per model.
+    local = run_cli("download", *TWO_FAMILIES, "--model", f"{OVIS}={tiny_weights},{ZI}=tiny",
+                    "--data-dir", str(tmp_path))  # fmt: skip
+    assert f"{OVIS}: {tiny_weights} is a local directory: nothing to download" in local.stdout
+    assert f"{ZI}: the tiny model is now at " in local.stdout

@@ -108,7 +108,7 @@ class ModelRegistry:
         return [*self._specs, *self._aliases]
 
     def served(self, settings: Settings) -> ModelSpec:
-        """The first model ``--model-id`` names: the one ``generate`` and ``download`` take."""
+        """The first model ``--model-id`` names: the one ``generate`` takes."""
         spec = self.resolve(settings.model_id)
         if spec is None:
             raise UnknownModelError(

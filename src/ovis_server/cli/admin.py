@@ -15,6 +15,7 @@ from ovis_server.config import Settings
 from ovis_server.model_names import DEFAULT_MODEL_ID
 
 if TYPE_CHECKING:
+    from ovis_server.catalogue.spec import ModelSpec
     from ovis_server.tokens import TokenStore
 
 
@@ -52,11 +53,65 @@ def tiny_model(directory: Path, model_id: str | None) -> None:
 @click.command("download")
 @settings_options("download")
 def download(settings: Settings) -> None:
-    """Download the weights of --model-id's model ahead of time (about 20 GB for
+    """Download the weights of every model --model-id names ahead of time (by default
+    aidc-ai/ovis-image and every --extra-models id: what serve loads; about 20 GB for
     Ovis-Image-7B, about 20 GB for Z-Image-Turbo), with progress, into the Hugging Face cache
     that serve and worker load them from (HF_HOME, by default ~/.cache/huggingface). Does
-    nothing when they are there already."""
+    nothing for weights that are there already."""
     from ovis_server.engine.download import fetch_weights
+    from ovis_server.engine.weights import WeightsNotFoundError
+
+    # Every name and its weights first, so that a mistake in one is said before anything
+    # downloads; then the downloads, one model after another.
+    try:
+        served = [spec for spec in ModelRegistry.from_settings(settings) if spec.variant_of is None]
+    except UnknownModelError as exc:
+        raise click.UsageError(str(exc)) from None
+    several = len(served) > 1
+    wanted = _hub_weights(settings, served)
+    console = _Console(sys.stdout.isatty())
+    failed: list[str] = []
+    for spec, weights in wanted:
+        try:
+            fetched = fetch_weights(
+                weights,
+                log=console.line,
+                status_line=console.redraw if console.tty else None,
+                interval=0.5 if console.tty else 1.0,
+            )
+        except KeyboardInterrupt:
+            console.line(
+                "interrupted: the files downloaded stay in the cache; run again for the rest"
+            )
+            # Download threads busy with a file would hold the exit until it is done.
+            sys.stdout.flush()
+            os._exit(130)
+        except WeightsNotFoundError as exc:
+            console.end_redraw()
+            if not several:
+                raise click.ClickException(str(exc)) from None
+            failed.append(f"{spec.model_id}: {exc}")
+            continue
+        if fetched.downloaded:
+            # With several models, serve takes each one's weights in --model's per-model form.
+            option = f"{spec.model_id}={weights}" if several else weights
+            click.echo(
+                f"done: serve and worker with --model {option} load it from {fetched.folder}"
+            )
+        else:
+            click.echo(
+                f"{spec.model_id}: nothing to download" if several else "nothing to download"
+            )
+    if failed:
+        raise click.ClickException(
+            f"{len(failed)} of {len(wanted)} models did not download:\n" + "\n".join(failed)
+        )
+
+
+def _hub_weights(settings: Settings, served: list[ModelSpec]) -> list[tuple[ModelSpec, str]]:
+    """The hub weights of each model ``served`` (no LoRA variants: they load their base
+    model's), each once; says (and leaves out) those that are built or local, and stops at a
+    --model that is wrong."""
     from ovis_server.engine.weights import (
         RANDOM_FULL,
         TINY,
@@ -66,45 +121,28 @@ def download(settings: Settings) -> None:
         tiny_checkpoint_dir,
     )
 
-    try:
-        spec = ModelRegistry.from_settings(settings).served(settings)
+    wanted: list[tuple[ModelSpec, str]] = []
+    for spec in served:
         model = spec.weights(settings.for_model((spec.model_id, *spec.aliases)))
-    except UnknownModelError as exc:
-        raise click.UsageError(str(exc)) from None
-    if model == RANDOM_FULL:
-        click.echo("random-full is built on the GPU when a worker starts: nothing to download")
-        return
-    existed = (tiny_checkpoint_dir(settings.data_dir, spec.family) / "model_index.json").is_file()
-    try:
-        weights = resolve_weights(model, settings.data_dir, spec.family)
-    except WeightsNotFoundError as exc:
-        raise click.UsageError(str(exc)) from None
-    if model == TINY:
-        click.echo(f"the tiny model is {'already' if existed else 'now'} at {weights}")
-        return
-    if not is_hub_id(weights):
-        click.echo(f"{weights} is a local directory: nothing to download")
-        return
-    console = _Console(sys.stdout.isatty())
-    try:
-        fetched = fetch_weights(
-            weights,
-            log=console.line,
-            status_line=console.redraw if console.tty else None,
-            interval=0.5 if console.tty else 1.0,
-        )
-    except KeyboardInterrupt:
-        console.line("interrupted: the files downloaded stay in the cache; run again for the rest")
-        # Download threads busy with a file would hold the exit until it is done.
-        sys.stdout.flush()
-        os._exit(130)
-    except WeightsNotFoundError as exc:
-        console.end_redraw()
-        raise click.ClickException(str(exc)) from None
-    if fetched.downloaded:
-        click.echo(f"done: serve and worker with --model {weights} load it from {fetched.folder}")
-    else:
-        click.echo("nothing to download")
+        prefix = f"{spec.model_id}: " if len(served) > 1 else ""
+        if model == RANDOM_FULL:
+            click.echo(
+                f"{prefix}random-full is built on the GPU when a worker starts: nothing to download"
+            )
+            continue
+        tiny = tiny_checkpoint_dir(settings.data_dir, spec.family) / "model_index.json"
+        existed = tiny.is_file()
+        try:
+            weights = resolve_weights(model, settings.data_dir, spec.family)
+        except WeightsNotFoundError as exc:
+            raise click.UsageError(f"{prefix}{exc}") from None
+        if model == TINY:
+            click.echo(f"{prefix}the tiny model is {'already' if existed else 'now'} at {weights}")
+        elif not is_hub_id(weights):
+            click.echo(f"{prefix}{weights} is a local directory: nothing to download")
+        elif weights not in (taken for _, taken in wanted):
+            wanted.append((spec, weights))
+    return wanted
 
 
 class _Console:
