@@ -5,6 +5,8 @@ sends the caller to the engine."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 from datetime import UTC
 
@@ -15,7 +17,7 @@ from ovis_server.db.loop_reads import LoopReadError, LoopReads, LoopStatement
 from ovis_server.jobs.job import JobState
 from ovis_server.jobs.store import JobStore
 
-from .helpers import free_port, queue_job
+from .helpers import queue_job
 
 # The conftest's store, on PostgreSQL only (SQLite's reads on the loop go through the engine).
 pytestmark = pytest.mark.parametrize("store", ["postgresql"], indirect=True)
@@ -54,23 +56,42 @@ def test_a_loop_read_is_the_engines_read(store: JobStore) -> None:
     assert running.started_at.tzinfo == UTC
 
 
-def test_an_unreachable_database_fails_at_once_and_then_rests(store: JobStore) -> None:
-    nobody = store.engine.url.set(drivername="postgresql", port=free_port())
-    reads = LoopReads(nobody.render_as_string(hide_password=False), None, 5)
+def test_a_database_that_hangs_up_fails_at_once_and_then_rests(store: JobStore) -> None:
+    # A "database" that closes each connection as it comes, counting them.
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections: list[object] = []
+
+    def hang_up() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            connections.append(connection)  # before the close the client then sees
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    port = listener.getsockname()[1]
+    url = store.engine.url.set(drivername="postgresql", host="127.0.0.1", port=port)
+    reads = LoopReads(url.render_as_string(hide_password=False), None, 5)
     statement = LoopStatement(select(func.now().label("now")), store.engine)
 
-    async def twice() -> list[float]:
-        took = []
-        for _ in range(2):
-            started = time.monotonic()
-            with pytest.raises(LoopReadError):
-                await reads.first(statement)
-            took.append(time.monotonic() - started)
-        return took
+    async def twice() -> tuple[float, int]:
+        started = time.monotonic()
+        with pytest.raises(LoopReadError):
+            await reads.first(statement)
+        took, tried = time.monotonic() - started, len(connections)
+        with pytest.raises(LoopReadError, match="resting after a failure"):
+            await reads.first(statement)
+        return took, tried
 
-    first, second = asyncio.run(twice())
-    assert first < 2  # refused: no wait for TIMEOUT_SECONDS
-    assert second < 0.05  # resting: not even a connection attempt
+    try:
+        took, tried = asyncio.run(twice())
+    finally:
+        listener.close()
+    assert took < 2  # failed: no wait for the connect timeout (5 s)
+    assert tried >= 1  # the first read did try
+    assert len(connections) == tried  # resting: the second tried nothing
 
 
 def test_a_slow_or_cancelled_read_closes_its_connection(store: JobStore) -> None:
