@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ovis_server.config import Settings
 from ovis_server.engine.families import get_family
@@ -31,6 +32,7 @@ from .helpers import (
     InProcessServer,
     download,
     pixels,
+    run_cli,
     wait_for,
     wait_result,
 )
@@ -155,6 +157,34 @@ def test_a_lora_for_another_model_fails_its_job_and_the_worker_goes_on(
     assert failed["error"]["message"] == f"this LoRA is not for {Z_IMAGE_ID}", failed
     after = wait_result(client, submit(client, loras=[{"path": "watercolour"}]))
     assert after["status"] == "succeeded", after
+
+
+def test_the_cli_runs_a_job_with_loras(
+    client: httpx.Client, served: InProcessServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.png"
+    token = client.headers["Authorization"].removeprefix("Bearer ")
+    ran = run_cli(
+        "run", "a lighthouse in a storm, oil painting", "-o", str(out), "--model-id", LORA_ID,
+        "--lora", "watercolour:1.5", "--steps", "2", "--image-size", "128x128", "--seed", "7",
+        "--url", served.base_url, "--token", token,
+    )  # fmt: skip
+    assert "seed 7: saved" in ran.stderr
+    # The same image as the API gives for the same body.
+    sent = wait_result(client, submit(client, loras=[{"path": "watercolour", "scale": 1.5}]))
+    assert sent["status"] == "succeeded", sent
+    with Image.open(out) as image:
+        assert np.abs(pixels(image) - pixels(download(sent["output"]["image"]))).max() == 0
+    # A LoRA the server does not have: the 422 in one line, nothing saved.
+    refused = run_cli(
+        "run", "x", "-o", str(tmp_path / "no.png"), "--model-id", LORA_ID, "--lora", "no-such",
+        "--url", served.base_url, "--token", token, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert "no LoRA called" in refused.stderr, refused.stderr
+    assert "loras.0.path" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "no.png").exists()
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,15 @@ def _client_errors(func: Any) -> Any:
     "an https URL.",
 )
 @click.option("--strength", type=float, default=None, help="Image to image: 0 to 1.")
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="PATH[:SCALE]",
+    help="A LoRA, for a model that takes them (repeat for several): one of the server's (GET "
+    "/v1/loras), or a hub id or https URL where the server downloads them; scale 1 unless "
+    "given, e.g. watercolour:0.8.",
+)
 @click.option("--model-id", default=DEFAULT_MODEL_ID, show_default=True)
 @client_options
 @_client_errors
@@ -88,6 +98,7 @@ def run_remote(
     seed: int | None,
     image: str | None,
     strength: float | None,
+    loras: tuple[str, ...],
     output_format: str | None,
     model_id: str,
     url: str,
@@ -107,6 +118,7 @@ def run_remote(
         "seed": seed,
         "image_url": image,  # a local file goes as a data URI (the SDK's submit)
         "strength": strength,
+        "loras": [parse_lora(lora) for lora in loras] or None,
         "output_format": output_format or SUFFIX_FORMATS.get(output.suffix.lower()),
     }
     payload.update({key: value for key, value in optional.items() if value is not None})
@@ -130,6 +142,21 @@ def run_remote(
             raise JobFailedError(result.request_id, result.status, message or "")
         client.download(result.image_url, output)
     click.echo(f"seed {result.seed}: saved {output}", err=True)
+
+
+def parse_lora(value: str) -> dict[str, Any]:
+    """``--lora PATH[:SCALE]`` as a ``loras`` item: a number after the last colon is the
+    scale (a URL's own colons are not followed by one), else the whole value is the path."""
+    path, colon, scale = value.rpartition(":")
+    try:
+        number = float(scale) if colon and path else None
+    except ValueError:
+        number = None
+    if number is None:
+        return {"path": value}
+    if not math.isfinite(number):
+        raise click.BadParameter(f"{value!r}: the scale is not a number", param_hint="--lora")
+    return {"path": path, "scale": number}
 
 
 def show_progress(bar: tqdm[Any], status: Status) -> None:
