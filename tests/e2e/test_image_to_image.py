@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,8 +22,10 @@ from ovis_server.catalogue.z_image_edit import (
 )
 from ovis_server.engine.pipeline import Engine, IncompatibleBatchError
 from ovis_server.engine.request import GenerationRequest
+from ovis_server.inputs.images import check_image
 
-from .helpers import TOLERANCE, max_diff
+from .bodies import Z_IMAGE_ID
+from .helpers import TOLERANCE, max_diff, run_cli
 
 MODEL_ID = "tongyi-mai/z-image/turbo/image-to-image"
 
@@ -186,3 +189,43 @@ def test_the_variant_runs_on_its_models_engine_in_the_worker(z_engine: Engine) -
     lone = Placement(lambda spec: z_engine)
     with pytest.raises(ValueError, match="variant"):
         lone.add_variant(Z_IMAGE_EDIT)
+
+
+# --- generate ---------------------------------------------------------------------------------
+
+
+def test_generate_runs_image_to_image_from_a_local_file(
+    tmp_path: Path, z_tiny_weights: Path, z_engine: Engine
+) -> None:
+    source = tmp_path / "in.png"
+    source.write_bytes(png(160, 96, seed=4))
+    out = tmp_path / "out.png"
+    made = run_cli(
+        "generate", "the same street at night", "-o", str(out), "--model", str(z_tiny_weights),
+        "--model-id", Z_IMAGE_ID, "--image", str(source), "--strength", "0.6", "--seed", "2024",
+        "--data-dir", str(tmp_path),
+    )  # fmt: skip
+    width, height = auto_size(160, 96)  # image_size auto: the input's shape
+    assert f"seed 2024: wrote {width}x{height} png" in made.stderr
+    # The engine's image for the same request, the input image as the API would store it.
+    stored = check_image(source.read_bytes(), 10**8).png
+    wanted = request(width=width, height=height, init_image=stored)
+    with Image.open(out) as image:
+        assert max_diff(image, z_engine.generate(wanted)) <= TOLERANCE
+
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    refused = run_cli(
+        "generate", "x", "-o", str(tmp_path / "no.png"), "--model", str(z_tiny_weights),
+        "--model-id", Z_IMAGE_ID, "--image", str(bad), "--data-dir", str(tmp_path), check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "--image" in refused.stderr
+    assert "is not an image (PNG, JPEG or WEBP)" in refused.stderr
+    ovis = run_cli(
+        "generate", "x", "-o", str(tmp_path / "no.png"), "--model", "tiny", "--image",
+        str(source), "--data-dir", str(tmp_path), check=False,
+    )  # fmt: skip
+    assert ovis.returncode == 2
+    assert "--model-id aidc-ai/ovis-image takes no input image" in ovis.stderr
+    assert not (tmp_path / "no.png").exists()

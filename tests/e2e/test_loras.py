@@ -5,6 +5,7 @@ loaded adapters stay within their LRU bound; the catalogue entry's schema."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ovis_server.engine.pipeline import Engine, IncompatibleBatchError
 from ovis_server.engine.request import GenerationRequest
 
 from .bodies import Z_IMAGE_ID
-from .helpers import TOLERANCE, max_diff
+from .helpers import TOLERANCE, max_diff, run_cli
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # The stock pipeline's second adapter: PEFT notes that the model has several (as meant).
@@ -311,3 +312,29 @@ def test_switching_loras_on_a_compiled_transformer_does_not_recompile(
         assert len(compilations) == first
     finally:
         torch._dynamo.reset()
+
+
+def test_generate_applies_the_operators_loras_by_name(
+    tmp_path: Path, z_tiny_weights: Path, z_engine: Engine, lora_files: dict[str, Path]
+) -> None:
+    (tmp_path / "loras").mkdir()
+    shutil.copy(lora_files["one"], tmp_path / "loras" / "watercolour.safetensors")
+    out = tmp_path / "out.png"
+    made = run_cli(
+        "generate", "a lighthouse in a storm, oil painting", "-o", str(out), "--model",
+        str(z_tiny_weights), "--model-id", Z_IMAGE_ID, "--lora", "watercolour:0.7", "--steps",
+        "3", "--seed", "11", "--image-size", "128x128", "--data-dir", str(tmp_path),
+    )  # fmt: skip
+    assert "seed 11: wrote 128x128 png" in made.stderr
+    wanted = z_engine.generate(request(loras=((str(lora_files["one"]), 0.7),)))
+    with Image.open(out) as image:
+        assert max_diff(image, wanted) <= TOLERANCE
+        assert max_diff(image, z_engine.generate(request())) > TOLERANCE  # the LoRA counted
+
+    refused = run_cli(
+        "generate", "x", "-o", str(tmp_path / "no.png"), "--model", str(z_tiny_weights),
+        "--model-id", Z_IMAGE_ID, "--lora", "no-such", "--data-dir", str(tmp_path), check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "loras.0.path: this server has no LoRA called 'no-such'" in refused.stderr
+    assert not (tmp_path / "no.png").exists()

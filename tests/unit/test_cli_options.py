@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import pytest
 
-from ovis_server.cli.remote import parse_lora
+from ovis_server.cli.common import parse_lora
 
 
 @pytest.mark.parametrize(

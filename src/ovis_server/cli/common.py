@@ -1,8 +1,10 @@
-"""What the server and the client commands share: logging and reading an image size."""
+"""What the server and the client commands share: logging, reading an image size, and
+the options of an image to make (its output, its input image and LoRAs)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -49,3 +51,39 @@ def output_options(help_text: str) -> Callable[[Any], Any]:
         )(func)
 
     return decorate
+
+
+def input_options(func: Any) -> Any:
+    """``--image``, ``--strength`` and ``--lora``, as ``generate`` and ``run`` take them."""
+    func = click.option(
+        "--lora",
+        "loras",
+        multiple=True,
+        metavar="PATH[:SCALE]",
+        help="A LoRA, for a model that takes them (repeat for several): one of the server's "
+        "(<data-dir>/loras/NAME.safetensors, GET /v1/loras), or a hub id or https URL where "
+        "--lora-downloads allows; scale 1 unless given, e.g. watercolour:0.8.",
+    )(func)
+    func = click.option("--strength", type=float, default=None, help="Image to image: 0 to 1.")(
+        func
+    )
+    return click.option(
+        "--image",
+        default=None,
+        help="The input image of an image-to-image model: a local file or an https URL.",
+    )(func)
+
+
+def parse_lora(value: str) -> dict[str, Any]:
+    """``--lora PATH[:SCALE]`` as a ``loras`` item: a number after the last colon is the
+    scale (a URL's own colons are not followed by one), else the whole value is the path."""
+    path, colon, scale = value.rpartition(":")
+    try:
+        number = float(scale) if colon and path else None
+    except ValueError:
+        number = None
+    if number is None:
+        return {"path": value}
+    if not math.isfinite(number):
+        raise click.BadParameter(f"{value!r}: the scale is not a number", param_hint="--lora")
+    return {"path": path, "scale": number}

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ovis_server.catalogue.text_to_image import IMAGE_SIZE_PRESETS
-from ovis_server.cli.common import SUFFIX_FORMATS, output_options, parse_image_size
+from ovis_server.cli.common import (
+    SUFFIX_FORMATS,
+    input_options,
+    output_options,
+    parse_image_size,
+    parse_lora,
+)
 from ovis_server.model_names import DEFAULT_MODEL_ID
 from ovis_server.settings_sources import ENV_PREFIX
 
@@ -69,22 +74,7 @@ def _client_errors(func: Any) -> Any:
 @click.option("--num-inference-steps", "--steps", type=int, default=None)
 @click.option("--guidance-scale", type=float, default=None)
 @click.option("--seed", type=int, default=None)
-@click.option(
-    "--image",
-    default=None,
-    help="The input image of an image-to-image model: a local file (sent as a data URI) or "
-    "an https URL.",
-)
-@click.option("--strength", type=float, default=None, help="Image to image: 0 to 1.")
-@click.option(
-    "--lora",
-    "loras",
-    multiple=True,
-    metavar="PATH[:SCALE]",
-    help="A LoRA, for a model that takes them (repeat for several): one of the server's (GET "
-    "/v1/loras), or a hub id or https URL where the server downloads them; scale 1 unless "
-    "given, e.g. watercolour:0.8.",
-)
+@input_options
 @click.option("--model-id", default=DEFAULT_MODEL_ID, show_default=True)
 @client_options
 @_client_errors
@@ -142,21 +132,6 @@ def run_remote(
             raise JobFailedError(result.request_id, result.status, message or "")
         client.download(result.image_url, output)
     click.echo(f"seed {result.seed}: saved {output}", err=True)
-
-
-def parse_lora(value: str) -> dict[str, Any]:
-    """``--lora PATH[:SCALE]`` as a ``loras`` item: a number after the last colon is the
-    scale (a URL's own colons are not followed by one), else the whole value is the path."""
-    path, colon, scale = value.rpartition(":")
-    try:
-        number = float(scale) if colon and path else None
-    except ValueError:
-        number = None
-    if number is None:
-        return {"path": value}
-    if not math.isfinite(number):
-        raise click.BadParameter(f"{value!r}: the scale is not a number", param_hint="--lora")
-    return {"path": path, "scale": number}
 
 
 def show_progress(bar: tqdm[Any], status: Status) -> None:

@@ -10,22 +10,28 @@ import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from pydantic import ValidationError
 
 from ovis_server.catalogue.registry import ModelRegistry, UnknownModelError
-from ovis_server.catalogue.spec import ModelSpec, field_problems
+from ovis_server.catalogue.spec import ModelInput, ModelSpec, field_problems
 from ovis_server.catalogue.text_to_image import IMAGE_SIZE_PRESETS, SIZE_MULTIPLE
 from ovis_server.cli.common import (
     SUFFIX_FORMATS,
     configure_logging,
+    input_options,
     output_options,
     parse_image_size,
+    parse_lora,
 )
 from ovis_server.cli.options import settings_options
 from ovis_server.config import Settings
 from ovis_server.engine.images import encode_image
+
+if TYPE_CHECKING:
+    from ovis_server.engine.request import GenerationRequest
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -216,6 +222,64 @@ def worker(
         raise click.ClickException(str(exc)) from None
 
 
+def model_taking(models: ModelRegistry, model: ModelSpec, image: bool, loras: bool) -> ModelSpec:
+    """``model``, or the variant of it that takes an input image or LoRAs where ``generate``
+    is given them (as the API's ``.../image-to-image`` and ``.../lora`` ids do); a usage
+    error where none does."""
+    if not image and not loras:
+        return model
+    for spec in (model, *(spec for spec in models if spec.variant_of == model.model_id)):
+        fields = spec.input_model.model_fields
+        if (not image or "image_url" in fields) and (not loras or "loras" in fields):
+            return spec
+    wanted = " and ".join(
+        what for what, given in (("input image", image), ("LoRAs", loras)) if given
+    )
+    together = " together" if image and loras else ""
+    raise click.UsageError(f"--model-id {model.model_id} takes no {wanted}{together}")
+
+
+def local_inputs(validated: ModelInput, seed: int, settings: Settings) -> GenerationRequest:
+    """What ``generate`` asks the engine for: ``validated`` with ``seed``, its input image (a
+    local file, or fetched) and its LoRAs as local files, each judged as the server judges
+    a request's; a usage error naming the option otherwise."""
+    import asyncio
+    import dataclasses
+
+    from ovis_server.inputs.images import (
+        ImageInputError,
+        check_image,
+        image_policy_from_settings,
+        load_input_image,
+    )
+    from ovis_server.worker.failures import InvalidJobError
+    from ovis_server.worker.loras import LoraFiles
+
+    if validated.reads_input_image():
+        ((_, source),) = validated.image_urls().items()
+        policy = image_policy_from_settings(settings)
+        path = Path(source).expanduser()
+        try:
+            if path.is_file():
+                if path.stat().st_size > policy.fetch.max_bytes:
+                    raise ImageInputError(f"is larger than {policy.fetch.max_bytes} bytes")
+                image = check_image(path.read_bytes(), policy.max_pixels)
+            else:
+                image = asyncio.run(load_input_image(source, policy))
+        except ImageInputError as exc:
+            raise click.BadParameter(f"{source}: {exc}", param_hint="--image") from None
+        stored = validated.with_input_image(image.width, image.height)  # auto: its shape
+        generation = dataclasses.replace(stored.to_generation_request(seed), init_image=image.png)
+    else:
+        generation = validated.to_generation_request(seed)
+    if generation.loras:
+        try:
+            generation = LoraFiles.from_settings(settings).localise(generation)
+        except InvalidJobError as exc:
+            raise click.BadParameter(str(exc), param_hint="--lora") from None
+    return generation
+
+
 def name_log_lines(name: str) -> None:
     """Start every log line with the worker's name (serve's console mixes its workers')."""
     for handler in logging.getLogger().handlers:
@@ -232,9 +296,9 @@ def name_log_lines(name: str) -> None:
 )
 @click.option(
     "--image-size",
-    default="landscape_4_3",
-    show_default=True,
-    help=f"One of {', '.join(IMAGE_SIZE_PRESETS)}, or WIDTHxHEIGHT (multiples of {SIZE_MULTIPLE}).",
+    default=None,
+    help=f"One of {', '.join(IMAGE_SIZE_PRESETS)}, or WIDTHxHEIGHT (multiples of {SIZE_MULTIPLE}). "
+    "Default: the model's (landscape_4_3; auto, the input image's shape, for image to image).",
 )
 @click.option(
     "--num-inference-steps", "--steps", type=int, default=None,
@@ -244,19 +308,25 @@ def name_log_lines(name: str) -> None:
     "--guidance-scale", type=float, default=None, help="Default: the model's (Ovis-Image: 5)."
 )
 @click.option("--seed", type=int, default=None, help="Omit for a random seed (printed).")
+@input_options
 @settings_options("generate")
 def generate(
     prompt: str,
     output: Path,
     negative_prompt: str | None,
-    image_size: str,
+    image_size: str | None,
     num_inference_steps: int | None,
     guidance_scale: float | None,
     seed: int | None,
+    image: str | None,
+    strength: float | None,
+    loras: tuple[str, ...],
     output_format: str | None,
     settings: Settings,
 ) -> None:
-    """Generate one image locally, with a progress bar, and write it to OUTPUT."""
+    """Generate one image locally, with a progress bar, and write it to OUTPUT. The input
+    image and LoRAs are judged by the server's rules (--max-input-image-size, --lora-downloads
+    and the like)."""
     from tqdm import tqdm
 
     from ovis_server.engine.loading import EngineLoadError
@@ -268,18 +338,22 @@ def generate(
             f"cannot tell the image format from {output.name!r}: use a .png, .jpg or .webp "
             "name, or --output-format"
         )
-    model = served_model(model_registry(settings), settings)
+    models = model_registry(settings)
+    model = model_taking(models, served_model(models, settings), bool(image), bool(loras))
     try:
         # Options left out take the model's defaults; one the model lacks is refused by it.
         given = {
             "negative_prompt": negative_prompt,
+            "image_size": parse_image_size(image_size) if image_size else None,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
+            "image_url": image,
+            "strength": strength,
+            "loras": [parse_lora(lora) for lora in loras] or None,
         }
         request = model.input_model.model_validate(
             {
                 "prompt": prompt,
-                "image_size": parse_image_size(image_size),
                 "seed": seed,
                 "output_format": chosen_format,
                 **{name: value for name, value in given.items() if value is not None},
@@ -287,6 +361,10 @@ def generate(
         )
     except ValidationError as exc:
         raise click.UsageError("; ".join(field_problems(exc.errors()))) from None
+    used_seed = request.resolved_seed()
+    # What the worker is given besides the fields (before the weights load: a bad input
+    # image or LoRA is said at once).
+    generation = local_inputs(request, used_seed, settings)
 
     configure_logging("warning")
     # A first run downloads the weights: show its progress lines.
@@ -300,20 +378,20 @@ def generate(
         click.echo("interrupted", err=True)
         os._exit(130)
     click.echo(engine.memory.describe(), err=True)
+    engine.loras.model_id = model.variant_of or model.model_id  # named in mismatches
 
-    used_seed = request.resolved_seed()
-    generation = request.to_generation_request(used_seed)
     with tqdm(total=generation.num_inference_steps, unit="step", desc="denoising") as bar:
 
         def on_step(step: int, total: int) -> bool:
+            bar.total = total  # image to image runs only strength's share of the steps
             bar.update(step - bar.n)
             return True
 
-        image = engine.generate(generation, on_step=on_step)
+        made = engine.generate(generation, on_step=on_step)
     output.parent.mkdir(parents=True, exist_ok=True)
     # As the worker reads it from a job's input.
-    output.write_bytes(encode_image(image, request.model_dump().get("output_format", "png")))
+    output.write_bytes(encode_image(made, request.model_dump().get("output_format", "png")))
     click.echo(
-        f"seed {used_seed}: wrote {image.width}x{image.height} {chosen_format} to {output}",
+        f"seed {used_seed}: wrote {made.width}x{made.height} {chosen_format} to {output}",
         err=True,
     )

@@ -21,11 +21,15 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps
 
 from ovis_server.inputs.fetch import FetchError, FetchPolicy, Resolver, fetch_into
 from ovis_server.inputs.image_bytes import without_png_text
+
+if TYPE_CHECKING:
+    from ovis_server.config import Settings
 
 FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -42,6 +46,20 @@ class ImageInputError(ValueError):
 class ImagePolicy:
     fetch: FetchPolicy
     max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def image_policy_from_settings(settings: Settings) -> ImagePolicy:
+    """The operator's input-image rules: ``--max-input-image-size`` and
+    ``--max-input-image-pixels``; private addresses and plain http only with
+    ``--allow-private-image-urls``."""
+    return ImagePolicy(
+        FetchPolicy(
+            max_bytes=settings.max_input_image_size,
+            allow_private=settings.allow_private_image_urls,
+            allow_http=settings.allow_private_image_urls,
+        ),
+        max_pixels=settings.max_input_image_pixels,
+    )
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def with_lora_files(
     spec = placement.spec_of(job.model_id)
     base_model = job.model_id if spec is None else spec.variant_of or spec.model_id
     placement.engine_of(job.model_id).loras.model_id = base_model  # named in mismatches
-    return loras.localise(job, request)
+    return loras.localise(request, job)
 
 
 def with_stored_inputs(

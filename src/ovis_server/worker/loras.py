@@ -43,9 +43,10 @@ class LoraFiles:
         cache = LoraCache(settings.lora_cache_dir, settings.lora_cache_size)
         return cls(policy_from_settings(settings), cache, store)
 
-    def localise(self, job: Job, request: GenerationRequest) -> GenerationRequest:
-        """``request`` with each LoRA path replaced by its local file; InvalidJobError
-        naming the LoRA and why where one cannot be had."""
+    def localise(self, request: GenerationRequest, job: Job | None = None) -> GenerationRequest:
+        """``request`` (of ``job``, whose status shows a download; None: ``generate``'s)
+        with each LoRA path replaced by its local file; InvalidJobError naming the LoRA and
+        why where one cannot be had."""
         if not request.loras:
             return request
         files = []
@@ -66,9 +67,9 @@ class LoraFiles:
             files.append((str(local), scale))
         return dataclasses.replace(request, loras=tuple(files))
 
-    def _show(self, job: Job, note: str | None) -> None:
+    def _show(self, job: Job | None, note: str | None) -> None:
         """While a download runs, the job's status carries it among its warnings."""
-        if self.store is None:
+        if self.store is None or job is None:
             return
         try:
             self.store.set_warnings(job.id, [*job.warnings, *([note] if note else [])])

@@ -24,8 +24,12 @@ from ovis_server.api.runcomfy.protocol import SubmitResponse
 from ovis_server.api.runcomfy.rendering import request_urls
 from ovis_server.catalogue.spec import ModelInput, ModelSpec
 from ovis_server.config import Settings
-from ovis_server.inputs.fetch import FetchPolicy, Resolver
-from ovis_server.inputs.images import ImageInputError, ImagePolicy, load_input_image
+from ovis_server.inputs.fetch import Resolver
+from ovis_server.inputs.images import (
+    ImageInputError,
+    image_policy_from_settings,
+    load_input_image,
+)
 from ovis_server.inputs.loras import policy_from_settings, source_problems
 from ovis_server.jobs.job import Job, NewJob
 from ovis_server.jobs.store import (
@@ -247,15 +251,7 @@ class Submissions:
         ((field, url),) = validated.image_urls().items()
         if self.files is None:
             raise ApiError(422, INVALID_INPUT, f"{field}: this server stores no input images")
-        settings = self.settings
-        policy = ImagePolicy(
-            FetchPolicy(
-                max_bytes=settings.max_input_image_size,
-                allow_private=settings.allow_private_image_urls,
-                allow_http=settings.allow_private_image_urls,
-            ),
-            max_pixels=settings.max_input_image_pixels,
-        )
+        policy = image_policy_from_settings(self.settings)
         try:
             # A threadpool thread (routes.py): its own event loop for the async fetch.
             image = asyncio.run(load_input_image(url, policy, self.resolver))
