@@ -228,4 +228,10 @@ def test_generate_runs_image_to_image_from_a_local_file(
     )  # fmt: skip
     assert ovis.returncode == 2
     assert "--model-id aidc-ai/ovis-image takes no input image" in ovis.stderr
+    missing = run_cli(
+        "generate", "x", "-o", str(tmp_path / "no.png"), "--model", "tiny", "--model-id",
+        Z_IMAGE_ID, "--image", str(tmp_path / "typo.png"), "--strength", "0.5", check=False,
+    )  # fmt: skip
+    assert missing.returncode == 2
+    assert f"{tmp_path / 'typo.png'}: no such file" in missing.stderr
     assert not (tmp_path / "no.png").exists()

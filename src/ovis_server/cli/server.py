@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from ovis_server.engine.request import GenerationRequest
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+# What generate's --image is when it is not a local file (the input-image rules judge it).
+REMOTE_IMAGES = ("https://", "http://", "data:")
 
 
 def model_registry(settings: Settings) -> ModelRegistry:
@@ -259,6 +261,8 @@ def local_inputs(validated: ModelInput, seed: int, settings: Settings) -> Genera
         ((_, source),) = validated.image_urls().items()
         policy = image_policy_from_settings(settings)
         path = Path(source).expanduser()
+        if not path.is_file() and not source[:8].lower().startswith(REMOTE_IMAGES):
+            raise click.BadParameter(f"{source}: no such file", param_hint="--image")
         try:
             if path.is_file():
                 if path.stat().st_size > policy.fetch.max_bytes:
@@ -338,6 +342,8 @@ def generate(
             f"cannot tell the image format from {output.name!r}: use a .png, .jpg or .webp "
             "name, or --output-format"
         )
+    if strength is not None and image is None:
+        raise click.UsageError("--strength goes with --image (image to image)")
     models = model_registry(settings)
     model = model_taking(models, served_model(models, settings), bool(image), bool(loras))
     try:
