@@ -23,7 +23,7 @@ import openai
 import pytest
 from PIL import Image
 
-from ovis_server.catalogue.z_image_edit import auto_size
+from ovis_server.catalogue.z_image_edit import STORED_IMAGE_REFERENCE, auto_size
 from ovis_server.client import Client
 
 from .bodies import Z_IMAGE_ID
@@ -205,6 +205,23 @@ def test_a_6_mib_data_uri_png_is_accepted(api_only: Server) -> None:
 def test_every_refused_address_form_is_a_422_naming_image_url(api_only: Server, url: str) -> None:
     with api_only.client() as client:
         refused(client, url)
+
+
+@pytest.mark.parametrize("image_size", ["auto", "square"])
+def test_the_stored_images_reference_is_no_input_a_client_can_send(
+    api_only: Server, image_size: str
+) -> None:
+    """What image_url becomes in the job row once its image is stored: sent by a client, it
+    names no image of its own (and with auto, no size)."""
+    with api_only.client() as client:
+        answer = client.post(
+            f"/v1/models/{EDIT_ID}",
+            json={"prompt": "x", "image_url": STORED_IMAGE_REFERENCE, "image_size": image_size},
+        )
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error_message"] == (
+        "image_url: must be an https URL or a data:image/...;base64, URI"
+    )
 
 
 def test_http_needs_the_opt_in(api_only: Server) -> None:

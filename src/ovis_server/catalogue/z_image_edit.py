@@ -46,7 +46,7 @@ from ovis_server.engine.request import GenerationRequest, steps_to_run
 from ovis_server.model_names import Z_IMAGE_EDIT_MODEL_ID
 
 # What image_url becomes in the job row once the image is stored (the worker reads the
-# file store's "<request id>/input-0.png"); a client cannot send it (not https nor data:).
+# file store's "<request id>/input-0.png"); the API refuses it from a client (422).
 STORED_IMAGE_REFERENCE = "stored:input-0.png"
 EXAMPLE_IMAGE_URL = "https://example.com/photo.png"
 

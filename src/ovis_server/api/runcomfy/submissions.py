@@ -160,6 +160,14 @@ class Submissions:
             raise validation_failed(lora_problems)  # a LoRA not allowed, or no such name
         seed = validated.resolved_seed()
         image_urls = validated.image_urls()
+        if validated.reads_input_image() and not image_urls:
+            # The stored image's reference (what the job row keeps) names none of the client's.
+            raise ApiError(
+                422,
+                INVALID_INPUT,
+                f"{type(validated).IMAGE_FIELDS[0]}: must be an https URL or a "
+                "data:image/...;base64, URI",
+            )
         # What is asked, for Idempotency-Key: an image by its digest (a data URI may be
         # 16 MiB; the job row keeps a reference).
         canonical = validated.model_copy(
