@@ -45,6 +45,7 @@ from ovis_server.settings_sources import (
     DATA,
     DOWNLOAD,
     ENV_PREFIX,
+    INPUT_IMAGES,
     MODEL,
     SERVE,
     STORE,
@@ -121,14 +122,14 @@ class Settings(BaseSettings):
     """Largest request body taken (1048576, 512KiB, 1MiB); larger ones get 413 unread (0: no
     limit)."""
     # Input images (image_url): fetched or decoded once, by the API, at submit (inputs/).
-    allow_private_image_urls: Annotated[bool, Cli(SERVE)] = False
+    allow_private_image_urls: Annotated[bool, Cli(INPUT_IMAGES)] = False
     """Fetch image_url from loopback, private and link-local addresses too, and over plain http;
     by default only https URLs of public addresses are fetched."""
-    max_input_image_size: Annotated[int, Cli(SERVE, show_default="50MB", metavar="SIZE"), SIZE] = (
-        50 * 1000 * 1000
-    )
+    max_input_image_size: Annotated[
+        int, Cli(INPUT_IMAGES, show_default="50MB", metavar="SIZE"), SIZE
+    ] = 50 * 1000 * 1000
     """Largest input image taken (fetched, or decoded from a data URI); larger ones are a 422."""
-    max_input_image_pixels: Annotated[int, Cli(SERVE)] = Field(40_000_000, ge=1)
+    max_input_image_pixels: Annotated[int, Cli(INPUT_IMAGES)] = Field(40_000_000, ge=1)
     """Most pixels an input image may have (width x height, read before decoding it)."""
     max_image_body_size: Annotated[int, Cli(SERVE, show_default="16MiB", metavar="SIZE"), SIZE] = (
         16 * 1024 * 1024
@@ -138,13 +139,13 @@ class Settings(BaseSettings):
     # LoRAs (loras[].path): the operator's in <data-dir>/loras/, downloads only if allowed.
     lora_downloads: Annotated[
         tuple[Literal["hub", "url"], ...],
-        Cli(WORKER, show_default=False, metavar="TEXT"),
+        Cli(MODEL, show_default=False, metavar="TEXT"),
         COMMA_LIST,
     ] = ()
     """Where else a request's LoRA may come from: hub (a Hugging Face repo id), url (an https URL
     of a .safetensors file), or hub,url; workers download them. Default: only the operator's
     LoRAs in <data-dir>/loras/."""
-    max_lora_size: Annotated[int, Cli(WORKER, show_default="2GB", metavar="SIZE"), SIZE] = (
+    max_lora_size: Annotated[int, Cli(MODEL, show_default="2GB", metavar="SIZE"), SIZE] = (
         2 * 1000 * 1000 * 1000
     )
     """Largest LoRA file a worker downloads or loads."""
@@ -154,7 +155,7 @@ class Settings(BaseSettings):
     """A compiled worker's LoRA slot, per LoRA: a job's LoRAs may have 3x this rank together
     (more fails the job). Switching LoRAs then never recompiles; the slot costs memory and
     compute on every job of a model that takes LoRAs. 0: no slot (switching recompiles)."""
-    lora_cache_size: Annotated[int, Cli(WORKER, show_default="20GB", metavar="SIZE"), SIZE] = (
+    lora_cache_size: Annotated[int, Cli(MODEL, show_default="20GB", metavar="SIZE"), SIZE] = (
         20 * 1000 * 1000 * 1000
     )
     """Disk space for downloaded LoRAs (<data-dir>/lora-cache/; the least recently used go

@@ -21,6 +21,8 @@ ENV_PREFIX = "OVIS_SERVER_"
 SERVE = frozenset({"serve"})
 WORKER = frozenset({"serve", "worker"})
 MODEL = frozenset({"serve", "worker", "generate"})
+# Input images are judged where they are read: the API (serve) and generate.
+INPUT_IMAGES = frozenset({"serve", "generate"})
 STORE = frozenset({"serve", "worker", "admin"})
 DATA = frozenset({"serve", "worker", "generate", "admin", "download"})
 # ``ovis-server download`` takes --model (and the data directory, for ``tiny``).

@@ -200,10 +200,12 @@ def test_generate_runs_image_to_image_from_a_local_file(
     source = tmp_path / "in.png"
     source.write_bytes(png(160, 96, seed=4))
     out = tmp_path / "out.png"
+    # --model in its per-model form, as serve takes it: the variant runs on its model's.
     made = run_cli(
-        "generate", "the same street at night", "-o", str(out), "--model", str(z_tiny_weights),
-        "--model-id", Z_IMAGE_ID, "--image", str(source), "--strength", "0.6", "--seed", "2024",
-        "--data-dir", str(tmp_path),
+        "generate", "the same street at night", "-o", str(out), "--model",
+        f"{Z_IMAGE_ID}={z_tiny_weights}", "--model-id", Z_IMAGE_ID, "--image", str(source),
+        "--strength", "0.6", "--seed", "2024", "--data-dir", str(tmp_path),
+        env={"HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     width, height = auto_size(160, 96)  # image_size auto: the input's shape
     assert f"seed 2024: wrote {width}x{height} png" in made.stderr
@@ -234,4 +236,11 @@ def test_generate_runs_image_to_image_from_a_local_file(
     )  # fmt: skip
     assert missing.returncode == 2
     assert f"{tmp_path / 'typo.png'}: no such file" in missing.stderr
+    too_long = run_cli(
+        "generate", "x", "-o", str(tmp_path / "no.png"), "--model", "tiny", "--model-id",
+        Z_IMAGE_ID, "--image", str(tmp_path / ("a" * 300 + ".png")), check=False,
+    )  # fmt: skip
+    assert too_long.returncode == 2
+    assert "cannot be read (OSError)" in too_long.stderr
+    assert "Traceback" not in too_long.stderr
     assert not (tmp_path / "no.png").exists()

@@ -53,25 +53,27 @@ def output_options(help_text: str) -> Callable[[Any], Any]:
     return decorate
 
 
-def input_options(func: Any) -> Any:
-    """``--image``, ``--strength`` and ``--lora``, as ``generate`` and ``run`` take them."""
-    func = click.option(
-        "--lora",
-        "loras",
-        multiple=True,
-        metavar="PATH[:SCALE]",
-        help="A LoRA, for a model that takes them (repeat for several): one of the server's "
-        "(<data-dir>/loras/NAME.safetensors, GET /v1/loras), or a hub id or https URL where "
-        "--lora-downloads allows; scale 1 unless given, e.g. watercolour:0.8.",
-    )(func)
-    func = click.option("--strength", type=float, default=None, help="Image to image: 0 to 1.")(
-        func
-    )
-    return click.option(
-        "--image",
-        default=None,
-        help="The input image of an image-to-image model: a local file or an https URL.",
-    )(func)
+def input_options(image_help: str) -> Callable[[Any], Any]:
+    """``--image`` (``image_help`` says what it takes), ``--strength`` and ``--lora``, as
+    ``generate`` and ``run`` take them."""
+
+    def decorate(func: Any) -> Any:
+        func = click.option(
+            "--lora",
+            "loras",
+            multiple=True,
+            metavar="PATH[:SCALE]",
+            help="A LoRA, for a model that takes them (repeat for several): one of the "
+            "server's (<data-dir>/loras/NAME.safetensors, GET /v1/loras), or a hub id or https "
+            "URL where the server's --lora-downloads allows; scale 1 unless given, e.g. "
+            "watercolour:0.8.",
+        )(func)
+        func = click.option("--strength", type=float, default=None, help="Image to image: 0 to 1.")(
+            func
+        )
+        return click.option("--image", default=None, help=image_help)(func)
+
+    return decorate
 
 
 def parse_lora(value: str) -> dict[str, Any]:

@@ -74,7 +74,9 @@ def _client_errors(func: Any) -> Any:
 @click.option("--num-inference-steps", "--steps", type=int, default=None)
 @click.option("--guidance-scale", type=float, default=None)
 @click.option("--seed", type=int, default=None)
-@input_options
+@input_options(
+    "The input image of an image-to-image model: a local file (sent as a data URI) or an https URL."
+)
 @click.option("--model-id", default=DEFAULT_MODEL_ID, show_default=True)
 @client_options
 @_client_errors

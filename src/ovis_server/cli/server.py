@@ -258,20 +258,20 @@ def local_inputs(validated: ModelInput, seed: int, settings: Settings) -> Genera
     from ovis_server.worker.loras import LoraFiles
 
     if validated.reads_input_image():
-        ((_, source),) = validated.image_urls().items()
+        source = next(iter(validated.image_urls().values()), None)
+        if source is None:  # the stored image's reference: none of the user's
+            raise click.BadParameter("not a file or an https or data: URL", param_hint="--image")
         policy = image_policy_from_settings(settings)
-        path = Path(source).expanduser()
-        if not path.is_file() and not source[:8].lower().startswith(REMOTE_IMAGES):
-            raise click.BadParameter(f"{source}: no such file", param_hint="--image")
         try:
-            if path.is_file():
-                if path.stat().st_size > policy.fetch.max_bytes:
-                    raise ImageInputError(f"is larger than {policy.fetch.max_bytes} bytes")
-                image = check_image(path.read_bytes(), policy.max_pixels)
-            else:
+            if source[:8].lower().startswith(REMOTE_IMAGES):
                 image = asyncio.run(load_input_image(source, policy))
+            else:
+                image = check_image(
+                    read_local_image(source, policy.fetch.max_bytes), policy.max_pixels
+                )
         except ImageInputError as exc:
-            raise click.BadParameter(f"{source}: {exc}", param_hint="--image") from None
+            shown = source if len(source) <= 80 else source[:60] + "..."  # a data: URI's long
+            raise click.BadParameter(f"{shown}: {exc}", param_hint="--image") from None
         stored = validated.with_input_image(image.width, image.height)  # auto: its shape
         generation = dataclasses.replace(stored.to_generation_request(seed), init_image=image.png)
     else:
@@ -282,6 +282,24 @@ def local_inputs(validated: ModelInput, seed: int, settings: Settings) -> Genera
         except InvalidJobError as exc:
             raise click.BadParameter(str(exc), param_hint="--lora") from None
     return generation
+
+
+def read_local_image(name: str, max_bytes: int) -> bytes:
+    """The bytes of the local file ``name`` (at most ``max_bytes``); ImageInputError saying
+    why there are none."""
+    from ovis_server.inputs.images import ImageInputError
+
+    try:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ImageInputError("no such file")
+        with path.open("rb") as file:
+            data = file.read(max_bytes + 1)
+    except (OSError, RuntimeError) as exc:  # a name too long, ~nobody/, unreadable
+        raise ImageInputError(f"cannot be read ({exc.__class__.__name__})") from None
+    if len(data) > max_bytes:
+        raise ImageInputError(f"is larger than {max_bytes} bytes")
+    return data
 
 
 def name_log_lines(name: str) -> None:
@@ -312,7 +330,10 @@ def name_log_lines(name: str) -> None:
     "--guidance-scale", type=float, default=None, help="Default: the model's (Ovis-Image: 5)."
 )
 @click.option("--seed", type=int, default=None, help="Omit for a random seed (printed).")
-@input_options
+@input_options(
+    "The input image (image to image): a local file, an https URL or a data: URI; the "
+    "model's image-to-image variant runs."
+)
 @settings_options("generate")
 def generate(
     prompt: str,
@@ -328,9 +349,9 @@ def generate(
     output_format: str | None,
     settings: Settings,
 ) -> None:
-    """Generate one image locally, with a progress bar, and write it to OUTPUT. The input
-    image and LoRAs are judged by the server's rules (--max-input-image-size, --lora-downloads
-    and the like)."""
+    """Generate one image locally, with a progress bar, and write it to OUTPUT. An input
+    image and LoRAs are judged by the server's rules (--max-input-image-size,
+    --lora-downloads and the rest of them)."""
     from tqdm import tqdm
 
     from ovis_server.engine.loading import EngineLoadError
@@ -376,7 +397,9 @@ def generate(
     # A first run downloads the weights: show its progress lines.
     logging.getLogger("ovis_server.engine.download").setLevel(logging.INFO)
     try:
-        engine = model.load_engine(settings.for_model(model_names(model)))
+        # A variant runs on its model's weights: --model's entry for the model (as in serve).
+        base = models.get(model.variant_of) if model.variant_of else None
+        engine = model.load_engine(settings.for_model(model_names(base or model)))
     except (EngineLoadError, WeightsNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
