@@ -458,6 +458,10 @@ def test_download_fetches_every_served_models_weights_and_names_the_one_that_fai
                          r"from (.+)$", both.stdout, re.M)  # fmt: skip
         assert done is not None, both.stdout
         assert families.family_of_directory(Path(done[1])) == family
+        # Asked of the hub once: the variants are not models to download of their own.
+        info = re.compile(rf"GET /api/models/{re.escape(repo)}(/revision/[^/]+)?")
+        assert len([entry for entry in hub.requests if info.fullmatch(entry)]) == 1
+    assert "image-to-image" not in both.stdout
 
     # A model the hub lacks fails, named at the end, after the others have downloaded.
     with FakeHub(ovis_repo, tiny_weights) as hub:
@@ -466,6 +470,7 @@ def test_download_fetches_every_served_models_weights_and_names_the_one_that_fai
                       str(tmp_path), env=env, check=False)  # fmt: skip
     assert one.returncode == 1, one.stderr
     assert re.search(rf"^downloaded {ovis_repo}: ", one.stdout, re.M), one.stdout
+    assert f"failed: {ZI}: there is no model {zi_repo}" in one.stdout  # said at once
     assert "Error: 1 of 2 models did not download:" in one.stderr
     assert f"{ZI}: there is no model {zi_repo} on the Hugging Face hub" in (one.stderr)
     assert "Traceback" not in one.stderr
@@ -475,3 +480,9 @@ def test_download_fetches_every_served_models_weights_and_names_the_one_that_fai
                     "--data-dir", str(tmp_path))  # fmt: skip
     assert f"{OVIS}: {tiny_weights} is a local directory: nothing to download" in local.stdout
     assert f"{ZI}: the tiny model is now at " in local.stdout
+    # Two models on one repository: it is fetched once.
+    same = run_cli("download", "--model-id", OVIS, "--model-id", FT, "--extra-models",
+                   f"{FT}={ovis_repo}", "--data-dir", str(tmp_path),
+                   env={"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert f"{FT}: the same weights as {OVIS}: {ovis_repo}" in same.stdout
+    assert same.stdout.count(f"{ovis_repo} is in the cache") == 1, same.stdout

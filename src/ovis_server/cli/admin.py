@@ -91,6 +91,7 @@ def download(settings: Settings) -> None:
             if not several:
                 raise click.ClickException(str(exc)) from None
             failed.append(f"{spec.model_id}: {exc}")
+            console.line(f"failed: {failed[-1]}")  # said now too, in case of a Ctrl-C later
             continue
         if fetched.downloaded:
             # With several models, serve takes each one's weights in --model's per-model form.
@@ -140,8 +141,12 @@ def _hub_weights(settings: Settings, served: list[ModelSpec]) -> list[tuple[Mode
             click.echo(f"{prefix}the tiny model is {'already' if existed else 'now'} at {weights}")
         elif not is_hub_id(weights):
             click.echo(f"{prefix}{weights} is a local directory: nothing to download")
-        elif weights not in (taken for _, taken in wanted):
-            wanted.append((spec, weights))
+        else:
+            first = next((other for other, taken in wanted if taken == weights), None)
+            if first is None:
+                wanted.append((spec, weights))
+            else:
+                click.echo(f"{prefix}the same weights as {first.model_id}: {weights}")
     return wanted
 
 
