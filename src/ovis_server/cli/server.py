@@ -270,7 +270,8 @@ def local_inputs(validated: ModelInput, seed: int, settings: Settings) -> Genera
                     read_local_image(source, policy.fetch.max_bytes), policy.max_pixels
                 )
         except ImageInputError as exc:
-            shown = source if len(source) <= 80 else source[:60] + "..."  # a data: URI's long
+            data_uri = source[:5].lower() == "data:"
+            shown = source[:60] + "..." if data_uri and len(source) > 80 else source
             raise click.BadParameter(f"{shown}: {exc}", param_hint="--image") from None
         stored = validated.with_input_image(image.width, image.height)  # auto: its shape
         generation = dataclasses.replace(stored.to_generation_request(seed), init_image=image.png)
