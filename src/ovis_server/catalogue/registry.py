@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 BUILT_IN: tuple[ModelSpec, ...] = (OVIS_IMAGE, Z_IMAGE_TURBO)
 # Variants of built-in models (ModelSpec.variant_of): served whenever their model is.
 VARIANTS: tuple[ModelSpec, ...] = (Z_IMAGE_EDIT, Z_IMAGE_LORA)
-_NAMES = {name for spec in (*BUILT_IN, *VARIANTS) for name in (spec.model_id, *spec.aliases)}
+_NAMES = {name for spec in (*BUILT_IN, *VARIANTS) for name in spec.names}
 if _NAMES != BUILT_IN_NAMES:  # pragma: no cover (a model added here but not there)
     raise ImportError(
         "the built-in models' names differ from ovis_server.model_names.BUILT_IN_NAMES: "
@@ -60,7 +60,7 @@ class ModelRegistry:
         self._specs: dict[str, ModelSpec] = {}
         self._aliases: dict[str, ModelSpec] = {}
         for spec in specs:
-            for name in (spec.model_id, *spec.aliases):
+            for name in spec.names:
                 if self.resolve(name) is not None:
                     raise ValueError(f"two models are called {name!r}")
             self._specs[spec.model_id] = spec

@@ -147,6 +147,16 @@ class ModelSpec:
     variant_of: str | None = None
 
     @property
+    def names(self) -> tuple[str, ...]:
+        """What it is called: its id and its aliases (``--model``'s per-model form)."""
+        return (self.model_id, *self.aliases)
+
+    @property
+    def base_model_id(self) -> str:
+        """The model whose weights and engine it runs on: its own id, or a variant's model."""
+        return self.variant_of or self.model_id
+
+    @property
     def takes_images(self) -> bool:
         """Whether its input has image fields (bodies may be larger: data URIs)."""
         return bool(self.input_model.IMAGE_FIELDS)

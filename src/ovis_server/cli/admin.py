@@ -124,7 +124,7 @@ def _hub_weights(settings: Settings, served: list[ModelSpec]) -> list[tuple[Mode
 
     wanted: list[tuple[ModelSpec, str]] = []
     for spec in served:
-        model = spec.weights(settings.for_model((spec.model_id, *spec.aliases)))
+        model = spec.weights(settings.for_model(spec.names))
         prefix = f"{spec.model_id}: " if len(served) > 1 else ""
         if model == RANDOM_FULL:
             click.echo(

@@ -46,11 +46,6 @@ def model_registry(settings: Settings) -> ModelRegistry:
         raise click.UsageError(str(exc)) from None
 
 
-def model_names(spec: ModelSpec) -> tuple[str, ...]:
-    """What a model is called: its id and its aliases (``--model``'s per-model form)."""
-    return (spec.model_id, *spec.aliases)
-
-
 def served_model(
     models: ModelRegistry, settings: Settings, devices: Iterable[str] = ()
 ) -> ModelSpec:
@@ -63,9 +58,7 @@ def served_model(
         model = models.served(settings)
     except UnknownModelError as exc:
         raise click.UsageError(str(exc)) from None
-    if not any(
-        spec.weights(settings.for_model(model_names(spec))) == RANDOM_FULL for spec in models
-    ):
+    if not any(spec.weights(settings.for_model(spec.names)) == RANDOM_FULL for spec in models):
         return model
     from ovis_server.engine.families import get_family
     from ovis_server.engine.loading import EngineLoadError, check_random_full_device, pick_device
@@ -231,8 +224,8 @@ def model_taking(models: ModelRegistry, model: ModelSpec, image: bool, loras: bo
     if not image and not loras:
         return model
     for spec in (model, *(spec for spec in models if spec.variant_of == model.model_id)):
-        fields = spec.input_model.model_fields
-        if (not image or "image_url" in fields) and (not loras or "loras" in fields):
+        takes_loras = "loras" in spec.input_model.model_fields
+        if (not image or spec.takes_images) and (not loras or takes_loras):
             return spec
     wanted = " and ".join(
         what for what, given in (("input image", image), ("LoRAs", loras)) if given
@@ -399,8 +392,8 @@ def generate(
     logging.getLogger("ovis_server.engine.download").setLevel(logging.INFO)
     try:
         # A variant runs on its model's weights: --model's entry for the model (as in serve).
-        base = models.get(model.variant_of) if model.variant_of else None
-        engine = model.load_engine(settings.for_model(model_names(base or model)))
+        base = models.get(model.base_model_id) or model
+        engine = model.load_engine(settings.for_model(base.names))
     except (EngineLoadError, WeightsNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
@@ -408,7 +401,7 @@ def generate(
         click.echo("interrupted", err=True)
         os._exit(130)
     click.echo(engine.memory.describe(), err=True)
-    engine.loras.model_id = model.variant_of or model.model_id  # named in mismatches
+    engine.loras.model_id = model.base_model_id  # named in mismatches
 
     with tqdm(total=generation.num_inference_steps, unit="step", desc="denoising") as bar:
 

@@ -46,7 +46,7 @@ def with_lora_files(
     if loras is None:
         raise InvalidJobError("this worker takes no LoRAs")
     spec = placement.spec_of(job.model_id)
-    base_model = job.model_id if spec is None else spec.variant_of or spec.model_id
+    base_model = job.model_id if spec is None else spec.base_model_id
     placement.engine_of(job.model_id).loras.model_id = base_model  # named in mismatches
     return loras.localise(request, job)
 

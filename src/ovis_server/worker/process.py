@@ -165,8 +165,7 @@ def run_worker(
         from ovis_server.worker.readiness import memory_detail, warm_up_worker
 
         def load(spec: ModelSpec) -> Engine:
-            names = (spec.model_id, *spec.aliases)
-            return spec.load_engine(settings.for_model(names), report, stop)
+            return spec.load_engine(settings.for_model(spec.names), report, stop)
 
         placement = Placement(
             load,
