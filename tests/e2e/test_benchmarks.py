@@ -421,3 +421,37 @@ def test_wheel_bundle_installs_offline(tmp_path: Path) -> None:
 def test_wheel_bundle_is_ignored_by_git(path: str) -> None:
     ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
     assert ignored.returncode == 0
+
+
+def test_suite_cpu_counts_the_processes_a_test_starts(tmp_path: Path) -> None:
+    # A test whose child process burns 2 s of CPU: the table shows the child on a row
+    # of its own (a python -m module), with about that, and pytest's exit code comes back.
+    (tmp_path / "burn.py").write_text(
+        "import time\nstart = time.process_time()\nwhile time.process_time() - start < 2: pass\n"
+    )
+    (tmp_path / "test_burns.py").write_text(
+        "import pathlib, subprocess, sys\n"
+        "def test_burns():\n"
+        "    here = pathlib.Path(__file__).parent\n"
+        "    subprocess.run([sys.executable, '-m', 'burn'], check=True, cwd=here)\n"
+        "def test_fails():\n"
+        "    assert False\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "suite_cpu.py"), "--interval", "0.1",
+         "--", str(tmp_path), "-q", "-p", "no:cacheprovider", "-c", "/dev/null"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr  # test_fails failed
+    rows = {
+        line.split(" | ")[0][2:]: line.split(" | ")[1:]
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| kind")
+    }
+    processes, cpu = int(rows["python -m burn"][0]), float(rows["python -m burn"][1])
+    assert processes == 1
+    assert 1.4 <= cpu <= 2.5
+    assert int(rows["pytest"][0]) == 1
+    assert re.search(
+        r"^CPU \d+ s in \d+ s of wall time: [\d.]+ cores busy of \d+", result.stdout, re.M
+    )

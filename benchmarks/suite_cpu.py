@@ -1,0 +1,158 @@
+"""Where the test suite's CPU goes: pytest run under a sampler of /proc (Linux).
+
+Runs ``python -m pytest PYTEST_ARGS`` and, every ``--interval`` seconds, reads the CPU time
+(user + system) of it and of every process it starts, down to the workers of the servers
+the tests start. At the end it prints, by kind of process (an ``ovis-server`` subcommand,
+a benchmark script, pytest's own processes, anything else by its program), how many ran,
+their CPU seconds in all and each, and their share; then the wall time and how busy that
+kept the machine's cores. A process counts from the first sample that sees it: one that
+lives less than an interval may be missed, and each loses what it spent after its last
+sample, so the figures are a little low.
+
+    python benchmarks/suite_cpu.py -- -n 2 --dist loadfile
+    python benchmarks/suite_cpu.py --interval 0.2 -- tests/e2e/test_faults.py -x
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Run as a script, this folder comes first on sys.path, and its queue.py would hide the
+# standard library's queue module.
+if sys.path and sys.path[0] == __file__.rsplit("/", 1)[0]:
+    sys.path[0] = __file__.rsplit("/", 2)[0]
+
+import argparse
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+SUBCOMMAND = re.compile(r"(?:-m ovis_server|ovis-server|cli import main; main\(\)) (\S+)")
+SCRIPT = re.compile(r"benchmarks/(\S+\.py)")
+
+
+@dataclass
+class Seen:
+    command: str
+    cpu: float  # since the run started (for a process older than the run, from then)
+    base: float = 0.0
+
+    def update(self, cpu: float) -> None:
+        self.cpu = cpu - self.base
+
+
+def kind(command: str) -> str:
+    """The row a process counts in, from its command line."""
+    if "import sys;exec(eval(sys.stdin.readline()))" in command:
+        return "pytest-xdist worker (tests, in-process servers)"
+    found = SUBCOMMAND.search(command)
+    if found:
+        return f"ovis-server {found.group(1)}"
+    found = SCRIPT.search(command)
+    if found:
+        return f"benchmarks/{found.group(1)}"
+    if re.search(r"-m pytest\b", command):
+        return "pytest"
+    program = command.split(" ", 1)[0].rsplit("/", 1)[-1]
+    found = re.search(r"-m (\S+)", command)
+    if found and program.startswith("python"):
+        return f"python -m {found.group(1)}"
+    return "postgres (server side)" if program.startswith("postgres") else program or "?"
+
+
+def read_stat(pid: str) -> tuple[int, float, int] | None:
+    """(parent pid, CPU seconds, start tick) of ``pid``, or None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS, int(fields[19])
+
+
+def read_command(pid: str) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def sample(root: int, since: int, known: dict[tuple[int, int], Seen], family: set[int]) -> None:
+    """One pass over /proc: new descendants of ``root`` join ``family``; each known
+    process's CPU time is brought up to date. PostgreSQL's backends are the server's
+    children, not the suite's, and count too (those older than the run, started at tick
+    ``since``, from the time they are first seen)."""
+    for entry in Path("/proc").iterdir():
+        pid = entry.name
+        if not pid.isdigit():
+            continue
+        stat = read_stat(pid)
+        if stat is None:
+            continue
+        parent, cpu, started = stat
+        key = (int(pid), started)
+        if key in known:
+            known[key].update(cpu)
+            continue
+        command = read_command(pid)
+        if int(pid) == root or parent in family or command.startswith("postgres: "):
+            family.add(int(pid))
+            known[key] = Seen(command, cpu if started >= since else 0.0)
+            if started < since:
+                known[key].base = cpu
+
+
+def table(seen: Iterable[Seen], wall: float) -> list[str]:
+    rows: dict[str, list[float]] = {}
+    for process in seen:
+        row = rows.setdefault(kind(process.command), [0, 0.0])
+        row[0] += 1
+        row[1] += process.cpu
+    total = sum(cpu for _, cpu in rows.values()) or 1.0
+    lines = ["| kind | processes | CPU s | CPU s each | share |", "|---|---:|---:|---:|---:|"]
+    for name, (count, cpu) in sorted(rows.items(), key=lambda item: -item[1][1]):
+        lines.append(
+            f"| {name} | {count:.0f} | {cpu:.1f} | {cpu / count:.2f} | {cpu / total:.0%} |"
+        )
+    cores = os.cpu_count() or 1
+    lines += [
+        "",
+        f"CPU {total:.0f} s in {wall:.0f} s of wall time: {total / wall:.2f} cores busy of "
+        f"{cores} ({total / wall / cores:.0%}).",
+    ]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
+    parser.add_argument("pytest_args", nargs="*", help="after --: pytest's arguments")
+    args = parser.parse_args(argv)
+    if not Path("/proc/self/stat").exists():
+        parser.error("this needs Linux's /proc")
+    started = time.monotonic()
+    since = (read_stat("self") or (0, 0.0, 0))[2]
+    process = subprocess.Popen([sys.executable, "-m", "pytest", *args.pytest_args])
+    known: dict[tuple[int, int], Seen] = {}
+    family: set[int] = set()
+    try:
+        while process.poll() is None:
+            sample(process.pid, since, known, family)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        process.wait()
+    wall = time.monotonic() - started
+    print("\n".join(["", f"## CPU by process: pytest {' '.join(args.pytest_args)}", ""]))
+    print("\n".join(table(known.values(), wall)))
+    return process.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
