@@ -204,4 +204,6 @@ class ModelSpec:
         weights = local_weights(
             self.weights(settings), settings.data_dir, report=report, stop=stop, family=self.family
         )
-        return self.engine_factory(weights, settings)
+        engine = self.engine_factory(weights, settings)
+        engine.loras.model_id = self.base_model_id  # named in a LoRA mismatch's message
+        return engine

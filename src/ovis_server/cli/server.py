@@ -401,7 +401,6 @@ def generate(
         click.echo("interrupted", err=True)
         os._exit(130)
     click.echo(engine.memory.describe(), err=True)
-    engine.loras.model_id = model.base_model_id  # named in mismatches
 
     with tqdm(total=generation.num_inference_steps, unit="step", desc="denoising") as bar:
 

@@ -69,7 +69,7 @@ class LoraAdapters:
     def __init__(self, pipeline: Any, capacity: int = DEFAULT_CAPACITY) -> None:
         self.pipeline = pipeline
         self.capacity = max(1, capacity)
-        self.model_id = "this model"  # named in a mismatch's message (the worker sets it)
+        self.model_id = "this model"  # named in mismatches (ModelSpec.load_engine sets it)
         self.loaded: OrderedDict[str, Path] = OrderedDict()
         self.active: tuple[tuple[str, float], ...] = ()
         self.loads = 0  # files loaded so far (tests)

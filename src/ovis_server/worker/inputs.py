@@ -38,16 +38,13 @@ def job_request(job: Job, placement: Placement, files: FileStore) -> GenerationR
 
 
 def with_lora_files(
-    job: Job, request: GenerationRequest, placement: Placement, loras: LoraFiles | None
+    job: Job, request: GenerationRequest, loras: LoraFiles | None
 ) -> GenerationRequest:
     """``request`` with its LoRAs as local files (downloaded if need be)."""
     if not request.loras:
         return request
     if loras is None:
         raise InvalidJobError("this worker takes no LoRAs")
-    spec = placement.spec_of(job.model_id)
-    base_model = job.model_id if spec is None else spec.base_model_id
-    placement.engine_of(job.model_id).loras.model_id = base_model  # named in mismatches
     return loras.localise(request, job)
 
 

@@ -283,9 +283,7 @@ class Worker:
             for job in jobs:
                 try:
                     request = self.generation_request(job)
-                    runnable.append(
-                        (job, with_lora_files(job, request, self.placement, self.loras))
-                    )
+                    runnable.append((job, with_lora_files(job, request, self.loras)))
                 except InvalidJobError as exc:
                     outcomes.append(self._failed(job, exc, started))
                 else:
