@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_BYTES = 50 * 1000 * 1000  # RunComfy's recommended ceiling for an input file
+# Why a value is no input image a client can send (after the field's name).
+NOT_AN_IMAGE_SOURCE = "must be an https URL or a data:image/...;base64, URI"
 _DECODE_STEP = 4 << 18  # characters of base64 decoded at once (1 MiB)
 _DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+)?((?:;[A-Za-z0-9=.+-]+)*);base64,", re.I)
 
@@ -75,7 +77,7 @@ def decode_data_uri(uri: str, max_bytes: int) -> bytearray:
     """The bytes of a ``data:image/...;base64,`` URI, bounded before decoding."""
     match = _DATA_URI.match(uri)
     if match is None:
-        raise ImageInputError("must be an https URL or a data:image/...;base64, URI")
+        raise ImageInputError(NOT_AN_IMAGE_SOURCE)
     start = match.end()
     # Base64 gives 3 bytes for 4 characters: judge the size before decoding it.
     most = (len(uri) - start) // 4 * 3

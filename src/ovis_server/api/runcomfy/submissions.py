@@ -26,6 +26,7 @@ from ovis_server.catalogue.spec import ModelInput, ModelSpec
 from ovis_server.config import Settings
 from ovis_server.inputs.fetch import Resolver
 from ovis_server.inputs.images import (
+    NOT_AN_IMAGE_SOURCE,
     ImageInputError,
     image_policy_from_settings,
     load_input_image,
@@ -162,12 +163,8 @@ class Submissions:
         image_urls = validated.image_urls()
         if validated.reads_input_image() and not image_urls:
             # The stored image's reference (what the job row keeps) names none of the client's.
-            raise ApiError(
-                422,
-                INVALID_INPUT,
-                f"{type(validated).IMAGE_FIELDS[0]}: must be an https URL or a "
-                "data:image/...;base64, URI",
-            )
+            field = type(validated).IMAGE_FIELDS[0]
+            raise ApiError(422, INVALID_INPUT, f"{field}: {NOT_AN_IMAGE_SOURCE}")
         # What is asked, for Idempotency-Key: an image by its digest (a data URI may be
         # 16 MiB; the job row keeps a reference).
         canonical = validated.model_copy(
