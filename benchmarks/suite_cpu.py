@@ -104,9 +104,8 @@ def sample(root: int, since: int, known: dict[tuple[int, int], Seen], family: se
         command = read_command(pid)
         if int(pid) == root or parent in family or command.startswith("postgres: "):
             family.add(int(pid))
-            known[key] = Seen(command, cpu if started >= since else 0.0)
-            if started < since:
-                known[key].base = cpu
+            base = cpu if started < since else 0.0
+            known[key] = Seen(command, cpu - base, base)
 
 
 def table(seen: Iterable[Seen], wall: float) -> list[str]:
