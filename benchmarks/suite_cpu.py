@@ -9,6 +9,12 @@ kept the machine's cores. A process counts from the first sample that sees it: o
 lives less than an interval may be missed, and each loses what it spent after its last
 sample, so the figures are a little low.
 
+A second table counts the processes the tests start by test file: a child inherits the
+environment in which pytest names the test that runs (``PYTEST_CURRENT_TEST``). pytest's own
+processes, where the tests and the in-process servers run, and PostgreSQL's backends are
+not in it (their environment does not change as the tests go by). A third table names the
+30 tests whose processes used the most.
+
     python benchmarks/suite_cpu.py -- -n 2 --dist loadfile
     python benchmarks/suite_cpu.py --interval 0.2 -- tests/e2e/test_faults.py -x
 """
@@ -42,6 +48,11 @@ class Seen:
     command: str
     cpu: float  # since the run started (for a process older than the run, from then)
     base: float = 0.0
+    test: str = ""  # the test that started it (its node id), where its environment says
+
+    @property
+    def test_file(self) -> str:
+        return self.test.split("::", 1)[0].rsplit("/", 1)[-1]
 
     def update(self, cpu: float) -> None:
         self.cpu = cpu - self.base
@@ -84,6 +95,20 @@ def read_command(pid: str) -> str:
     return raw.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
+def read_test(pid: str) -> str:
+    """The test (its node id) named by ``PYTEST_CURRENT_TEST`` in the environment ``pid``
+    started with ("" where there is none)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return ""
+    for entry in raw.split(b"\0"):
+        if entry.startswith(b"PYTEST_CURRENT_TEST="):
+            # "tests/e2e/test_x.py::test_y[sqlite] (call)": the phase goes
+            return entry.split(b"=", 1)[1].decode(errors="replace").rsplit(" (", 1)[0]
+    return ""
+
+
 def sample(root: int, since: int, known: dict[tuple[int, int], Seen], family: set[int]) -> None:
     """One pass over /proc: new descendants of ``root`` join ``family``; each known
     process's CPU time is brought up to date. PostgreSQL's backends are the server's
@@ -105,21 +130,34 @@ def sample(root: int, since: int, known: dict[tuple[int, int], Seen], family: se
         if int(pid) == root or parent in family or command.startswith("postgres: "):
             family.add(int(pid))
             base = cpu if started < since else 0.0
-            known[key] = Seen(command, cpu - base, base)
+            known[key] = Seen(command, cpu - base, base, read_test(pid))
 
 
-def table(seen: Iterable[Seen], wall: float) -> list[str]:
+def rows_by(seen: Iterable[Seen], key: str, most: int = 0) -> tuple[list[str], float]:
+    """Table rows of ``seen`` summed by ``key`` ("kind"; "test file" or "test" for the
+    processes a test file or a test started), the largest first (only the ``most``
+    largest, where it is not 0), and their total CPU seconds."""
     rows: dict[str, list[float]] = {}
     for process in seen:
-        row = rows.setdefault(kind(process.command), [0, 0.0])
+        names = {"kind": kind(process.command), "test file": process.test_file}
+        name = names.get(key, process.test)
+        if not name:
+            continue
+        row = rows.setdefault(name, [0, 0.0])
         row[0] += 1
         row[1] += process.cpu
     total = sum(cpu for _, cpu in rows.values()) or 1.0
-    lines = ["| kind | processes | CPU s | CPU s each | share |", "|---|---:|---:|---:|---:|"]
-    for name, (count, cpu) in sorted(rows.items(), key=lambda item: -item[1][1]):
+    lines = [f"| {key} | processes | CPU s | CPU s each | share |", "|---|---:|---:|---:|---:|"]
+    largest = sorted(rows.items(), key=lambda item: -item[1][1])
+    for name, (count, cpu) in largest[: most or None]:
         lines.append(
             f"| {name} | {count:.0f} | {cpu:.1f} | {cpu / count:.2f} | {cpu / total:.0%} |"
         )
+    return lines, total
+
+
+def table(seen: Iterable[Seen], wall: float) -> list[str]:
+    lines, total = rows_by(seen, "kind")
     cores = os.cpu_count() or 1
     lines += [
         "",
@@ -138,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("this needs Linux's /proc")
     started = time.monotonic()
     since = (read_stat("self") or (0, 0.0, 0))[2]
-    process = subprocess.Popen([sys.executable, "-m", "pytest", *args.pytest_args])
+    # The run's own pytest was started by no test (where this script runs under pytest).
+    env = {name: value for name, value in os.environ.items() if name != "PYTEST_CURRENT_TEST"}
+    process = subprocess.Popen([sys.executable, "-m", "pytest", *args.pytest_args], env=env)
     known: dict[tuple[int, int], Seen] = {}
     family: set[int] = set()
     try:
@@ -150,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.monotonic() - started
     print("\n".join(["", f"## CPU by process: pytest {' '.join(args.pytest_args)}", ""]))
     print("\n".join(table(known.values(), wall)))
+    by_file, _ = rows_by(known.values(), "test file")
+    print("\n".join(["", "## CPU of the processes the tests started, by test file", ""]))
+    print("\n".join(by_file))
+    by_test, _ = rows_by(known.values(), "test", most=30)
+    print("\n".join(["", "## The 30 tests whose processes used the most CPU", ""]))
+    print("\n".join(by_test))
     return process.returncode
 
 

@@ -443,15 +443,24 @@ def test_suite_cpu_counts_the_processes_a_test_starts(tmp_path: Path) -> None:
         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 1, result.stdout + result.stderr  # test_fails failed
+    by_kind, rest = result.stdout.split("## CPU of the processes the tests started")
+    by_file, by_test = rest.split("## The 30 tests")
     rows = {
         line.split(" | ")[0][2:]: line.split(" | ")[1:]
-        for line in result.stdout.splitlines()
+        for line in by_kind.splitlines()
         if line.startswith("| ") and not line.startswith("| kind")
     }
     processes, cpu = int(rows["python -m burn"][0]), float(rows["python -m burn"][1])
     assert processes == 1
     assert 1.4 <= cpu <= 2.5
     assert int(rows["pytest"][0]) == 1
+    # The child inherited pytest's name for the test that ran it: it counts for its file.
+    files = [line for line in by_file.splitlines() if line.startswith("| test_")]
+    assert len(files) == 1
+    assert files[0].startswith("| test_burns.py | 1 | ")
+    assert 1.4 <= float(files[0].split(" | ")[2]) <= 2.5
+    tests = [line for line in by_test.splitlines() if line.startswith("| test_")]
+    assert [line.split(" | ")[:2] for line in tests] == [["| test_burns.py::test_burns", "1"]]
     assert re.search(
         r"^CPU \d+ s in \d+ s of wall time: [\d.]+ cores busy of \d+", result.stdout, re.M
     )

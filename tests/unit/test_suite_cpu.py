@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from benchmarks.suite_cpu import Seen, kind, table
+from benchmarks.suite_cpu import Seen, kind, rows_by, table
 
 
 @pytest.mark.parametrize(
@@ -44,3 +44,25 @@ def test_the_table_sums_by_kind_and_gives_shares() -> None:
     assert lines[2] == "| ovis-server worker | 2 | 8.0 | 4.00 | 80% |"
     assert lines[3] == "| ovis-server serve | 1 | 2.0 | 2.00 | 20% |"
     assert lines[-1].startswith("CPU 10 s in 10 s of wall time: 1.00 cores busy of ")
+
+
+def test_the_processes_a_test_file_or_a_test_started_sum_by_it() -> None:
+    faults = "tests/e2e/test_faults.py::test_sigterm[sqlite]"
+    seen = [
+        Seen("python -m ovis_server worker", 6.0, test=faults),
+        Seen("python -m ovis_server serve", 2.0, test="tests/e2e/test_faults.py::test_hang"),
+        Seen("python -m ovis_server worker", 2.0, test="tests/e2e/test_queue.py::test_q"),
+        Seen("python -c import sys;exec(eval(sys.stdin.readline()))", 50.0),  # no test
+    ]
+    lines, total = rows_by(seen, "test file")
+    assert lines[0] == "| test file | processes | CPU s | CPU s each | share |"
+    assert lines[2:] == [
+        "| test_faults.py | 2 | 8.0 | 4.00 | 80% |",
+        "| test_queue.py | 1 | 2.0 | 2.00 | 20% |",
+    ]
+    assert total == 10.0
+    lines, total = rows_by(seen, "test", most=2)
+    assert lines[2:] == [
+        f"| {faults} | 1 | 6.0 | 6.00 | 60% |",
+        "| tests/e2e/test_faults.py::test_hang | 1 | 2.0 | 2.00 | 20% |",
+    ]
