@@ -66,12 +66,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.browser)
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, *options: str) -> Path:
+    """A tiny checkpoint written by ``ovis-server tiny-model DIRECTORY *options``, once for
+    the whole run: pytest-xdist's processes share the run's temporary folder (the parent of
+    each one's own), and the first to get there builds it while the others wait."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # the parent holds earlier runs' folders
+        directory = tmp_path_factory.mktemp(name) / "tiny"
+        run_cli("tiny-model", str(directory), *options)
+        return directory
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent
+    directory = shared / name / "tiny"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not directory.exists():
+            building = shared / name / "building"
+            run_cli("tiny-model", str(building), *options)
+            building.rename(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny checkpoint written once per session by ``ovis-server tiny-model``."""
-    directory = tmp_path_factory.mktemp("weights") / "tiny"
-    run_cli("tiny-model", str(directory))
-    return directory
+    """A tiny checkpoint written once per run by ``ovis-server tiny-model``."""
+    return built_once(tmp_path_factory, "weights")
 
 
 @pytest.fixture(scope="session")
@@ -81,10 +99,8 @@ def engine(tiny_weights: Path) -> Engine:
 
 @pytest.fixture(scope="session")
 def z_tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Z-Image checkpoint written once per session by ``ovis-server tiny-model``."""
-    directory = tmp_path_factory.mktemp("z-weights") / "tiny"
-    run_cli("tiny-model", str(directory), "--model-id", Z_IMAGE_ID)
-    return directory
+    """A tiny Z-Image checkpoint written once per run by ``ovis-server tiny-model``."""
+    return built_once(tmp_path_factory, "z-weights", "--model-id", Z_IMAGE_ID)
 
 
 @pytest.fixture(scope="module")
@@ -207,46 +223,82 @@ def tiny_settings(tiny_weights: Path, data_dir: Path, **options: Any) -> Setting
     return Settings(model=str(tiny_weights), data_dir=data_dir, **options)
 
 
-@pytest.fixture(scope="session")
-def shared_server(
-    tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path
-) -> Iterator[ServerFactory]:
-    """``shared_server(backend="sqlite", **options)``: the in-process server (and its worker
-    process, unless ``no_worker=True``) with these Settings, started the first time a test
-    asks for it and shared for the rest of the session by every test that asks for the same.
-    With a worker, it is handed out ready and with no job queued or running. Tests keep to
-    tokens of their own; state that is not per token (counters, the queue) they read as
-    changes."""
-    started: dict[tuple[Any, ...], InProcessServer] = {}
-    drops: list[Callable[[], None]] = []
+def nothing() -> None:
+    pass
 
-    def get(backend: str = "sqlite", **options: Any) -> InProcessServer:
+
+class SharedServers:
+    """``shared_server``'s servers: the in-process server (and its worker process, unless
+    ``no_worker=True``) for each backend and Settings a test asks for, started the first
+    time and handed out again to later tests asking for the same. The default one
+    (SQLite, no options: the ``server`` fixture's) lives for the session; every other lives
+    until the end of the test module (``end_module``), as only one module asks for each:
+    idle, a server and its worker still poll their database, about 2 s of CPU a minute."""
+
+    DEFAULT = ("sqlite",)
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.tiny_weights = tiny_weights
+        self.started: dict[tuple[Any, ...], tuple[InProcessServer, Callable[[], None]]] = {}
+
+    def __call__(self, backend: str = "sqlite", **options: Any) -> InProcessServer:
         key = (backend, *sorted(options.items()))
-        server = started.get(key)
-        if server is None:
-            database_url = None
+        if key not in self.started:
+            database_url: str | None = None
+            drop: Callable[[], None] = nothing
             if backend == "postgresql":
                 database_url, drop = fresh_postgres_database()
-                drops.append(drop)
             settings = tiny_settings(
-                tiny_weights,
-                tmp_path_factory.mktemp("shared"),
+                self.tiny_weights,
+                self.tmp_path_factory.mktemp("shared"),
                 database_url=database_url,
                 **options,
             )
-            server = started[key] = InProcessServer(settings)
-            if server.worker is not None:
-                server.wait_until_ready()
+            try:
+                self.started[key] = (InProcessServer(settings), drop)
+            except BaseException:
+                drop()
+                raise
+            if self.started[key][0].worker is not None:
+                self.started[key][0].wait_until_ready()
+        server = self.started[key][0]
         if server.worker is not None:
-            running = server
-            wait_for(lambda: running.unfinished_jobs() == 0, timeout=600, interval=0.2)
+            wait_for(lambda: server.unfinished_jobs() == 0, timeout=600, interval=0.2)
         return server
 
-    yield get
-    for server in started.values():
-        server.stop()
-    for drop in drops:
-        drop()
+    def stop(self, keep: tuple[Any, ...] | None = None) -> None:
+        """Stop every server but ``keep``'s, and drop their databases."""
+        for key in [key for key in self.started if key != keep]:
+            server, drop = self.started.pop(key)
+            try:
+                server.stop()
+            finally:
+                drop()
+
+    def end_module(self) -> None:
+        self.stop(keep=self.DEFAULT)
+
+
+@pytest.fixture(scope="session")
+def shared_servers(
+    tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path
+) -> Iterator[SharedServers]:
+    servers = SharedServers(tmp_path_factory, tiny_weights)
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_server(shared_servers: SharedServers) -> Iterator[ServerFactory]:
+    """``shared_server(backend="sqlite", **options)``: the in-process server (and its worker
+    process, unless ``no_worker=True``) with these Settings, started the first time a test
+    asks for it and handed out to every later test of the module that asks for the same
+    (the default one, to every later test of the session: ``SharedServers``). With a
+    worker, it is handed out ready and with no job queued or running. Tests keep to tokens
+    of their own; state that is not per token (counters, the queue) they read as changes."""
+    yield shared_servers
+    shared_servers.end_module()
 
 
 @pytest.fixture(scope="module")
