@@ -257,6 +257,12 @@ def test_text_models_read_no_input_image() -> None:
     assert Z_IMAGE_EDIT.takes_images
 
 
+def test_takes_loras_is_true_for_the_lora_variant_alone() -> None:
+    assert [spec.model_id for spec in (*BUILT_IN, *VARIANTS) if spec.takes_loras] == [
+        Z_IMAGE_LORA.model_id
+    ]
+
+
 def test_loras_reach_the_request_with_their_scales() -> None:
     body = check(Z_IMAGE_LORA, loras=[{"path": " ink ", "scale": 0.5}, {"path": "owner/name"}])
     assert body.lora_paths() == [" ink ", "owner/name"]

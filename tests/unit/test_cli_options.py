@@ -5,7 +5,10 @@ from __future__ import annotations
 import click
 import pytest
 
+from ovis_server.catalogue.registry import BUILT_IN, VARIANTS, ModelRegistry
+from ovis_server.catalogue.spec import ModelSpec
 from ovis_server.cli.common import parse_lora
+from ovis_server.cli.server import model_taking
 
 
 @pytest.mark.parametrize(
@@ -31,3 +34,46 @@ def test_a_lora_option_takes_a_scale_after_its_last_colon(
 def test_a_scale_that_is_not_a_finite_number_is_refused(value: str) -> None:
     with pytest.raises(click.BadParameter, match="the scale is not a number"):
         parse_lora(value)
+
+
+REGISTRY = ModelRegistry((*BUILT_IN, *VARIANTS))
+
+
+def spec_of(model_id: str) -> ModelSpec:
+    spec = REGISTRY.get(model_id)
+    assert spec is not None, model_id
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("model", "image", "loras", "chosen"),
+    [
+        ("aidc-ai/ovis-image", False, False, "aidc-ai/ovis-image"),
+        ("tongyi-mai/z-image/turbo", True, False, "tongyi-mai/z-image/turbo/image-to-image"),
+        ("tongyi-mai/z-image/turbo", False, True, "tongyi-mai/z-image/turbo/lora"),
+    ],
+)
+def test_generate_runs_the_variant_that_takes_its_inputs(
+    model: str, image: bool, loras: bool, chosen: str
+) -> None:
+    assert model_taking(REGISTRY, spec_of(model), image, loras).model_id == chosen
+
+
+@pytest.mark.parametrize(
+    ("model", "image", "loras", "message"),
+    [
+        ("aidc-ai/ovis-image", False, True, "--model-id aidc-ai/ovis-image takes no LoRAs"),
+        (
+            "tongyi-mai/z-image/turbo",
+            True,
+            True,
+            "--model-id tongyi-mai/z-image/turbo takes no input image and LoRAs together",
+        ),
+    ],
+)
+def test_generate_refuses_inputs_no_variant_takes(
+    model: str, image: bool, loras: bool, message: str
+) -> None:
+    with pytest.raises(click.UsageError) as caught:
+        model_taking(REGISTRY, spec_of(model), image, loras)
+    assert caught.value.message == message

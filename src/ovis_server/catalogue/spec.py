@@ -162,6 +162,11 @@ class ModelSpec:
         return bool(self.input_model.IMAGE_FIELDS)
 
     @property
+    def takes_loras(self) -> bool:
+        """Whether its input has a ``loras`` field (its LoRA variant's does)."""
+        return "loras" in self.input_model.model_fields
+
+    @property
     def sizes(self) -> ImageSizes | None:
         """The image sizes it makes (presets, bounds, multiple), or None."""
         return self.input_model.SIZES

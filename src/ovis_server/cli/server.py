@@ -224,8 +224,7 @@ def model_taking(models: ModelRegistry, model: ModelSpec, image: bool, loras: bo
     if not image and not loras:
         return model
     for spec in (model, *(spec for spec in models if spec.variant_of == model.model_id)):
-        takes_loras = "loras" in spec.input_model.model_fields
-        if (not image or spec.takes_images) and (not loras or takes_loras):
+        if (not image or spec.takes_images) and (not loras or spec.takes_loras):
             return spec
     wanted = " and ".join(
         what for what, given in (("input image", image), ("LoRAs", loras)) if given
