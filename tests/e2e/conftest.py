@@ -231,9 +231,10 @@ class SharedServers:
     """``shared_server``'s servers: the in-process server (and its worker process, unless
     ``no_worker=True``) for each backend and Settings a test asks for, started the first
     time and handed out again to later tests asking for the same. The default one
-    (SQLite, no options: the ``server`` fixture's) lives for the session; every other lives
-    until the end of the test module (``end_module``), as only one module asks for each:
-    idle, a server and its worker still poll their database, about 2 s of CPU a minute."""
+    (SQLite, no options: the ``server`` fixture's, which most modules use) lives for the
+    session; every other only until the end of the module that started it (``end_module``):
+    few modules ask for each, and idle, a server and its worker still poll their database,
+    about 2 s of CPU a minute between them."""
 
     DEFAULT = ("sqlite",)
 
