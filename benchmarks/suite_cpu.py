@@ -33,7 +33,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,21 +133,22 @@ def sample(root: int, since: int, known: dict[tuple[int, int], Seen], family: se
             known[key] = Seen(command, cpu - base, base, read_test(pid))
 
 
-def rows_by(seen: Iterable[Seen], key: str, most: int = 0) -> tuple[list[str], float]:
-    """Table rows of ``seen`` summed by ``key`` ("kind"; "test file" or "test" for the
-    processes a test file or a test started), the largest first (only the ``most``
-    largest, where it is not 0), and their total CPU seconds."""
+def rows_by(
+    seen: Iterable[Seen], heading: str, name_of: Callable[[Seen], str], most: int = 0
+) -> tuple[list[str], float]:
+    """Table rows of ``seen`` summed by ``name_of`` each process (one that it names "" is
+    left out), the largest first (only the ``most`` largest, where it is not 0), and their
+    total CPU seconds."""
     rows: dict[str, list[float]] = {}
     for process in seen:
-        names = {"kind": kind(process.command), "test file": process.test_file}
-        name = names.get(key, process.test)
+        name = name_of(process)
         if not name:
             continue
         row = rows.setdefault(name, [0, 0.0])
         row[0] += 1
         row[1] += process.cpu
     total = sum(cpu for _, cpu in rows.values()) or 1.0
-    lines = [f"| {key} | processes | CPU s | CPU s each | share |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| {heading} | processes | CPU s | CPU s each | share |", "|---|---:|---:|---:|---:|"]
     largest = sorted(rows.items(), key=lambda item: -item[1][1])
     for name, (count, cpu) in largest[: most or None]:
         lines.append(
@@ -157,7 +158,7 @@ def rows_by(seen: Iterable[Seen], key: str, most: int = 0) -> tuple[list[str], f
 
 
 def table(seen: Iterable[Seen], wall: float) -> list[str]:
-    lines, total = rows_by(seen, "kind")
+    lines, total = rows_by(seen, "kind", lambda process: kind(process.command))
     cores = os.cpu_count() or 1
     lines += [
         "",
@@ -165,6 +166,10 @@ def table(seen: Iterable[Seen], wall: float) -> list[str]:
         f"{cores} ({total / wall / cores:.0%}).",
     ]
     return lines
+
+
+def print_section(heading: str, lines: list[str]) -> None:
+    print("\n".join(["", f"## {heading}", "", *lines]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,14 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         process.wait()
     wall = time.monotonic() - started
-    print("\n".join(["", f"## CPU by process: pytest {' '.join(args.pytest_args)}", ""]))
-    print("\n".join(table(known.values(), wall)))
-    by_file, _ = rows_by(known.values(), "test file")
-    print("\n".join(["", "## CPU of the processes the tests started, by test file", ""]))
-    print("\n".join(by_file))
-    by_test, _ = rows_by(known.values(), "test", most=30)
-    print("\n".join(["", "## The 30 tests whose processes used the most CPU", ""]))
-    print("\n".join(by_test))
+    seen = known.values()
+    print_section(f"CPU by process: pytest {' '.join(args.pytest_args)}", table(seen, wall))
+    by_file, _ = rows_by(seen, "test file", lambda process: process.test_file)
+    print_section("CPU of the processes the tests started, by test file", by_file)
+    by_test, _ = rows_by(seen, "test", lambda process: process.test, most=30)
+    print_section("The 30 tests whose processes used the most CPU", by_test)
     return process.returncode
 
 

@@ -257,12 +257,13 @@ class SharedServers:
                 **options,
             )
             try:
-                self.started[key] = (InProcessServer(settings), drop)
+                started = InProcessServer(settings)
             except BaseException:
                 drop()
                 raise
-            if self.started[key][0].worker is not None:
-                self.started[key][0].wait_until_ready()
+            self.started[key] = (started, drop)
+            if started.worker is not None:
+                started.wait_until_ready()
         server = self.started[key][0]
         if server.worker is not None:
             wait_for(lambda: server.unfinished_jobs() == 0, timeout=600, interval=0.2)

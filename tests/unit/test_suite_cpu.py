@@ -54,14 +54,14 @@ def test_the_processes_a_test_file_or_a_test_started_sum_by_it() -> None:
         Seen("python -m ovis_server worker", 2.0, test="tests/e2e/test_queue.py::test_q"),
         Seen("python -c import sys;exec(eval(sys.stdin.readline()))", 50.0),  # no test
     ]
-    lines, total = rows_by(seen, "test file")
+    lines, total = rows_by(seen, "test file", lambda process: process.test_file)
     assert lines[0] == "| test file | processes | CPU s | CPU s each | share |"
     assert lines[2:] == [
         "| test_faults.py | 2 | 8.0 | 4.00 | 80% |",
         "| test_queue.py | 1 | 2.0 | 2.00 | 20% |",
     ]
     assert total == 10.0
-    lines, total = rows_by(seen, "test", most=2)
+    lines, total = rows_by(seen, "test", lambda process: process.test, most=2)
     assert lines[2:] == [
         f"| {faults} | 1 | 6.0 | 6.00 | 60% |",
         "| tests/e2e/test_faults.py::test_hang | 1 | 2.0 | 2.00 | 20% |",
