@@ -6,12 +6,13 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from ovis_server.db.connect import alembic_config, connect, migrate, sqlite_url
 from ovis_server.db.schema import metadata
@@ -220,6 +221,30 @@ def test_claim_batch_takes_the_head_and_its_compatible_followers(store: JobStore
     assert lost == {"a"}
     assert [job.id for job in store.claim_batch("w", 30, max_batch=1)] == ["e"]
     assert store.claim_batch("w", 30, max_batch=4) == []
+
+
+def test_idle_polls_only_read(store: JobStore) -> None:
+    """The worker's claim, the outbox's and the deadline pass run several times a second;
+    with nothing to do they read, and take no write lock (SQLite) or write transaction."""
+    statements: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement.lstrip().split()[0].upper())
+
+    deliveries = DeliveryStore(store.engine)
+    add(store, "running")
+    assert store.claim_next("w", 30) is not None  # a running job, its deadline far off
+    event.listen(store.engine, "before_cursor_execute", note)
+    try:
+        assert store.claim_batch("w", 30, max_batch=4) == []
+        assert deliveries.claim_due(100, 60) == []
+        assert store.expire_deadlines() == (0, 0)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", note)
+    assert set(statements) == {"SELECT"}, statements
+    # With work to do, the same calls take it.
+    add(store, "queued")
+    assert [job.id for job in store.claim_batch("w", 30, max_batch=4)] == ["queued"]
 
 
 def test_every_state_change_is_logged_and_owes_its_webhooks(store: JobStore) -> None:

@@ -11,11 +11,11 @@ import logging
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, Select, select, union_all, update
 
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import jobs
-from ovis_server.db.skip_locked import locked_pick
+from ovis_server.db.skip_locked import any_row, locked_pick
 from ovis_server.jobs.events import record_changes, utcnow
 from ovis_server.jobs.job import JobStatus
 from ovis_server.jobs.sweeper import Sweeper
@@ -26,6 +26,8 @@ SWEEP_SECONDS = 1.0
 # The error a job carries when its deadline (the submit's Cancel-After) cancels it.
 DEADLINE_EXCEEDED = "deadline_exceeded"
 DEADLINE_MESSAGE = "the request did not complete before its Cancel-After deadline; it was cancelled"
+# The jobs a pass acts on: the queued ones it cancels and the running ones it flags.
+ACTED_ON = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 class DeadlineExpiry:
@@ -46,33 +48,37 @@ class DeadlineExpiry:
         second later) takes them.
         """
         now = utcnow()
+        queued, running = (self._past_deadline(now, status) for status in ACTED_ON)
+        if not any_row(self.engine, union_all(queued, running)):  # most passes end here
+            return 0, 0
         reason = {"error_type": DEADLINE_EXCEEDED, "error_message": DEADLINE_MESSAGE}
         with self.engine.begin() as conn:
-            queued = conn.execute(
+            cancelled = conn.execute(
                 update(jobs)
-                .where(jobs.c.seq == self._past_deadline(now, JobStatus.QUEUED).c.seq)
+                .where(jobs.c.seq == locked_pick(queued, "past_deadline_queued").c.seq)
                 .values(
                     status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, **reason
                 )
                 .returning(*jobs.c)
             ).all()
-            record_changes(conn, queued, now)
-            running = conn.execute(
+            record_changes(conn, cancelled, now)
+            flagged = conn.execute(
                 update(jobs)
-                .where(jobs.c.seq == self._past_deadline(now, JobStatus.RUNNING).c.seq)
+                .where(jobs.c.seq == locked_pick(running, "past_deadline_running").c.seq)
                 .values(cancel_requested=True, **reason)
                 .returning(jobs.c.seq)
             ).all()
-        return len(queued), len(running)
+        return len(cancelled), len(flagged)
 
     @staticmethod
-    def _past_deadline(now: datetime, status: JobStatus) -> Any:
-        """The jobs in ``status`` whose deadline has passed (running ones not yet flagged),
-        locked for the update that acts on them (PostgreSQL; SQLite ignores it)."""
+    def _past_deadline(now: datetime, status: JobStatus) -> Select[Any]:
+        """The jobs in ``status`` whose deadline has passed (running ones not yet flagged);
+        the update that acts on them locks them (``locked_pick``: PostgreSQL; SQLite
+        ignores it)."""
         found = select(jobs.c.seq).where(jobs.c.status == status, jobs.c.deadline < now)
         if status == JobStatus.RUNNING:
             found = found.where(jobs.c.cancel_requested.is_(False))
-        return locked_pick(found, f"past_deadline_{status.value}")
+        return found
 
 
 class ExpiresDeadlines(Protocol):

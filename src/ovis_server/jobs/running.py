@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, Engine, Row, and_, or_, select, update
 
 from ovis_server.db.retry import DEFAULT_RETRY_SECONDS, retried
 from ovis_server.db.schema import jobs
-from ovis_server.db.skip_locked import locked_pick
+from ovis_server.db.skip_locked import any_row, locked_pick
 from ovis_server.jobs.events import record_changes, utcnow
 from ovis_server.jobs.job import Job, JobStatus, StoredOutput
 from ovis_server.jobs.rows import job_from_row
@@ -73,6 +73,8 @@ class RunningJobs:
             candidates = candidates.where(jobs.c.batch_key == batch_key)
         if model_ids is not None:
             candidates = candidates.where(jobs.c.model_id.in_(model_ids))
+        if not any_row(self.engine, candidates):  # an idle worker's poll ends here
+            return []
         # Concurrent workers skip the rows another is claiming (see locked_pick).
         picked = locked_pick(candidates.order_by(jobs.c.seq).limit(limit), "picked")
         stmt = (

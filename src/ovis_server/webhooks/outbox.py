@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, or_, select, update
 
 from ovis_server.db.schema import webhook_deliveries as deliveries
-from ovis_server.db.skip_locked import locked_pick
+from ovis_server.db.skip_locked import any_row, locked_pick
 from ovis_server.jobs.events import utcnow
 from ovis_server.jobs.job import DeliveryState, JobStatus
 from ovis_server.jobs.rows import from_row
@@ -49,17 +49,14 @@ class DeliveryStore:
         if limit <= 0:
             return []
         now = utcnow()
-        due_now = (
-            select(deliveries.c.id)
-            .where(
-                deliveries.c.state == DeliveryState.PENDING,
-                deliveries.c.next_attempt_at <= now,
-                or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < now),
-            )
-            .order_by(deliveries.c.next_attempt_at)
-            .limit(limit)
+        due_now = select(deliveries.c.id).where(
+            deliveries.c.state == DeliveryState.PENDING,
+            deliveries.c.next_attempt_at <= now,
+            or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < now),
         )
-        due = locked_pick(due_now, "due")
+        if not any_row(self.engine, due_now):  # the sender's idle poll ends here
+            return []
+        due = locked_pick(due_now.order_by(deliveries.c.next_attempt_at).limit(limit), "due")
         stmt = (
             update(deliveries)
             .where(deliveries.c.id == due.c.id, deliveries.c.state == DeliveryState.PENDING)
