@@ -28,8 +28,8 @@ from .bodies import Z_IMAGE_ID
 from .helpers import Cluster, InProcessServer, MotoS3, Server, ServerFactory, run_cli, wait_for
 
 # The longest files (seconds of tests on the 2-core machine with one OpenMP thread a
-# process, 2026-12-06) run first, so that the two processes of ``-n 2 --dist loadfile``
-# end together, rather than one of them starting a long file when the other has nothing
+# process, 2026-12-06) run first, so that the processes of ``-n 3 --dist loadfile`` end
+# together, rather than one of them starting a long file when the others have nothing
 # left.
 LONGEST_FIRST = [
     "test_faults.py",  # about 400 s
