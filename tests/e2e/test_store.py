@@ -225,7 +225,7 @@ def test_claim_batch_takes_the_head_and_its_compatible_followers(store: JobStore
 
 def test_idle_polls_only_read(store: JobStore) -> None:
     """The worker's claim, the outbox's and the deadline pass run several times a second;
-    with nothing to do they read, and take no write lock (SQLite) or write transaction."""
+    with nothing to do they only read, and take no write lock (SQLite) or row locks."""
     statements: list[str] = []
 
     def note(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:

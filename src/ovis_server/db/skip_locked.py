@@ -27,11 +27,12 @@ def any_row(engine: Engine, candidates: SelectBase) -> bool:
 
     The loops that claim work (a worker's queue, the webhook outbox, the deadline sweep)
     run several times a second and mostly find nothing. Their UPDATE takes SQLite's one
-    write lock, and on PostgreSQL opens a write transaction, even when it changes no row;
-    this read takes neither, so an idle loop leaves the database to the API's writes (and
-    costs a quarter of the CPU). A row that arrives after the read is taken on the next
-    pass, as one that arrives after the UPDATE would be; the UPDATE still states, in its
-    WHERE clause, everything the read found.
+    write lock even when it changes no row (on PostgreSQL it is a locking scan where a
+    read would do); this read takes no lock, so an idle loop leaves the database to the
+    API's writes, at 40% of the CPU (an idle claim on SQLite: 0.6 ms rather than 1.55). A
+    row that arrives after the read is taken on the next pass, as one that arrives after
+    the UPDATE would be; the UPDATE still states, in its WHERE clause, everything the read
+    found.
     """
     with engine.connect() as conn:
         return bool(conn.execute(select(candidates.exists())).scalar())
