@@ -26,8 +26,6 @@ SWEEP_SECONDS = 1.0
 # The error a job carries when its deadline (the submit's Cancel-After) cancels it.
 DEADLINE_EXCEEDED = "deadline_exceeded"
 DEADLINE_MESSAGE = "the request did not complete before its Cancel-After deadline; it was cancelled"
-# The jobs a pass acts on: the queued ones it cancels and the running ones it flags.
-ACTED_ON = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 class DeadlineExpiry:
@@ -48,7 +46,8 @@ class DeadlineExpiry:
         second later) takes them.
         """
         now = utcnow()
-        queued, running = (self._past_deadline(now, status) for status in ACTED_ON)
+        queued = self._past_deadline(now, JobStatus.QUEUED)  # to cancel
+        running = self._past_deadline(now, JobStatus.RUNNING)  # to flag
         if not any_row(self.engine, union_all(queued, running)):  # most passes end here
             return 0, 0
         reason = {"error_type": DEADLINE_EXCEEDED, "error_message": DEADLINE_MESSAGE}
