@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from benchmarks.common import create_token, free_port
+from benchmarks.common import TLS, create_token, free_port
 from ovis_server.db.connect import connect, migrate, sqlite_url
 from ovis_server.jobs.job import NewJob
 from ovis_server.jobs.store import JobStore
@@ -113,7 +113,7 @@ def api_load(
             if server.poll() is not None:
                 raise RuntimeError(f"the server exited ({server.returncode}); see {log.name}")
             try:
-                if httpx.get(base + "/healthz").status_code == 200:
+                if httpx.get(base + "/healthz", verify=TLS).status_code == 200:
                     break
             except httpx.HTTPError:
                 if time.monotonic() > deadline:

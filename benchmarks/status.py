@@ -43,7 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from benchmarks.common import create_token, free_port, stop
+from benchmarks.common import TLS, create_token, free_port, stop
 
 MODEL_PATH = "/v1/models/aidc-ai/ovis-image"
 JOB_INPUT = {
@@ -86,7 +86,7 @@ def wait_healthy(base_url: str, process: subprocess.Popen[bytes], path: str) -> 
     deadline = time.monotonic() + 120
     while True:
         try:
-            if httpx.get(base_url + path, timeout=2).status_code < 500:
+            if httpx.get(base_url + path, timeout=2, verify=TLS).status_code < 500:
                 return
         except httpx.HTTPError:
             pass

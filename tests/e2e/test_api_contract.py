@@ -21,6 +21,8 @@ from .helpers import (
     InProcessServer,
     ServerFactory,
     download,
+    http_get,
+    http_request,
     pixels,
     status_of,
     submit,
@@ -78,7 +80,7 @@ def test_submit_answer_has_absolute_urls_that_work_verbatim(alice: httpx.Client)
     assert body["cancel_url"] == f"{prefix}/cancel"
     wait_result(alice, request_id)
     # One official client fetches result_url exactly as given, with a query string.
-    fetched = httpx.get(
+    fetched = http_get(
         body["result_url"] + "?include_cost=true", headers=alice.headers, timeout=30
     ).json()
     assert fetched["status"] == "succeeded"
@@ -86,7 +88,7 @@ def test_submit_answer_has_absolute_urls_that_work_verbatim(alice: httpx.Client)
     assert fetched["cost"] == pytest.approx(0.01)
     for stamp in ("created_at", "finished_at"):
         assert fetched[stamp].endswith("Z")
-    status = httpx.get(body["status_url"], headers=alice.headers, timeout=30).json()
+    status = http_get(body["status_url"], headers=alice.headers, timeout=30).json()
     assert status["status"] == "completed"
     assert "queue_position" not in status
 
@@ -244,7 +246,7 @@ def test_token_failures_are_401(server: InProcessServer, alice: httpx.Client) ->
             ("GET", "/v1/requests/x/result"),
             ("POST", "/v1/requests/x/cancel"),
         ]:
-            response = httpx.request(method, server.base_url + path, headers=headers, json={})
+            response = http_request(method, server.base_url + path, headers=headers, json={})
             assert error_of(response)[:2] == (401, 400004), (headers, path)
             assert response.headers["www-authenticate"] == "Bearer"
 
@@ -310,7 +312,7 @@ def with_query(url: str, **changes: str) -> str:
 def test_signed_urls_refuse_tampering(alice: httpx.Client) -> None:
     result = wait_result(alice, submit(alice, num_inference_steps=1))
     url = result["output"]["image"]
-    assert httpx.get(url).status_code == 200
+    assert http_get(url).status_code == 200
     expires = parse_qs(urlparse(url).query)["expires"][0]
     signature = parse_qs(urlparse(url).query)["signature"][0]
     forged = [
@@ -321,7 +323,7 @@ def test_signed_urls_refuse_tampering(alice: httpx.Client) -> None:
         url.replace("/0.png", "/1.png"),
     ]
     for candidate in forged:
-        response = httpx.get(candidate)
+        response = http_get(candidate)
         assert error_of(response)[:2] == (403, 403002), candidate
 
 
@@ -366,7 +368,7 @@ def test_catalogue(alice: httpx.Client) -> None:
 
 
 def test_openapi_describes_the_api(server: InProcessServer) -> None:
-    spec = httpx.get(server.base_url + "/openapi.json").json()
+    spec = http_get(server.base_url + "/openapi.json").json()
     paths = spec["paths"]
     assert "/v1/models/{model_id}" in paths
     assert "/v1/requests/{request_id}/status" in paths

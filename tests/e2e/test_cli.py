@@ -6,9 +6,15 @@ import re
 import time
 from pathlib import Path
 
-import httpx
-
-from .helpers import ServerFactory, create_token, run_cli, start_server, submit, wait_result
+from .helpers import (
+    ServerFactory,
+    create_token,
+    http_get,
+    run_cli,
+    start_server,
+    submit,
+    wait_result,
+)
 
 
 def test_token_create_list_revoke(tmp_path: Path) -> None:
@@ -73,7 +79,7 @@ def test_first_start_creates_a_token_and_prints_it_once(tmp_path: Path, tiny_wei
 def test_no_auth_serves_without_tokens_and_warns(tmp_path: Path, tiny_weights: Path) -> None:
     server = start_server(tmp_path, tiny_weights, "--no-worker", "--no-auth")
     try:
-        assert httpx.get(server.base_url + "/v1/models").status_code == 200
+        assert http_get(server.base_url + "/v1/models").status_code == 200
         assert "--no-auth" in server.log()
         assert not printed_tokens(server.log())
     finally:
@@ -92,14 +98,14 @@ def test_public_url_and_url_expiry(fresh_server: ServerFactory) -> None:
         url = result["output"]["image"]
         assert url.startswith(public + "/files/")
         local = url.replace(public, server.base_url)
-        assert httpx.get(local).status_code == 200
+        assert http_get(local).status_code == 200
         time.sleep(3)
-        expired = httpx.get(local)
+        expired = http_get(local)
         assert expired.status_code == 403
         assert expired.json()["error_code"] == 403002
         fresh = client.get(f"/v1/requests/{answer['request_id']}/result").json()
         assert (
-            httpx.get(fresh["output"]["image"].replace(public, server.base_url)).status_code == 200
+            http_get(fresh["output"]["image"].replace(public, server.base_url)).status_code == 200
         )
         assert submit(client, num_inference_steps=1)
 

@@ -24,6 +24,7 @@ from ovis_server.worker.runner import Worker
 from .bodies import SLOW
 from .helpers import (
     InProcessServer,
+    http_get,
     run_cli,
     status_of,
     submit,
@@ -52,16 +53,16 @@ def test_delete_removes_the_files_and_the_request(
 ) -> None:
     request_id = submit(alice, num_inference_steps=1)
     url = wait_result(alice, request_id)["output"]["image"]
-    assert httpx.get(url).status_code == 200
+    assert http_get(url).status_code == 200
     path = f"/v1/requests/{request_id}"
 
     assert error_code(bob.delete(path)) == (403, 403001)
-    assert httpx.get(url).status_code == 200, "another token's delete changes nothing"
+    assert http_get(url).status_code == 200, "another token's delete changes nothing"
     assert error_code(alice.delete("/v1/requests/no-such-request")) == (404, 404001)
 
     response = alice.delete(path)
     assert response.status_code == 204, response.text
-    assert httpx.get(url).status_code == 404, "the signed URL stops working at once"
+    assert http_get(url).status_code == 404, "the signed URL stops working at once"
     assert not (server.data_dir / "files" / request_id).exists()
     for method, suffix in [("GET", "/status"), ("GET", "/result"), ("POST", "/cancel")]:
         assert error_code(alice.request(method, path + suffix)) == (404, 404001)

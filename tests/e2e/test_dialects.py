@@ -28,7 +28,7 @@ from ovis_server.storage.s3 import S3FileStore
 from ovis_server.storage.signing import UrlSigner
 
 from .bodies import OVIS_ID, OVIS_PATH
-from .helpers import InProcessServer, ServerFactory, download, wait_result
+from .helpers import InProcessServer, ServerFactory, download, http_get, http_request, wait_result
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -147,7 +147,7 @@ def test_model_list_is_also_openais_list(client: httpx.Client) -> None:
 
 def test_catalogue_needs_a_token(server: InProcessServer) -> None:
     for path in ("/v1/models/categories", "/v1/models?search=ovis"):
-        assert httpx.get(server.base_url + path).status_code == 401
+        assert http_get(server.base_url + path).status_code == 401
 
 
 # --- generic RunComfy clients: aspect_ratio, webhook_url ------------------------------------
@@ -387,7 +387,9 @@ def test_openai_bad_token_is_a_401(server: InProcessServer) -> None:
         bad.images.generate(model="ovis-image", prompt="x", size="256x256")
     assert isinstance(caught.value.body, dict)
     assert caught.value.body["code"] == "invalid_api_key"
-    response = httpx.post(f"{server.base_url}/v1/images/generations", json={"prompt": "x"})
+    response = http_request(
+        "POST", f"{server.base_url}/v1/images/generations", json={"prompt": "x"}
+    )
     assert response.status_code == 401
     assert response.json()["error"]["type"] == "invalid_request_error"
 

@@ -27,6 +27,7 @@ from .helpers import (
     Server,
     ServerFactory,
     create_token,
+    http_get,
     start_server,
     status_of,
     submit,
@@ -203,7 +204,7 @@ def test_a_hang_in_model_code_is_ended_and_the_job_fails_after_max_attempts(
         frozen = submit(client, prompt="FREEZE", **ONE_STEP)
         after = submit(client, prompt="fine", **ONE_STEP)
         while True:  # the API answers all along
-            assert httpx.get(server.base_url + "/healthz", timeout=5).status_code == 200
+            assert http_get(server.base_url + "/healthz", timeout=5).status_code == 200
             result = client.get(f"/v1/requests/{frozen}/result").json()
             if result["status"] in {"failed", "succeeded"}:
                 break
@@ -219,7 +220,7 @@ def test_readyz_needs_a_worker_with_a_loaded_model(
     backend: str, fresh_server: ServerFactory, shared_server: ServerFactory
 ) -> None:
     api_only = fresh_server(no_worker=True)
-    not_ready = httpx.get(api_only.base_url + "/readyz")
+    not_ready = http_get(api_only.base_url + "/readyz")
     assert not_ready.status_code == 503
     assert not_ready.json()["workers_ready"] == 0
     api_only.stop()
@@ -227,7 +228,7 @@ def test_readyz_needs_a_worker_with_a_loaded_model(
     server = shared_server(backend=backend)
 
     def readiness() -> dict[str, Any] | None:
-        response = httpx.get(server.base_url + "/readyz")
+        response = http_get(server.base_url + "/readyz")
         return response.json() if response.status_code == 200 else None
 
     ready = wait_for(readiness)
@@ -249,7 +250,7 @@ def test_readyz_needs_a_worker_with_a_loaded_model(
             }
         ],
     }
-    assert httpx.get(server.base_url + "/healthz").json() == {"status": "ok"}
+    assert http_get(server.base_url + "/healthz").json() == {"status": "ok"}
 
 
 def test_backpressure_answers_429_with_retry_after(fresh_server: ServerFactory) -> None:
@@ -325,7 +326,7 @@ def test_retention_deletes_results_and_files(tmp_path: Path, fresh_server: Serve
     with server.client(server.token("t")) as client:
         request_id = submit(client, **ONE_STEP)
         url = wait_result(client, request_id)["output"]["image"]
-        assert httpx.get(url).status_code == 200
+        assert http_get(url).status_code == 200
         assert (tmp_path / "files" / request_id).is_dir()
 
         def expired() -> httpx.Response | None:
@@ -334,7 +335,7 @@ def test_retention_deletes_results_and_files(tmp_path: Path, fresh_server: Serve
 
         assert wait_for(expired, timeout=30).json()["error_code"] == 404001
         assert client.get(f"/v1/requests/{request_id}/status").status_code == 404
-        assert httpx.get(url).status_code == 404
+        assert http_get(url).status_code == 404
         # The rows go first, then the files, in the same pass.
         wait_for(lambda: not (tmp_path / "files" / request_id).exists(), timeout=10)
     wait_for(lambda: "retention: removed 1 job(s)" in server.log(), timeout=10)
@@ -380,7 +381,7 @@ def test_file_route_refuses_traversal_and_forged_ids(
     # Tokens never reach the logs, whichever way they were sent.
     refused = '"GET /v1/models HTTP/1.1" 401'
     before = server.log().count(refused)
-    httpx.get(server.base_url + "/v1/models", headers={"Authorization": "Bearer " + token + "x"})
+    http_get(server.base_url + "/v1/models", headers={"Authorization": "Bearer " + token + "x"})
     wait_for(lambda: server.log().count(refused) > before, timeout=10)  # logged by now
     assert token not in server.log()
     assert token[5:] not in server.log()

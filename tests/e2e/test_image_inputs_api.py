@@ -27,7 +27,7 @@ from ovis_server.catalogue.z_image_edit import STORED_IMAGE_REFERENCE, auto_size
 from ovis_server.client import Client
 
 from .bodies import Z_IMAGE_ID
-from .helpers import REFUSED_URLS, Server, run_cli, start_server, wait_for, wait_result
+from .helpers import REFUSED_URLS, Server, http_get, run_cli, start_server, wait_for, wait_result
 from .test_image_inputs import body, data_uri, png_bomb, serving
 
 EDIT_ID = f"{Z_IMAGE_ID}/image-to-image"
@@ -117,7 +117,7 @@ def test_a_data_uri_job_completes_at_the_inputs_aspect_ratio(served: Server) -> 
         result = wait_result(client, request_id, timeout=300)
         assert result["status"] == "succeeded", result
         assert result["model_id"] == EDIT_ID
-        image = Image.open(io.BytesIO(httpx.get(result["output"]["image"]).content))
+        image = Image.open(io.BytesIO(http_get(result["output"]["image"]).content))
         assert image.size == auto_size(120, 90)
     # The job row keeps a short reference, not the data URI; the image is in the store.
     (row,) = [text for text in stored_inputs(served) if "a red bicycle" in text]
@@ -142,7 +142,7 @@ def test_an_http_url_on_loopback_completes_with_the_opt_in(served: Server) -> No
         assert answer.status_code == 200, answer.text
         result = wait_result(client, answer.json()["request_id"], timeout=300)
     assert result["status"] == "succeeded", result
-    image = Image.open(io.BytesIO(httpx.get(result["output"]["image"]).content))
+    image = Image.open(io.BytesIO(http_get(result["output"]["image"]).content))
     assert image.size == (512, 512)
 
 
@@ -156,7 +156,7 @@ def test_the_sdk_sends_a_local_file_as_a_data_uri(served: Server, tmp_path: Path
             timeout=300,
         )
     assert result.image_url is not None
-    image = Image.open(io.BytesIO(httpx.get(result.image_url).content))
+    image = Image.open(io.BytesIO(http_get(result.image_url).content))
     assert image.size == auto_size(96, 64)
     with Client(served.base_url, None) as client:  # a Path too
         submitted = client.submit({"prompt": "x", "image_url": source}, EDIT_ID)

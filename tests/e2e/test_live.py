@@ -28,6 +28,7 @@ from .helpers import (
     create_token,
     create_token_with_webhook_secret,
     download,
+    http_get,
     run_cli,
     start_server,
     status_of,
@@ -120,7 +121,7 @@ def test_stream_delivers_every_step_in_order_then_the_result(
     other = server.token("other")
     with server.client(other) as stranger:
         assert stranger.get(f"/v1/requests/{ahead}/stream").status_code == 403
-    assert httpx.get(f"{server.base_url}/v1/requests/{ahead}/stream").status_code == 401
+    assert http_get(f"{server.base_url}/v1/requests/{ahead}/stream").status_code == 401
 
 
 async def follow(
@@ -165,7 +166,7 @@ def test_200_concurrent_streams_on_one_process_stay_correct(
         ids = [submit(client, **FAST, num_inference_steps=steps) for _ in range(jobs)]
 
     def open_streams() -> float:
-        metrics = httpx.get(f"{server.base_url}/metrics").text
+        metrics = http_get(f"{server.base_url}/metrics").text
         line = next(x for x in metrics.splitlines() if x.startswith("ovis_status_streams_open"))
         return float(line.split()[1])
 

@@ -31,6 +31,7 @@ from .helpers import (
     TOLERANCE,
     InProcessServer,
     download,
+    http_get,
     pixels,
     run_cli,
     wait_for,
@@ -117,8 +118,8 @@ def test_the_lora_variant_is_served_with_its_model_and_listed_with_its_schema(
 def test_get_loras_lists_the_operators_loras_to_token_holders(
     served: InProcessServer, client: httpx.Client
 ) -> None:
-    assert httpx.get(f"{served.base_url}/v1/loras").status_code == 401
-    assert httpx.get(f"{served.base_url}/v1/loras",
+    assert http_get(f"{served.base_url}/v1/loras").status_code == 401
+    assert http_get(f"{served.base_url}/v1/loras",
                      headers={"Authorization": "Bearer ovis_wrong"}).status_code == 401  # fmt: skip
     answer = client.get("/v1/loras")
     assert answer.status_code == 200, answer.text

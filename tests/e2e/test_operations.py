@@ -15,7 +15,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from ovis_server.db.connect import SQLITE_FILE
 
 from .bodies import ONE_STEP
-from .helpers import InProcessServer, ServerFactory, status_of, submit, wait_for, wait_result
+from .helpers import (
+    InProcessServer,
+    ServerFactory,
+    http_get,
+    status_of,
+    submit,
+    wait_for,
+    wait_result,
+)
 
 METRICS_TOKEN = "prometheus-" + "0123456789abcdef" * 2
 SCRAPER = {"Authorization": f"Bearer {METRICS_TOKEN}"}
@@ -27,7 +35,7 @@ def server(shared_server: ServerFactory) -> InProcessServer:
 
 
 def scrape(server: InProcessServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = httpx.get(server.base_url + "/metrics", headers=SCRAPER)
+    response = http_get(server.base_url + "/metrics", headers=SCRAPER)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = {}
@@ -39,7 +47,7 @@ def scrape(server: InProcessServer) -> dict[tuple[str, tuple[tuple[str, str], ..
 
 def test_metrics_parse_and_move_with_jobs(server: InProcessServer) -> None:
     with server.client(server.token("metrics")) as client:
-        wait_for(lambda: httpx.get(server.base_url + "/readyz").status_code == 200)
+        wait_for(lambda: http_get(server.base_url + "/readyz").status_code == 200)
         before = scrape(server)
         done = wait_result(client, submit(client, **ONE_STEP))
         assert done["status"] == "succeeded"
@@ -85,7 +93,7 @@ def test_list_my_requests_newest_first_with_a_cursor(server: InProcessServer) ->
         assert "next_cursor" not in rest
         assert client.get("/v1/requests", params={"cursor": "nope"}).status_code == 422
         assert client.get("/v1/requests", params={"limit": 0}).status_code == 422
-        assert httpx.get(server.base_url + "/v1/requests").status_code == 401
+        assert http_get(server.base_url + "/v1/requests").status_code == 401
 
 
 def test_status_reports_progress_while_running(server: InProcessServer) -> None:
@@ -110,11 +118,11 @@ def test_status_reports_progress_while_running(server: InProcessServer) -> None:
 def test_metrics_are_closed_to_anyone_without_the_metrics_token(server: InProcessServer) -> None:
     api_token = server.token("not-a-scraper")
     for headers in ({}, {"Authorization": f"Bearer {api_token}"}, {"Authorization": "Bearer x"}):
-        response = httpx.get(server.base_url + "/metrics", headers=headers)
+        response = http_get(server.base_url + "/metrics", headers=headers)
         assert response.status_code == 401
         assert response.json()["error_code"] == 400004
         assert "ovis_webhook" not in response.text
-    assert httpx.get(server.base_url + "/metrics", headers=SCRAPER).status_code == 200
+    assert http_get(server.base_url + "/metrics", headers=SCRAPER).status_code == 200
 
 
 def test_a_prompt_longer_than_the_model_reads_completes_with_a_warning(

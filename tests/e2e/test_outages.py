@@ -33,6 +33,7 @@ from .helpers import (
     ServerFactory,
     complete_with_file,
     create_token,
+    http_get,
     start_server,
     status_of,
     submit,
@@ -81,7 +82,7 @@ def test_a_delete_while_the_bucket_is_down_loses_nothing_through_a_restart(
         url = wait_result(client, request_id)["output"]["image"]
         kept = submit(client, **ONE_STEP)  # another request, which stays
         wait_result(client, kept)
-        assert httpx.get(url).status_code == 200
+        assert http_get(url).status_code == 200
         assert f"results/{request_id}/0.png" in s3.objects()
 
         s3.stop()  # the bucket cannot be reached
@@ -119,7 +120,7 @@ def test_a_delete_while_the_bucket_is_down_loses_nothing_through_a_restart(
     s3.start()  # the bucket is back: the object goes, then the record
     prefix = f"results/{request_id}/"
     wait_for(lambda: not any(key.startswith(prefix) for key in s3.objects()), timeout=120)
-    assert httpx.get(url).status_code == 404, "the presigned URL stops once the object is gone"
+    assert http_get(url).status_code == 404, "the presigned URL stops once the object is gone"
     wait_for(lambda: deletions.owed() == [], timeout=30)
     with restarted.client(token) as client:
         assert client.get(f"/v1/requests/{request_id}/status").status_code == 404
@@ -155,14 +156,14 @@ def test_a_delete_the_disk_refuses_answers_at_once_and_the_files_go_later(
         request_id = submit(client, **ONE_STEP)
         key = complete_with_file(store, files, request_id)
         url = wait_result(client, request_id)["output"]["image"]
-        assert httpx.get(url).status_code == 200
+        assert http_get(url).status_code == 200
 
         failing = FailingRemovals(server)
         answer = client.delete(f"/v1/requests/{request_id}")
         assert answer.status_code == 204, answer.text
         assert failing.tries == 1
         assert files.path(key).exists(), "the disk kept it"
-        refused = httpx.get(url)
+        refused = http_get(url)
         assert (refused.status_code, refused.json()["error_code"]) == (404, 404001)
         assert_nothing_internal(refused.text, str(files.root))
         deletions = FileDeletions(store.engine)
@@ -173,7 +174,7 @@ def test_a_delete_the_disk_refuses_answers_at_once_and_the_files_go_later(
         failing.heal()
         wait_for(lambda: not files.path(key).exists(), timeout=60)
         wait_for(lambda: deletions.owed() == [], timeout=30)
-        assert httpx.get(url).status_code == 404
+        assert http_get(url).status_code == 404
     assert "could not be removed" in server.log()
 
 

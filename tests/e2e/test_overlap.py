@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -34,7 +33,7 @@ from ovis_server.worker.runner import Worker
 
 from .bodies import OVIS_ID
 from .faults import use_faults
-from .helpers import create_token, start_server, submit, wait_for
+from .helpers import create_token, http_get, start_server, submit, wait_for
 
 # Long enough for a loaded 2-core machine; a wait that runs out is a failure, not a race.
 PATIENCE = 120.0
@@ -262,7 +261,7 @@ def test_sigterm_during_a_slow_store_still_records_the_job_completed(
         with again.client(token) as client:
             result = client.get(f"/v1/requests/{request_id}/result").json()
             assert result["status"] == "succeeded", result
-            assert httpx.get(result["output"]["image"]).status_code == 200
+            assert http_get(result["output"]["image"]).status_code == 200
     finally:
         again.kill()
 

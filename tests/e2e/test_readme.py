@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from .helpers import free_port
+from .helpers import free_port, http_get
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -132,7 +132,7 @@ def readme_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReadmeSe
         while True:
             assert process.poll() is None, log.read_text()
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                if http_get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

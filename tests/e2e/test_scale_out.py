@@ -13,7 +13,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from .conftest import fresh_postgres_database
@@ -22,6 +21,7 @@ from .helpers import (
     MotoS3,
     create_token,
     download,
+    http_get,
     start_server,
     status_of,
     submit,
@@ -140,7 +140,7 @@ def test_s3_storage_serves_presigned_urls_and_expires_objects(
 
         wait_for(lambda: s3.objects() == [], timeout=60)
         assert client.get(f"/v1/requests/{request_id}/result").status_code == 404
-    assert httpx.get(url).status_code == 404
+    assert http_get(url).status_code == 404
 
 
 def test_bad_storage_url_is_refused(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from .bodies import ONE_STEP
 from .conftest import BACKENDS
-from .helpers import InProcessServer, ServerFactory, submit
+from .helpers import InProcessServer, ServerFactory, http_get, submit
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -64,4 +64,4 @@ def test_status_errors_are_the_routes(server: InProcessServer, alice: httpx.Clie
         refused = both_paths(stranger, f"/v1/requests/{request_id}/status")
         same(*refused)
         assert refused[0].status_code == 401
-    assert httpx.get(f"{server.base_url}/v1/requests/{request_id}/status").status_code == 401
+    assert http_get(f"{server.base_url}/v1/requests/{request_id}/status").status_code == 401

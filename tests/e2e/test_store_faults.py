@@ -28,6 +28,7 @@ from .helpers import (
     Server,
     ServerFactory,
     create_token,
+    http_get,
     run_cli,
     start_server,
     status_of,
@@ -241,12 +242,12 @@ def test_an_unwritable_files_store_keeps_jobs_queued_until_it_is_fixed(
         assert result["status"] == "succeeded"
         assert job_row(tmp_path, request_id) == ("succeeded", 1)
         url = result["output"]["image"]
-        assert httpx.get(url).status_code == 200
+        assert http_get(url).status_code == 200
 
         # A file gone from under a live link answers the contract's 404.
         for stored in (files / request_id).iterdir():
             stored.unlink()
-        missing = httpx.get(url)
+        missing = http_get(url)
         assert missing.status_code == 404
         assert missing.json()["error_code"] == 404001
 

@@ -22,7 +22,7 @@ from ovis_server.engine.pipeline import Engine
 from ovis_server.engine.warmup import WarmupShape, warm_up, warmup_shapes
 from ovis_server.worker.readiness import default_shapes
 
-from .helpers import start_server, submit, wait_for, wait_result
+from .helpers import http_get, start_server, submit, wait_for, wait_result
 
 PRESETS = [(1024, 1024), (512, 512), (768, 1024), (576, 1024), (1024, 768), (1024, 576)]
 
@@ -182,7 +182,7 @@ def test_compilation_that_keeps_failing_runs_eagerly(
 
 def readyz(server_url: str) -> dict[str, Any] | None:
     try:
-        body: dict[str, Any] = httpx.get(f"{server_url}/readyz", timeout=5).json()
+        body: dict[str, Any] = http_get(f"{server_url}/readyz", timeout=5).json()
     except httpx.HTTPError:
         return None
     return body

@@ -27,6 +27,7 @@ from .helpers import (
     Server,
     ServerFactory,
     create_token,
+    http_get,
     start_server,
     wait_for,
 )
@@ -118,7 +119,7 @@ def memory_kib(pid: int, field_name: str) -> int:
 
 def delivered_messages(server: Server | InProcessServer) -> int:
     """``ovis_webhook_messages_finished_total{state="delivered"}`` from /metrics."""
-    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    text = http_get(f"{server.base_url}/metrics", timeout=10).text
     pattern = r'^ovis_webhook_messages_finished_total{state="delivered"} (\S+)'
     match = re.search(pattern, text, re.MULTILINE)
     return int(float(match.group(1))) if match else 0
@@ -126,7 +127,7 @@ def delivered_messages(server: Server | InProcessServer) -> int:
 
 def pending_messages(server: InProcessServer) -> int:
     """``ovis_webhook_messages_pending`` from /metrics (servers here run --metrics-public)."""
-    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    text = http_get(f"{server.base_url}/metrics", timeout=10).text
     match = re.search(r"^ovis_webhook_messages_pending (\d+)", text, re.MULTILINE)
     assert match is not None, text
     return int(float(match.group(1)))
@@ -228,7 +229,7 @@ def test_a_gzip_bomb_answer_costs_the_api_no_memory(
         deadline = time.monotonic() + 90
         while delivered_messages(server) < 3:
             started = time.monotonic()
-            assert httpx.get(f"{server.base_url}/healthz", timeout=5).status_code == 200
+            assert http_get(f"{server.base_url}/healthz", timeout=5).status_code == 200
             slowest = max(slowest, time.monotonic() - started)
             assert time.monotonic() < deadline, "the messages were not delivered in 90 s"
             time.sleep(0.1)

@@ -13,7 +13,6 @@ from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -37,7 +36,16 @@ from ovis_server.engine.weights import resolve_weights, tiny_checkpoint_dir
 
 from .bodies import Z_IMAGE_ID
 from .fake_hub import FakeHub
-from .helpers import TOLERANCE, Server, max_diff, run_cli, start_server, wait_for, wait_result
+from .helpers import (
+    TOLERANCE,
+    Server,
+    http_get,
+    max_diff,
+    run_cli,
+    start_server,
+    wait_for,
+    wait_result,
+)
 
 ALIAS = "z-image-turbo"
 
@@ -354,7 +362,7 @@ def test_serve_runs_a_job_through_the_runcomfy_route(z_server: Server) -> None:
         assert result["status"] == "succeeded", result
         assert result["model_id"] == Z_IMAGE_ID
         assert result["seed"] == 7
-        image = Image.open(io.BytesIO(httpx.get(result["output"]["image"]).content))
+        image = Image.open(io.BytesIO(http_get(result["output"]["image"]).content))
         assert image.size == (512, 512)
 
 

@@ -4,7 +4,9 @@ sleeps and reads)."""
 
 from __future__ import annotations
 
+import functools
 import os
+import ssl
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -17,6 +19,21 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_DELAY = 30.0
 # Longer than the server's 15 s keep-alive, whatever the client's own timeout.
 STREAM_READ_TIMEOUT = 45.0
+
+
+def verification() -> ssl.SSLContext:
+    """The TLS context httpx makes for a client by default (certifi's CA bundle, or the file
+    ``SSL_CERT_FILE`` or the folder ``SSL_CERT_DIR`` names), made once per process for each
+    value of those two rather than once per client: making one reads the whole bundle, 29 ms
+    of CPU on a 2-core machine, and the SDK makes a client for each Client, AsyncClient and
+    download. Like any kept context, it keeps the CAs it read until the process restarts."""
+    return _verification(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.lru_cache(maxsize=4)
+def _verification(_cert_file: str | None, _cert_dir: str | None) -> ssl.SSLContext:
+    # httpx reads the two variables itself: they are only what the cache tells apart.
+    return httpx.create_ssl_context(verify=True, trust_env=True)
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,7 @@ class BaseClient(Generic[HttpT]):
             base_url=self.settings.base_url,
             timeout=timeout,
             transport=transport,  # type: ignore[arg-type]
+            verify=verification(),
         )
 
     def _request(self, call: Call[Any]) -> httpx.Request:

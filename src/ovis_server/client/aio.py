@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import httpx
 
 from ovis_server.client import _calls as calls
-from ovis_server.client._base import Attempts, BaseClient
+from ovis_server.client._base import Attempts, BaseClient, verification
 from ovis_server.client._calls import DEFAULT_MODEL, Call, Outcome, connection_errors, parse
 from ovis_server.client._waiting import KeepAlive, StatusStream, StreamItem, Waiter, succeeded
 from ovis_server.client.models import Cancellation, Result, Status, Submission
@@ -165,6 +165,7 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
             httpx.AsyncClient(
                 timeout=self.settings.timeout,
                 transport=self._transport,  # type: ignore[arg-type]
+                verify=verification(),
             ) as plain,
             _opened(plain, plain.build_request("GET", url)) as response,
         ):

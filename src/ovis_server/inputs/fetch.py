@@ -28,6 +28,7 @@ from ovis_server import __version__
 from ovis_server.webhooks.destinations import (
     DestinationRefusedError,
     IPAddress,
+    outbound_verification,
     resolve,
     url_problem,
 )
@@ -86,7 +87,12 @@ async def fetch_into(
     check_url(url, policy)
     lookup = resolver or _default_resolve
     timeout = httpx.Timeout(policy.total_seconds, connect=policy.connect_seconds)
-    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as http:
+    async with httpx.AsyncClient(
+        timeout=timeout,
+        follow_redirects=False,
+        trust_env=False,
+        verify=outbound_verification(),
+    ) as http:
         try:
             async with asyncio.timeout(policy.total_seconds):
                 return await _follow(http, httpx.URL(url), policy, lookup, sink)

@@ -39,7 +39,12 @@ from ovis_server.jobs.events import utcnow
 from ovis_server.jobs.job import Job, JobStatus
 from ovis_server.jobs.store import JobStore
 from ovis_server.tokens import TokenStore
-from ovis_server.webhooks.destinations import DestinationRefusedError, redacted, resolve
+from ovis_server.webhooks.destinations import (
+    DestinationRefusedError,
+    outbound_verification,
+    redacted,
+    resolve,
+)
 from ovis_server.webhooks.outbox import Delivery, DeliveryStore
 from ovis_server.webhooks.signing import sign
 
@@ -153,6 +158,7 @@ class WebhookDispatcher:
             timeout=httpx.Timeout(TIMEOUT_SECONDS, connect=CONNECT_SECONDS),
             follow_redirects=False,
             trust_env=False,  # no proxy from the environment: connect where was checked
+            verify=outbound_verification(),
             # A fresh connection each time: one made for a name is never reused for
             # another name on the same address.
             limits=httpx.Limits(max_keepalive_connections=0),
