@@ -35,7 +35,6 @@ LONGEST_FIRST = [
     "test_faults.py",  # about 400 s
     "test_benchmarks.py",  # 290 s
     "test_live.py",  # 120 s
-    "test_queue.py",
     "test_scale_out.py",
     "test_store_faults.py",
     "test_api_contract.py",

@@ -371,7 +371,7 @@ def test_file_route_refuses_traversal_and_forged_ids(
     assert token[5:] not in server.log()
 
 
-def test_sigterm_puts_the_running_job_back(
+def test_sigterm_puts_the_running_job_back_and_every_queued_job_completes_after_restart(
     tmp_path: Path, tiny_weights: Path, servers: list[Server]
 ) -> None:
     server = start_server(tmp_path, tiny_weights)
@@ -379,10 +379,25 @@ def test_sigterm_puts_the_running_job_back(
     token = create_token(tmp_path, "g")
     with server.client(token) as client:
         request_id = submit(client, image_size="square_hd", num_inference_steps=30)
+        queued = [submit(client, image_size="square_hd", num_inference_steps=8) for _ in range(5)]
         wait_for(lambda: status_of(client, request_id)["status"] == "in_progress", interval=0.05)
+        states = [status_of(client, rid)["status"] for rid in queued]
+    assert states.count("in_queue") >= 4
     assert server.stop() == 0
     assert f"job {request_id} put back in the queue" in server.log()
+    jobs = [request_id, *queued]
+
+    # Nothing is left in progress by the stop: the running job went back to the queue.
+    paused = start_server(tmp_path, tiny_weights, "--no-worker")
+    servers.append(paused)
+    with paused.client(token) as client:
+        states = [status_of(client, rid)["status"] for rid in jobs]
+    paused.stop()
+    assert "in_progress" not in states
+    assert "in_queue" in states
+
     again = start_server(tmp_path, tiny_weights)
     servers.append(again)
     with again.client(token) as client:
-        assert wait_result(client, request_id)["status"] == "succeeded"
+        results = [wait_result(client, rid) for rid in jobs]
+    assert [r["status"] for r in results] == ["succeeded"] * len(jobs)

@@ -1,4 +1,4 @@
-"""The queue across processes: positions, cancel before running, surviving a restart."""
+"""The queue across processes: positions count down, and a cancelled job never runs."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import pytest
 
 from .helpers import (
     ServerFactory,
-    create_token,
-    start_server,
     status_of,
     submit,
     wait_for,
@@ -80,29 +78,3 @@ def test_queue_positions_count_down_and_a_cancelled_job_never_runs(
         assert "output" not in never_ran
         for rid in remaining:
             assert wait_result(client, rid)["status"] == "succeeded"
-
-
-def test_jobs_queued_at_a_restart_all_complete(tmp_path: Path, tiny_weights: Path) -> None:
-    server = start_server(tmp_path, tiny_weights)
-    token = create_token(tmp_path, "restart")
-    with server.client(token) as client:
-        jobs = [submit(client, image_size="square_hd", num_inference_steps=8) for _ in range(6)]
-        states = [status_of(client, rid)["status"] for rid in jobs]
-    assert states.count("in_queue") >= 4
-    assert server.stop() == 0
-
-    # Nothing is left in progress by the stop: the running job went back to the queue.
-    paused = start_server(tmp_path, tiny_weights, "--no-worker")
-    with paused.client(token) as client:
-        states = [status_of(client, rid)["status"] for rid in jobs]
-    paused.stop()
-    assert "in_progress" not in states
-    assert "in_queue" in states
-
-    restarted = start_server(tmp_path, tiny_weights)
-    try:
-        with restarted.client(token) as client:
-            results = [wait_result(client, rid) for rid in jobs]
-        assert [r["status"] for r in results] == ["succeeded"] * len(jobs)
-    finally:
-        restarted.stop()
