@@ -14,7 +14,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import event, text
 
-from ovis_server.db.connect import alembic_config, connect, migrate, sqlite_url
+from ovis_server.db.connect import (
+    HEAD_REVISION,
+    alembic_config,
+    connect,
+    current_revisions,
+    migrate,
+    sqlite_url,
+)
 from ovis_server.db.schema import metadata
 from ovis_server.jobs.deletions import DeletionSweeper, FileDeletions
 from ovis_server.jobs.job import CancelOutcome, JobStatus, NewJob, StoredOutput
@@ -313,6 +320,19 @@ def test_every_state_change_is_logged_and_owes_its_webhooks(store: JobStore) -> 
     FileDeletions(store.engine).delete_requests(["hooked"])
     assert deliveries.counts() == {"pending": 0, "delivered": 0, "failed": 0}
     assert all(event.request_id != "hooked" for event in store.events_after(0))
+
+
+def test_an_up_to_date_database_is_not_handed_to_alembic(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every serve, worker and command migrates on start: at the head, that is one read."""
+    assert current_revisions(store.engine) == [HEAD_REVISION]
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("alembic ran on an up-to-date database")
+
+    monkeypatch.setattr(command, "upgrade", refuse)
+    migrate(store.engine)
 
 
 def test_upgrading_a_0001_database_keeps_its_jobs(tmp_path: Path) -> None:
