@@ -6,6 +6,8 @@ import re
 import time
 from pathlib import Path
 
+from ovis_server.db.connect import HEAD_REVISION
+
 from .helpers import (
     ServerFactory,
     create_token,
@@ -45,6 +47,13 @@ def test_token_create_list_revoke(tmp_path: Path) -> None:
     assert "no token" in missing.stderr
     blank = run_cli("token", "create", "--name", " ", "--data-dir", str(tmp_path), check=False)
     assert blank.returncode == 2
+
+
+def test_db_upgrade_names_the_revision_and_logs_nothing_of_alembic(tmp_path: Path) -> None:
+    for _ in range(2):  # a new database, then one already at the head
+        done = run_cli("db", "upgrade", "--data-dir", str(tmp_path))
+        assert done.stdout.strip().endswith(f"is at revision {HEAD_REVISION}"), done.stdout
+        assert "alembic" not in (done.stdout + done.stderr).lower(), done.stderr
 
 
 def test_data_dir_from_the_environment(tmp_path: Path) -> None:

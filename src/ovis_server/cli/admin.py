@@ -257,12 +257,9 @@ def db() -> None:
 @settings_options("admin")
 def db_upgrade(settings: Settings) -> None:
     """Apply the schema migrations the database lacks (serve and worker also do on start)."""
-    from alembic.runtime.migration import MigrationContext
-
-    from ovis_server.db.connect import connect, migrate
+    from ovis_server.db.connect import connect, current_revisions, migrate
 
     engine = connect(settings.db_url)
     migrate(engine)
-    with engine.connect() as conn:
-        revision = MigrationContext.configure(conn).get_current_revision()
+    revision = ", ".join(current_revisions(engine))
     click.echo(f"{engine.url.render_as_string(hide_password=True)} is at revision {revision}")

@@ -256,9 +256,9 @@ def migrate(engine: Engine) -> None:
     is imported only for a database that needs it."""
     if current_revisions(engine) == [HEAD_REVISION]:
         return
-    from alembic import command
-
     with _migration_lock(engine), _quiet_alembic():
+        from alembic import command  # quieted too: importing it logs its plug-ins at INFO
+
         command.upgrade(alembic_config(engine), "head")
 
 
