@@ -56,6 +56,12 @@ def http_request(method: str, url: str, **kwargs: Any) -> httpx.Response:
     return httpx.request(method, url, verify=TLS, **kwargs)
 
 
+def loopback_client(base_url: str, token: str | None, **kwargs: Any) -> httpx.Client:
+    """A client of the server at ``base_url``, sending ``token`` as its bearer token."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=base_url, headers=headers, timeout=60, verify=TLS, **kwargs)
+
+
 def run_cli(
     *args: str, check: bool = True, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -122,10 +128,7 @@ class Server:
     log_path: Path
 
     def client(self, token: str | None = None, **kwargs: Any) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(
-            base_url=self.base_url, headers=headers, timeout=60, verify=TLS, **kwargs
-        )
+        return loopback_client(self.base_url, token, **kwargs)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -254,10 +257,7 @@ class InProcessServer:
         return bool(self._uvicorn.started)
 
     def client(self, token: str | None = None, **kwargs: Any) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(
-            base_url=self.base_url, headers=headers, timeout=60, verify=TLS, **kwargs
-        )
+        return loopback_client(self.base_url, token, **kwargs)
 
     def token(self, name: str) -> str:
         """A new token's secret (see ``create_token``)."""
