@@ -25,7 +25,13 @@ from ovis_server.engine.pipeline import Engine
 from ovis_server.jobs.store import JobStore
 
 from .bodies import Z_IMAGE_ID
+from .faults import install_hooks
 from .helpers import Cluster, InProcessServer, MotoS3, Server, ServerFactory, run_cli, wait_for
+
+# Every worker the tests start loads the tests' hooks (faults.py): a job whose prompt is
+# marked slow (bodies.SLOW) waits at each step, and a test's use_faults adds its faults.
+# Any other job runs as it would without them.
+install_hooks(os.environ)
 
 # The longest files (seconds of tests on the 2-core machine with one OpenMP thread a
 # process, 2026-12-06) run first, so that the processes of ``-n 3 --dist loadfile`` end

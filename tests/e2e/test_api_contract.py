@@ -16,7 +16,7 @@ import pytest
 from ovis_server.catalogue import IMAGE_SIZE_PRESETS
 from ovis_server.tokens import VERIFIED_FOR_SECONDS
 
-from .bodies import OVIS_PATH
+from .bodies import OVIS_PATH, SLOW
 from .conftest import BACKENDS
 from .helpers import (
     InProcessServer,
@@ -95,7 +95,7 @@ def test_submit_answer_has_absolute_urls_that_work_verbatim(alice: httpx.Client)
 
 
 def test_result_answers_200_while_queued_or_running(alice: httpx.Client) -> None:
-    request_id = submit(alice, image_size="square_hd", num_inference_steps=20)
+    request_id = submit(alice, **{**SLOW, "num_inference_steps": 10})
     seen = set()
     while True:
         response = alice.get(f"/v1/requests/{request_id}/result")
@@ -283,7 +283,7 @@ def test_cancel_a_finished_job_is_not_cancellable(alice: httpx.Client) -> None:
 
 
 def test_cancel_a_running_job_stops_it(alice: httpx.Client) -> None:
-    request_id = submit(alice, image_size="square_hd", num_inference_steps=50)
+    request_id = submit(alice, **SLOW)
     wait_for(lambda: status_of(alice, request_id)["status"] == "in_progress", interval=0.05)
     started = time.monotonic()
     response = alice.post(f"/v1/requests/{request_id}/cancel")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .bodies import SLOW
 from .helpers import (
     ServerFactory,
     download,
@@ -21,7 +22,7 @@ def test_worker_batches_compatible_jobs_without_changing_their_images(
     server = fresh_server(max_batch="4")
     with server.client(server.token("b")) as client:
         # A long job keeps the worker busy while four compatible ones queue behind it.
-        blocker = submit(client, image_size="square_hd", num_inference_steps=40)
+        blocker = submit(client, **{**SLOW, "num_inference_steps": 20})
         wait_for(lambda: status_of(client, blocker)["status"] == "in_progress")
         fields = {"image_size": "square", "num_inference_steps": 6}
         prompts = ["one", "two", "three", "four"]

@@ -29,6 +29,7 @@ from ovis_server.client import (
     WaitTimeoutError,
 )
 
+from .bodies import SLOW
 from .helpers import (
     InProcessServer,
     free_port,
@@ -92,7 +93,6 @@ def test_typed_errors_carry_error_codes(server: InProcessServer, token: str) -> 
 def test_a_cancelled_run_raises_and_a_slow_wait_times_out(
     server: InProcessServer, token: str
 ) -> None:
-    slow = {"prompt": "slow", "image_size": "square_hd", "num_inference_steps": 50}
     with Client(server.base_url, token) as client:
         cancelled: list[str] = []
 
@@ -101,11 +101,11 @@ def test_a_cancelled_run_raises_and_a_slow_wait_times_out(
                 cancelled.append(client.cancel(status.request_id).outcome)
 
         with pytest.raises(JobFailedError) as failed:
-            client.run(slow, on_progress=cancel_once_running)
+            client.run(SLOW, on_progress=cancel_once_running)
         assert failed.value.status == "cancelled"
         assert cancelled in (["cancelled"], ["cancellation_requested"])
 
-        submission = client.submit(slow)
+        submission = client.submit(SLOW)
         with pytest.raises(WaitTimeoutError):
             client.wait(submission.request_id, timeout=0.2, poll_interval=0.05)
         client.cancel(submission.request_id)
@@ -305,8 +305,8 @@ def test_cli_run_status_result_cancel(server: InProcessServer, token: str, tmp_p
 def test_ctrl_c_cancels_the_remote_job(server: InProcessServer, token: str, tmp_path: Path) -> None:
     env = {"OVIS_SERVER_URL": server.base_url, "OVIS_SERVER_TOKEN": token}
     process = subprocess.Popen(
-        [sys.executable, "-m", "ovis_server", "run", "slow", "-o", str(tmp_path / "x.png"),
-         "--image-size", "square_hd", "--steps", "50"],
+        [sys.executable, "-m", "ovis_server", "run", SLOW["prompt"], "-o", str(tmp_path / "x.png"),
+         "--image-size", "64x64", "--steps", "50"],
         env={**os.environ, **env}, stderr=subprocess.PIPE, text=True,
         # Ctrl-C as a terminal sends it: a process started with SIGINT ignored (as this
         # test process may have it, from whatever ran in it before) keeps it ignored.
@@ -338,7 +338,7 @@ def test_wait_mode(server: InProcessServer, token: str) -> None:
         assert fast.json()["output"]["image"].startswith("http")
         slow = client.post(
             path,
-            json={"prompt": "slow", "image_size": "square_hd", "num_inference_steps": 50},
+            json=SLOW,
             headers={"Prefer": "wait=1"},
         )
         assert set(slow.json()) == {"request_id", "status_url", "result_url", "cancel_url"}

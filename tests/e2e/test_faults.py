@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .bodies import ONE_STEP
+from .bodies import ONE_STEP, SLOW
 from .faults import use_faults
 from .helpers import (
     InProcessServer,
@@ -53,7 +53,7 @@ def test_a_worker_killed_mid_job_gives_it_back_within_5_seconds_and_it_completes
     server = start_server(tmp_path, tiny_weights)  # the default lease: 30 s
     servers.append(server)
     with server.client(create_token(tmp_path, "released")) as client:
-        request_id = submit(client, image_size="square_hd", num_inference_steps=40)
+        request_id = submit(client, **{**SLOW, "num_inference_steps": 20})
         wait_for(lambda: status_of(client, request_id)["status"] == "in_progress", interval=0.05)
         (first_worker,) = worker_pids(server)
         os.kill(first_worker, signal.SIGKILL)
@@ -378,8 +378,8 @@ def test_sigterm_puts_the_running_job_back_and_every_queued_job_completes_after_
     servers.append(server)
     token = create_token(tmp_path, "g")
     with server.client(token) as client:
-        request_id = submit(client, image_size="square_hd", num_inference_steps=30)
-        queued = [submit(client, image_size="square_hd", num_inference_steps=8) for _ in range(5)]
+        request_id = submit(client, **{**SLOW, "num_inference_steps": 20})
+        queued = [submit(client, **{**SLOW, "num_inference_steps": 4}) for _ in range(5)]
         wait_for(lambda: status_of(client, request_id)["status"] == "in_progress", interval=0.05)
         states = [status_of(client, rid)["status"] for rid in queued]
     assert states.count("in_queue") >= 4

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ovis_server.db.connect import SQLITE_FILE
 
-from .bodies import ONE_STEP
+from .bodies import ONE_STEP, SLOW
+from .faults import SLOW_STEP_SECONDS
 from .helpers import (
     InProcessServer,
     ServerFactory,
@@ -51,7 +53,7 @@ def test_metrics_parse_and_move_with_jobs(server: InProcessServer) -> None:
         before = scrape(server)
         done = wait_result(client, submit(client, **ONE_STEP))
         assert done["status"] == "succeeded"
-        cancelled = submit(client, image_size="square_hd", num_inference_steps=50)
+        cancelled = submit(client, **SLOW)
         client.post(f"/v1/requests/{cancelled}/cancel")
         wait_for(lambda: status_of(client, cancelled)["status"] == "cancelled")
         after = scrape(server)
@@ -98,13 +100,13 @@ def test_list_my_requests_newest_first_with_a_cursor(server: InProcessServer) ->
 
 def test_status_reports_progress_while_running(server: InProcessServer) -> None:
     with server.client(server.token("progress")) as client:
-        request_id = submit(client, image_size="square_hd", num_inference_steps=30)
+        request_id = submit(client, **{**SLOW, "num_inference_steps": 20})
         seen: list[int] = []
 
         def finished() -> bool:
             status = status_of(client, request_id)
             if status["status"] == "in_progress":
-                assert status["progress"]["total"] == 30
+                assert status["progress"]["total"] == 20
                 seen.append(status["progress"]["step"])
             else:
                 assert "progress" not in status
@@ -113,6 +115,12 @@ def test_status_reports_progress_while_running(server: InProcessServer) -> None:
         wait_for(finished, interval=0.05)
         assert len(set(seen)) >= 3
         assert seen == sorted(seen)
+        # Slow without a large image: the tests' hook (faults.py) waited at every step.
+        result = client.get(f"/v1/requests/{request_id}/result").json()
+        ran = datetime.fromisoformat(result["finished_at"]) - datetime.fromisoformat(
+            result["started_at"]
+        )
+        assert ran.total_seconds() >= 20 * SLOW_STEP_SECONDS
 
 
 def test_metrics_are_closed_to_anyone_without_the_metrics_token(server: InProcessServer) -> None:

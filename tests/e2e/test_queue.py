@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from .bodies import SLOW
 from .helpers import (
     ServerFactory,
     status_of,
@@ -40,7 +41,7 @@ def test_queue_positions_count_down_and_a_cancelled_job_never_runs(
 ) -> None:
     server = fresh_server(no_worker=True)
     with server.client(server.token("q")) as client:
-        jobs = [submit(client, image_size="square_hd", num_inference_steps=6) for _ in range(5)]
+        jobs = [submit(client, **{**SLOW, "num_inference_steps": 4}) for _ in range(5)]
         positions = [status_of(client, rid)["queue_position"] for rid in jobs]
         assert positions == [0, 1, 2, 3, 4]
 

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from ovis_server.db.connect import connect
 from ovis_server.db.schema import jobs as jobs_table
 
+from .bodies import SLOW
 from .conftest import fresh_postgres_database
 from .helpers import (
     Cluster,
@@ -138,7 +139,7 @@ def test_cancel_sent_to_one_replica_stops_a_job_running_on_another_host(
     token = create_token(tmp_path / "api-0", "cancel")
     first, second = (api.client(token) for api in apis)
     with first, second:
-        request_id = submit(first, image_size="square_hd", num_inference_steps=50)
+        request_id = submit(first, **SLOW)
         wait_for(lambda: status_of(second, request_id)["status"] == "in_progress", timeout=120)
         answer = second.post(f"/v1/requests/{request_id}/cancel").json()
         assert answer["outcome"] == "cancellation_requested"  # answered at once

@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ovis_server.db.connect import SQLITE_FILE
 from ovis_server.worker.failures import describe_failure
 
-from .bodies import ONE_STEP, OVIS_PATH
+from .bodies import ONE_STEP, OVIS_PATH, SLOW
 from .helpers import (
     InProcessServer,
     Server,
@@ -153,7 +153,7 @@ def test_a_35_second_database_lock_fails_no_job_and_submits_answer_503(
     servers.append(server)
     with server.client(create_token(tmp_path, "lock")) as client:
         wait_for(lambda: client.get("/readyz").status_code == 200, timeout=180)
-        running = submit(client, image_size="square_hd", num_inference_steps=40)
+        running = submit(client, **{**SLOW, "num_inference_steps": 20})
         wait_for(lambda: status_of(client, running)["status"] == "in_progress", interval=0.05)
         workers = worker_ids(tmp_path)
 
