@@ -15,7 +15,7 @@ processes, where the tests and the in-process servers run, and PostgreSQL's back
 not in it (their environment does not change as the tests go by). A third table names the
 30 tests whose processes used the most.
 
-    python benchmarks/suite_cpu.py -- -n 3 --dist loadfile
+    python benchmarks/suite_cpu.py -- -n 4 --dist loadfile
     python benchmarks/suite_cpu.py --interval 0.2 -- tests/e2e/test_faults.py -x
 """
 

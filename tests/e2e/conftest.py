@@ -34,7 +34,7 @@ from .helpers import Cluster, InProcessServer, MotoS3, Server, ServerFactory, ru
 install_hooks(os.environ)
 
 # The longest files (seconds of tests on the 2-core machine with one OpenMP thread a
-# process, 2026-12-06) run first, so that the processes of ``-n 3 --dist loadfile`` end
+# process, 2026-12-06) run first, so that the processes of ``-n 4 --dist loadfile`` end
 # together, rather than one of them starting a long file when the others have nothing
 # left.
 LONGEST_FIRST = [
