@@ -104,7 +104,8 @@ def test_a_delete_while_the_bucket_is_down_loses_nothing_through_a_restart(
         )
         for body in bodies:
             assert_nothing_internal(body, s3.bucket, str(s3.port), str(tmp_path), "results/")
-        assert status_of(client, waiting)["status"] == "in_queue"
+        # Back in the queue: the worker reports the problem (readyz), then puts the job back.
+        wait_for(lambda: status_of(client, waiting)["status"] == "in_queue", timeout=30)
     log = server.log()
     assert "could not be removed" in log
     assert str(s3.port) in log, "the details go to the log"

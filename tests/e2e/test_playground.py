@@ -164,6 +164,8 @@ def assert_small_thumbnail_beside_its_prompt(
 def test_a_bad_token_gets_a_clear_message(server: InProcessServer, browser: Any) -> None:
     page = browser.new_page()
     page.goto(server.base_url + "/")
+    # Once the model has loaded: its load ends by setting the message, as a token's would.
+    page.wait_for_selector("#field-prompt")
     page.fill("#token", "ovis_this-token-does-not-exist")
     page.dispatch_event("#token", "change")
     page.wait_for_function(
