@@ -8,7 +8,7 @@ import pytest
 from ovis_server.catalogue.registry import BUILT_IN, VARIANTS, ModelRegistry
 from ovis_server.catalogue.spec import ModelSpec
 from ovis_server.cli.common import parse_lora
-from ovis_server.cli.server import model_taking
+from ovis_server.cli.generate import model_taking
 
 
 @pytest.mark.parametrize(

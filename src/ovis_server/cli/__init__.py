@@ -1,6 +1,7 @@
-"""The ``ovis-server`` command line: the server's commands (``server``), looking after its
-data (``admin``) and a client of a running server (``remote``); the options of the first two
-are made from :class:`ovis_server.config.Settings` (``options``)."""
+"""The ``ovis-server`` command line: the server's commands (``server``), an image made
+locally (``generate``), looking after its data (``admin``) and a client of a running server
+(``remote``); the options of the first three are made from
+:class:`ovis_server.config.Settings` (``options``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import click
 from ovis_server import __version__
 from ovis_server.cli.admin import db, download, tiny_model, token
 from ovis_server.cli.common import parse_image_size
+from ovis_server.cli.generate import generate
 from ovis_server.cli.remote import (
     cancel_remote,
     delete_remote,
@@ -16,7 +18,7 @@ from ovis_server.cli.remote import (
     run_remote,
     status_remote,
 )
-from ovis_server.cli.server import generate, serve, worker
+from ovis_server.cli.server import serve, worker
 
 __all__ = ["main", "parse_image_size"]
 
