@@ -33,31 +33,10 @@ from .helpers import Cluster, InProcessServer, MotoS3, Server, ServerFactory, ru
 # Any other job runs as it would without them.
 install_hooks(os.environ)
 
-# The longest files (seconds of tests on the 2-core machine with one OpenMP thread a
-# process, 2026-12-06) run first, so that the processes of ``-n 4 --dist loadfile`` end
-# together, rather than one of them starting a long file when the others have nothing
-# left.
-LONGEST_FIRST = [
-    "test_faults.py",  # about 400 s
-    "test_benchmarks.py",  # 290 s
-    "test_live.py",  # 120 s
-    "test_scale_out.py",
-    "test_store_faults.py",
-    "test_api_contract.py",
-    "test_outages.py",
-    "test_devices.py",
-    "test_overlap.py",
-    "test_readme.py",
-    "test_quality.py",
-    "test_z_image.py",
-]
-
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep order
     for item in items:
         if here not in item.path.parents:
             continue
