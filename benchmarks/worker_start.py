@@ -1,11 +1,14 @@
-"""Worker start-up benchmark: the CPU a worker spends from its start to ready.
+"""Worker start-up benchmark: the CPU a worker spends from its start to ready, and from
+its stop to its exit.
 
 Starts ``ovis-server serve`` on a fresh data directory, waits for /readyz, and reads the
 worker process's CPU time (user + system, /proc, so Linux only) and the wall time from
-serve's start to ready; then stops it. With ``--baseline SRC`` (the ``src`` folder of
-another checkout) each round starts this checkout's server and the baseline's in turn,
-the same model and settings, and the table shows both with the ratio, per round and its
-median: rounds interleave, as this machine's load drifts.
+serve's start to ready; then stops serve (SIGTERM) and reads the worker's CPU until it
+exits (every 10 ms: the last few milliseconds may be missed). With ``--baseline SRC``
+(the ``src`` folder of another checkout) each round starts this checkout's server and
+the baseline's in turn, the same model and settings, and the table shows both with the
+ratio of start-up CPU, per round and its median: rounds interleave, as this machine's
+load drifts.
 
     python benchmarks/worker_start.py --model tiny --rounds 6 --baseline ../old/src
 
@@ -42,6 +45,41 @@ WORKER_LINE = re.compile(r"started worker process (\d+)")
 class Start:
     worker_cpu: float  # seconds of CPU, the worker's start to ready
     wall: float  # seconds, serve's start to /readyz ready
+    worker_stop_cpu: float = 0.0  # seconds of CPU, the worker's, from the stop to its exit
+    serve_stop_cpu: float = 0.0  # the same, serve's own process
+
+
+MEASURES = {  # a table row each: the field, and what it measures
+    "worker_cpu": "worker CPU, start to ready",
+    "wall": "serve, start to ready (wall)",
+    "worker_stop_cpu": "worker CPU, stop to exit",
+    "serve_stop_cpu": "serve CPU, stop to exit",
+}
+
+
+def exited(pid: int) -> bool:
+    """Whether process ``pid`` has ended (gone, or a zombie not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def stop_and_watch(process: subprocess.Popen[bytes], worker: int) -> tuple[float, float]:
+    """SIGTERM to serve; the CPU its worker ``worker`` and serve itself spend from then to
+    their exits. Each is read every 10 ms and once more as a zombie (serve stays one until
+    it is waited for here; the worker until serve waits for it, if it is still one)."""
+    before = {worker: cpu_seconds(worker), process.pid: cpu_seconds(process.pid)}
+    last = dict(before)
+    process.terminate()
+    while not all(exited(pid) for pid in last):
+        for pid in last:
+            last[pid] = max(last[pid], cpu_seconds(pid))  # 0 once it is gone
+        time.sleep(0.01)
+    for pid in last:
+        last[pid] = max(last[pid], cpu_seconds(pid))
+    stop(process)
+    return last[worker] - before[worker], last[process.pid] - before[process.pid]
 
 
 def start_once(src: Path, model: str, scratch: Path, timeout: float) -> Start:
@@ -66,7 +104,10 @@ def start_once(src: Path, model: str, scratch: Path, timeout: float) -> Start:
         found = WORKER_LINE.search(log.read_text())
         if found is None:
             raise RuntimeError(f"no worker in serve's log:\n{log.read_text()}")
-        return Start(cpu_seconds(int(found[1])), wall)
+        worker = int(found[1])
+        start = Start(cpu_seconds(worker), wall)
+        start.worker_stop_cpu, start.serve_stop_cpu = stop_and_watch(process, worker)
+        return start
     finally:
         stop(process)
 
@@ -98,15 +139,16 @@ def main() -> int:
                 runs[name].append(start_once(src, model, Path(scratch), args.timeout))
     print(f"# worker start-up, {args.model}, {args.rounds} round(s), OMP_NUM_THREADS=1")
     print()
-    print("| code | worker CPU to ready (median) | range | serve to ready (median) | range |")
-    print("|---|---:|---:|---:|---:|")
-    for name, starts in runs.items():
-        cpu = [start.worker_cpu for start in starts]
-        wall = [start.wall for start in starts]
-        print(
-            f"| {name} | {statistics.median(cpu):.2f} s | {min(cpu):.2f}-{max(cpu):.2f} s | "
-            f"{statistics.median(wall):.2f} s | {min(wall):.2f}-{max(wall):.2f} s |"
-        )
+    print("| measure | " + " | ".join(f"{name} (median) | range" for name in runs) + " |")
+    print("|---|" + "---:|---:|" * len(runs))
+    for field, measure in MEASURES.items():
+        cells = []
+        for starts in runs.values():
+            values = [getattr(start, field) for start in starts]
+            cells.append(
+                f"{statistics.median(values):.2f} s | {min(values):.2f}-{max(values):.2f} s"
+            )
+        print(f"| {measure} | {' | '.join(cells)} |")
     if args.baseline is not None:
         ratios = [
             new.worker_cpu / old.worker_cpu
@@ -114,7 +156,7 @@ def main() -> int:
         ]
         print()
         print(
-            "worker CPU, this checkout / baseline: median "
+            "worker CPU, start to ready, this checkout / baseline: median "
             f"{statistics.median(ratios):.2f} (rounds: {' '.join(f'{r:.2f}' for r in ratios)})"
         )
     return 0

@@ -144,14 +144,17 @@ def test_worker_start_benchmark_compares_with_a_baseline_checkout() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
     lines = result.stdout.splitlines()
-    start = lines.index(
-        "| code | worker CPU to ready (median) | range | serve to ready (median) | range |"
-    )
-    assert [row.split(" | ")[0] for row in lines[start + 2 : start + 4]] == [
-        "| baseline",
-        "| this checkout",
+    start = lines.index("| measure | baseline (median) | range | this checkout (median) | range |")
+    rows = lines[start + 2 : start + 6]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| worker CPU, start to ready",
+        "| serve, start to ready (wall)",
+        "| worker CPU, stop to exit",
+        "| serve CPU, stop to exit",
     ]
-    assert re.fullmatch(r"worker CPU, this checkout / baseline: median \d+\.\d\d "
+    assert all(re.fullmatch(r"\|[^|]+(\| \d+\.\d\d s \| [\d.]+-[\d.]+ s ){2}\|", row)
+               for row in rows), rows  # fmt: skip
+    assert re.fullmatch(r"worker CPU, start to ready, this checkout / baseline: median \d+\.\d\d "
                         r"\(rounds: \d+\.\d\d\)", lines[-1])  # fmt: skip
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -139,3 +142,30 @@ def test_random_full_is_refused_on_a_cpu_before_anything_starts(tmp_path: Path) 
         assert "--model random-full builds the real Ovis-Image-7B architecture" in result.stderr
         assert "use --model tiny" in result.stderr
     assert not (tmp_path / "out.png").exists()
+
+
+def test_an_exit_without_teardown_still_flushes_its_output_and_runs_exit_handlers(
+    tmp_path: Path,
+) -> None:
+    """worker, serve and generate end so (cli/common.py): what they wrote last reaches its
+    pipe and file, and the exit handlers registered with atexit run."""
+    script = tmp_path / "ends.py"
+    script.write_text(
+        "import atexit, logging, sys\n"
+        "from ovis_server.cli.common import exit_without_teardown\n"
+        f"logging.basicConfig(filename={str(tmp_path / 'log.txt')!r}, level=logging.INFO)\n"
+        "atexit.register(lambda: print('exit handler ran', file=sys.stderr, end=''))\n"
+        "logging.getLogger('last').info('last line')\n"
+        "print('no newline', end='')\n"
+        "exit_without_teardown(3)\n"
+        "print('not reached')\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    ended = subprocess.run(
+        [sys.executable, str(script)], env=environment, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert ended.returncode == 3
+    assert ended.stdout == "no newline"  # block-buffered into a pipe, then flushed
+    assert ended.stderr == "exit handler ran"
+    assert (tmp_path / "log.txt").read_text() == "INFO:last:last line\n"

@@ -3,12 +3,15 @@ the options of an image to make (its output, its input image and LoRAs)."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -23,6 +26,20 @@ def configure_logging(level: str = "info") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def exit_without_teardown(code: int = 0) -> NoReturn:
+    """End the process as a normal exit would, less the interpreter's teardown: the exit
+    handlers run (logging's flushes and closes its handlers), the standard streams are
+    flushed, then the process ends. Tearing down torch's, diffusers' and transformers'
+    modules, half a million objects freed one by one, costs a worker 0.65 s of CPU after
+    its work is done (2-core machine, tiny model). For commands that have finished their
+    work and joined the threads doing it: any thread still running ends with the process."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed, or a broken pipe
+            stream.flush()
+    os._exit(code)
 
 
 def parse_image_size(value: str) -> str | dict[str, int]:

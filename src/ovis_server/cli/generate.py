@@ -16,6 +16,7 @@ from ovis_server.catalogue.text_to_image import IMAGE_SIZE_PRESETS, SIZE_MULTIPL
 from ovis_server.cli.common import (
     SUFFIX_FORMATS,
     configure_logging,
+    exit_without_teardown,
     input_options,
     output_options,
     parse_image_size,
@@ -224,3 +225,4 @@ def generate(
         f"seed {used_seed}: wrote {made.width}x{made.height} {chosen_format} to {output}",
         err=True,
     )
+    exit_without_teardown(0)  # the image is written: skip the model's teardown

@@ -15,7 +15,7 @@ import click
 
 from ovis_server.catalogue.registry import ModelRegistry, UnknownModelError
 from ovis_server.catalogue.spec import ModelSpec
-from ovis_server.cli.common import configure_logging
+from ovis_server.cli.common import configure_logging, exit_without_teardown
 from ovis_server.cli.options import settings_options
 from ovis_server.config import Settings
 
@@ -124,6 +124,7 @@ def serve(settings: Settings) -> None:
         ApiServer(config, app.state.hub).run()
     finally:
         workers.stop()
+    exit_without_teardown(0)  # the workers have stopped and uvicorn has closed its connections
 
 
 def first_token_block(settings: Settings, token_id: str, secret: str, webhook_secret: str) -> str:
@@ -199,6 +200,8 @@ def worker(
         os._exit(0)
     except (EngineLoadError, WeightsNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    # Stopped: every job it held is recorded or given back, and its threads are joined.
+    exit_without_teardown(0)
 
 
 def name_log_lines(name: str) -> None:

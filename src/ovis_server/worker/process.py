@@ -232,3 +232,4 @@ def run_worker(
         runner[0].run(stop)
     finally:
         registry.deregister(worker_id)
+        db.dispose()  # the pool's connections end as a client should end them
