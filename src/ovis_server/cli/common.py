@@ -32,9 +32,10 @@ def exit_without_teardown(code: int = 0) -> NoReturn:
     """End the process as a normal exit would, less the interpreter's teardown: the exit
     handlers run (logging's flushes and closes its handlers), the standard streams are
     flushed, then the process ends. Tearing down torch's, diffusers' and transformers'
-    modules, half a million objects freed one by one, costs a worker 0.65 s of CPU after
-    its work is done (2-core machine, tiny model). For commands that have finished their
-    work and joined the threads doing it: any thread still running ends with the process."""
+    modules, half a million objects freed one by one, cost a worker 0.7 to 0.9 s of CPU
+    after its work was done (benchmarks/worker_start.py: 2-core machine, tiny model). For
+    commands that have finished their work and joined the threads doing it: any thread
+    still running ends with the process."""
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # closed, or a broken pipe
