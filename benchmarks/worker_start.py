@@ -3,8 +3,8 @@ its stop to its exit.
 
 Starts ``ovis-server serve`` on a fresh data directory, waits for /readyz, and reads the
 worker process's CPU time (user + system, /proc, so Linux only) and the wall time from
-serve's start to ready; then stops serve (SIGTERM) and reads the worker's CPU until it
-exits (every 10 ms: the last few milliseconds may be missed). With ``--baseline SRC``
+serve's start to ready; then stops serve (SIGTERM) and reads the worker's CPU and
+serve's until they exit (every 10 ms, and once more as zombies). With ``--baseline SRC``
 (the ``src`` folder of another checkout) each round starts this checkout's server and
 the baseline's in turn, the same model and settings, and the table shows both with the
 ratio of start-up CPU, per round and its median: rounds interleave, as this machine's
