@@ -2,13 +2,13 @@
 its stop to its exit.
 
 Starts ``ovis-server serve`` on a fresh data directory, waits for /readyz, and reads the
-worker process's CPU time (user + system, /proc, so Linux only) and the wall time from
-serve's start to ready; then stops serve (SIGTERM) and reads the worker's CPU and
-serve's until they exit (every 10 ms, and once more as zombies). With ``--baseline SRC``
-(the ``src`` folder of another checkout) each round starts this checkout's server and
-the baseline's in turn, the same model and settings, and the table shows both with the
-ratio of start-up CPU, per round and its median: rounds interleave, as this machine's
-load drifts.
+worker process's CPU time (user + system, /proc, so Linux only), the part of it spent in
+garbage collections (GC_PROBE below) and the wall time from serve's start to ready; then
+stops serve (SIGTERM) and reads the worker's CPU and serve's until they exit (every 10 ms,
+and once more as zombies). With ``--baseline SRC`` (the ``src`` folder of another
+checkout) each round starts this checkout's server and the baseline's in turn, the same
+model and settings, and the table shows both with the ratio of start-up CPU, per round and
+its median: rounds interleave, as this machine's load drifts.
 
     python benchmarks/worker_start.py --model tiny --rounds 6 --baseline ../old/src
 
@@ -26,8 +26,10 @@ if sys.path and sys.path[0] == __file__.rsplit("/", 1)[0]:
     sys.path[0] = __file__.rsplit("/", 2)[0]  # the repository: benchmarks.common
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -45,16 +47,49 @@ WORKER_LINE = re.compile(r"started worker process (\d+)")
 class Start:
     worker_cpu: float  # seconds of CPU, the worker's start to ready
     wall: float  # seconds, serve's start to /readyz ready
+    gc_cpu: float = 0.0  # seconds of the worker's CPU in garbage collections, start to ready
     worker_stop_cpu: float = 0.0  # seconds of CPU, the worker's, from the stop to its exit
     serve_stop_cpu: float = 0.0  # the same, serve's own process
 
 
 MEASURES = {  # a table row each: the field, and what it measures
     "worker_cpu": "worker CPU, start to ready",
+    "gc_cpu": "worker CPU in garbage collection, start to ready",
     "wall": "serve, start to ready (wall)",
     "worker_stop_cpu": "worker CPU, stop to exit",
     "serve_stop_cpu": "serve CPU, stop to exit",
 }
+
+
+# Imported by every Python process started with its folder first on PYTHONPATH (site.py
+# imports ``sitecustomize``): it times each garbage collection, and SIGUSR1 has the process
+# write the total to GC_FILE.<pid>.
+GC_PROBE = """
+import gc, os, signal, time
+_total, _began = [0.0], [0.0]
+def _time(phase, info):
+    if phase == "start":
+        _began[0] = time.process_time()
+    else:
+        _total[0] += time.process_time() - _began[0]
+def _write(signum, frame):
+    with open(os.environ["GC_FILE"] + "." + str(os.getpid()), "w") as out:
+        out.write(repr(_total[0]))
+gc.callbacks.append(_time)
+signal.signal(signal.SIGUSR1, _write)
+"""
+
+
+def gc_seconds(pid: int, gc_file: Path, timeout: float = 10.0) -> float:
+    """The seconds of CPU process ``pid`` has spent in garbage collections (GC_PROBE)."""
+    written = Path(f"{gc_file}.{pid}")
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            return float(written.read_text())
+        time.sleep(0.02)
+    raise RuntimeError(f"process {pid} did not say its garbage collection time")
 
 
 def exited(pid: int) -> bool:
@@ -86,7 +121,16 @@ def start_once(src: Path, model: str, scratch: Path, timeout: float) -> Start:
     data_dir = Path(tempfile.mkdtemp(dir=scratch))
     port = free_port()
     log = data_dir / "serve.log"
-    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    probe = data_dir / "gc-probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(GC_PROBE)
+    gc_file = data_dir / "gc"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(probe), str(src)]),
+        "OMP_NUM_THREADS": "1",
+        "GC_FILE": str(gc_file),
+    }
     started = time.monotonic()
     with log.open("wb") as output:
         process = subprocess.Popen(
@@ -106,6 +150,7 @@ def start_once(src: Path, model: str, scratch: Path, timeout: float) -> Start:
             raise RuntimeError(f"no worker in serve's log:\n{log.read_text()}")
         worker = int(found[1])
         start = Start(cpu_seconds(worker), wall)
+        start.gc_cpu = gc_seconds(worker, gc_file)
         start.worker_stop_cpu, start.serve_stop_cpu = stop_and_watch(process, worker)
         return start
     finally:

@@ -145,9 +145,10 @@ def test_worker_start_benchmark_compares_with_a_baseline_checkout() -> None:
     )  # fmt: skip
     lines = result.stdout.splitlines()
     start = lines.index("| measure | baseline (median) | range | this checkout (median) | range |")
-    rows = lines[start + 2 : start + 6]
+    rows = lines[start + 2 : start + 7]
     assert [row.split(" | ")[0] for row in rows] == [
         "| worker CPU, start to ready",
+        "| worker CPU in garbage collection, start to ready",
         "| serve, start to ready (wall)",
         "| worker CPU, stop to exit",
         "| serve CPU, stop to exit",

@@ -17,6 +17,7 @@ from ovis_server.cli.common import (
     SUFFIX_FORMATS,
     configure_logging,
     exit_without_teardown,
+    imports_out_of_the_collectors_reach,
     input_options,
     output_options,
     parse_image_size,
@@ -154,11 +155,6 @@ def generate(
     """Generate one image locally, with a progress bar, and write it to OUTPUT. An input
     image and LoRAs are judged by the server's rules (--max-input-image-size,
     --lora-downloads and the rest of them)."""
-    from tqdm import tqdm
-
-    from ovis_server.engine.loading import EngineLoadError
-    from ovis_server.engine.weights import WeightsNotFoundError
-
     chosen_format = output_format or SUFFIX_FORMATS.get(output.suffix.lower())
     if chosen_format is None:
         raise click.UsageError(
@@ -198,9 +194,17 @@ def generate(
     configure_logging("warning")
     # A first run downloads the weights: show its progress lines.
     logging.getLogger("ovis_server.engine.download").setLevel(logging.INFO)
+    # A variant runs on its model's weights: --model's entry for the model (as in serve).
+    base = models.get(model.base_model_id) or model
+    with imports_out_of_the_collectors_reach():  # as the worker imports them
+        from tqdm import tqdm
+
+        from ovis_server.engine.families import import_pipeline_classes
+        from ovis_server.engine.loading import EngineLoadError
+        from ovis_server.engine.weights import WeightsNotFoundError
+
+        import_pipeline_classes([base.family])
     try:
-        # A variant runs on its model's weights: --model's entry for the model (as in serve).
-        base = models.get(model.base_model_id) or model
         engine = model.load_engine(settings.for_model(base.names))
     except (EngineLoadError, WeightsNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,14 @@ def get_family(name: str | None = None) -> ModelFamily:
         raise KeyError(f"no model family {name!r}; there are {', '.join(MODULES)}")
     family: ModelFamily = importlib.import_module(MODULES[name]).FAMILY
     return family
+
+
+def import_pipeline_classes(names: Iterable[str]) -> None:
+    """Import the diffusers pipeline class of each family in ``names``, and with them
+    torch, diffusers and transformers: what loading the models would import (diffusers
+    imports a pipeline's module, and transformers its text encoder's, on first use)."""
+    for name in sorted(set(names) & set(MODULES)):  # an unknown one: loading says so
+        get_family(name).pipeline_class()
 
 
 def family_of_pipeline(class_name: str) -> str | None:
