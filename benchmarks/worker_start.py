@@ -103,17 +103,18 @@ def exited(pid: int) -> bool:
 def stop_and_watch(process: subprocess.Popen[bytes], worker: int) -> tuple[float, float]:
     """SIGTERM to serve; the CPU its worker ``worker`` and serve itself spend from then to
     their exits. Each is read every 10 ms and once more as a zombie (serve stays one until
-    it is waited for here; the worker until serve waits for it, if it is still one)."""
+    it is waited for; the worker until serve waits for it, if it is still one). After two
+    minutes it stops watching: the caller's ``stop`` kills what is left."""
     before = {worker: cpu_seconds(worker), process.pid: cpu_seconds(process.pid)}
     last = dict(before)
     process.terminate()
-    while not all(exited(pid) for pid in last):
+    deadline = time.monotonic() + 120
+    while not all(exited(pid) for pid in last) and time.monotonic() < deadline:
         for pid in last:
             last[pid] = max(last[pid], cpu_seconds(pid))  # 0 once it is gone
         time.sleep(0.01)
     for pid in last:
         last[pid] = max(last[pid], cpu_seconds(pid))
-    stop(process)
     return last[worker] - before[worker], last[process.pid] - before[process.pid]
 
 
