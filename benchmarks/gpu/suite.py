@@ -101,9 +101,11 @@ def plan(dry_run: bool, cache_root: Path) -> list[Part]:
                           "--steps", "1")  # fmt: skip
 
         def engine(model: str, *more: str) -> list[str]:
+            # A preset size, as on the GPU, and a batch of 2 besides: tests/e2e/
+            # test_benchmarks.py checks this step's table (512x512, one step: cheap here).
             return script("engine.py", "--weights", "tiny", "--model-id", model, *weights,
-                          "--size", "64x64", "--steps", "1", "--repeats", "1", "--warmup", "0",
-                          "--concurrency", "1", *more)  # fmt: skip
+                          "--size", "square", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                          "--concurrency", "2", *more)  # fmt: skip
 
         def serve(model: str, *more: str) -> list[str]:
             # Two rounds of two images a case: tests/e2e/test_benchmarks.py checks the
@@ -114,9 +116,11 @@ def plan(dry_run: bool, cache_root: Path) -> list[Part]:
                           *more)  # fmt: skip
 
         def memory(model: str) -> list[str]:
+            # Every profile, as on the GPU, under two of its caps: tests/e2e/test_benchmarks.py
+            # checks this step's tables.
             return script("memory.py", "--weights", "tiny", "--model-id", model, *weights,
                           "--size", "64x64", "--steps", "1", "--repeats", "1", "--warmup", "0",
-                          "--caps", "8", "--profiles", "full", "--budget", "60")  # fmt: skip
+                          "--caps", "24,8", "--budget", "60")  # fmt: skip
 
         budgets = {"startup": 200.0, "engine": 90.0, "serve": 120.0, "memory": 90.0}
     else:

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The GPU run's dry run (benchmarks/gpu/run.sh --dry-run: every part on the CPU with
     the tiny model), once for the module: its report and logs, in the folder returned. Its
-    startup and serve steps run those scripts as their own tests would, so these tests read
-    the steps' output instead of running the scripts again."""
+    startup, engine, serve and memory steps run those scripts as their own tests would, so
+    these tests read the steps' output instead of running the scripts again."""
     out = tmp_path_factory.mktemp("gpu-dry-run") / "out"
     subprocess.run(
         ["benchmarks/gpu/run.sh", str(out), "--dry-run", "--budget", "1200"],
@@ -50,13 +50,10 @@ def step_stdout(out: Path, part: str, model_id: str) -> str:
         return member.read().decode()
 
 
-def test_engine_benchmark_prints_its_table() -> None:
-    result = subprocess.run(
-        [sys.executable, "benchmarks/engine.py", "--weights", "tiny", "--size", "square",
-         "--steps", "4", "--repeats", "1", "--warmup", "1", "--concurrency", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
-    )  # fmt: skip
-    lines = result.stdout.splitlines()
+def test_engine_benchmark_prints_its_table(dry_run: Path) -> None:
+    # The dry run's engine step: --size square --steps 1 --concurrency 2 on the CPU.
+    stdout = step_stdout(dry_run, "engine", OVIS_ID)
+    lines = stdout.splitlines()
     assert "| variant | s / image | images / min | peak memory | MFU | vs stock |" in lines
     rows = [line for line in lines if line.startswith("| ") and "variant" not in line]
     assert [row.split(" | ")[0] for row in rows] == [
@@ -65,7 +62,7 @@ def test_engine_benchmark_prints_its_table() -> None:
         "| engine, batch of 2",
     ]
     assert rows[0].endswith("| 1.00x |")
-    assert "512x512, 4 steps" in result.stdout
+    assert "512x512, 1 steps" in stdout  # the preset, resolved
 
 
 def test_serve_benchmark_alternates_rounds_and_prints_the_median_ratio(dry_run: Path) -> None:
@@ -137,10 +134,12 @@ def test_worker_loop_benchmark_prints_its_table() -> None:
     assert re.fullmatch(r"step progress: 3 writes, mean [\d.]+ ms, p95 [\d.]+ ms, .*", lines[-1])
 
 
-def test_worker_start_benchmark_compares_with_a_baseline_checkout() -> None:
-    # This checkout's src as its own baseline: one round, the table and the ratio line.
+def test_worker_start_benchmark_compares_with_a_baseline_checkout(tiny_weights: Path) -> None:
+    # This checkout's src as its own baseline: one round, the table and the ratio line. The
+    # run's tiny checkpoint: the script's own (--model tiny) would cost a process of its own.
     result = subprocess.run(
-        [sys.executable, "benchmarks/worker_start.py", "--rounds", "1", "--baseline", "src"],
+        [sys.executable, "benchmarks/worker_start.py", "--rounds", "1", "--baseline", "src",
+         "--model", str(tiny_weights)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
     lines = result.stdout.splitlines()
@@ -200,13 +199,10 @@ def test_metrics_benchmark_prints_its_table() -> None:
     assert lines[2].startswith("| SQLite | 2,000 | 50 |")
 
 
-def test_memory_benchmark_prints_its_tables() -> None:
-    result = subprocess.run(
-        [sys.executable, "benchmarks/memory.py", "--weights", "tiny", "--size", "128x128",
-         "--steps", "2", "--repeats", "1", "--warmup", "0", "--caps", "24,8", "--device", "cpu"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
-    )  # fmt: skip
-    lines = result.stdout.splitlines()
+def test_memory_benchmark_prints_its_tables(dry_run: Path) -> None:
+    # The dry run's memory step: every profile, --caps 24,8, on the CPU.
+    stdout = step_stdout(dry_run, "memory", OVIS_ID)
+    lines = stdout.splitlines()
     start = lines.index(
         "| profile | s / image | time vs full | peak GPU memory | planned peak | note |"
     )
@@ -214,7 +210,7 @@ def test_memory_benchmark_prints_its_tables() -> None:
     assert profiles == ["| full", "| text-encoder-offload", "| 8bit", "| group-offload-block",
                         "| group-offload-leaf"]  # fmt: skip
     assert lines[start + 2].split(" | ")[2] == "1.00x"
-    assert "| auto, --gpu-memory 24GiB | full |" in result.stdout  # on a CPU auto is full
+    assert "| auto, --gpu-memory 24GiB | full |" in stdout  # on a CPU auto is full
     assert "| 24 GiB | full | 19.5 GiB | 2 |" in lines
     assert "| 8 GiB | group-offload-block | 2.6 GiB | 2 |" in lines
 
