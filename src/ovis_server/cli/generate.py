@@ -26,7 +26,6 @@ from ovis_server.cli.common import (
 from ovis_server.cli.options import settings_options
 from ovis_server.cli.server import model_registry, served_model
 from ovis_server.config import Settings
-from ovis_server.engine.images import encode_image
 
 if TYPE_CHECKING:
     from ovis_server.engine.request import GenerationRequest
@@ -200,6 +199,7 @@ def generate(
         from tqdm import tqdm
 
         from ovis_server.engine.families import import_pipeline_classes
+        from ovis_server.engine.images import encode_image
         from ovis_server.engine.loading import EngineLoadError
         from ovis_server.engine.weights import WeightsNotFoundError
 

@@ -1,12 +1,9 @@
 """The engine: diffusers pipelines (Ovis-Image, Z-Image: one module each in ``families``)
 under a denoising loop of our own.
 
-This package's top level stays free of torch so that the API process, which never runs
-the model, does not pay for importing it: the pipeline lives in
-``ovis_server.engine.pipeline``.
+This package's top level imports nothing, so that a module that needs one torch-free part
+(the catalogue needs ``engine.request``) does not pay for the rest: the API process, which
+never runs the model, does not import torch (the pipeline lives in
+``ovis_server.engine.pipeline``), and the command-line client does not import numpy and
+Pillow (``engine.images``).
 """
-
-from ovis_server.engine.images import MEDIA_TYPES, encode_image
-from ovis_server.engine.request import GenerationRequest
-
-__all__ = ["MEDIA_TYPES", "GenerationRequest", "encode_image"]
