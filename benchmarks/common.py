@@ -46,11 +46,19 @@ def create_token(data_dir: Path, env: Mapping[str, str] | None = None) -> str:
     return created.stdout.strip().splitlines()[-1]  # the secret is alone on the last line
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of Linux's /proc/PID/stat after the command's name (the state first), or
+    None where there is no such process (or no /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time of process ``pid`` so far (Linux's /proc; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = proc_stat(pid)
+    if fields is None:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import cpu_seconds, free_port, ready, stop
+from benchmarks.common import cpu_seconds, free_port, proc_stat, ready, stop
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WORKER_LINE = re.compile(r"started worker process (\d+)")
@@ -94,10 +94,8 @@ def gc_seconds(pid: int, gc_file: Path, timeout: float = 10.0) -> float:
 
 def exited(pid: int) -> bool:
     """Whether process ``pid`` has ended (gone, or a zombie not yet reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    fields = proc_stat(pid)
+    return fields is None or fields[0] == "Z"
 
 
 def stop_and_watch(process: subprocess.Popen[bytes], worker: int) -> tuple[float, float]:
