@@ -146,8 +146,9 @@ def test_random_full_is_refused_on_a_cpu_before_anything_starts(tmp_path: Path) 
 
 def test_the_command_line_and_the_api_import_no_model_library() -> None:
     """Every command imports the CLI, and serve the API app besides: none of it runs the
-    model, so none of it imports torch, diffusers or numpy (with numpy and Pillow, a client
-    command's start took 0.69 s of CPU rather than 0.44 s on a 2-core machine)."""
+    model, so none of it imports torch, diffusers, transformers or numpy (with numpy and
+    Pillow, a client command's start took 0.69 s of CPU rather than 0.44 s on a 2-core
+    machine)."""
     code = (
         "import sys; import ovis_server.cli; from ovis_server.api.app import create_app; "
         "print(sorted({'torch', 'diffusers', 'transformers', 'numpy'} & set(sys.modules)))"
